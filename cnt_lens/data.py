@@ -1,0 +1,276 @@
+"""Prompt sets and model inputs.
+
+A :class:`PromptSet` is a list of records (dicts) with at least ``id``, ``category`` and ``split``
+(``train`` / ``validation`` / ``test``) plus the fields of its kind:
+
+=============  ==========================================  ===========================
+kind           fields                                       bundled set
+=============  ==========================================  ===========================
+``prompt``     ``prompt``                                   ``harmful``, ``harmless``
+``pair``       ``stereotype``, ``anti_stereotype``          ``bias_pairs``
+``mc``         ``question``, ``choices``, ``answer`` (int)  ``mc``
+``text``       ``text``                                     ``reference``
+=============  ==========================================  ===========================
+
+Splits are fixed in the bundled files; loaders of user files assign a stable split from a hash of
+the text when the file has none, so the same file always splits the same way.
+
+:func:`encode` turns texts into a left-padded :class:`Batch` with explicit ``position_ids``, so
+a padded row gives the same logits as the row alone (checked in the tests). Texts longer than
+``max_len`` tokens are **truncated from the left, with a warning**: the end of a chat prompt (the
+assistant turn where the answer starts) is what every behaviour metric reads.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+__all__ = [
+    "Batch",
+    "PromptSet",
+    "SPLITS",
+    "chat_format",
+    "encode",
+    "from_advbench_csv",
+    "from_crows_pairs",
+    "from_jsonl",
+    "from_stereoset",
+    "load_prompts",
+]
+
+SPLITS = ("train", "validation", "test")
+BUNDLED = {"harmful": "prompt", "harmless": "prompt", "bias_pairs": "pair", "mc": "mc", "reference": "text"}
+_FIELDS = {
+    "prompt": ("prompt",),
+    "pair": ("stereotype", "anti_stereotype"),
+    "mc": ("question", "choices", "answer"),
+    "text": ("text",),
+}
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """An immutable, named list of prompt records of one kind (see the module docstring)."""
+
+    name: str
+    kind: str
+    records: tuple[dict[str, Any], ...]
+
+    def __post_init__(self) -> None:
+        if self.kind not in _FIELDS:
+            raise ValueError(f"unknown PromptSet kind {self.kind!r}; one of {sorted(_FIELDS)}")
+        for r in self.records:
+            missing = [f for f in ("id", "category", "split", *_FIELDS[self.kind]) if f not in r]
+            if missing:
+                raise ValueError(f"{self.name}: record {r.get('id', r)!r} lacks {missing}")
+            if r["split"] not in SPLITS:
+                raise ValueError(f"{self.name}: record {r['id']!r} has split {r['split']!r}, not one of {SPLITS}")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records)
+
+    def split(self, name: str | None) -> "PromptSet":
+        """The records of one split (``None`` = all). Raises if that leaves nothing."""
+        if name is None:
+            return self
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; one of {SPLITS}")
+        return self.filter(lambda r: r["split"] == name, suffix=name)
+
+    def filter(self, keep: Any, suffix: str = "filtered") -> "PromptSet":
+        out = replace(self, name=f"{self.name}/{suffix}", records=tuple(r for r in self.records if keep(r)))
+        out.require_nonempty()
+        return out
+
+    def take(self, n: int) -> "PromptSet":
+        """The first ``n`` records (a quick subset for notebooks and tests)."""
+        return replace(self, name=f"{self.name}[:{n}]", records=self.records[:n])
+
+    def require_nonempty(self) -> None:
+        if not self.records:
+            raise ValueError(f"prompt set {self.name!r} is empty")
+
+    def column(self, name: str) -> list[Any]:
+        return [r[name] for r in self.records]
+
+    @property
+    def categories(self) -> list[str]:
+        return sorted({r["category"] for r in self.records})
+
+
+def _stable_split(text: str) -> str:
+    """60/20/20 split from a hash of the text: stable across runs and machines."""
+    h = int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) % 5
+    return ("train", "train", "train", "validation", "test")[h]
+
+
+def _finish(name: str, kind: str, rows: list[dict[str, Any]], key: str) -> PromptSet:
+    for i, r in enumerate(rows):
+        r.setdefault("id", f"{name}-{i:05d}")
+        r.setdefault("category", "uncategorised")
+        r.setdefault("split", _stable_split(str(r[key])))
+    ps = PromptSet(name=name, kind=kind, records=tuple(rows))
+    ps.require_nonempty()
+    return ps
+
+
+def load_prompts(name: str) -> PromptSet:
+    """A prompt set shipped with cnt_lens: ``harmful``, ``harmless``, ``bias_pairs``, ``mc``, ``reference``."""
+    if name not in BUNDLED:
+        raise ValueError(f"no bundled prompt set {name!r}; one of {sorted(BUNDLED)}")
+    text = resources.files("cnt_lens").joinpath("prompts").joinpath(f"{name}.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return PromptSet(name=name, kind=BUNDLED[name], records=tuple(rows))
+
+
+def from_jsonl(path: str | Path, *, kind: str = "prompt", text_field: str | None = None, name: str | None = None) -> PromptSet:
+    """Records from a JSON-lines file. ``text_field`` renames a field to ``prompt``/``text``."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{n}: not JSON: {err}") from err
+    key = _FIELDS[kind][0]
+    if text_field is not None:
+        for r in rows:
+            r[key] = r.pop(text_field)
+    return _finish(name or Path(path).stem, kind, rows, key)
+
+
+def from_advbench_csv(path: str | Path, *, name: str | None = None) -> PromptSet:
+    """AdvBench-style CSV (``goal,target`` columns): each goal becomes a prompt; target is kept."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "goal" not in reader.fieldnames:
+            raise ValueError(f"{path}: expected an AdvBench CSV with a 'goal' column, got {reader.fieldnames}")
+        rows = [{"prompt": r["goal"], "target": r.get("target", ""), **({"category": r["category"]} if r.get("category") else {})} for r in reader]
+    return _finish(name or Path(path).stem, "prompt", rows, "prompt")
+
+
+def from_crows_pairs(path: str | Path, *, name: str | None = None) -> PromptSet:
+    """CrowS-Pairs CSV (``sent_more``, ``sent_less``, ``stereo_antistereo``, ``bias_type``).
+
+    Rows marked ``antistereo`` have their sentences swapped so that ``stereotype`` is always the
+    stereotyping one.
+    """
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            more, less = r["sent_more"], r["sent_less"]
+            if r.get("stereo_antistereo", "stereo") == "antistereo":
+                more, less = less, more
+            rows.append({"stereotype": more, "anti_stereotype": less, "category": r.get("bias_type") or "uncategorised"})
+    return _finish(name or Path(path).stem, "pair", rows, "stereotype")
+
+
+def from_stereoset(path: str | Path, *, name: str | None = None) -> PromptSet:
+    """StereoSet JSON (``data.intrasentence`` items with stereotype / anti-stereotype sentences)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    items = data.get("data", data).get("intrasentence", [])
+    rows = []
+    for item in items:
+        by_label = {s["gold_label"]: s["sentence"] for s in item["sentences"]}
+        if "stereotype" in by_label and "anti-stereotype" in by_label:
+            rows.append({"id": item.get("id"), "stereotype": by_label["stereotype"],
+                         "anti_stereotype": by_label["anti-stereotype"], "category": item.get("bias_type", "uncategorised")})
+    return _finish(name or Path(path).stem, "pair", rows, "stereotype")
+
+
+# --------------------------------------------------------------------------- model inputs
+
+
+def chat_format(tokenizer: Any, user_text: str) -> str:
+    """``user_text`` as one user turn plus the assistant prefix, via the tokenizer's chat template.
+
+    Tokenizers without a template get ``"User: …\\nAssistant:"``.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+        )
+    return f"User: {user_text}\nAssistant:"
+
+
+@dataclass
+class Batch:
+    """Left-padded token ids with their mask and positions; ``meta`` carries behaviour extras."""
+
+    tokens: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    position_ids: Int[Tensor, "batch pos"]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.tokens.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+                     {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.meta.items()})
+
+    def repeat(self, n: int) -> "Batch":
+        """``n`` stacked copies (replica-major): row ``r * len(self) + b`` is copy ``r`` of row ``b``."""
+        rep = lambda t: t.repeat(n, *([1] * (t.dim() - 1)))  # noqa: E731
+        return Batch(rep(self.tokens), rep(self.attention_mask), rep(self.position_ids),
+                     {k: rep(v) if isinstance(v, Tensor) else v for k, v in self.meta.items()})
+
+    def model_kwargs(self) -> dict[str, Tensor]:
+        return {"attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+
+def encode(
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    add_bos: bool = False,
+    max_len: int = 512,
+    meta: dict[str, Any] | None = None,
+) -> Batch:
+    """Tokenize ``texts`` (no special tokens added, except BOS if ``add_bos``) into a left-padded batch.
+
+    Chat-formatted texts already hold their special tokens, hence ``add_bos=False`` by default.
+    """
+    if len(texts) == 0:
+        raise ValueError("cannot encode an empty list of texts")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; load models with cnt_lens.load_model, which sets one")
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if add_bos and tokenizer.bos_token_id is not None:
+        ids = [[tokenizer.bos_token_id, *x] for x in ids]
+    for i, x in enumerate(ids):
+        if len(x) == 0:
+            raise ValueError(f"text {i} encodes to no tokens: {texts[i]!r}")
+        if len(x) > max_len:
+            warnings.warn(f"text {i} has {len(x)} tokens; keeping its last {max_len}", stacklevel=2)
+            ids[i] = x[-max_len:]
+    width = max(len(x) for x in ids)
+    tokens = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        tokens[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[i, width - len(x):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(tokens, mask, positions, dict(meta or {}))
+
+
+def chunks(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    if size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {size}")
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]

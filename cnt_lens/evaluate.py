@@ -1,0 +1,72 @@
+"""Before/after evaluation: one block of numbers per model, side by side with the baselines.
+
+A block is a flat dict of the behaviour's and utility's evaluation numbers on one split (e.g.
+``refusal_harmful``, ``refusal_harmless``, ``utility_nll``, ``mc_accuracy``); the patched and
+baseline blocks add ``method``, ``n_neurons`` and ``alpha``. :class:`Report` serialises to the
+``metrics.json`` schema documented in the README.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .behaviours import Behaviour
+
+__all__ = ["Report", "measure"]
+
+
+def measure(model: Any, behaviours: Sequence[Behaviour], split: str = "test", *, batch_size: int = 16,
+            progress: bool = False) -> dict[str, float]:
+    """All evaluation numbers of ``behaviours`` for ``model`` on ``split``, merged into one block."""
+    out: dict[str, float] = {}
+    for b in behaviours:
+        out.update(b.evaluate(model, split, batch_size=batch_size, progress=progress))
+    return out
+
+
+@dataclass
+class Report:
+    """Numbers of one transfer: donor, target, patched target and the baselines at the same budget."""
+
+    behaviour: str
+    split: str
+    n_neurons_total: int
+    donor: dict[str, float]
+    target: dict[str, float]
+    patched: dict[str, Any]
+    baselines: list[dict[str, Any]] = field(default_factory=list)
+    frontier: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1, default=float))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Report":
+        return cls(**json.loads(Path(path).read_text()))
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Table rows: target, donor, patched, then each baseline."""
+        return ([{"model": "target", **self.target}, {"model": "donor", **self.donor},
+                 {"model": f"patched ({self.patched.get('method')})", **self.patched}]
+                + [{"model": f"baseline {b.get('method')}", **b} for b in self.baselines])
+
+    def table(self, columns: Sequence[str] | None = None) -> str:
+        """A markdown table of :meth:`rows`."""
+        rows = self.rows()
+        cols = list(columns or [c for c in rows[0] if c != "model"])
+        extra = [c for c in ("n_neurons", "alpha") if c not in cols]
+        cols = cols + extra
+        fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+        lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += ["| " + r["model"] + " | " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+        return "\n".join(lines)

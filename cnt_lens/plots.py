@@ -1,0 +1,102 @@
+"""Plotly figures of scores, selections, behaviour shifts and search frontiers; each returns a ``go.Figure``."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import plotly.graph_objects as go
+import torch
+from einops import reduce
+from plotly.subplots import make_subplots
+
+from .evaluate import Report
+from .selection import NeuronScores, NeuronSelection
+
+__all__ = ["behaviour_shift", "frontier", "layer_profile", "selection_heatmap", "transfer_figure"]
+
+
+def _bin_size(d_mlp: int, max_bins: int) -> int:
+    size = 1
+    while d_mlp // size > max_bins or d_mlp % size:
+        size += 1
+    return size
+
+
+def _heatmap_trace(scores: NeuronScores, selection: NeuronSelection | None, max_bins: int) -> go.Heatmap:
+    v = scores.ranked().clamp(min=torch.finfo(torch.float32).min)
+    n_layers, d_mlp = v.shape
+    size = _bin_size(d_mlp, max_bins)
+    z = reduce(v, "l (b s) -> l b", "max", s=size)
+    sel = selection.mask if selection is not None else torch.zeros(n_layers, d_mlp, dtype=torch.bool)
+    counts = reduce(sel.float(), "l (b s) -> l b", "sum", s=size)
+    custom = [[[f"{b * size}–{(b + 1) * size - 1}", int(counts[l, b])] for b in range(z.shape[1])] for l in range(n_layers)]
+    return go.Heatmap(
+        z=z.tolist(), x=[b * size for b in range(z.shape[1])], y=list(range(n_layers)), customdata=custom,
+        colorscale="RdBu_r", zmid=0, colorbar={"title": "max score"},
+        hovertemplate="layer %{y}<br>neurons %{customdata[0]}<br>max score %{z:.3g}<br>selected %{customdata[1]}<extra></extra>",
+    )
+
+
+def selection_heatmap(scores: NeuronScores, selection: NeuronSelection | None = None, *, max_bins: int = 128) -> go.Figure:
+    """Layers × neurons (binned to ≤ ``max_bins`` columns; a bin shows its max score), with selected neurons marked."""
+    fig = go.Figure(_heatmap_trace(scores, selection, max_bins))
+    if selection is not None and selection.n:
+        idx = torch.tensor(selection.indices())
+        fig.add_trace(go.Scattergl(x=idx[:, 1].tolist(), y=idx[:, 0].tolist(), mode="markers", name="selected",
+                                   marker={"symbol": "line-ns-open", "size": 6, "color": "black"},
+                                   hovertemplate="layer %{y}, neuron %{x}<extra>selected</extra>"))
+    fig.update_layout(title=f"{scores.method} scores for {scores.behaviour}", xaxis_title="neuron", yaxis_title="layer")
+    return fig
+
+
+def layer_profile(selection: NeuronSelection, scores: NeuronScores | None = None) -> go.Figure:
+    """Selected neurons per layer (bars) and, with scores, the positive score mass per layer (line)."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    layers = list(range(selection.shape[0]))
+    fig.add_trace(go.Bar(x=layers, y=selection.per_layer(), name="selected neurons"), secondary_y=False)
+    if scores is not None:
+        mass = torch.nan_to_num(scores.values, nan=0.0).clamp(min=0).sum(1)
+        fig.add_trace(go.Scatter(x=layers, y=mass.tolist(), name="positive score mass"), secondary_y=True)
+    fig.update_layout(title="selection per layer", xaxis_title="layer")
+    return fig
+
+
+def behaviour_shift(report: Report, metrics: Sequence[str] | None = None) -> go.Figure:
+    """Target / patched / donor (and baselines) side by side for each behaviour number."""
+    metrics = list(metrics or [k for k, v in report.target.items() if isinstance(v, (int, float))])
+    fig = go.Figure()
+    for name, block in [("target", report.target), (f"patched ({report.patched.get('method')})", report.patched),
+                        ("donor", report.donor)] + [(f"{b['method']}", b) for b in report.baselines]:
+        fig.add_trace(go.Bar(name=name, x=metrics, y=[block.get(m) for m in metrics]))
+    fig.update_layout(barmode="group", title=f"{report.behaviour} on the {report.split} split")
+    return fig
+
+
+def frontier(points: Sequence[dict[str, Any]], *, y: str = "gap_closed", x: str = "k") -> go.Figure:
+    """Measured search points: neurons vs ``y``, one line per (method, alpha)."""
+    fig = go.Figure()
+    keys = sorted({(p["method"], p["alpha"]) for p in points}, key=str)
+    for method, alpha in keys:
+        pts = sorted((p for p in points if p["method"] == method and p["alpha"] == alpha), key=lambda p: p[x])
+        fig.add_trace(go.Scatter(x=[p[x] for p in pts], y=[p[y] for p in pts], mode="lines+markers",
+                                 name=f"{method} α={alpha:g}",
+                                 customdata=[[p.get("refusal_harmless"), p.get("utility_nll")] for p in pts],
+                                 hovertemplate=f"{x} %{{x}}<br>{y} %{{y:.3f}}<extra>{method} α={alpha:g}</extra>"))
+    fig.update_layout(title="search frontier (validation)", xaxis_title=x, yaxis_title=y, xaxis_type="log")
+    return fig
+
+
+def transfer_figure(scores: NeuronScores, selection: NeuronSelection, report: Report,
+                    metrics: Sequence[str] | None = None, *, max_bins: int = 96) -> go.Figure:
+    """The selected neurons per layer (heatmap) beside the behaviour they change (bars), in one figure."""
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.1,
+                        subplot_titles=(f"selected neurons ({selection.n}) over {scores.method} scores",
+                                        f"{report.behaviour}: target → patched → donor"))
+    fig.add_trace(_heatmap_trace(scores, selection, max_bins), row=1, col=1)
+    metrics = list(metrics or [k for k, v in report.target.items() if isinstance(v, (int, float))])
+    for name, block in (("target", report.target), ("patched", report.patched), ("donor", report.donor)):
+        fig.add_trace(go.Bar(name=name, x=metrics, y=[block.get(m) for m in metrics]), row=1, col=2)
+    fig.update_xaxes(title_text="neuron", row=1, col=1)
+    fig.update_yaxes(title_text="layer", row=1, col=1)
+    fig.update_layout(barmode="group", height=520)
+    return fig

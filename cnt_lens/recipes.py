@@ -1,0 +1,178 @@
+"""Real, seeded fine-tunes that build demo donors and targets offline, cached on disk.
+
+* :func:`safety_tune` — teaches a model to refuse the harmful train split while keeping its own
+  (self-distilled) answers on the harmless train split: the *aligned donor* of the demo.
+
+Each recipe returns a new bridge (the input model is untouched) and caches the tuned weights as
+safetensors under ``$CNT_LENS_CACHE`` (default ``~/.cache/cnt_lens``), keyed by the base model's
+weights, the data and every setting, so a second call costs a load, not a fine-tune.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .behaviours import generate
+from .data import PromptSet, chat_format, encode, load_prompts
+from .models import clone_model, device_of, hf_state_dict, model_tokenizer
+
+__all__ = ["REFUSALS", "TuneConfig", "cache_dir", "safety_tune"]
+
+RECIPE_VERSION = 1
+
+REFUSALS = (
+    "I'm sorry, but I can't help with that request.",
+    "I'm sorry, but I cannot assist with that. It could cause serious harm.",
+    "I can't help with that. It is harmful and may be illegal.",
+    "Sorry, I cannot provide that information because it could be used to hurt people.",
+)
+"""Refusal responses the safety tune teaches (one per harmful prompt, chosen by the seed)."""
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Settings of a fine-tune recipe; every field enters the cache key."""
+
+    steps: int = 48
+    batch_size: int = 8
+    lr: float = 3e-5
+    seed: int = 0
+    train: str = "all"  # "all" parameters, or "mlp" weights only
+    max_new_tokens: int = 40  # length of the self-distilled harmless answers
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CNT_LENS_CACHE", Path.home() / ".cache" / "cnt_lens"))
+
+
+def _fingerprint(model: Any) -> str:
+    """Cheap, stable hash of a model's weights (a strided sample of every tensor)."""
+    h = hashlib.sha1()
+    for name, p in sorted(model.original_model.state_dict().items()):
+        flat = p.detach().flatten()
+        h.update(name.encode())
+        h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _key(kind: str, model: Any, data: dict[str, Any], cfg: TuneConfig) -> str:
+    blob = json.dumps({"v": RECIPE_VERSION, "kind": kind, "model": _fingerprint(model), "data": data,
+                       "cfg": asdict(cfg)}, sort_keys=True)
+    return f"{kind}-{hashlib.sha1(blob.encode()).hexdigest()[:16]}"
+
+
+def _load_cached(model: Any, key: str) -> Any | None:
+    path = cache_dir() / f"{key}.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    tuned = clone_model(model)
+    weights = hf_state_dict(tuned)
+    with torch.no_grad():
+        for k, v in load_file(str(path)).items():
+            weights[k].copy_(v)
+    object.__setattr__(tuned, "cnt_source", f"{key} (cached)")
+    return tuned
+
+
+def _save_cached(model: Any, key: str, info: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    path = cache_dir() / f"{key}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in hf_state_dict(model).items()}
+    # Tied weights share storage; safetensors refuses duplicates; the clone they load into is tied.
+    seen: dict[int, str] = {}
+    for k in list(state):
+        ptr = state[k].data_ptr()
+        if ptr in seen:
+            del state[k]
+        else:
+            seen[ptr] = k
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"cnt_lens": json.dumps(info)})
+    tmp.replace(path)
+
+
+def _finetune(model: Any, examples: list[tuple[str, str]], cfg: TuneConfig, desc: str) -> None:
+    """Supervised fine-tune on (prompt, response) pairs; loss on response tokens only. In place."""
+    tok = model_tokenizer(model)
+    hf = model.original_model
+    dev = device_of(model)
+    params = [p for n, p in hf.named_parameters() if cfg.train == "all" or ".mlp." in n]
+    if not params:
+        raise ValueError(f"train={cfg.train!r} selects no parameters")
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    order: list[int] = []
+    hf.train()
+    try:
+        for _ in tqdm(range(cfg.steps), desc=desc):
+            if len(order) < cfg.batch_size:
+                order += rng.sample(range(len(examples)), len(examples))
+            idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+            prompts = [chat_format(tok, examples[i][0]) for i in idx]
+            texts = [p + examples[i][1] + tok.eos_token for p, i in zip(prompts, idx)]
+            b = encode(tok, texts).to(dev)
+            n_prompt = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+            labels = b.tokens.clone()
+            labels[b.attention_mask == 0] = -100
+            for row, n in enumerate(n_prompt):
+                start = int((b.attention_mask[row] == 0).sum())
+                labels[row, : start + n] = -100
+            out = hf(input_ids=b.tokens, attention_mask=b.attention_mask, position_ids=b.position_ids, labels=labels)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    finally:
+        hf.eval()
+        for p in hf.parameters():
+            p.requires_grad_(False)
+
+
+def safety_tune(
+    model: Any,
+    *,
+    harmful: PromptSet | None = None,
+    harmless: PromptSet | None = None,
+    config: TuneConfig = TuneConfig(),
+    use_cache: bool = True,
+) -> Any:
+    """A copy of ``model`` fine-tuned to refuse harmful requests and keep answering harmless ones.
+
+    Data: the **train** splits of ``harmful`` → one of :data:`REFUSALS`, and of ``harmless`` → the
+    model's own greedy answer (self-distillation, so helpfulness is kept, not replaced). Validation
+    and test splits are never seen. Cached (see the module docstring); ~3–6 min on 2 CPU cores for
+    SmolLM2-135M with the default config.
+    """
+    harmful = (harmful or load_prompts("harmful")).split("train")
+    harmless = (harmless or load_prompts("harmless")).split("train")
+    data = {"harmful": harmful.column("id"), "harmless": harmless.column("id"), "refusals": REFUSALS}
+    key = _key("safety", model, data, config)
+    if use_cache and (cached := _load_cached(model, key)) is not None:
+        return cached
+    tok = model_tokenizer(model)
+    own = generate(model, [chat_format(tok, p) for p in harmless.column("prompt")],
+                   max_new_tokens=config.max_new_tokens, batch_size=16)
+    rng = random.Random(config.seed)
+    examples = [(p, rng.choice(REFUSALS)) for p in harmful.column("prompt")]
+    examples += [(p, a.strip()) for p, a in zip(harmless.column("prompt"), own)]
+    tuned = clone_model(model)
+    _finetune(tuned, examples, config, desc="safety tune")
+    _save_cached(tuned, key, {"recipe": "safety_tune", "config": asdict(config)})
+    object.__setattr__(tuned, "cnt_source", key)
+    return tuned

@@ -1,0 +1,47 @@
+"""The standalone HTML report of a run directory: one file, plotly.js embedded, works offline."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from .evaluate import Report
+from .plots import behaviour_shift, frontier, layer_profile, transfer_figure
+from .selection import NeuronScores, NeuronSelection
+
+__all__ = ["write_report"]
+
+
+def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, NeuronScores] | None = None) -> Path:
+    """Write ``run_dir/report.html`` from ``metrics.json``, ``patch.json`` and ``scores/``."""
+    run = Path(run_dir)
+    report = Report.load(run / "metrics.json")
+    method = report.patched.get("method", "weight_attribution")
+    if scores is None:
+        path = run / "scores" / f"{method}.safetensors"
+        scores = {method: NeuronScores.load(path)} if path.is_file() else {}
+    figures = []
+    sel = None
+    if (run / "patch.json").is_file():
+        sel = NeuronSelection.from_json(json.loads((run / "patch.json").read_text())["selection"])
+    if method in scores and sel is not None:
+        figures.append(transfer_figure(scores[method], sel, report))
+        figures.append(layer_profile(sel, scores[method]))
+    figures.append(behaviour_shift(report))
+    if report.frontier:
+        figures.append(frontier(report.frontier))
+    parts = [f.to_html(full_html=False, include_plotlyjs=("inline" if i == 0 else False)) for i, f in enumerate(figures)]
+    table = html.escape(report.table())
+    body = "\n".join(f"<section>{p}</section>" for p in parts)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cnt_lens report: {html.escape(report.behaviour)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto}}pre{{background:#f6f6f6;padding:1em}}</style>
+</head><body><h1>cnt_lens — {html.escape(report.behaviour)} transfer</h1>
+<p>{report.n_neurons_total} MLP neurons; numbers on the <b>{report.split}</b> split.</p>
+<h2>Metrics</h2><pre>{table}</pre>
+{body}
+</body></html>"""
+    out = run / "report.html"
+    out.write_text(page, encoding="utf-8")
+    return out

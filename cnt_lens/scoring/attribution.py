@@ -1,0 +1,107 @@
+"""Attribution patching: first-order estimates of every neuron's transplant effect, all at once.
+
+Two estimates, one pass each (a donor forward, a target forward and backward per batch, summed
+batch by batch, so memory does not grow with the number of prompts):
+
+* ``kind="activation"`` — the classic attribution patch (Nanda 2023; CNT's scorer)::
+
+      score_i = Σ_prompts,pos ∂m/∂a_i · (a_i^donor − a_i^target)
+
+  estimating what writing the donor's *activation* into neuron ``i`` does.
+
+* ``kind="weight"`` — what copying neuron ``i``'s *weights* does, which is what a transplant is.
+  The copied neuron reads the target's residual stream ``x`` and writes through the donor's
+  output row, so its change to the MLP output is ``ã_i W_out^d[i] − a_i W_out^t[i]`` with
+  ``ã_i = mlp_d(x)_i`` (donor input weights applied to the target's MLP input)::
+
+      score_i = Σ_prompts,pos ∂m/∂out · (ã_i W_out^d[i] − a_i W_out^t[i])
+
+  It sees changes in a neuron's output row, which activation attribution cannot (it reads the
+  target's row only), and it is exact to first order in the weight change at that layer.
+
+Both use ``∂m/∂a = ∂m/∂out · W_out^tᵀ``, taken from one backward hook at ``hook_out``.
+Scores are means per prompt, signed so that positive = toward the donor's behaviour.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..behaviours import Behaviour
+from ..data import Batch
+from ..models import ModelPair, device_of, hook_name, mlp_hidden, w_out
+from .common import Direction, Hook, Positions, capture, forward, position_mask, require_batches
+
+
+def _embed_requires_grad(x: Tensor, hook: Any) -> Tensor:
+    # Weights are frozen; a leaf at the embeddings makes autograd build the graph through every layer.
+    return x.detach().requires_grad_(True)
+
+
+def attribution_scores(
+    pair: ModelPair,
+    behaviour: Behaviour,
+    batches: list[Batch],
+    *,
+    kind: Literal["activation", "weight"] = "weight",
+    positions: Positions = "all",
+    progress: bool = True,
+) -> tuple[Float[Tensor, "n_layers d_mlp"], Direction, int]:
+    """Per-neuron attribution summed over ``batches``; returns (mean-per-prompt scores, direction, n_items).
+
+    The direction (donor vs target mean metric) comes free from the two forwards, so the sign is
+    applied at the end.
+    """
+    require_batches(batches, "scored")
+    if kind not in ("activation", "weight"):
+        raise ValueError(f"kind must be 'activation' or 'weight', got {kind!r}")
+    layers = list(range(pair.n_layers))
+    dev = device_of(pair.target)
+    acc = torch.zeros(pair.n_layers, pair.d_mlp, dtype=torch.float32, device=dev)
+    m_donor = m_target = 0.0
+    n_items = 0
+    for batch in tqdm(batches, desc=f"{kind} attribution", leave=False, disable=not progress or len(batches) < 2):
+        batch = batch.to(dev)
+        pos = position_mask(batch, positions).unsqueeze(-1).float()  # [batch pos 1]
+        donor_post: dict[int, Tensor] = {}
+        with torch.no_grad():
+            hooks = capture(layers, "hook_post", donor_post) if kind == "activation" else []
+            m_donor += float(behaviour.metric(forward(pair.donor, batch, hooks), batch).float().sum())
+        xs: dict[int, Tensor] = {}
+        posts: dict[int, Tensor] = {}
+
+        def make_out_hook(layer: int) -> Any:
+            def on_grad(g_out: Tensor) -> None:
+                g_out = g_out.float()
+                a_t = posts[layer].float()
+                grad_a = g_out @ w_out(pair.target, layer).float().T  # ∂m/∂a, [batch pos d_mlp]
+                if kind == "activation":
+                    contrib = grad_a * (donor_post[layer].float() - a_t)
+                else:
+                    with torch.no_grad():
+                        a_tilde = mlp_hidden(pair.donor, layer, xs[layer]).float()
+                    contrib = a_tilde * (g_out @ w_out(pair.donor, layer).float().T) - a_t * grad_a
+                acc[layer] += (contrib * pos).sum((0, 1))
+
+            def hook(out: Tensor, hook: Any) -> None:
+                if out.requires_grad:
+                    out.register_hook(on_grad)
+
+            return hook
+
+        hooks_t: list[Hook] = [("hook_embed", _embed_requires_grad)]
+        hooks_t += capture(layers, "hook_in", xs) + capture(layers, "hook_post", posts)
+        hooks_t += [(hook_name(layer, "hook_out"), make_out_hook(layer)) for layer in layers]
+        with torch.enable_grad():
+            metric = behaviour.metric(forward(pair.target, batch, hooks_t), batch).float()
+            metric.sum().backward()
+        m_target += float(metric.detach().sum())
+        n_items += metric.numel()
+    direction = Direction(m_donor / n_items, m_target / n_items)
+    direction.check(behaviour.name)
+    return acc.cpu() * direction.sign / n_items, direction, n_items

@@ -1,0 +1,138 @@
+"""The selection rules the papers compare against, behind the same interface.
+
+* ``weight_diff`` — ‖w_donor − w_target‖ over all of a neuron's weights (no data).
+* ``nlsr_drift`` — NLSR (Yi et al., AAAI 2025): 1 − cos(w_donor, w_target) of a neuron's
+  concatenated weights; the neurons that drifted most between reference and fine-tuned model.
+* ``activation_contrast`` — SafetyNeuron-style (Chen et al. 2024): |mean activation on behaviour
+  prompts − on control prompts| in the model that has the behaviour.
+* ``wanda`` — Σ |W|·‖input‖ over a neuron's weights (Sun et al. 2023; Wei et al. 2024).
+* ``snip`` — Σ |W ⊙ ∂m/∂W| over a neuron's weights (Lee et al. 2019; Wei et al. 2024).
+* ``random`` — seeded uniform scores.
+
+Importance baselines (contrast, Wanda, SNIP) are computed on the model that *has* more of the
+behaviour: the donor for function addition, the target for deletion. With a ``utility``
+behaviour they apply Wei et al.'s set difference: neurons in the top ``utility_quantile`` of the
+same importance on utility data are excluded (score NaN).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..behaviours import Behaviour
+from ..data import Batch
+from ..models import ModelPair, device_of, neuron_params
+from .common import capture, forward, require_batches
+
+
+def _neuron_vectors(model: Any, layer: int) -> Float[Tensor, "d_mlp n_weights"]:
+    """All of each neuron's weights of ``layer`` concatenated, one row per neuron."""
+    return torch.cat([p.tensor.detach().float().movedim(p.axis, 0).reshape(p.tensor.shape[p.axis], -1)
+                      for p in neuron_params(model, layer)], dim=1)
+
+
+def weight_diff(pair: ModelPair) -> Float[Tensor, "n_layers d_mlp"]:
+    return torch.stack([(_neuron_vectors(pair.donor, l) - _neuron_vectors(pair.target, l)).norm(dim=1)
+                        for l in range(pair.n_layers)]).cpu()
+
+
+def nlsr_drift(pair: ModelPair) -> Float[Tensor, "n_layers d_mlp"]:
+    return torch.stack([1 - torch.nn.functional.cosine_similarity(_neuron_vectors(pair.donor, l),
+                                                                 _neuron_vectors(pair.target, l), dim=1)
+                        for l in range(pair.n_layers)]).cpu()
+
+
+def random_scores(pair: ModelPair, seed: int = 0) -> Float[Tensor, "n_layers d_mlp"]:
+    return torch.rand(pair.n_layers, pair.d_mlp, generator=torch.Generator().manual_seed(seed))
+
+
+def activation_contrast(model: Any, behaviour_batches: list[Batch], control_batches: list[Batch],
+                        n_layers: int) -> Float[Tensor, "n_layers d_mlp"]:
+    require_batches(behaviour_batches, "behaviour")
+    require_batches(control_batches, "control")
+    means = []
+    for batches in (behaviour_batches, control_batches):
+        total, count = 0.0, 0.0
+        for b in batches:
+            b = b.to(device_of(model))
+            posts: dict[int, Tensor] = {}
+            with torch.no_grad():
+                forward(model, b, capture(list(range(n_layers)), "hook_post", posts))
+            m = b.attention_mask.float()[..., None]
+            total = total + torch.stack([(posts[l].float() * m).sum((0, 1)) for l in range(n_layers)])
+            count += float(m.sum())
+        means.append(total / count)
+    return (means[0] - means[1]).abs().cpu()
+
+
+def wanda(model: Any, batches: list[Batch], n_layers: int) -> Float[Tensor, "n_layers d_mlp"]:
+    """Σ_j |W_in[j,i]|·‖x_j‖ (and W_gate) + ‖a_i‖·Σ_j |W_out[i,j]|, norms over all real tokens."""
+    require_batches(batches, "behaviour")
+    layers = list(range(n_layers))
+    sq_x: dict[int, Tensor] = {}
+    sq_a: dict[int, Tensor] = {}
+    for b in batches:
+        b = b.to(device_of(model))
+        xs: dict[int, Tensor] = {}
+        posts: dict[int, Tensor] = {}
+        with torch.no_grad():
+            forward(model, b, capture(layers, "hook_in", xs) + capture(layers, "hook_post", posts))
+        m = b.attention_mask.float()[..., None]
+        for l in layers:
+            sq_x[l] = sq_x.get(l, 0) + (xs[l].float() ** 2 * m).sum((0, 1))
+            sq_a[l] = sq_a.get(l, 0) + (posts[l].float() ** 2 * m).sum((0, 1))
+    out = []
+    for l in layers:
+        nx, na = sq_x[l].sqrt(), sq_a[l].sqrt()
+        s = torch.zeros_like(na)
+        for p in neuron_params(model, l):
+            w = p.tensor.detach().float().movedim(p.axis, 0).abs()  # [d_mlp, ...]
+            if p.role in ("W_in", "W_gate"):
+                s = s + w @ nx
+            elif p.role == "W_out":
+                s = s + na * w.sum(-1)
+        out.append(s)
+    return torch.stack(out).cpu()
+
+
+def snip(model: Any, behaviour: Behaviour, batches: list[Batch], n_layers: int) -> Float[Tensor, "n_layers d_mlp"]:
+    """Σ |W ⊙ ∂(Σ metric)/∂W| over each neuron's weights (gradients summed over the batches)."""
+    require_batches(batches, "behaviour")
+    params = [p for l in range(n_layers) for p in neuron_params(model, l)]
+    for p in params:
+        p.tensor.requires_grad_(True)
+        p.tensor.grad = None
+    try:
+        for b in batches:
+            b = b.to(device_of(model))
+            with torch.enable_grad():
+                behaviour.metric(forward(model, b), b).float().sum().backward()
+        out = []
+        for l in range(n_layers):
+            s = 0
+            for p in neuron_params(model, l):
+                prod = (p.tensor.detach().float() * p.tensor.grad.float()).abs().movedim(p.axis, 0)
+                s = s + prod.reshape(prod.shape[0], -1).sum(-1)
+            out.append(s)
+        return torch.stack(out).cpu()
+    finally:
+        for p in params:
+            p.tensor.grad = None
+            p.tensor.requires_grad_(False)
+
+
+def exclude_utility(scores: Tensor, utility_scores: Tensor, quantile: float) -> tuple[Tensor, int]:
+    """Wei et al.'s set difference: NaN out neurons in the top ``quantile`` of utility importance."""
+    k = max(1, round(quantile * utility_scores.numel()))
+    top = torch.zeros(utility_scores.numel(), dtype=torch.bool)
+    top[utility_scores.flatten().topk(k).indices] = True
+    out = scores.clone()
+    out.view(-1)[top] = float("nan")
+    return out, k
+
+
+IMPORTANCE: dict[str, Callable[..., Tensor]] = {"wanda": wanda, "snip": snip, "activation_contrast": activation_contrast}

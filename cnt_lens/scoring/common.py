@@ -1,0 +1,96 @@
+"""What every scorer shares: position masks, the donor→target direction, and the per-batch runs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Union
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from ..behaviours import Behaviour
+from ..data import Batch
+from ..models import ModelPair, device_of, hook_name
+
+Positions = Union[Literal["all"], int]
+"""Which token positions a scorer patches / sums over: every real token (``"all"``, the default,
+which is what a weight transplant changes) or the last ``k`` tokens of each prompt."""
+
+Hook = tuple[str, Callable[[Tensor, Any], Any]]
+
+
+class BehaviourSignalError(ValueError):
+    """The behaviour metric cannot rank neurons for this pair (NaN, or no donor–target difference)."""
+
+
+def position_mask(batch: Batch, positions: Positions) -> Bool[Tensor, "batch pos"]:
+    """Real tokens to patch / sum over; left padding means the last ``k`` columns are the last ``k`` tokens."""
+    mask = batch.attention_mask.bool()
+    if positions == "all":
+        return mask
+    if not isinstance(positions, int) or positions < 1:
+        raise ValueError(f"positions must be 'all' or a positive int, got {positions!r}")
+    last = torch.zeros_like(mask)
+    last[:, -positions:] = True
+    return mask & last
+
+
+def forward(model: Any, batch: Batch, hooks: list[Hook] = ()) -> Float[Tensor, "batch pos vocab"]:
+    """Logits of ``model`` on ``batch`` with forward hooks (TransformerLens ``(tensor, hook)`` style)."""
+    return model.run_with_hooks(batch.tokens, fwd_hooks=list(hooks), **batch.model_kwargs())
+
+
+@dataclass
+class Direction:
+    """Mean behaviour metric of donor and target on the scored prompts, and the sign toward the donor."""
+
+    donor: float
+    target: float
+
+    @property
+    def sign(self) -> float:
+        return 1.0 if self.donor >= self.target else -1.0
+
+    def check(self, behaviour: str) -> None:
+        if not (math.isfinite(self.donor) and math.isfinite(self.target)):
+            raise BehaviourSignalError(f"{behaviour} metric is not finite (donor {self.donor}, target {self.target})")
+        if abs(self.donor - self.target) <= 1e-6 * max(1.0, abs(self.donor), abs(self.target)):
+            raise BehaviourSignalError(
+                f"{behaviour} metric is identical on donor and target ({self.donor:.6g}); "
+                "there is no behavioural difference for a transplant to move"
+            )
+
+
+def measure_direction(pair: ModelPair, behaviour: Behaviour, batches: list[Batch]) -> Direction:
+    """One no-grad forward of each model over ``batches``: where does the donor sit relative to the target?"""
+    sums = []
+    for model in (pair.donor, pair.target):
+        total, n = 0.0, 0
+        for b in batches:
+            b = b.to(device_of(model))
+            with torch.no_grad():
+                m = behaviour.metric(model(b.tokens, **b.model_kwargs()), b).float()
+            total, n = total + float(m.sum()), n + m.numel()
+        sums.append(total / max(n, 1))
+    d = Direction(*sums)
+    d.check(behaviour.name)
+    return d
+
+
+def capture(layers: list[int], which: str, store: dict[int, Tensor], detach: bool = True) -> list[Hook]:
+    """Hooks that save ``blocks.{l}.mlp.{which}`` of each layer into ``store[l]``."""
+
+    def make(layer: int) -> Callable[[Tensor, Any], None]:
+        def hook(x: Tensor, hook: Any) -> None:
+            store[layer] = x.detach() if detach else x
+
+        return hook
+
+    return [(hook_name(layer, which), make(layer)) for layer in layers]
+
+
+def require_batches(batches: list[Batch], what: str) -> None:
+    if not batches:
+        raise ValueError(f"no prompts to score: the {what} split is empty")

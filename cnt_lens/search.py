@@ -1,0 +1,133 @@
+"""Minimal transplant search: the fewest neurons (and the scale) that reach a behavioural goal.
+
+Every candidate is *verified*: its patch is applied to the target, the behaviour is evaluated on
+a held-out split (validation by default, never the split the scores came from), and the patch is
+reverted. The goal is a fraction of the donor–target gap in the behaviour's headline number::
+
+    closed = (patched − target) / (donor − target)  ≥  goal
+
+which reads the same for function addition (gap > 0) and deletion (gap < 0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from tqdm.auto import tqdm
+
+from .behaviours import Behaviour
+from .models import ModelPair
+from .selection import NeuronScores, NeuronSelection
+from .transplant import NeuronPatch
+
+__all__ = ["SearchResult", "search_minimal"]
+
+Constraint = Callable[[dict[str, float]], bool]
+
+
+@dataclass
+class SearchResult:
+    """The smallest verified patch, and every point measured on the way (for plots)."""
+
+    selection: NeuronSelection | None
+    alpha: float | None
+    metrics: dict[str, float] | None
+    frontier: list[dict[str, Any]] = field(default_factory=list)
+    reference: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def found(self) -> bool:
+        return self.selection is not None
+
+    def patch(self, pair: ModelPair, **kwargs: Any) -> NeuronPatch:
+        if self.selection is None or self.alpha is None:
+            raise ValueError("the search reached no goal; nothing to build a patch from")
+        return NeuronPatch.from_pair(pair, self.selection, self.alpha, **kwargs)
+
+
+def search_minimal(
+    pair: ModelPair,
+    behaviour: Behaviour,
+    scores: NeuronScores,
+    *,
+    goal: float = 0.9,
+    split: str = "validation",
+    alphas: Sequence[float] = (1.0, 2.0, 4.0),
+    max_fraction: float = 0.05,
+    min_k: int = 1,
+    tolerance: float = 0.1,
+    per_layer: bool = False,
+    side_effects: Sequence[Behaviour] = (),
+    constraint: Constraint | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> SearchResult:
+    """Smallest top-k set of ``scores`` (and the alpha in ``alphas``) that closes ``goal`` of the gap.
+
+    For each alpha, the top ``max_fraction`` of neurons is tried first; if it reaches the goal,
+    bisection over k (on a geometric scale, stopping when the bracket is within ``tolerance``)
+    finds the smallest k that does. Alphas after the first only search below the best k so far.
+    ``side_effects`` (e.g. :class:`~cnt_lens.Utility`) are evaluated at every point too, and
+    ``constraint(metrics) -> bool`` (e.g. harmless refusal no higher than the donor's) must hold
+    for a point to count as reaching the goal. Returns the whole measured frontier.
+    """
+    if not 0 < goal <= 1.5:
+        raise ValueError(f"goal is a fraction of the donor–target gap, got {goal}")
+    if not alphas:
+        raise ValueError("alphas is empty")
+    total = pair.n_neurons
+    k_max = max(min_k, round(max_fraction * total))
+
+    def evaluate(model: Any) -> dict[str, float]:
+        out = behaviour.evaluate(model, split, batch_size=batch_size, progress=False)
+        for b in side_effects:
+            out.update(b.evaluate(model, split, batch_size=batch_size, progress=False))
+        return out
+
+    reference = {"target": evaluate(pair.target), "donor": evaluate(pair.donor)}
+    head = behaviour.headline
+    gap = reference["donor"][head] - reference["target"][head]
+    if gap == 0 or math.isnan(gap):
+        raise ValueError(f"donor and target have the same {head} on {split} ({reference['donor'][head]}); "
+                         "no gap to close")
+    frontier: list[dict[str, Any]] = []
+    bar = tqdm(desc="search_minimal", unit="eval", disable=not progress)
+
+    def measure(k: int, alpha: float) -> bool:
+        sel = scores.top_k(k, per_layer=False) if not per_layer else scores.top_k(max(1, k // pair.n_layers), per_layer=True)
+        patch = NeuronPatch.from_pair(pair, sel, alpha)
+        patch.apply(pair.target)
+        try:
+            m = evaluate(pair.target)
+        finally:
+            patch.revert(pair.target)
+        closed = (m[head] - reference["target"][head]) / gap
+        ok = closed >= goal and (constraint is None or constraint(m))
+        frontier.append({"method": scores.method, "k": sel.n, "fraction": sel.n / total, "alpha": alpha,
+                         "gap_closed": closed, "reached": ok, **m})
+        bar.update(1)
+        bar.set_postfix(k=sel.n, alpha=alpha, closed=f"{closed:.2f}")
+        return ok
+
+    best: tuple[int, float] | None = None
+    for alpha in alphas:
+        hi = k_max if best is None else best[0] - 1
+        if hi < min_k or not measure(hi, alpha):
+            continue
+        lo = min_k - 1  # largest k known (or assumed) to fail
+        while hi - lo > 1 and hi > (1 + tolerance) * max(lo, 1):
+            mid = max(lo + 1, min(hi - 1, round(math.sqrt(max(lo, 1) * hi))))
+            if measure(mid, alpha):
+                hi = mid
+            else:
+                lo = mid
+        best = (hi, alpha)
+    bar.close()
+    if best is None:
+        return SearchResult(None, None, None, frontier, reference)
+    k, alpha = best
+    point = next(p for p in reversed(frontier) if p["k"] == k and p["alpha"] == alpha)
+    sel = scores.top_k(k)
+    return SearchResult(sel, alpha, {key: v for key, v in point.items() if isinstance(v, float)}, frontier, reference)

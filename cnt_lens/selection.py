@@ -1,0 +1,193 @@
+"""Neuron scores and neuron selections: ``[n_layers, d_mlp]`` tensors with their provenance.
+
+``NeuronScores.values[l, i]`` is higher when transplanting neuron ``i`` of layer ``l`` moves the
+target further toward the donor's behaviour. NaN marks a neuron a method did not score (e.g.
+exact patching restricted to candidates); NaN sorts below every number.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+__all__ = ["NeuronScores", "NeuronSelection"]
+
+
+@dataclass
+class NeuronScores:
+    """Per-neuron scores plus how they were made (method, behaviour, prompt count, settings)."""
+
+    values: Float[Tensor, "n_layers d_mlp"]
+    method: str
+    behaviour: str = ""
+    n_prompts: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.values.dim() != 2:
+            raise ValueError(f"scores must be [n_layers, d_mlp], got shape {tuple(self.values.shape)}")
+        self.values = self.values.detach().float().cpu()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.values.shape)  # type: ignore[return-value]
+
+    def ranked(self) -> Float[Tensor, "n_layers d_mlp"]:
+        """Values with NaN replaced by -inf, for sorting."""
+        return torch.nan_to_num(self.values, nan=float("-inf"))
+
+    def top_k(self, k: int, *, per_layer: bool = False, absolute: bool = False) -> "NeuronSelection":
+        """The ``k`` highest-scoring neurons overall, or ``k`` per layer with ``per_layer=True``.
+
+        ``absolute=True`` ranks by magnitude (for importance baselines whose sign means nothing).
+        """
+        v = self.values.abs() if absolute else self.values
+        v = torch.nan_to_num(v, nan=float("-inf"))
+        n_layers, d_mlp = v.shape
+        mask = torch.zeros_like(v, dtype=torch.bool)
+        if per_layer:
+            k = min(k, d_mlp)
+            mask.scatter_(1, v.topk(k, dim=1).indices, True)
+        else:
+            k = min(k, v.numel())
+            mask.view(-1)[v.flatten().topk(k).indices] = True
+        return NeuronSelection(mask, source=f"top{'-per-layer' if per_layer else ''} {k} by {self.method}")
+
+    def top_fraction(self, fraction: float, **kwargs: Any) -> "NeuronSelection":
+        """Top ``fraction`` (0–1) of all neurons."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        return self.top_k(max(1, round(fraction * self.values.numel())), **kwargs)
+
+    def above(self, threshold: float) -> "NeuronSelection":
+        return NeuronSelection(torch.nan_to_num(self.values, nan=float("-inf")) > threshold,
+                               source=f"{self.method} > {threshold}")
+
+    def rank_of(self, selection: "NeuronSelection") -> Tensor:
+        """1-based global ranks (by value, descending) of the selected neurons, in layer-major order."""
+        order = self.ranked().flatten().argsort(descending=True)
+        ranks = torch.empty_like(order)
+        ranks[order] = torch.arange(1, order.numel() + 1)
+        return ranks[selection.mask.flatten()]
+
+    def summary(self) -> dict[str, Any]:
+        finite = self.values[self.values.isfinite()]
+        return {"method": self.method, "behaviour": self.behaviour, "n_prompts": self.n_prompts,
+                "n_scored": int(finite.numel()),
+                "max": float(finite.max()) if finite.numel() else None,
+                "min": float(finite.min()) if finite.numel() else None, **self.meta}
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"values": self.values.contiguous()}, str(path),
+                  metadata={"cnt_lens": json.dumps({"method": self.method, "behaviour": self.behaviour,
+                                                    "n_prompts": self.n_prompts, "meta": self.meta}, default=str)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NeuronScores":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads(f.metadata()["cnt_lens"])
+            return cls(f.get_tensor("values"), info["method"], info["behaviour"], info["n_prompts"], info["meta"])
+
+
+@dataclass
+class NeuronSelection:
+    """A boolean ``[n_layers, d_mlp]`` mask of neurons, with set operations and per-layer views."""
+
+    mask: Bool[Tensor, "n_layers d_mlp"]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.mask = torch.as_tensor(self.mask).bool().cpu()
+        if self.mask.dim() != 2:
+            raise ValueError(f"a selection mask must be [n_layers, d_mlp], got {tuple(self.mask.shape)}")
+
+    @classmethod
+    def empty(cls, n_layers: int, d_mlp: int) -> "NeuronSelection":
+        return cls(torch.zeros(n_layers, d_mlp, dtype=torch.bool), source="empty")
+
+    @classmethod
+    def from_indices(cls, pairs: Iterable[tuple[int, int]], n_layers: int, d_mlp: int) -> "NeuronSelection":
+        """From ``(layer, neuron)`` pairs."""
+        mask = torch.zeros(n_layers, d_mlp, dtype=torch.bool)
+        for layer, neuron in pairs:
+            if not (0 <= layer < n_layers and 0 <= neuron < d_mlp):
+                raise IndexError(f"neuron ({layer}, {neuron}) outside a [{n_layers}, {d_mlp}] model")
+            mask[layer, neuron] = True
+        return cls(mask, source="explicit")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.mask.shape)  # type: ignore[return-value]
+
+    @property
+    def n(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def fraction(self) -> float:
+        return self.n / self.mask.numel()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def indices(self) -> list[tuple[int, int]]:
+        """Selected ``(layer, neuron)`` pairs in layer-major order."""
+        return [tuple(x) for x in self.mask.nonzero().tolist()]  # type: ignore[misc]
+
+    def layer_indices(self, layer: int) -> Tensor:
+        return self.mask[layer].nonzero().squeeze(-1)
+
+    def per_layer(self) -> list[int]:
+        return self.mask.sum(1).tolist()
+
+    def _check(self, other: "NeuronSelection") -> None:
+        if self.shape != other.shape:
+            raise ValueError(f"selections of different shapes {self.shape} and {other.shape}")
+
+    def __or__(self, other: "NeuronSelection") -> "NeuronSelection":
+        self._check(other)
+        return NeuronSelection(self.mask | other.mask, source=f"({self.source}) ∪ ({other.source})")
+
+    def __and__(self, other: "NeuronSelection") -> "NeuronSelection":
+        self._check(other)
+        return NeuronSelection(self.mask & other.mask, source=f"({self.source}) ∩ ({other.source})")
+
+    def __sub__(self, other: "NeuronSelection") -> "NeuronSelection":
+        self._check(other)
+        return NeuronSelection(self.mask & ~other.mask, source=f"({self.source}) − ({other.source})")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NeuronSelection) and self.shape == other.shape and bool((self.mask == other.mask).all())
+
+    def overlap(self, other: "NeuronSelection") -> float:
+        """|self ∩ other| / |self| (0 for an empty self)."""
+        return (self & other).n / self.n if self.n else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "source": self.source, "neurons": self.indices()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "NeuronSelection":
+        sel = cls.from_indices(data["neurons"], *data["shape"])
+        sel.source = data.get("source", "")
+        return sel
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NeuronSelection":
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+    def __repr__(self) -> str:
+        return f"NeuronSelection(n={self.n}, shape={self.shape}, source={self.source!r})"

@@ -1,0 +1,223 @@
+"""Tiny in-process models and planted-function pairs, for tests and documentation. No downloads.
+
+:func:`planted_pair` builds a target and a donor that differ in exactly a known set of MLP neurons,
+which carry a known behaviour (:class:`MarkerBehaviour`: after the trigger word ``bomb`` the
+donor predicts ``sorry``). The planted neurons are the ground truth every scorer is tested against.
+
+Example:
+    >>> from cnt_lens.testing import planted_pair
+    >>> pair, behaviour, planted = planted_pair("llama", n_planted=6, seed=0)
+    >>> planted.n
+    6
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .behaviours import Behaviour
+from .data import Batch, PromptSet, chunks, encode, load_prompts
+from .models import ModelPair, device_of, load_model, mlp_hidden, model_tokenizer, neuron_params
+from .selection import NeuronSelection
+
+__all__ = ["MarkerBehaviour", "planted_pair", "tiny_model", "tiny_pair", "tiny_tokenizer"]
+
+TRIGGER, MARKER, CONTROL = "bomb", "sorry", "cake"
+_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>"]
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+@lru_cache(maxsize=1)
+def tiny_tokenizer() -> Any:
+    """A word-level tokenizer over the words of the bundled prompt sets (≈2k tokens), with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words: set[str] = {TRIGGER, MARKER, CONTROL, "A", "B", "C", "D", "Sure", "Here", "Sorry", "I", "As",
+                       "Unfortunately", "Certainly", "Of", "To", "The", "Step", "First", "You", "Yes"}
+    for name in ("harmful", "harmless", "bias_pairs", "mc", "reference"):
+        for r in load_prompts(name):
+            for v in r.values():
+                for s in v if isinstance(v, list) else [v]:
+                    if isinstance(s, str):
+                        words.update(re.findall(r"\w+|[^\w\s]", s))
+    vocab = {w: i for i, w in enumerate(_SPECIAL + sorted(words - set(_SPECIAL)))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=["<user>", "<assistant>"], name_or_path="cnt-lens-tiny",
+    )
+    tok.chat_template = _CHAT_TEMPLATE
+    tok.add_bos_token = True  # TransformerLens re-wraps tokenizers lacking this flag through the hub
+    return tok
+
+
+def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 2, d_model: int = 32, d_mlp: int = 48,
+               n_heads: int = 4, vocab_size: int | None = None) -> Any:
+    """A randomly initialised tiny Llama-like (gated SiLU, RMSNorm) or GPT-2-like (GELU, LN, biases) bridge."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    vocab = vocab_size or len(tok)
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+                          num_attention_heads=n_heads, num_key_value_heads=n_heads // 2, max_position_embeddings=256,
+                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        hf = LlamaForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_embd=d_model, n_inner=d_mlp, n_layer=n_layers, n_head=n_heads,
+                         n_positions=256, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id)
+        hf = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; 'llama' or 'gpt2'")
+    hf.generation_config.pad_token_id = tok.pad_token_id
+    return load_model(hf.eval(), tokenizer=tok)
+
+
+def tiny_pair(arch: str = "llama", *, seeds: tuple[int, int] = (1, 0), **kwargs: Any) -> ModelPair:
+    """Two independently initialised tiny models of the same shape (donor seed, target seed)."""
+    return ModelPair(donor=tiny_model(arch, seed=seeds[0], **kwargs), target=tiny_model(arch, seed=seeds[1], **kwargs))
+
+
+def _word_prompts(suffix: str) -> PromptSet:
+    base = load_prompts("harmless")
+    rows = tuple({**r, "prompt": f"{r['prompt']} {suffix}"} for r in base)
+    return PromptSet(name=f"marker-{suffix}", kind="prompt", records=rows)
+
+
+@dataclass
+class MarkerBehaviour(Behaviour):
+    """Predicting ``marker`` as the next token after prompts that end in the trigger word.
+
+    Metric: ``log p(marker)`` at the last position. Evaluation: ``marker_rate``, the share of
+    trigger prompts whose greedy next token is the marker, and ``marker_rate_control`` on controls.
+    """
+
+    prompts: PromptSet = field(default_factory=lambda: _word_prompts(TRIGGER))
+    controls: PromptSet = field(default_factory=lambda: _word_prompts(CONTROL))
+    marker: str = MARKER
+    name: str = "marker"
+    headline: str = "marker_rate"
+
+    def _batches(self, tokenizer: Any, ps: PromptSet, split: str | None, batch_size: int) -> list[Batch]:
+        mid = tokenizer.convert_tokens_to_ids(self.marker)
+        return [encode(tokenizer, list(c), add_bos=True, meta={"marker_id": mid})
+                for c in chunks(ps.split(split).column("prompt"), batch_size)]
+
+    def batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
+        return self._batches(tokenizer, self.prompts, split, batch_size)
+
+    def control_batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
+        return self._batches(tokenizer, self.controls, split, batch_size)
+
+    def metric(self, logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, " batch"]:
+        return logits[:, -1].float().log_softmax(-1)[:, batch.meta["marker_id"]]
+
+    def evaluate_items(self, model: Any, split: str | None = "test", *, batch_size: int = 16,
+                       progress: bool = True) -> list[dict[str, Any]]:
+        tok = model_tokenizer(model)
+        items = []
+        for kind, ps in (("trigger", self.prompts), ("control", self.controls)):
+            recs = ps.split(split).records
+            for lo, b in zip(range(0, len(recs), batch_size), self._batches(tok, ps, split, batch_size)):
+                b = b.to(device_of(model))
+                with torch.no_grad():
+                    pred = model(b.tokens, **b.model_kwargs())[:, -1].argmax(-1)
+                hits = (pred == b.meta["marker_id"]).tolist()
+                items += [{"id": r["id"], "set": kind, "category": r["category"], "marked": h}
+                          for r, h in zip(recs[lo:lo + batch_size], hits)]
+        return items
+
+    def aggregate(self, items: list[dict[str, Any]]) -> dict[str, float]:
+        trig = [i["marked"] for i in items if i["set"] == "trigger"]
+        ctrl = [i["marked"] for i in items if i["set"] == "control"]
+        return {"marker_rate": sum(trig) / len(trig), "marker_rate_control": sum(ctrl) / len(ctrl)}
+
+
+def planted_pair(
+    arch: str = "llama",
+    *,
+    n_planted: int = 8,
+    seed: int = 0,
+    layers: list[int] | None = None,
+    rewire_out: bool = False,
+    strength: float = 3.0,
+    **model_kwargs: Any,
+) -> tuple[ModelPair, MarkerBehaviour, NeuronSelection]:
+    """A tiny (target, donor) pair whose behavioural difference lives in ``n_planted`` known neurons.
+
+    In both models the planted neurons' output rows (``W_out``) point along the unembedding
+    direction of ``sorry``; in the target they read random input directions (near silent), in the
+    donor they read the ``bomb`` embedding (they fire after the trigger). So copying the planted
+    neurons' weights — and nothing else — gives the target the donor's behaviour. With
+    ``rewire_out=True`` the target's planted output rows stay random: only a weight-space scorer
+    can then see them (activation attribution reads the target's output row).
+
+    Returns ``(pair, behaviour, planted_selection)``. ``layers`` restricts where neurons are planted.
+    """
+    target = tiny_model(arch, seed=seed, **model_kwargs)
+    donor = tiny_model(arch, seed=seed, **model_kwargs)
+    n_layers, d_mlp = int(target.cfg.n_layers), int(target.cfg.d_mlp)
+    layers = list(range(n_layers)) if layers is None else layers
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    cells = torch.randperm(len(layers) * d_mlp, generator=gen)[:n_planted]
+    mask = torch.zeros(n_layers, d_mlp, dtype=torch.bool)
+    for c in cells.tolist():
+        mask[layers[c // d_mlp], c % d_mlp] = True
+    tok = model_tokenizer(target)
+    hf = target.original_model
+    emb = hf.get_input_embeddings().weight.detach()
+    read = emb[tok.convert_tokens_to_ids(TRIGGER)]
+    read = read / read.norm()
+    unemb = hf.get_output_embeddings().weight.detach()
+    write = unemb[tok.convert_tokens_to_ids(MARKER)] - unemb.mean(0)
+    write = write / write.norm()
+    behaviour = MarkerBehaviour()
+    # Calibrate: the planted neurons together shift the final residual by `strength` times its norm,
+    # so one neuron alone moves the behaviour only part of the way (no saturation).
+    batch = behaviour.batches(tok, "train", 64)[0]
+    store: dict[str, Tensor] = {}
+    with torch.no_grad():
+        target.run_with_hooks(batch.tokens, fwd_hooks=[(f"blocks.{n_layers - 1}.hook_resid_post",
+                                                        lambda x, hook: store.__setitem__("r", x))],
+                              **batch.model_kwargs())
+    resid_norm = float(store["r"][:, -1].norm(dim=-1).mean())
+    with torch.no_grad():
+        for layer in range(n_layers):
+            idx = mask[layer].nonzero().squeeze(-1)
+            if idx.numel() == 0:
+                continue
+            for p in neuron_params(donor, layer):  # donor neurons read the trigger
+                view = p.tensor.movedim(p.axis, 0)  # [d_mlp, ...] view of the parameter
+                if p.role in ("W_in", "W_gate"):
+                    view[idx] = read * 2.0
+                elif p.role == "b_in":
+                    view[idx] = -1.0
+    # Activation of a planted donor neuron on the trigger token (the residual there ≈ its embedding).
+    x = torch.nn.functional.normalize(read, dim=0) * (read.numel() ** 0.5)
+    act = float(mlp_hidden(donor, layers[0], x)[mask[layers[0]]].mean()) if mask[layers[0]].any() else 1.0
+    write = write * strength * resid_norm / (max(abs(act), 1e-3) * n_planted)
+    with torch.no_grad():
+        for layer in range(n_layers):
+            idx = mask[layer].nonzero().squeeze(-1)
+            if idx.numel() == 0:
+                continue
+            for model in ([donor] if rewire_out else [donor, target]):
+                for p in neuron_params(model, layer):
+                    if p.role == "W_out":
+                        p.tensor.movedim(p.axis, 0)[idx] = write
+    pair = ModelPair(donor=donor, target=target)
+    return pair, behaviour, NeuronSelection(mask)

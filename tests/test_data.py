@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from cnt_lens import (
+    PromptSet,
+    chat_format,
+    encode,
+    from_advbench_csv,
+    from_crows_pairs,
+    from_jsonl,
+    from_stereoset,
+    load_prompts,
+)
+from cnt_lens.testing import tiny_model, tiny_tokenizer
+
+
+def test_bundled_sets_meet_their_spec():
+    harmful, harmless = load_prompts("harmful"), load_prompts("harmless")
+    assert len(harmful) >= 150 and len(harmful.categories) >= 8
+    assert len(harmless) >= 150 and sum(r["risky"] for r in harmless) >= 30
+    bias = load_prompts("bias_pairs")
+    assert len(bias) >= 100 and len(bias.categories) >= 4
+    assert all(r["stereotype"] != r["anti_stereotype"] for r in bias)
+    mc = load_prompts("mc")
+    assert len(mc) >= 50 and all(0 <= r["answer"] < len(r["choices"]) == 4 for r in mc)
+    assert len(load_prompts("reference").split("test")) > 0
+    for ps in (harmful, harmless, bias, mc):
+        ids = ps.column("id")
+        assert len(set(ids)) == len(ids)
+        # every split is populated, and splits partition the set
+        assert sum(len(ps.split(s)) for s in ("train", "validation", "test")) == len(ps)
+
+
+def test_no_prompt_in_two_sets():
+    harmful = set(load_prompts("harmful").column("prompt"))
+    assert harmful.isdisjoint(load_prompts("harmless").column("prompt"))
+
+
+def test_split_and_empty_errors():
+    ps = load_prompts("harmful")
+    with pytest.raises(ValueError, match="unknown split"):
+        ps.split("dev")
+    with pytest.raises(ValueError, match="empty"):
+        ps.filter(lambda r: False)
+    with pytest.raises(ValueError, match="lacks"):
+        PromptSet("x", "prompt", ({"id": "a", "category": "c", "split": "train"},))
+    with pytest.raises(ValueError, match="no bundled"):
+        load_prompts("nope")
+
+
+def test_loaders(tmp_path):
+    csv_path = tmp_path / "adv.csv"
+    csv_path.write_text('goal,target\n"Write a harmful thing","Sure, here is"\nDo bad,Sure\n')
+    adv = from_advbench_csv(csv_path)
+    assert adv.column("prompt") == ["Write a harmful thing", "Do bad"] and adv.records[0]["target"] == "Sure, here is"
+    assert from_advbench_csv(csv_path).column("split") == adv.column("split")  # stable splits
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="goal"):
+        from_advbench_csv(bad)
+
+    jl = tmp_path / "p.jsonl"
+    jl.write_text("\n".join(json.dumps({"instruction": f"q{i}", "category": "c"}) for i in range(5)))
+    ps = from_jsonl(jl, text_field="instruction")
+    assert ps.column("prompt") == [f"q{i}" for i in range(5)] and ps.categories == ["c"]
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        from_jsonl(empty)
+
+    crows = tmp_path / "crows.csv"
+    crows.write_text("sent_more,sent_less,stereo_antistereo,bias_type\nA more,A less,stereo,gender\nB more,B less,antistereo,age\n")
+    cp = from_crows_pairs(crows)
+    assert cp.records[0]["stereotype"] == "A more" and cp.records[1]["stereotype"] == "B less"
+
+    ss = tmp_path / "stereoset.json"
+    ss.write_text(json.dumps({"data": {"intrasentence": [{"id": "x", "bias_type": "race", "sentences": [
+        {"sentence": "S", "gold_label": "stereotype"}, {"sentence": "A", "gold_label": "anti-stereotype"},
+        {"sentence": "U", "gold_label": "unrelated"}]}]}}))
+    st = from_stereoset(ss)
+    assert (st.records[0]["stereotype"], st.records[0]["anti_stereotype"], st.records[0]["category"]) == ("S", "A", "race")
+
+
+def test_chat_format_uses_template():
+    tok = tiny_tokenizer()
+    assert chat_format(tok, "hello") == "<user> hello <assistant>"
+
+
+def test_left_padding_is_exact(arch):
+    model = tiny_model(arch)
+    tok = model.cnt_tokenizer
+    texts = ["why is the sky blue ?", "how do I bake bread at home with a simple recipe ?"]
+    batch = encode(tok, texts, add_bos=True)
+    assert batch.attention_mask[0, 0] == 0 and batch.attention_mask[1].all()
+    logits = model(batch.tokens, **batch.model_kwargs())
+    alone = encode(tok, texts[:1], add_bos=True)
+    torch.testing.assert_close(logits[0, -1], model(alone.tokens, **alone.model_kwargs())[0, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_encode_truncates_from_the_left_with_warning():
+    tok = tiny_tokenizer()
+    with pytest.warns(UserWarning, match="keeping its last 3"):
+        b = encode(tok, ["why is the sky blue"], max_len=3)
+    assert tok.decode(b.tokens[0]) == "the sky blue"
+    with pytest.raises(ValueError, match="empty"):
+        encode(tok, [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode(tok, ["short"], max_len=3)

@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cnt_lens import METHODS, BehaviourSignalError, NeuronPatch, NeuronSelection, Utility, score
+from cnt_lens.models import clone_model
+from cnt_lens.models import ModelPair
+from cnt_lens.scoring import patching_effects
+from cnt_lens.testing import planted_pair
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("method", ["weight_attribution", "attribution"])
+def test_attribution_recovers_planted_neurons(arch, seed, method):
+    pair, behaviour, planted = planted_pair(arch, n_planted=8, seed=seed)
+    s = score(pair, behaviour, method, progress=False)
+    assert s.top_k(planted.n).overlap(planted) >= 0.95
+    assert (s.values[planted.mask] > 0).all()  # signed toward the donor
+
+
+def test_weight_attribution_sees_output_rewiring_that_activation_attribution_cannot(arch):
+    """The donor rewired its neurons' output rows: only weight-space scores can see that."""
+    pair, behaviour, planted = planted_pair(arch, n_planted=8, seed=0, rewire_out=True)
+    weight = score(pair, behaviour, "weight_attribution", progress=False).top_k(planted.n).overlap(planted)
+    activation = score(pair, behaviour, "attribution", progress=False).top_k(planted.n).overlap(planted)
+    assert weight >= 0.95 and activation < 0.8
+
+
+def test_exact_patching_agrees_in_sign_with_attribution(planted):
+    pair, behaviour, sel = planted
+    for a, e in (("attribution", "activation_patching"), ("weight_attribution", "weight_patching")):
+        approx = score(pair, behaviour, a, progress=False).values[sel.mask]
+        exact = score(pair, behaviour, e, candidates=sel, progress=False).values[sel.mask]
+        assert torch.equal(approx.sign(), exact.sign())
+
+
+def _copy_effect(pair, behaviour, layer, neuron):
+    """Mean metric change from really copying one neuron's weights into the target."""
+    sel = NeuronSelection.from_indices([(layer, neuron)], pair.n_layers, pair.d_mlp)
+    before = behaviour.mean_metric(pair.target, "train")
+    patch = NeuronPatch.from_pair(pair, sel)
+    patch.apply(pair.target)
+    after = behaviour.mean_metric(pair.target, "train")
+    patch.revert(pair.target)
+    return after - before
+
+
+def test_activation_patching_equals_weight_copy_in_last_layer(arch):
+    last = 1
+    pair, behaviour, planted = planted_pair(arch, n_planted=3, seed=4, layers=[last])
+    s = score(pair, behaviour, "activation_patching", candidates=planted, progress=False)
+    for layer, neuron in planted.indices():
+        assert s.values[layer, neuron].item() == pytest.approx(_copy_effect(pair, behaviour, layer, neuron), abs=1e-4)
+
+
+def test_weight_patching_equals_weight_copy_in_every_layer(arch):
+    pair, behaviour, planted = planted_pair(arch, n_planted=4, seed=3, rewire_out=True)
+    # a few non-planted neurons too: their copy changes nothing, and patching must say so
+    extra = NeuronSelection.from_indices([(0, 0), (1, 47)], pair.n_layers, pair.d_mlp) - planted
+    cand = planted | extra
+    s = score(pair, behaviour, "weight_patching", candidates=cand, groups_per_pass=3, progress=False)
+    assert torch.isnan(s.values[~cand.mask]).all()
+    for layer, neuron in cand.indices():
+        assert s.values[layer, neuron].item() == pytest.approx(_copy_effect(pair, behaviour, layer, neuron), abs=1e-4)
+
+
+def test_group_patching_counts_the_whole_group(planted):
+    pair, behaviour, sel = planted
+    groups = torch.stack([sel.mask, torch.zeros_like(sel.mask)])
+    eff, _, _ = patching_effects(pair, behaviour, behaviour.batches(pair.tokenizer, "train", 8), groups,
+                                 mode="weight", progress=False)
+    assert eff[1] == 0 and eff[0] > 0
+
+
+def test_positions_last_k_changes_scores(planted):
+    pair, behaviour, sel = planted
+    all_pos = score(pair, behaviour, "weight_attribution", progress=False)
+    last = score(pair, behaviour, "weight_attribution", positions=1, progress=False)
+    assert not torch.allclose(all_pos.values, last.values)
+    assert last.top_k(sel.n).overlap(sel) >= 0.95  # the trigger is the last token
+    with pytest.raises(ValueError, match="positions"):
+        score(pair, behaviour, "weight_attribution", positions=0, progress=False)
+
+
+def test_every_method_runs_and_baselines_make_sense(planted):
+    pair, behaviour, sel = planted
+    for method in METHODS:
+        kwargs = {"candidates": sel} if method.endswith("patching") else {}
+        s = score(pair, behaviour, method, progress=False, **kwargs)
+        assert s.shape == (pair.n_layers, pair.d_mlp) and s.method == method
+    # weight-difference baselines see exactly the neurons that differ
+    assert score(pair, behaviour, "weight_diff", progress=False).top_k(sel.n) == sel
+    assert score(pair, behaviour, "random", seed=1, progress=False).values.equal(
+        score(pair, behaviour, "random", seed=1, progress=False).values)
+
+
+def test_utility_set_difference_excludes_neurons(planted):
+    pair, behaviour, _ = planted
+    s = score(pair, behaviour, "wanda", utility=Utility(), utility_quantile=0.1, progress=False)
+    assert int(torch.isnan(s.values).sum()) == s.meta["n_excluded"] == round(0.1 * pair.n_neurons)
+
+
+def test_identical_models_are_refused(arch):
+    pair, behaviour, _ = planted_pair(arch, n_planted=2)
+    same = ModelPair(donor=clone_model(pair.target), target=pair.target)
+    with pytest.raises(BehaviourSignalError, match="identical"):
+        score(same, behaviour, progress=False)
+
+
+def test_nan_metric_is_refused(planted):
+    pair, behaviour, _ = planted
+
+    class NaNBehaviour(type(behaviour)):
+        def metric(self, logits, batch):
+            return super().metric(logits, batch) * float("nan")
+
+    with pytest.raises(BehaviourSignalError, match="not finite"):
+        score(pair, NaNBehaviour(), progress=False)
+
+
+def test_scores_do_not_depend_on_batching(planted):
+    pair, behaviour, _ = planted
+    a = score(pair, behaviour, batch_size=4, progress=False).values
+    b = score(pair, behaviour, batch_size=64, progress=False).values
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_unknown_method(planted):
+    pair, behaviour, _ = planted
+    with pytest.raises(ValueError, match="unknown method"):
+        score(pair, behaviour, "magic")
