@@ -149,19 +149,20 @@ def safety_tune(
     *,
     harmful: PromptSet | None = None,
     harmless: PromptSet | None = None,
+    refusals: tuple[str, ...] = REFUSALS,
     config: TuneConfig = TuneConfig(),
     use_cache: bool = True,
 ) -> Any:
     """A copy of ``model`` fine-tuned to refuse harmful requests and keep answering harmless ones.
 
-    Data: the **train** splits of ``harmful`` → one of :data:`REFUSALS`, and of ``harmless`` → the
+    Data: the **train** splits of ``harmful`` → one of ``refusals``, and of ``harmless`` → the
     model's own greedy answer (self-distillation, so helpfulness is kept, not replaced). Validation
     and test splits are never seen. Cached (see the module docstring); ~3–6 min on 2 CPU cores for
     SmolLM2-135M with the default config.
     """
     harmful = (harmful or load_prompts("harmful")).split("train")
     harmless = (harmless or load_prompts("harmless")).split("train")
-    data = {"harmful": harmful.column("id"), "harmless": harmless.column("id"), "refusals": REFUSALS}
+    data = {"harmful": harmful.column("prompt"), "harmless": harmless.column("prompt"), "refusals": list(refusals)}
     key = _key("safety", model, data, config)
     if use_cache and (cached := _load_cached(model, key)) is not None:
         return cached
@@ -169,7 +170,7 @@ def safety_tune(
     own = generate(model, [chat_format(tok, p) for p in harmless.column("prompt")],
                    max_new_tokens=config.max_new_tokens, batch_size=16)
     rng = random.Random(config.seed)
-    examples = [(p, rng.choice(REFUSALS)) for p in harmful.column("prompt")]
+    examples = [(p, rng.choice(refusals)) for p in harmful.column("prompt")]
     examples += [(p, a.strip()) for p, a in zip(harmless.column("prompt"), own)]
     tuned = clone_model(model)
     _finetune(tuned, examples, config, desc="safety tune")

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cnt_lens import Refusal, StereotypeBias, Utility, is_refusal, load_prompts
+from cnt_lens.behaviours import sequence_logprobs
+from cnt_lens.data import encode
+from cnt_lens.recipes import TuneConfig, safety_tune
+from cnt_lens.testing import tiny_model
+
+TINY_REFUSALS = ("Sorry , I cannot help with that .",)
+
+
+def test_refusal_matcher():
+    assert is_refusal("I'm sorry, but I can't help with that.")
+    assert is_refusal("I\u2019m sorry, that is illegal")
+    assert is_refusal("As an AI, I must decline.")
+    assert not is_refusal("Sure! Here is a recipe for pancakes.")
+    assert not is_refusal("To kill a Python process, use kill -9 PID.")
+
+
+def test_refusal_token_sets_are_disjoint(tiny):
+    ref, comp = Refusal().token_sets(tiny.cnt_tokenizer)
+    assert len(ref) and len(comp) and not set(ref.tolist()) & set(comp.tolist())
+
+
+def test_taught_refusal_moves_the_metric_and_the_rate(arch, tmp_path, monkeypatch):
+    monkeypatch.setenv("CNT_LENS_CACHE", str(tmp_path))
+    base = tiny_model(arch, seed=0)
+    beh = Refusal(max_new_tokens=8)
+    cfg = TuneConfig(steps=60, batch_size=16, lr=1e-2, max_new_tokens=6)
+    tuned = safety_tune(base, refusals=TINY_REFUSALS, config=cfg)
+    assert beh.mean_metric(tuned, "validation") > beh.mean_metric(base, "validation") + 1.0
+    before, after = beh.evaluate(base, "validation", progress=False), beh.evaluate(tuned, "validation", progress=False)
+    assert after["refusal_harmful"] > before["refusal_harmful"] + 0.5
+    # cached: a second call loads the same weights instead of training again
+    again = safety_tune(base, refusals=TINY_REFUSALS, config=cfg)
+    assert "cached" in again.cnt_source
+    b = encode(base.cnt_tokenizer, ["how do I make a bomb"], add_bos=True)
+    torch.testing.assert_close(again(b.tokens, **b.model_kwargs()), tuned(b.tokens, **b.model_kwargs()))
+
+
+def test_stereotype_metric_matches_sentence_logprobs(tiny):
+    pairs = load_prompts("bias_pairs").take(4)
+    beh = StereotypeBias(pairs=pairs)
+    batch = beh.batches(tiny.cnt_tokenizer, None, 8)[0]
+    logits = tiny(batch.tokens, **batch.model_kwargs())
+    gaps = beh.metric(logits, batch)
+    for i, r in enumerate(pairs):
+        lp = []
+        for text in (r["stereotype"], r["anti_stereotype"]):
+            alone = encode(tiny.cnt_tokenizer, [text], add_bos=True)
+            lp.append(sequence_logprobs(tiny(alone.tokens, **alone.model_kwargs()), alone).sum())
+        assert gaps[i].item() == pytest.approx((lp[0] - lp[1]).item(), abs=1e-3)
+    res = beh.evaluate(tiny, None, progress=False)
+    assert res["stereotype_score"] == pytest.approx(100 * (gaps > 0).float().mean().item())
+
+
+def test_utility_nll_matches_hf_loss(tiny):
+    u = Utility(reference=load_prompts("reference").take(1))
+    text = load_prompts("reference").records[0]["text"]
+    b = encode(tiny.cnt_tokenizer, [text], add_bos=True)
+    with torch.no_grad():
+        hf_loss = tiny.original_model(input_ids=b.tokens, labels=b.tokens).loss.item()
+    assert u.evaluate(tiny, None, progress=False)["utility_nll"] == pytest.approx(hf_loss, rel=1e-4)
+    assert -u.metric(tiny(b.tokens, **b.model_kwargs()), b).item() == pytest.approx(hf_loss, rel=1e-4)
+
+
+def test_mc_accuracy_is_a_rate(tiny):
+    res = Utility().evaluate(tiny, "test", progress=False)
+    assert 0.0 <= res["mc_accuracy"] <= 1.0 and res["utility_nll"] > 0
+
+
+def test_empty_sets_are_refused():
+    empty = load_prompts("harmful").take(0)
+    with pytest.raises(ValueError, match="empty"):
+        Refusal(harmful=empty)

@@ -1,0 +1,30 @@
+"""End to end on a planted pair: transfer → metrics.json → report.html (and the CLI's report command)."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from cnt_lens.cli import app
+from cnt_lens.pipeline import TransferConfig, transfer
+from cnt_lens.testing import planted_pair
+
+
+def test_transfer_writes_a_complete_run(tmp_path):
+    pair, behaviour, planted = planted_pair("llama", n_planted=8, seed=2)
+    cfg = TransferConfig(baselines=("attribution", "weight_diff", "random"), alphas=(1.0, 2.0), max_fraction=0.5)
+    report, patch, scores = transfer(pair, behaviour, config=cfg, out_dir=tmp_path, progress=False)
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert data["n_neurons_total"] == pair.n_neurons
+    assert {"marker_rate", "method", "n_neurons", "alpha"} <= set(data["patched"])
+    assert [b["method"] for b in data["baselines"]] == ["attribution", "weight_diff", "random"]
+    assert all(b["n_neurons"] == data["patched"]["n_neurons"] for b in data["baselines"])
+    assert data["patched"]["marker_rate"] >= 0.9 * data["donor"]["marker_rate"]
+    rnd = next(b for b in data["baselines"] if b["method"] == "random")
+    assert data["patched"]["marker_rate"] > rnd["marker_rate"]
+    assert (tmp_path / "patch.safetensors").is_file() and (tmp_path / "scores" / "random.safetensors").is_file()
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "report.html").read_text()
+    assert "plotly" in page and "cdn.plot.ly" not in page and "Heatmap" in page or "heatmap" in page
