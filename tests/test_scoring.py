@@ -130,3 +130,16 @@ def test_unknown_method(planted):
     pair, behaviour, _ = planted
     with pytest.raises(ValueError, match="unknown method"):
         score(pair, behaviour, "magic")
+
+
+def test_contrast_and_preserve_change_rankings_but_keep_specific_neurons(arch):
+    """Planted neurons fire only after the trigger, so contrasting with controls keeps them on top."""
+    from cnt_lens import Utility
+
+    pair, behaviour, planted = planted_pair(arch, n_planted=6, seed=5)
+    plain = score(pair, behaviour, progress=False)
+    contrasted = score(pair, behaviour, contrast=1.0, progress=False)
+    assert contrasted.meta["contrast"] == 1.0 and not torch.allclose(contrasted.values, plain.values)
+    assert contrasted.top_k(planted.n).overlap(planted) >= 0.95
+    kept = score(pair, behaviour, preserve=[Utility()], preserve_weight=2.0, progress=False)
+    assert kept.meta["preserve"] == ["utility"] and not torch.allclose(kept.values, plain.values)

@@ -4,7 +4,7 @@ target toward the donor's behaviour. One entry point, :func:`score`; see its doc
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -37,6 +37,8 @@ def score(
     utility: Behaviour | None = None,
     utility_quantile: float = 0.05,
     contrast: float = 0.0,
+    preserve: Sequence[Behaviour] = (),
+    preserve_weight: float = 1.0,
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
@@ -57,6 +59,10 @@ def score(
     ``contrast`` (attribution methods): subtract ``contrast`` × the same estimate on the behaviour's
     control prompts (harmless prompts for refusal), favouring neurons that move the behaviour where
     it belongs and not elsewhere (e.g. refusal of harmful but not of harmless requests).
+
+    ``preserve`` (attribution methods): behaviours that must not degrade (e.g. ``Utility()``, whose
+    metric is −NLL); each neuron gains ``preserve_weight`` × its estimated effect on their metrics,
+    so neurons whose transplant would hurt them sink in the ranking.
 
     ``positions``: ``"all"`` real tokens (default; a weight transplant changes every position) or
     the last ``k``. Scores are accumulated in fp32 whatever the models' dtype.
@@ -94,6 +100,13 @@ def score(
             # ctrl is signed toward the donor *on controls*; undo that, then count it against the behaviour's direction.
             values = values - contrast * ctrl * ctrl_dir.sign * direction.sign
             meta.update(contrast=contrast, control_metric_donor=ctrl_dir.donor, control_metric_target=ctrl_dir.target)
+        for keep in preserve:
+            kept, keep_dir, _ = attribution_scores(pair, keep, keep.batches(tok, split, batch_size), kind=kind,
+                                                   positions=positions, progress=progress)
+            values = values + preserve_weight * kept * keep_dir.sign  # + estimated change of keep's metric
+            meta.setdefault("preserve", []).append(keep.name)
+        if preserve:
+            meta["preserve_weight"] = preserve_weight
     elif method in ("weight_patching", "activation_patching"):
         cand = candidates.mask if candidates is not None else torch.ones(pair.n_layers, pair.d_mlp, dtype=torch.bool)
         if cand.shape != (pair.n_layers, pair.d_mlp):

@@ -1,0 +1,164 @@
+"""Interactive neuron inspection: what one neuron does in donor and target, and how it differs.
+
+:func:`neuron_stats` gathers the data (plain tensors and lists, easy to test and to reuse);
+:func:`neuron_card` draws it; :func:`inspect` puts a clickable score heatmap in a notebook that
+opens the card of the clicked neuron (a static heatmap plus the top neuron's card elsewhere).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from .behaviours import Behaviour
+from .models import ModelPair, device_of, hook_name, model_tokenizer, neuron_params
+from .plots import selection_heatmap
+from .selection import NeuronScores, NeuronSelection
+
+__all__ = ["inspect", "neuron_card", "neuron_stats"]
+
+
+def _activations(model: Any, batches: list, layer: int, neuron: int, tok: Any) -> tuple[list[float], list[dict[str, Any]]]:
+    """All real-token activations of one neuron, and per prompt its max activation and that token."""
+    values: list[float] = []
+    per_prompt: list[dict[str, Any]] = []
+    for b in batches:
+        b = b.to(device_of(model))
+        store: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            model.run_with_hooks(b.tokens, fwd_hooks=[(hook_name(layer, "hook_post"),
+                                                       lambda x, hook: store.__setitem__("a", x[..., neuron].detach()))],
+                                 **b.model_kwargs())
+        a, mask = store["a"].float().cpu(), b.attention_mask.bool().cpu()
+        values += a[mask].tolist()
+        masked = a.masked_fill(~mask, float("-inf"))
+        best = masked.argmax(-1)
+        for row in range(a.shape[0]):
+            ids = b.tokens[row][mask[row].to(b.tokens.device)].tolist()
+            per_prompt.append({"text": tok.decode(ids, skip_special_tokens=True)[-160:],
+                               "token": tok.decode([int(b.tokens[row, best[row]])]),
+                               "max_activation": float(masked[row, best[row]])})
+    return values, per_prompt
+
+
+def _logit_lens(model: Any, layer: int, neuron: int, k: int) -> dict[str, list[tuple[str, float]]]:
+    """Tokens the neuron's output row promotes / suppresses, read through final norm scale and unembedding."""
+    tok = model_tokenizer(model)
+    row = model.blocks[layer].mlp.W_out[neuron].detach().float()
+    hf = model.original_model
+    norm = getattr(getattr(hf, "model", None), "norm", None) or getattr(getattr(hf, "transformer", None), "ln_f", None)
+    weight = getattr(norm, "weight", None)
+    if weight is not None:
+        row = row * weight.detach().float()
+    logits = hf.get_output_embeddings().weight.detach().float() @ row
+    top, bottom = logits.topk(k), (-logits).topk(k)
+    return {"promoted": [(tok.decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices)],
+            "suppressed": [(tok.decode([int(i)]), -float(v)) for v, i in zip(bottom.values, bottom.indices)]}
+
+
+def neuron_stats(pair: ModelPair, layer: int, neuron: int, behaviour: Behaviour, *, split: str | None = "test",
+                 batch_size: int = 16, top_n: int = 8) -> dict[str, Any]:
+    """Everything :func:`neuron_card` shows, as data.
+
+    Keys: ``activations[model][set]`` (real-token activation lists, ``model`` ∈ donor/target,
+    ``set`` ∈ behaviour/control), ``top_prompts[model]`` (prompts with the highest max activation,
+    and the token where it peaks), ``logit_lens[model]`` (promoted / suppressed tokens), and
+    ``weight_diff[role]`` (relative L2 change and cosine between donor and target weights).
+    """
+    if not (0 <= layer < pair.n_layers and 0 <= neuron < pair.d_mlp):
+        raise IndexError(f"neuron ({layer}, {neuron}) outside [{pair.n_layers}, {pair.d_mlp}]")
+    tok = pair.tokenizer
+    sets = {"behaviour": behaviour.batches(tok, split, batch_size)}
+    try:
+        sets["control"] = behaviour.control_batches(tok, split, batch_size)
+    except NotImplementedError:
+        pass
+    stats: dict[str, Any] = {"layer": layer, "neuron": neuron, "behaviour": behaviour.name,
+                             "activations": {}, "top_prompts": {}, "logit_lens": {}, "weight_diff": {}}
+    for name, model in (("donor", pair.donor), ("target", pair.target)):
+        stats["activations"][name] = {}
+        prompts: list[dict[str, Any]] = []
+        for set_name, batches in sets.items():
+            vals, per_prompt = _activations(model, batches, layer, neuron, tok)
+            stats["activations"][name][set_name] = vals
+            prompts += [{**p, "set": set_name} for p in per_prompt]
+        stats["top_prompts"][name] = sorted(prompts, key=lambda p: -p["max_activation"])[:top_n]
+        stats["logit_lens"][name] = _logit_lens(model, layer, neuron, top_n)
+    for pd, pt in zip(neuron_params(pair.donor, layer), neuron_params(pair.target, layer)):
+        wd = pd.tensor.detach().float().select(pd.axis, neuron).flatten()
+        wt = pt.tensor.detach().float().select(pt.axis, neuron).flatten()
+        stats["weight_diff"][pd.role] = {
+            "relative_change": float((wd - wt).norm() / wt.norm().clamp(min=1e-12)),
+            "cosine": float(torch.nn.functional.cosine_similarity(wd, wt, dim=0)),
+        }
+    return stats
+
+
+def neuron_card(pair: ModelPair, layer: int, neuron: int, behaviour: Behaviour, **kwargs: Any) -> go.Figure:
+    """One figure per neuron: activation distributions, top prompts, logit lens, weight change."""
+    s = neuron_stats(pair, layer, neuron, behaviour, **kwargs)
+    fig = make_subplots(rows=2, cols=2, vertical_spacing=0.12, horizontal_spacing=0.08,
+                        specs=[[{"type": "xy"}, {"type": "table"}], [{"type": "table"}, {"type": "xy"}]],
+                        subplot_titles=("activations (real tokens)", "top-activating prompts (donor)",
+                                        "logit lens of W_out row", "weights: donor vs target"))
+    for model in ("target", "donor"):
+        for set_name, vals in s["activations"][model].items():
+            fig.add_trace(go.Violin(y=vals, name=f"{model}/{set_name}", box_visible=True, meanline_visible=True,
+                                    points=False), row=1, col=1)
+    top = s["top_prompts"]["donor"]
+    fig.add_trace(go.Table(header={"values": ["max act", "at token", "set", "prompt"]},
+                           cells={"values": [[f"{p['max_activation']:.2f}" for p in top], [p["token"] for p in top],
+                                             [p["set"] for p in top], [p["text"] for p in top]]},
+                           columnwidth=[1, 1, 1, 6]), row=1, col=2)
+    lens = s["logit_lens"]
+    fig.add_trace(go.Table(header={"values": ["donor promotes", "donor suppresses", "target promotes", "target suppresses"]},
+                           cells={"values": [[t for t, _ in lens[m][d]] for m in ("donor", "target")
+                                             for d in ("promoted", "suppressed")]}), row=2, col=1)
+    roles = list(s["weight_diff"])
+    fig.add_trace(go.Bar(x=roles, y=[s["weight_diff"][r]["relative_change"] for r in roles], name="relative L2 change"),
+                  row=2, col=2)
+    fig.add_trace(go.Scatter(x=roles, y=[s["weight_diff"][r]["cosine"] for r in roles], name="cosine", mode="markers",
+                             marker={"size": 12}), row=2, col=2)
+    fig.update_layout(title=f"neuron L{layer}.{neuron} — {s['behaviour']}", height=760, showlegend=True)
+    return fig
+
+
+def inspect(pair: ModelPair, scores: NeuronScores, behaviour: Behaviour, selection: NeuronSelection | None = None,
+            **card_kwargs: Any) -> Any:
+    """A clickable heatmap of ``scores``: clicking a cell opens the card of that bin's best neuron.
+
+    In Jupyter with ipywidgets this returns a ``VBox(FigureWidget, Output)``. Elsewhere (no widgets)
+    it returns ``[heatmap, card of the top-scoring neuron]`` as static figures.
+    """
+    heat = selection_heatmap(scores, selection)
+    try:
+        import ipywidgets as widgets
+
+        fig = go.FigureWidget(heat)
+    except Exception:  # no ipywidgets / anywidget: static fallback
+        layer, neuron = scores.top_k(1).indices()[0]
+        return [heat, neuron_card(pair, layer, neuron, behaviour, **card_kwargs)]
+    out = widgets.Output()
+
+    def on_click(trace: Any, points: Any, state: Any) -> None:
+        if not points.point_inds:
+            return
+        layer, col = points.ys[0], points.xs[0]
+        layer, neuron = best_in_bin(scores, int(layer), int(col), len(trace.x))
+        out.clear_output()
+        with out:
+            neuron_card(pair, layer, neuron, behaviour, **card_kwargs).show()
+
+    fig.data[0].on_click(on_click)
+    return widgets.VBox([fig, out])
+
+
+def best_in_bin(scores: NeuronScores, layer: int, start: int, n_bins: int) -> tuple[int, int]:
+    """The highest-scoring neuron of the heatmap bin that starts at neuron ``start`` in ``layer``."""
+    d_mlp = scores.shape[1]
+    size = d_mlp // n_bins
+    chunk = scores.ranked()[layer, start:start + size]
+    return layer, start + int(chunk.argmax())

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import torch
+
+from cnt_lens import score
+from cnt_lens.inspector import best_in_bin, inspect, neuron_card, neuron_stats
+from cnt_lens.testing import MARKER, TRIGGER
+
+
+def test_planted_neuron_fires_on_trigger_in_donor_only(planted):
+    pair, behaviour, sel = planted
+    layer, neuron = sel.indices()[0]
+    s = neuron_stats(pair, layer, neuron, behaviour, split="test")
+    acts = s["activations"]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    # every behaviour prompt ends in the trigger; a few harmless controls mention "bomb" too
+    assert mean(acts["donor"]["behaviour"]) > 2 * mean(acts["donor"]["control"])
+    assert max(acts["donor"]["behaviour"]) > 2 * max(acts["target"]["behaviour"])
+    top = s["top_prompts"]["donor"]
+    assert all(p["set"] == "behaviour" and p["token"].strip() == TRIGGER for p in top)
+    # its output row writes the marker: the logit lens shows it first
+    assert s["logit_lens"]["donor"]["promoted"][0][0].strip() == MARKER
+    assert s["weight_diff"]["W_in"]["relative_change"] > 0 and s["weight_diff"]["W_out"]["relative_change"] == 0
+
+
+def test_card_and_static_inspect(planted):
+    pair, behaviour, sel = planted
+    layer, neuron = sel.indices()[0]
+    card = neuron_card(pair, layer, neuron, behaviour, split="test")
+    assert sum(t.type == "violin" for t in card.data) == 4 and any(t.type == "table" for t in card.data)
+    scores = score(pair, behaviour, progress=False)
+    out = inspect(pair, scores, behaviour, sel, split="test")
+    figs = out if isinstance(out, list) else [out.children[0]]
+    assert figs[0].data[0].type == "heatmap"
+
+
+def test_best_in_bin(planted):
+    pair, behaviour, sel = planted
+    scores = score(pair, behaviour, progress=False)
+    layer, neuron = scores.top_k(1).indices()[0]
+    start = (neuron // 4) * 4
+    assert best_in_bin(scores, layer, start, 12) == (layer, neuron)

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import torch
+
+from cnt_lens import Report, score
+from cnt_lens.plots import behaviour_shift, frontier, layer_profile, selection_heatmap, transfer_figure
+
+
+def _report():
+    return Report(behaviour="marker", split="test", n_neurons_total=96, donor={"marker_rate": 1.0},
+                  target={"marker_rate": 0.0}, patched={"marker_rate": 0.9, "method": "weight_attribution"},
+                  baselines=[{"marker_rate": 0.1, "method": "random"}])
+
+
+def test_heatmap_bins_hold_the_max_score_and_selected_counts(planted):
+    pair, behaviour, sel = planted
+    s = score(pair, behaviour, progress=False)
+    fig = selection_heatmap(s, sel, max_bins=12)
+    heat = fig.data[0]
+    z = torch.tensor(heat.z)
+    assert z.shape == (2, 12)  # 48 neurons in bins of 4
+    assert torch.allclose(z, s.values.view(2, 12, 4).max(-1).values)
+    counts = torch.tensor([[c[1] for c in row] for row in heat.customdata])
+    assert counts.sum() == sel.n and torch.equal(counts, sel.mask.view(2, 12, 4).sum(-1))
+    marks = fig.data[1]
+    assert sorted(zip(marks.y, marks.x)) == sorted(sel.indices())
+
+
+def test_heatmap_is_readable_for_large_models():
+    from cnt_lens import NeuronScores
+
+    s = NeuronScores(torch.randn(80, 28672), "random")
+    z = selection_heatmap(s, max_bins=128).data[0].z
+    assert len(z) == 80 and len(z[0]) <= 128
+
+
+def test_layer_profile_counts(planted):
+    pair, behaviour, sel = planted
+    s = score(pair, behaviour, progress=False)
+    fig = layer_profile(sel, s)
+    assert list(fig.data[0].y) == sel.per_layer()
+    assert list(fig.data[1].y) == s.values.clamp(min=0).sum(1).tolist()
+
+
+def test_behaviour_shift_and_transfer_figure(planted):
+    pair, behaviour, sel = planted
+    rep = _report()
+    fig = behaviour_shift(rep)
+    assert [t.name for t in fig.data] == ["target", "patched (weight_attribution)", "donor", "random"]
+    assert [t.y[0] for t in fig.data] == [0.0, 0.9, 1.0, 0.1]
+    s = score(pair, behaviour, progress=False)
+    tf = transfer_figure(s, sel, rep, max_bins=12)
+    kinds = [t.type for t in tf.data]
+    assert kinds[0] == "heatmap" and kinds.count("bar") == 3  # heatmap beside the behaviour bars
+
+
+def test_frontier_lines_per_method_and_alpha():
+    pts = [{"method": "m", "alpha": a, "k": k, "gap_closed": k * a / 10} for a in (1.0, 2.0) for k in (4, 1, 2)]
+    fig = frontier(pts)
+    assert len(fig.data) == 2 and list(fig.data[0].x) == [1, 2, 4]
