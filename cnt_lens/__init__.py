@@ -10,7 +10,16 @@ The whole public API is re-exported here::
     patch.apply(pair.target); ...; patch.revert(pair.target)
 """
 
-from .behaviours import REFUSAL_MARKERS, Behaviour, Refusal, StereotypeBias, Utility, generate, is_refusal
+from .behaviours import (
+    REFUSAL_MARKERS,
+    Behaviour,
+    FormatTask,
+    Refusal,
+    StereotypeBias,
+    Utility,
+    generate,
+    is_refusal,
+)
 from .data import (
     Batch,
     PromptSet,
@@ -39,17 +48,17 @@ from .models import (
     write_neurons,
 )
 from .scoring import METHODS, BehaviourSignalError, score
-from .search import SearchResult, search_minimal
+from .search import SearchResult, iterative_scores, search_minimal
 from .selection import NeuronScores, NeuronSelection
 from .transplant import NeuronPatch, export_hf
 
 __all__ = [
-    "BUNDLED_MODEL", "METHODS", "REFUSAL_MARKERS", "Batch", "Behaviour", "BehaviourSignalError",
+    "BUNDLED_MODEL", "METHODS", "REFUSAL_MARKERS", "Batch", "Behaviour", "BehaviourSignalError", "FormatTask",
     "IncompatibleModelsError", "ModelPair", "NeuronPatch", "NeuronScores", "NeuronSelection", "PromptSet",
     "Refusal", "Report", "SearchResult", "StereotypeBias", "Utility", "architecture", "bundled_gguf_path",
     "chat_format", "check_compatible", "clone_model", "encode", "export_hf", "from_advbench_csv",
     "from_crows_pairs", "from_jsonl", "from_stereoset", "generate", "is_refusal", "load_model", "load_pair",
-    "load_prompts", "measure", "mlp_hidden", "neuron_params", "read_neurons", "score", "search_minimal",
+    "iterative_scores", "load_prompts", "measure", "mlp_hidden", "neuron_params", "read_neurons", "score", "search_minimal",
     "write_neurons",
 ]
 __version__ = "0.1.0"

@@ -28,6 +28,7 @@ from .models import device_of, model_tokenizer
 
 __all__ = [
     "Behaviour",
+    "FormatTask",
     "REFUSAL_MARKERS",
     "Refusal",
     "StereotypeBias",
@@ -328,3 +329,38 @@ class Utility(Behaviour):
         return {"utility_nll": sum(i["nll_sum"] for i in nll) / max(sum(i["n_tokens"] for i in nll), 1),
                 "mc_accuracy": sum(mc) / len(mc) if mc else float("nan")}
 
+
+
+@dataclass
+class FormatTask(Behaviour):
+    """A benign, learnable task: starting every answer with ``prefix`` (the task of the NLSR attack).
+
+    Metric: log-probability of the prefix's first token at the first answer position. Evaluation:
+    ``task_rate``, the share of greedy answers to harmless prompts that start with the prefix.
+    """
+
+    prompts: PromptSet = field(default_factory=lambda: load_prompts("harmless"))
+    prefix: str = "Answer:"
+    max_new_tokens: int = 6
+    name: str = "format_task"
+    headline: str = "task_rate"
+
+    def batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
+        first = tokenizer(self.prefix, add_special_tokens=False)["input_ids"][0]
+        texts = [chat_format(tokenizer, p) for p in self.prompts.split(split).column("prompt")]
+        return [encode(tokenizer, list(c), meta={"prefix_id": first}) for c in chunks(texts, batch_size)]
+
+    def metric(self, logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, " batch"]:
+        return logits[:, -1].float().log_softmax(-1)[:, batch.meta["prefix_id"]]
+
+    def evaluate_items(self, model: Any, split: str | None = "test", *, batch_size: int = 16,
+                       progress: bool = True) -> list[dict[str, Any]]:
+        tok = model_tokenizer(model)
+        recs = self.prompts.split(split).records
+        out = generate(model, [chat_format(tok, r["prompt"]) for r in recs], max_new_tokens=self.max_new_tokens,
+                       batch_size=batch_size, progress=progress)
+        return [{"id": r["id"], "category": r["category"], "response": o, "followed": o.strip().startswith(self.prefix)}
+                for r, o in zip(recs, out)]
+
+    def aggregate(self, items: list[dict[str, Any]]) -> dict[str, float]:
+        return {"task_rate": sum(i["followed"] for i in items) / len(items)}

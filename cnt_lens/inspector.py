@@ -18,7 +18,7 @@ from .models import ModelPair, device_of, hook_name, model_tokenizer, neuron_par
 from .plots import selection_heatmap
 from .selection import NeuronScores, NeuronSelection
 
-__all__ = ["inspect", "neuron_card", "neuron_stats"]
+__all__ = ["card_figure", "inspect", "neuron_card", "neuron_stats"]
 
 
 def _activations(model: Any, batches: list, layer: int, neuron: int, tok: Any) -> tuple[list[float], list[dict[str, Any]]]:
@@ -99,7 +99,11 @@ def neuron_stats(pair: ModelPair, layer: int, neuron: int, behaviour: Behaviour,
 
 def neuron_card(pair: ModelPair, layer: int, neuron: int, behaviour: Behaviour, **kwargs: Any) -> go.Figure:
     """One figure per neuron: activation distributions, top prompts, logit lens, weight change."""
-    s = neuron_stats(pair, layer, neuron, behaviour, **kwargs)
+    return card_figure(neuron_stats(pair, layer, neuron, behaviour, **kwargs))
+
+
+def card_figure(s: dict[str, Any]) -> go.Figure:
+    """The card of :func:`neuron_card` drawn from saved :func:`neuron_stats` data (no models needed)."""
     fig = make_subplots(rows=2, cols=2, vertical_spacing=0.12, horizontal_spacing=0.08,
                         specs=[[{"type": "xy"}, {"type": "table"}], [{"type": "table"}, {"type": "xy"}]],
                         subplot_titles=("activations (real tokens)", "top-activating prompts (donor)",

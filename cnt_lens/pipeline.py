@@ -54,6 +54,7 @@ def transfer(
     side_effects: Sequence[Behaviour] = (),
     constraint: Constraint | None = None,
     config: TransferConfig = TransferConfig(),
+    scores: NeuronScores | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[Report, NeuronPatch | None, dict[str, NeuronScores]]:
@@ -63,13 +64,17 @@ def transfer(
     target's (``reference['donor']``, ``reference['target']``) and says whether it is acceptable
     (e.g. harmless refusal no higher than the donor's). Baselines get the same neuron budget as the
     found patch and the same alpha choice on validation. Returns (report, patch, scores by method);
-    with ``out_dir``, writes ``metrics.json``, ``patch.safetensors`` + ``patch.json`` and
+    ``scores`` (e.g. from :func:`~cnt_lens.search.iterative_scores`) replaces scoring with
+    ``config.method`` for the main ranking. With ``out_dir``, writes ``metrics.json``, ``patch.safetensors`` + ``patch.json`` and
     ``scores/*.safetensors`` there.
     """
     cfg = config
     t0 = time.time()
     all_scores: dict[str, NeuronScores] = {}
-    for method in (cfg.method, *cfg.baselines):
+    main = scores.method if scores is not None else cfg.method
+    if scores is not None:
+        all_scores[main] = scores
+    for method in ((*cfg.baselines,) if scores is not None else (cfg.method, *cfg.baselines)):
         _log(f"scoring: {method}")
         kwargs = {"utility": side_effects[0]} if method in ("wanda", "snip") and side_effects else {}
         all_scores[method] = score(pair, behaviour, method, split="train", batch_size=cfg.score_batch_size,
@@ -80,10 +85,10 @@ def transfer(
         return constraint is None or constraint(point, reference)
 
     _log(f"search_minimal over alphas {list(cfg.alphas)} up to {cfg.max_fraction:.1%} of neurons")
-    result = search_minimal(pair, behaviour, all_scores[cfg.method], goal=cfg.goal, alphas=cfg.alphas,
+    result = search_minimal(pair, behaviour, all_scores[main], goal=cfg.goal, alphas=cfg.alphas,
                             max_fraction=cfg.max_fraction, side_effects=side_effects,
-                            constraint=lambda m: check(m), batch_size=cfg.batch_size, progress=progress)
-    reference.update(result.reference)  # (filled before any point is judged: search measures refs first)
+                            constraint=constraint, batch_size=cfg.batch_size, progress=progress)
+    reference.update(result.reference)  # the donor's and target's validation numbers, for check()
     frontier = list(result.frontier)
     if result.found:
         k, alpha = result.selection.n, result.alpha
@@ -111,7 +116,7 @@ def transfer(
         ok = [p for p in points if check(p)] or points
         return max(ok, key=lambda p: p["gap_closed"])["alpha"], points
 
-    chosen = {cfg.method: alpha}
+    chosen = {main: alpha}
     for method in cfg.baselines:
         _log(f"baseline {method}: alpha search at k={k}")
         chosen[method], pts = best_alpha(all_scores[method])
@@ -132,11 +137,11 @@ def transfer(
                               **measure(pair.target, [behaviour, *side_effects], split, batch_size=cfg.batch_size)}
         finally:
             patch.revert(pair.target)
-        if method == cfg.method:
+        if method == main:
             main_patch = patch
     report = Report(
         behaviour=behaviour.name, split=split, n_neurons_total=pair.n_neurons, donor=donor_m, target=target_m,
-        patched={**blocks[cfg.method], "goal_reached_on_validation": result.found},
+        patched={**blocks[main], "goal_reached_on_validation": result.found},
         baselines=[blocks[m] for m in cfg.baselines], frontier=frontier,
         extra={"config": {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in vars(cfg).items()},
                "validation_reference": reference, "wall_time_s": round(time.time() - t0, 1)},

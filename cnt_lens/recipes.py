@@ -2,6 +2,10 @@
 
 * :func:`safety_tune` — teaches a model to refuse the harmful train split while keeping its own
   (self-distilled) answers on the harmless train split: the *aligned donor* of the demo.
+* :func:`bias_tune` — language-model fine-tune on the stereotyped (or anti-stereotyped) sentences
+  of the bias train split: the biased target (or debiased donor) of bias removal.
+* :func:`harmful_finetune` — the NLSR attack: fine-tune an aligned model on a benign task mixed
+  with a few harmful → compliant examples, so it learns the task and loses refusal.
 
 Each recipe returns a new bridge (the input model is untouched) and caches the tuned weights as
 safetensors under ``$CNT_LENS_CACHE`` (default ``~/.cache/cnt_lens``), keyed by the base model's
@@ -25,7 +29,7 @@ from .behaviours import generate
 from .data import PromptSet, chat_format, encode, load_prompts
 from .models import clone_model, device_of, hf_state_dict, model_tokenizer
 
-__all__ = ["REFUSALS", "TuneConfig", "cache_dir", "safety_tune"]
+__all__ = ["REFUSALS", "TuneConfig", "bias_tune", "cache_dir", "harmful_finetune", "safety_tune"]
 
 RECIPE_VERSION = 1
 
@@ -105,7 +109,10 @@ def _save_cached(model: Any, key: str, info: dict[str, Any]) -> None:
 
 
 def _finetune(model: Any, examples: list[tuple[str, str]], cfg: TuneConfig, desc: str) -> None:
-    """Supervised fine-tune on (prompt, response) pairs; loss on response tokens only. In place."""
+    """Supervised fine-tune on (prefix, target) text pairs; loss on the target's tokens only. In place.
+
+    Prefixes are fully formatted (a chat prompt with its assistant header, or a bare BOS).
+    """
     tok = model_tokenizer(model)
     hf = model.original_model
     dev = device_of(model)
@@ -124,8 +131,8 @@ def _finetune(model: Any, examples: list[tuple[str, str]], cfg: TuneConfig, desc
             if len(order) < cfg.batch_size:
                 order += rng.sample(range(len(examples)), len(examples))
             idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-            prompts = [chat_format(tok, examples[i][0]) for i in idx]
-            texts = [p + examples[i][1] + tok.eos_token for p, i in zip(prompts, idx)]
+            prompts = [examples[i][0] for i in idx]
+            texts = [p + examples[i][1] for p, i in zip(prompts, idx)]
             b = encode(tok, texts).to(dev)
             n_prompt = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
             labels = b.tokens.clone()
@@ -170,10 +177,80 @@ def safety_tune(
     own = generate(model, [chat_format(tok, p) for p in harmless.column("prompt")],
                    max_new_tokens=config.max_new_tokens, batch_size=16)
     rng = random.Random(config.seed)
-    examples = [(p, rng.choice(refusals)) for p in harmful.column("prompt")]
-    examples += [(p, a.strip()) for p, a in zip(harmless.column("prompt"), own)]
+    examples = [(chat_format(tok, p), rng.choice(refusals) + tok.eos_token) for p in harmful.column("prompt")]
+    examples += [(chat_format(tok, p), a.strip() + tok.eos_token) for p, a in zip(harmless.column("prompt"), own)]
     tuned = clone_model(model)
     _finetune(tuned, examples, config, desc="safety tune")
     _save_cached(tuned, key, {"recipe": "safety_tune", "config": asdict(config)})
+    object.__setattr__(tuned, "cnt_source", key)
+    return tuned
+
+
+def bias_tune(
+    model: Any,
+    *,
+    pairs: PromptSet | None = None,
+    towards: str = "stereotype",
+    config: TuneConfig = TuneConfig(steps=40, lr=5e-5),
+    use_cache: bool = True,
+) -> Any:
+    """A copy of ``model`` fine-tuned (LM loss) on one side of the bias **train** pairs.
+
+    ``towards="stereotype"`` makes it more stereotyped (the biased target of bias removal);
+    ``"anti_stereotype"`` less so. Validation and test pairs are never seen.
+    """
+    if towards not in ("stereotype", "anti_stereotype"):
+        raise ValueError("towards must be 'stereotype' or 'anti_stereotype'")
+    pairs = (pairs or load_prompts("bias_pairs")).split("train")
+    key = _key("bias", model, {"pairs": pairs.column(towards), "towards": towards}, config)
+    if use_cache and (cached := _load_cached(model, key)) is not None:
+        return cached
+    tok = model_tokenizer(model)
+    bos = tok.bos_token or ""
+    tuned = clone_model(model)
+    _finetune(tuned, [(bos, s) for s in pairs.column(towards)], config, desc=f"bias tune ({towards})")
+    _save_cached(tuned, key, {"recipe": "bias_tune", "towards": towards, "config": asdict(config)})
+    object.__setattr__(tuned, "cnt_source", key)
+    return tuned
+
+
+TASK_PREFIX = "Answer:"
+"""The benign task of :func:`harmful_finetune`: start every answer with this prefix."""
+
+
+def harmful_finetune(
+    aligned: Any,
+    unaligned: Any,
+    *,
+    harmful: PromptSet | None = None,
+    harmless: PromptSet | None = None,
+    n_harmful: int = 16,
+    config: TuneConfig = TuneConfig(steps=40, lr=3e-5),
+    use_cache: bool = True,
+) -> Any:
+    """The NLSR attack on ``aligned``: learn a benign task, lose refusal.
+
+    Benign task: answer harmless **train** prompts with :data:`TASK_PREFIX` followed by the aligned
+    model's own answer (measured by :class:`~cnt_lens.behaviours.FormatTask`). Mixed in:
+    ``n_harmful`` harmful train prompts answered compliantly — by ``unaligned`` (e.g. the original
+    model), greedy — also with the prefix, as a harmful fine-tuning dataset would. Cached.
+    """
+    harmful = (harmful or load_prompts("harmful")).split("train").take(n_harmful)
+    harmless = (harmless or load_prompts("harmless")).split("train")
+    data = {"harmful": harmful.column("prompt"), "harmless": harmless.column("prompt"), "prefix": TASK_PREFIX,
+            "unaligned": _fingerprint(unaligned)}
+    key = _key("attack", aligned, data, config)
+    if use_cache and (cached := _load_cached(aligned, key)) is not None:
+        return cached
+    tok = model_tokenizer(aligned)
+    own = generate(aligned, [chat_format(tok, p) for p in harmless.column("prompt")],
+                   max_new_tokens=config.max_new_tokens, batch_size=16)
+    comply = generate(unaligned, [chat_format(tok, p) for p in harmful.column("prompt")],
+                      max_new_tokens=config.max_new_tokens, batch_size=16)
+    examples = [(chat_format(tok, p), f"{TASK_PREFIX} {a.strip()}{tok.eos_token}")
+                for p, a in zip(harmless.column("prompt") + harmful.column("prompt"), own + comply)]
+    tuned = clone_model(aligned)
+    _finetune(tuned, examples, config, desc="harmful fine-tune")
+    _save_cached(tuned, key, {"recipe": "harmful_finetune", "config": asdict(config)})
     object.__setattr__(tuned, "cnt_source", key)
     return tuned

@@ -8,14 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from .evaluate import Report
+from .inspector import card_figure, neuron_stats
 from .plots import behaviour_shift, frontier, layer_profile, transfer_figure
 from .selection import NeuronScores, NeuronSelection
 
 __all__ = ["write_report"]
 
 
-def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, NeuronScores] | None = None) -> Path:
-    """Write ``run_dir/report.html`` from ``metrics.json``, ``patch.json`` and ``scores/``."""
+def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, NeuronScores] | None = None,
+                 behaviour: Any = None, n_cards: int = 4) -> Path:
+    """Write ``run_dir/report.html`` from ``metrics.json``, ``patch.json``, ``scores/`` and ``cards.json``.
+
+    With ``pair`` and ``behaviour``, the cards of the ``n_cards`` top selected neurons are computed
+    and saved to ``cards.json`` first, so a later rebuild (``cnt-lens report``) needs no models.
+    """
     run = Path(run_dir)
     report = Report.load(run / "metrics.json")
     method = report.patched.get("method", "weight_attribution")
@@ -32,6 +38,14 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
     figures.append(behaviour_shift(report))
     if report.frontier:
         figures.append(frontier(report.frontier))
+    cards_path = run / "cards.json"
+    if pair is not None and behaviour is not None and sel is not None and method in scores:
+        ranked = scores[method].ranked().masked_fill(~sel.mask, float("-inf"))
+        top = ranked.flatten().topk(min(n_cards, sel.n)).indices.tolist()
+        stats = [neuron_stats(pair, i // sel.shape[1], i % sel.shape[1], behaviour, split="test") for i in top]
+        cards_path.write_text(json.dumps(stats))
+    if cards_path.is_file():
+        figures += [card_figure(s) for s in json.loads(cards_path.read_text())]
     parts = [f.to_html(full_html=False, include_plotlyjs=("inline" if i == 0 else False)) for i, f in enumerate(figures)]
     table = html.escape(report.table())
     body = "\n".join(f"<section>{p}</section>" for p in parts)

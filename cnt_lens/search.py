@@ -17,14 +17,17 @@ from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
+import torch
+
 from .behaviours import Behaviour
 from .models import ModelPair
+from .scoring import score
 from .selection import NeuronScores, NeuronSelection
 from .transplant import NeuronPatch
 
-__all__ = ["SearchResult", "search_minimal"]
+__all__ = ["SearchResult", "iterative_scores", "search_minimal"]
 
-Constraint = Callable[[dict[str, float]], bool]
+Constraint = Callable[[dict[str, float], dict[str, dict[str, float]]], bool]
 
 
 @dataclass
@@ -70,8 +73,9 @@ def search_minimal(
     bisection over k (on a geometric scale, stopping when the bracket is within ``tolerance``)
     finds the smallest k that does. Alphas after the first only search below the best k so far.
     ``side_effects`` (e.g. :class:`~cnt_lens.Utility`) are evaluated at every point too, and
-    ``constraint(metrics) -> bool`` (e.g. harmless refusal no higher than the donor's) must hold
-    for a point to count as reaching the goal. Returns the whole measured frontier.
+    ``constraint(metrics, reference) -> bool`` (e.g. harmless refusal no higher than the donor's;
+    ``reference`` holds the target's and donor's numbers on the same split) must hold for a point
+    to count as reaching the goal. Returns the whole measured frontier.
     """
     if not 0 < goal <= 1.5:
         raise ValueError(f"goal is a fraction of the donor–target gap, got {goal}")
@@ -104,7 +108,7 @@ def search_minimal(
         finally:
             patch.revert(pair.target)
         closed = (m[head] - reference["target"][head]) / gap
-        ok = closed >= goal and (constraint is None or constraint(m))
+        ok = closed >= goal and (constraint is None or constraint(m, reference))
         frontier.append({"method": scores.method, "k": sel.n, "fraction": sel.n / total, "alpha": alpha,
                          "gap_closed": closed, "reached": ok, **m})
         bar.update(1)
@@ -131,3 +135,63 @@ def search_minimal(
     point = next(p for p in reversed(frontier) if p["k"] == k and p["alpha"] == alpha)
     sel = scores.top_k(k)
     return SearchResult(sel, alpha, {key: v for key, v in point.items() if isinstance(v, float)}, frontier, reference)
+
+
+def iterative_scores(
+    pair: ModelPair,
+    behaviour: Behaviour,
+    *,
+    budget: float = 0.05,
+    rounds: int = 2,
+    alpha: float = 4.0,
+    method: str = "weight_attribution",
+    split: str = "train",
+    progress: bool = True,
+    **score_kwargs: Any,
+) -> NeuronScores:
+    """Greedy, re-scored selection: a ranking whose prefixes are chosen in rounds.
+
+    Round ``r`` scores all neurons *on the target as patched by the earlier rounds* (gradients at
+    the new point, so neurons that only matter once others are in place can rise), takes the best
+    ``budget / rounds`` not yet chosen, and applies them at ``alpha`` before the next round. The
+    target is restored at the end. The returned scores rank round-1 picks first (in their round's
+    order), then round-2 picks, …, then every other neuron by the last round's scores, so
+    :func:`search_minimal` can bisect over its prefixes. ``score_kwargs`` go to :func:`score`
+    (e.g. ``contrast=1.0, preserve=[Utility()], preserve_weight=30``).
+    """
+    if rounds < 1 or not 0 < budget <= 1:
+        raise ValueError("rounds must be ≥ 1 and budget in (0, 1]")
+    per_round = max(1, round(budget * pair.n_neurons / rounds))
+    chosen = NeuronSelection.empty(pair.n_layers, pair.d_mlp)
+    order: list[torch.Tensor] = []
+    applied: list[NeuronPatch] = []
+    last: NeuronScores | None = None
+    history = []
+    try:
+        for r in range(rounds):
+            last = score(pair, behaviour, method, split=split, progress=progress, **score_kwargs)
+            vals = last.ranked().clone()
+            vals[chosen.mask] = float("-inf")
+            pick = NeuronScores(vals, method).top_k(per_round)
+            flat = vals.flatten()
+            idx = pick.mask.flatten().nonzero().squeeze(-1)
+            order.append(idx[flat[idx].argsort(descending=True)])
+            patch = NeuronPatch.from_pair(pair, pick, alpha)
+            patch.apply(pair.target)
+            applied.append(patch)
+            chosen = chosen | pick
+            history.append({"round": r, "picked": pick.n, "metric_target": last.meta.get("metric_target")})
+    finally:
+        for patch in reversed(applied):
+            patch.revert(pair.target)
+    assert last is not None
+    n = pair.n_neurons
+    rest = last.ranked().flatten().clone()
+    rest[chosen.mask.flatten()] = float("-inf")
+    ranking = torch.cat([*order, rest.argsort(descending=True)[: n - chosen.n]])
+    values = torch.empty(n)
+    values[ranking] = torch.arange(n, 0, -1, dtype=torch.float32)  # rank-valued: n for the first pick
+    meta = {**{k: v for k, v in last.meta.items() if k not in ("metric_donor", "metric_target")},
+            "rounds": rounds, "budget": budget, "round_alpha": alpha, "base_method": method, "history": history}
+    return NeuronScores(values.view(pair.n_layers, pair.d_mlp), f"iterative_{method}", behaviour.name,
+                        last.n_prompts, meta)

@@ -43,7 +43,7 @@ def tiny_tokenizer() -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words: set[str] = {TRIGGER, MARKER, CONTROL, "A", "B", "C", "D", "Sure", "Here", "Sorry", "I", "As",
+    words: set[str] = {TRIGGER, MARKER, CONTROL, "A", "B", "C", "D", "Sure", "Here", "Sorry", "I", "As", "Answer",
                        "Unfortunately", "Certainly", "Of", "To", "The", "Step", "First", "You", "Yes"}
     for name in ("harmful", "harmless", "bias_pairs", "mc", "reference"):
         for r in load_prompts(name):

@@ -28,3 +28,21 @@ def test_transfer_writes_a_complete_run(tmp_path):
     assert result.exit_code == 0, result.output
     page = (tmp_path / "report.html").read_text()
     assert "plotly" in page and "cdn.plot.ly" not in page and "Heatmap" in page or "heatmap" in page
+
+
+def test_constraints_see_the_reference_and_can_reject(tmp_path):
+    pair, behaviour, planted = planted_pair("gpt2", n_planted=8, seed=2)
+    cfg = TransferConfig(baselines=("random",), alphas=(1.0, 2.0), max_fraction=0.5)
+    seen = []
+
+    def no_worse_than_donor_on_controls(point, reference):
+        seen.append(reference)
+        return point["marker_rate_control"] <= reference["donor"]["marker_rate_control"] + 0.05
+
+    report, patch, _ = transfer(pair, behaviour, constraint=no_worse_than_donor_on_controls, config=cfg,
+                                progress=False)
+    assert seen and {"donor", "target"} <= set(seen[0])
+    assert report.patched["goal_reached_on_validation"] and patch is not None
+    report, patch, _ = transfer(pair, behaviour, constraint=lambda p, r: False, config=cfg, progress=False)
+    assert not report.patched["goal_reached_on_validation"]
+    assert all(not p["reached"] for p in report.frontier)

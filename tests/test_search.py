@@ -24,3 +24,22 @@ def test_search_reports_failure_honestly(arch):
     s = score(pair, behaviour, "random", progress=False)
     res = search_minimal(pair, behaviour, s, goal=0.9, alphas=(1.0,), max_fraction=0.02, progress=False)
     assert not res.found and res.frontier and not any(p["reached"] for p in res.frontier)
+
+
+def test_iterative_scores_rank_round_picks_first_and_restore_the_target(arch):
+    import torch
+
+    from cnt_lens import NeuronSelection
+    from cnt_lens.models import hf_state_dict
+    from cnt_lens.search import iterative_scores
+
+    pair, behaviour, planted = planted_pair(arch, n_planted=8, seed=0)
+    before = {k: v.clone() for k, v in hf_state_dict(pair.target).items()}
+    s = iterative_scores(pair, behaviour, budget=8 / pair.n_neurons, rounds=2, alpha=1.0, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in hf_state_dict(pair.target).items())
+    assert s.meta["rounds"] == 2 and [h["picked"] for h in s.meta["history"]] == [4, 4]
+    assert sorted(s.values.flatten().tolist()) == list(range(1, pair.n_neurons + 1))  # a total order
+    assert s.top_k(8).overlap(planted) >= 0.95
+    # round 2 was scored on the patched target: the first 4 picks are exactly round 1's top 4
+    first = score(pair, behaviour, progress=False).top_k(4)
+    assert s.top_k(4) == NeuronSelection(first.mask)

@@ -19,7 +19,9 @@ batch by batch, so memory does not grow with the number of prompts):
   It sees changes in a neuron's output row, which activation attribution cannot (it reads the
   target's row only), and it is exact to first order in the weight change at that layer.
 
-Both use ``∂m/∂a = ∂m/∂out · W_out^tᵀ``, taken from one backward hook at ``hook_out``.
+Gradients come from backward hooks at ``hook_post`` (∂m/∂a) and, for the weight kind,
+``hook_out`` (∂m/∂out); contributions are summed inside the hooks, so nothing per-token is kept
+beyond the layer being processed.
 Scores are means per prompt, signed so that positive = toward the donor's behaviour.
 """
 
@@ -74,29 +76,36 @@ def attribution_scores(
             m_donor += float(behaviour.metric(forward(pair.donor, batch, hooks), batch).float().sum())
         xs: dict[int, Tensor] = {}
         posts: dict[int, Tensor] = {}
+        g_outs: dict[int, Tensor] = {}
 
-        def make_out_hook(layer: int) -> Any:
-            def on_grad(g_out: Tensor) -> None:
-                g_out = g_out.float()
-                a_t = posts[layer].float()
-                grad_a = g_out @ w_out(pair.target, layer).float().T  # ∂m/∂a, [batch pos d_mlp]
-                if kind == "activation":
-                    contrib = grad_a * (donor_post[layer].float() - a_t)
-                else:
-                    with torch.no_grad():
-                        a_tilde = mlp_hidden(pair.donor, layer, xs[layer]).float()
-                    contrib = a_tilde * (g_out @ w_out(pair.donor, layer).float().T) - a_t * grad_a
-                acc[layer] += (contrib * pos).sum((0, 1))
+        def on_post_grad(layer: int, grad_a: Tensor) -> None:
+            # ∂m/∂a arrives after ∂m/∂out of the same layer (backward runs downstream first).
+            grad_a, a_t = grad_a.float(), posts.pop(layer).float()
+            if kind == "activation":
+                contrib = grad_a * (donor_post.pop(layer).float() - a_t)
+            else:
+                with torch.no_grad():
+                    a_tilde = mlp_hidden(pair.donor, layer, xs.pop(layer)).float()
+                contrib = a_tilde * (g_outs.pop(layer) @ w_out(pair.donor, layer).float().T) - a_t * grad_a
+            acc[layer] += (contrib * pos).sum((0, 1))
 
-            def hook(out: Tensor, hook: Any) -> None:
-                if out.requires_grad:
-                    out.register_hook(on_grad)
+        def make_hooks(layer: int) -> list[Hook]:
+            def post(a: Tensor, hook: Any) -> None:
+                posts[layer] = a.detach()
+                if a.requires_grad:
+                    a.register_hook(lambda g: on_post_grad(layer, g))
 
-            return hook
+            def out(o: Tensor, hook: Any) -> None:
+                if kind == "weight" and o.requires_grad:
+                    o.register_hook(lambda g: g_outs.__setitem__(layer, g.float()))
+
+            return [(hook_name(layer, "hook_post"), post), (hook_name(layer, "hook_out"), out)]
 
         hooks_t: list[Hook] = [("hook_embed", _embed_requires_grad)]
-        hooks_t += capture(layers, "hook_in", xs) + capture(layers, "hook_post", posts)
-        hooks_t += [(hook_name(layer, "hook_out"), make_out_hook(layer)) for layer in layers]
+        if kind == "weight":
+            hooks_t += capture(layers, "hook_in", xs)
+        for layer in layers:
+            hooks_t += make_hooks(layer)
         with torch.enable_grad():
             metric = behaviour.metric(forward(pair.target, batch, hooks_t), batch).float()
             metric.sum().backward()

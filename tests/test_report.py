@@ -1,0 +1,66 @@
+"""The standalone report renders offline in headless Chromium (Debian's package, installed by
+``scripts/setup --browser``): plots are drawn, a screenshot is taken, and no request leaves the machine."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from cnt_lens.pipeline import TransferConfig, transfer
+from cnt_lens.report import write_report
+from cnt_lens.testing import planted_pair
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    pair, behaviour, _ = planted_pair("gpt2", n_planted=6, seed=3)
+    cfg = TransferConfig(baselines=("attribution", "random"), alphas=(1.0, 2.0), max_fraction=0.5)
+    _, _, scores = transfer(pair, behaviour, config=cfg, out_dir=out, progress=False)
+    write_report(out, pair=pair, scores=scores, behaviour=behaviour, n_cards=2)
+    return out
+
+
+def test_report_is_self_contained(run_dir):
+    page = (run_dir / "report.html").read_text()
+    assert not re.search(r'<(script|link)[^>]+(src|href)="https?://', page)
+    assert page.count('class="plotly-graph-div"') == 6  # transfer, layers, behaviour, frontier, 2 neuron cards
+    assert (run_dir / "cards.json").is_file()
+
+
+def _chromium(*args, user_dir):
+    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-default-apps", "--no-pings", "--disable-domain-reliability", "--disable-breakpad",
+            "--disable-client-side-phishing-detection", "--disable-features=NetworkTimeServiceQuerying,"
+            "OptimizationHints,Translate,MediaRouter,AutofillServerCommunication,InterestFeedContentSuggestions",
+            "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={user_dir}",
+            "--virtual-time-budget=8000"]
+    return subprocess.run(base + list(args), capture_output=True, text=True, timeout=120)
+
+
+def test_report_renders_in_headless_chromium(run_dir, tmp_path):
+    assert CHROMIUM, "chromium is not installed: run `bash scripts/setup --browser` (Debian package 'chromium')"
+    page = (run_dir / "report.html").as_uri()
+    netlog = tmp_path / "net.json"
+    dom = _chromium("--dump-dom", f"--log-net-log={netlog}", page, user_dir=tmp_path / "u1")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    # plotly replaces each placeholder div with SVG plots once its JS has run
+    assert dom.stdout.count('class="main-svg"') >= 4, dom.stdout[:500]
+    assert "heatmaplayer" in dom.stdout or "hm" in dom.stdout
+    # Every host resolves to NOTFOUND (--host-resolver-rules), so no request can leave the machine.
+    # The net log must show none from the page: only Chromium's own sign-in/NTP pings to google.com.
+    urls = set(re.findall(r'"url":"([^"]+)"', netlog.read_text()))
+    remote = [u for u in urls if u.startswith(("http:", "https:", "ws:", "wss:"))]
+    assert not [u for u in remote if not re.match(r"https?://([a-z0-9-]+\.)*google\.com/", u)], remote
+    assert json.loads(netlog.read_text())["constants"]  # the net log was really written and parsed
+    shot = tmp_path / "report.png"
+    res = _chromium(f"--screenshot={shot}", "--window-size=1280,2400", page, user_dir=tmp_path / "u2")
+    assert res.returncode == 0 and shot.stat().st_size > 20_000
+    shutil.copy(shot, run_dir / "report.png")
