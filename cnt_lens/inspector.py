@@ -21,9 +21,12 @@ from .selection import NeuronScores, NeuronSelection
 __all__ = ["card_figure", "inspect", "neuron_card", "neuron_stats"]
 
 
-def _activations(model: Any, batches: list, layer: int, neuron: int, tok: Any) -> tuple[list[float], list[dict[str, Any]]]:
-    """All real-token activations of one neuron, and per prompt its max activation and that token."""
+def _activations(model: Any, batches: list, layer: int, neuron: int,
+                 tok: Any) -> tuple[list[float], list[float], list[dict[str, Any]]]:
+    """One neuron's activations: all real tokens, the last token of each prompt, and per prompt its
+    max activation with the token where it peaks."""
     values: list[float] = []
+    last: list[float] = []
     per_prompt: list[dict[str, Any]] = []
     for b in batches:
         b = b.to(device_of(model))
@@ -34,6 +37,7 @@ def _activations(model: Any, batches: list, layer: int, neuron: int, tok: Any) -
                                  **b.model_kwargs())
         a, mask = store["a"].float().cpu(), b.attention_mask.bool().cpu()
         values += a[mask].tolist()
+        last += a[:, -1].tolist()  # left padding: the last column is every prompt's last token
         masked = a.masked_fill(~mask, float("-inf"))
         best = masked.argmax(-1)
         for row in range(a.shape[0]):
@@ -41,7 +45,7 @@ def _activations(model: Any, batches: list, layer: int, neuron: int, tok: Any) -
             per_prompt.append({"text": tok.decode(ids, skip_special_tokens=True)[-160:],
                                "token": tok.decode([int(b.tokens[row, best[row]])]),
                                "max_activation": float(masked[row, best[row]])})
-    return values, per_prompt
+    return values, last, per_prompt
 
 
 def _logit_lens(model: Any, layer: int, neuron: int, k: int) -> dict[str, list[tuple[str, float]]]:
@@ -64,7 +68,8 @@ def neuron_stats(pair: ModelPair, layer: int, neuron: int, behaviour: Behaviour,
     """Everything :func:`neuron_card` shows, as data.
 
     Keys: ``activations[model][set]`` (real-token activation lists, ``model`` ∈ donor/target,
-    ``set`` ∈ behaviour/control), ``top_prompts[model]`` (prompts with the highest max activation,
+    ``set`` ∈ behaviour/control), ``last_token[model][set]`` (activation at each prompt's last
+    token, where the answer starts), ``top_prompts[model]`` (prompts with the highest max activation,
     and the token where it peaks), ``logit_lens[model]`` (promoted / suppressed tokens), and
     ``weight_diff[role]`` (relative L2 change and cosine between donor and target weights).
     """
@@ -77,13 +82,15 @@ def neuron_stats(pair: ModelPair, layer: int, neuron: int, behaviour: Behaviour,
     except NotImplementedError:
         pass
     stats: dict[str, Any] = {"layer": layer, "neuron": neuron, "behaviour": behaviour.name,
-                             "activations": {}, "top_prompts": {}, "logit_lens": {}, "weight_diff": {}}
+                             "activations": {}, "last_token": {}, "top_prompts": {}, "logit_lens": {},
+                             "weight_diff": {}}
     for name, model in (("donor", pair.donor), ("target", pair.target)):
-        stats["activations"][name] = {}
+        stats["activations"][name], stats["last_token"][name] = {}, {}
         prompts: list[dict[str, Any]] = []
         for set_name, batches in sets.items():
-            vals, per_prompt = _activations(model, batches, layer, neuron, tok)
+            vals, last, per_prompt = _activations(model, batches, layer, neuron, tok)
             stats["activations"][name][set_name] = vals
+            stats["last_token"][name][set_name] = last
             prompts += [{**p, "set": set_name} for p in per_prompt]
         stats["top_prompts"][name] = sorted(prompts, key=lambda p: -p["max_activation"])[:top_n]
         stats["logit_lens"][name] = _logit_lens(model, layer, neuron, top_n)
@@ -126,7 +133,7 @@ def card_figure(s: dict[str, Any]) -> go.Figure:
                   row=2, col=2)
     fig.add_trace(go.Scatter(x=roles, y=[s["weight_diff"][r]["cosine"] for r in roles], name="cosine", mode="markers",
                              marker={"size": 12}), row=2, col=2)
-    fig.update_layout(title=f"neuron L{layer}.{neuron} — {s['behaviour']}", height=760, showlegend=True)
+    fig.update_layout(title=f"neuron L{s['layer']}.{s['neuron']} — {s['behaviour']}", height=760, showlegend=True)
     return fig
 
 

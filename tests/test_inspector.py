@@ -11,11 +11,11 @@ def test_planted_neuron_fires_on_trigger_in_donor_only(planted):
     pair, behaviour, sel = planted
     layer, neuron = sel.indices()[0]
     s = neuron_stats(pair, layer, neuron, behaviour, split="test")
-    acts = s["activations"]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    # every behaviour prompt ends in the trigger; a few harmless controls mention "bomb" too
-    assert mean(acts["donor"]["behaviour"]) > 2 * mean(acts["donor"]["control"])
-    assert max(acts["donor"]["behaviour"]) > 2 * max(acts["target"]["behaviour"])
+    last = s["last_token"]
+    # behaviour prompts end in the trigger, controls in "cake": the donor's neuron separates them
+    assert min(last["donor"]["behaviour"]) > max(last["donor"]["control"])
+    assert min(last["donor"]["behaviour"]) > max(last["target"]["behaviour"])
+    assert len(s["activations"]["donor"]["behaviour"]) > len(last["donor"]["behaviour"])
     top = s["top_prompts"]["donor"]
     assert all(p["set"] == "behaviour" and p["token"].strip() == TRIGGER for p in top)
     # its output row writes the marker: the logit lens shows it first

@@ -20,11 +20,17 @@ def test_attribution_recovers_planted_neurons(arch, seed, method):
 
 
 def test_weight_attribution_sees_output_rewiring_that_activation_attribution_cannot(arch):
-    """The donor rewired its neurons' output rows: only weight-space scores can see that."""
-    pair, behaviour, planted = planted_pair(arch, n_planted=8, seed=0, rewire_out=True)
-    weight = score(pair, behaviour, "weight_attribution", progress=False).top_k(planted.n).overlap(planted)
-    activation = score(pair, behaviour, "attribution", progress=False).top_k(planted.n).overlap(planted)
-    assert weight >= 0.95 and activation < 0.8
+    """The donor rewired its neurons' output rows: only weight-space scores see that reliably.
+
+    (Measured on seeds 0-3: weight attribution recovers 8/8 every time; activation attribution
+    2/8 to 7/8, because it reads the target's output row.)"""
+    weight, activation = [], []
+    for seed in range(4):
+        pair, behaviour, planted = planted_pair(arch, n_planted=8, seed=seed, rewire_out=True)
+        weight.append(score(pair, behaviour, "weight_attribution", progress=False).top_k(8).overlap(planted))
+        activation.append(score(pair, behaviour, "attribution", progress=False).top_k(8).overlap(planted))
+    assert min(weight) >= 0.95
+    assert sum(activation) / len(activation) < 0.8 and min(activation) < 0.6
 
 
 def test_exact_patching_agrees_in_sign_with_attribution(planted):

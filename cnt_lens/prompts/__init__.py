@@ -1,0 +1,1 @@
+"""Bundled prompt sets (JSON lines); load them with cnt_lens.load_prompts."""
