@@ -85,11 +85,23 @@ def transplant(
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run directory written by `cnt-lens demo`.")) -> None:
-    """Rebuild ``report.html`` from a run directory's metrics.json, patch and scores."""
+def report(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `cnt-lens demo` or `cnt-lens run`."),
+    application: Optional[str] = typer.Option(None, help="Recompute the neuron cards with this application's "
+                                              "models (loads the bundled model and cached recipes)."),
+) -> None:
+    """Rebuild ``report.html`` from a run directory (metrics.json, patch, scores, cards.json)."""
     from .report import write_report
 
-    typer.echo(f"wrote {write_report(run_dir)}")
+    if application is None:
+        typer.echo(f"wrote {write_report(run_dir)}")
+        return
+    from .applications import APPLICATIONS
+    from .models import BUNDLED_MODEL, load_model
+
+    app_ = APPLICATIONS[application]
+    pair = app_.build(load_model(BUNDLED_MODEL))
+    typer.echo(f"wrote {write_report(run_dir, pair=pair, behaviour=app_.behaviour())}")
 
 
 if __name__ == "__main__":  # pragma: no cover

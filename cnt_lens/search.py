@@ -99,8 +99,11 @@ def search_minimal(
     frontier: list[dict[str, Any]] = []
     bar = tqdm(desc="search_minimal", unit="eval", disable=not progress)
 
+    def select(k: int) -> NeuronSelection:
+        return scores.top_k(max(1, k // pair.n_layers), per_layer=True) if per_layer else scores.top_k(k)
+
     def measure(k: int, alpha: float) -> bool:
-        sel = scores.top_k(k, per_layer=False) if not per_layer else scores.top_k(max(1, k // pair.n_layers), per_layer=True)
+        sel = select(k)
         patch = NeuronPatch.from_pair(pair, sel, alpha)
         patch.apply(pair.target)
         try:
@@ -132,8 +135,8 @@ def search_minimal(
     if best is None:
         return SearchResult(None, None, None, frontier, reference)
     k, alpha = best
-    point = next(p for p in reversed(frontier) if p["k"] == k and p["alpha"] == alpha)
-    sel = scores.top_k(k)
+    sel = select(k)
+    point = next(p for p in reversed(frontier) if p["k"] == sel.n and p["alpha"] == alpha)
     return SearchResult(sel, alpha, {key: v for key, v in point.items() if isinstance(v, float)}, frontier, reference)
 
 

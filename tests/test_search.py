@@ -43,3 +43,14 @@ def test_iterative_scores_rank_round_picks_first_and_restore_the_target(arch):
     # round 2 was scored on the patched target: the first 4 picks are exactly round 1's top 4
     first = score(pair, behaviour, progress=False).top_k(4)
     assert s.top_k(4) == NeuronSelection(first.mask)
+
+
+def test_per_layer_search_returns_a_per_layer_selection():
+    pair, behaviour, planted = planted_pair("llama", n_planted=8, seed=0)
+    s = score(pair, behaviour, progress=False)
+    res = search_minimal(pair, behaviour, s, goal=0.9, alphas=(2.0,), max_fraction=0.5, per_layer=True,
+                         progress=False)
+    assert res.found
+    counts = res.selection.per_layer()
+    assert len(set(counts)) == 1  # the same number of neurons in every layer
+    assert any(p["k"] == res.selection.n and p["reached"] for p in res.frontier)
