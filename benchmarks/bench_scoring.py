@@ -96,12 +96,29 @@ def speed(args: argparse.Namespace) -> None:
 def memory(args: argparse.Namespace) -> None:
     from cnt_lens.scoring.attribution import attribution_scores
 
+    import threading
+
     pair, beh = _setup(args.prompts, args.device)
     batches = beh.batches(pair.tokenizer, None, args.batch)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    page = resource.getpagesize()
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    before, peak, done = rss(), [0], threading.Event()
+
+    def sample() -> None:  # model loading sets ru_maxrss, so sample RSS during attribution only
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.01)
+
+    t = threading.Thread(target=sample)
+    t.start()
     attribution_scores(pair, beh, batches, kind="weight", progress=False)
-    print(json.dumps({"prompts": len(beh.harmful), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "rss_before_mb": before / 1024}))
+    done.set()
+    t.join()
+    print(json.dumps({"prompts": len(beh.harmful), "attribution_extra_rss_mb": round((peak[0] - before) / 2**20, 1)}))
 
 
 if __name__ == "__main__":

@@ -306,7 +306,15 @@ def neuron_params(model: TransformerBridge, layer: int) -> list[NeuronParam]:
 
     Handles ``nn.Linear`` (weight ``[out, in]``: Llama, Mistral, Qwen…) and GPT-2's ``Conv1D``
     (weight ``[in, out]``). The neuron axis is found from the module type and checked against d_mlp.
+    The lookup is cached per model (the parameters are the same objects for the model's lifetime).
     """
+    cache = model.__dict__.setdefault("_cnt_lens_params", {})
+    if layer not in cache:
+        cache[layer] = _find_neuron_params(model, layer)
+    return cache[layer]
+
+
+def _find_neuron_params(model: TransformerBridge, layer: int) -> list[NeuronParam]:
     mlp = _mlp(model, layer)
     d_mlp = int(model.cfg.d_mlp)
     out: list[NeuronParam] = []
