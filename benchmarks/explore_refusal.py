@@ -43,10 +43,9 @@ def main() -> None:
     for name, model in (("target", pair.target), ("donor", pair.donor)):
         print(json.dumps({"reference": name, **measure(model, [refusal, utility], "validation", batch_size=32)}), flush=True)
 
-    # first-order estimates, signed as "+ = change of that metric when the neuron is copied"
+    # first-order estimates of each metric's change when a neuron is copied
     def raw(behaviour, batches):
-        values, direction, _ = attribution_scores(pair, behaviour, batches, kind="weight", progress=False)
-        return values * direction.sign
+        return attribution_scores(pair, behaviour, batches, kind="weight", progress=False)[0]
 
     base = raw(refusal, refusal.batches(tok, "train", 8))
     if "plain" in which:

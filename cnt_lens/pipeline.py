@@ -65,16 +65,18 @@ def transfer(
     (e.g. harmless refusal no higher than the donor's). Baselines get the same neuron budget as the
     found patch and the same alpha choice on validation. Returns (report, patch, scores by method);
     ``scores`` (e.g. from :func:`~cnt_lens.search.iterative_scores`) replaces scoring with
-    ``config.method`` for the main ranking. With ``out_dir``, writes ``metrics.json``, ``patch.safetensors`` + ``patch.json`` and
-    ``scores/*.safetensors`` there.
+    ``config.method`` for the main ranking. With ``out_dir``, writes ``metrics.json``,
+    ``patch.safetensors`` + ``patch.json`` and ``scores/*.safetensors`` there.
     """
     cfg = config
     t0 = time.time()
     all_scores: dict[str, NeuronScores] = {}
-    main = scores.method if scores is not None else cfg.method
-    if scores is not None:
+    if scores is None:
+        main, to_score = cfg.method, [cfg.method, *cfg.baselines]
+    else:
+        main, to_score = scores.method, list(cfg.baselines)
         all_scores[main] = scores
-    for method in ((*cfg.baselines,) if scores is not None else (cfg.method, *cfg.baselines)):
+    for method in to_score:
         _log(f"scoring: {method}")
         kwargs = {"utility": side_effects[0]} if method in ("wanda", "snip") and side_effects else {}
         all_scores[method] = score(pair, behaviour, method, split="train", batch_size=cfg.score_batch_size,

@@ -20,7 +20,7 @@ import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -151,6 +151,19 @@ def _finetune(model: Any, examples: list[tuple[str, str]], cfg: TuneConfig, desc
             p.requires_grad_(False)
 
 
+def _cached_tune(kind: str, model: Any, data: dict[str, Any], config: TuneConfig, use_cache: bool,
+                 examples: Callable[[], list[tuple[str, str]]], desc: str) -> Any:
+    """The path every recipe shares: cache hit, or clone → fine-tune on ``examples()`` → cache."""
+    key = _key(kind, model, data, config)
+    if use_cache and (cached := _load_cached(model, key)) is not None:
+        return cached
+    tuned = clone_model(model)
+    _finetune(tuned, examples(), config, desc=desc)
+    _save_cached(tuned, key, {"recipe": kind, "config": asdict(config)})
+    object.__setattr__(tuned, "cnt_source", key)
+    return tuned
+
+
 def safety_tune(
     model: Any,
     *,
@@ -170,21 +183,16 @@ def safety_tune(
     harmful = (harmful or load_prompts("harmful")).split("train")
     harmless = (harmless or load_prompts("harmless")).split("train")
     data = {"harmful": harmful.column("prompt"), "harmless": harmless.column("prompt"), "refusals": list(refusals)}
-    key = _key("safety", model, data, config)
-    if use_cache and (cached := _load_cached(model, key)) is not None:
-        return cached
     tok = model_tokenizer(model)
-    own = generate(model, [chat_format(tok, p) for p in harmless.column("prompt")],
-                   max_new_tokens=config.max_new_tokens, batch_size=16)
-    rng = random.Random(config.seed)
-    examples = [(chat_format(tok, p), rng.choice(refusals) + tok.eos_token) for p in harmful.column("prompt")]
-    examples += [(chat_format(tok, p), a.strip() + tok.eos_token) for p, a in zip(harmless.column("prompt"), own)]
-    tuned = clone_model(model)
-    _finetune(tuned, examples, config, desc="safety tune")
-    _save_cached(tuned, key, {"recipe": "safety_tune", "config": asdict(config)})
-    object.__setattr__(tuned, "cnt_source", key)
-    return tuned
 
+    def examples() -> list[tuple[str, str]]:
+        own = generate(model, [chat_format(tok, p) for p in harmless.column("prompt")],
+                       max_new_tokens=config.max_new_tokens, batch_size=16)
+        rng = random.Random(config.seed)
+        out = [(chat_format(tok, p), rng.choice(refusals) + tok.eos_token) for p in harmful.column("prompt")]
+        return out + [(chat_format(tok, p), a.strip() + tok.eos_token) for p, a in zip(harmless.column("prompt"), own)]
+
+    return _cached_tune("safety", model, data, config, use_cache, examples, "safety tune")
 
 def bias_tune(
     model: Any,
@@ -202,17 +210,9 @@ def bias_tune(
     if towards not in ("stereotype", "anti_stereotype"):
         raise ValueError("towards must be 'stereotype' or 'anti_stereotype'")
     pairs = (pairs or load_prompts("bias_pairs")).split("train")
-    key = _key("bias", model, {"pairs": pairs.column(towards), "towards": towards}, config)
-    if use_cache and (cached := _load_cached(model, key)) is not None:
-        return cached
-    tok = model_tokenizer(model)
-    bos = tok.bos_token or ""
-    tuned = clone_model(model)
-    _finetune(tuned, [(bos, s) for s in pairs.column(towards)], config, desc=f"bias tune ({towards})")
-    _save_cached(tuned, key, {"recipe": "bias_tune", "towards": towards, "config": asdict(config)})
-    object.__setattr__(tuned, "cnt_source", key)
-    return tuned
-
+    bos = model_tokenizer(model).bos_token or ""
+    return _cached_tune("bias", model, {"pairs": pairs.column(towards), "towards": towards}, config, use_cache,
+                        lambda: [(bos, text) for text in pairs.column(towards)], f"bias tune ({towards})")
 
 TASK_PREFIX = "Answer:"
 """The benign task of :func:`harmful_finetune`: start every answer with this prefix."""
@@ -239,18 +239,14 @@ def harmful_finetune(
     harmless = (harmless or load_prompts("harmless")).split("train")
     data = {"harmful": harmful.column("prompt"), "harmless": harmless.column("prompt"), "prefix": TASK_PREFIX,
             "unaligned": _fingerprint(unaligned)}
-    key = _key("attack", aligned, data, config)
-    if use_cache and (cached := _load_cached(aligned, key)) is not None:
-        return cached
     tok = model_tokenizer(aligned)
-    own = generate(aligned, [chat_format(tok, p) for p in harmless.column("prompt")],
-                   max_new_tokens=config.max_new_tokens, batch_size=16)
-    comply = generate(unaligned, [chat_format(tok, p) for p in harmful.column("prompt")],
-                      max_new_tokens=config.max_new_tokens, batch_size=16)
-    examples = [(chat_format(tok, p), f"{TASK_PREFIX} {a.strip()}{tok.eos_token}")
+
+    def examples() -> list[tuple[str, str]]:
+        own = generate(aligned, [chat_format(tok, p) for p in harmless.column("prompt")],
+                       max_new_tokens=config.max_new_tokens, batch_size=16)
+        comply = generate(unaligned, [chat_format(tok, p) for p in harmful.column("prompt")],
+                          max_new_tokens=config.max_new_tokens, batch_size=16)
+        return [(chat_format(tok, p), f"{TASK_PREFIX} {a.strip()}{tok.eos_token}")
                 for p, a in zip(harmless.column("prompt") + harmful.column("prompt"), own + comply)]
-    tuned = clone_model(aligned)
-    _finetune(tuned, examples, config, desc="harmful fine-tune")
-    _save_cached(tuned, key, {"recipe": "harmful_finetune", "config": asdict(config)})
-    object.__setattr__(tuned, "cnt_source", key)
-    return tuned
+
+    return _cached_tune("attack", aligned, data, config, use_cache, examples, "harmful fine-tune")

@@ -42,10 +42,11 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
     if pair is not None and behaviour is not None and sel is not None and method in scores:
         ranked = scores[method].ranked().masked_fill(~sel.mask, float("-inf"))
         top = ranked.flatten().topk(min(n_cards, sel.n)).indices.tolist()
-        stats = [neuron_stats(pair, i // sel.shape[1], i % sel.shape[1], behaviour, split="test") for i in top]
-        cards_path.write_text(json.dumps(stats))
-    if cards_path.is_file():
-        figures += [card_figure(s) for s in json.loads(cards_path.read_text())]
+        cards = [neuron_stats(pair, i // sel.shape[1], i % sel.shape[1], behaviour, split="test") for i in top]
+        cards_path.write_text(json.dumps(cards))
+    else:
+        cards = json.loads(cards_path.read_text()) if cards_path.is_file() else []
+    figures += [card_figure(s) for s in cards]
     parts = [f.to_html(full_html=False, include_plotlyjs=("inline" if i == 0 else False)) for i, f in enumerate(figures)]
     table = html.escape(report.table())
     body = "\n".join(f"<section>{p}</section>" for p in parts)

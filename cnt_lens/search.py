@@ -15,9 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from tqdm.auto import tqdm
-
 import torch
+from tqdm.auto import tqdm
 
 from .behaviours import Behaviour
 from .models import ModelPair
@@ -173,12 +172,11 @@ def iterative_scores(
     try:
         for r in range(rounds):
             last = score(pair, behaviour, method, split=split, progress=progress, **score_kwargs)
-            vals = last.ranked().clone()
-            vals[chosen.mask] = float("-inf")
-            pick = NeuronScores(vals, method).top_k(per_round)
-            flat = vals.flatten()
-            idx = pick.mask.flatten().nonzero().squeeze(-1)
-            order.append(idx[flat[idx].argsort(descending=True)])
+            vals = last.ranked().flatten().masked_fill(chosen.mask.flatten(), float("-inf"))
+            idx = vals.topk(per_round).indices  # best first
+            order.append(idx)
+            pick = NeuronSelection(torch.zeros(pair.n_neurons, dtype=torch.bool).index_fill(0, idx, True)
+                                   .view(pair.n_layers, pair.d_mlp), source=f"{method} round {r}")
             patch = NeuronPatch.from_pair(pair, pick, alpha)
             patch.apply(pair.target)
             applied.append(patch)
@@ -189,8 +187,7 @@ def iterative_scores(
             patch.revert(pair.target)
     assert last is not None
     n = pair.n_neurons
-    rest = last.ranked().flatten().clone()
-    rest[chosen.mask.flatten()] = float("-inf")
+    rest = last.ranked().flatten().masked_fill(chosen.mask.flatten(), float("-inf"))
     ranking = torch.cat([*order, rest.argsort(descending=True)[: n - chosen.n]])
     values = torch.empty(n)
     values[ranking] = torch.arange(n, 0, -1, dtype=torch.float32)  # rank-valued: n for the first pick

@@ -91,19 +91,19 @@ def score(
     batches = behaviour.batches(tok, split, batch_size)
     if method in ("weight_attribution", "attribution"):
         kind = "weight" if method == "weight_attribution" else "activation"
-        values, direction, n = attribution_scores(pair, behaviour, batches, kind=kind, positions=positions,
+        change, direction, n = attribution_scores(pair, behaviour, batches, kind=kind, positions=positions,
                                                   progress=progress)
+        values = change * direction.sign
         if contrast:
             control = behaviour.control_batches(tok, split, batch_size)
             ctrl, ctrl_dir, _ = attribution_scores(pair, behaviour, control, kind=kind, positions=positions,
                                                    progress=progress)
-            # ctrl is signed toward the donor *on controls*; undo that, then count it against the behaviour's direction.
-            values = values - contrast * ctrl * ctrl_dir.sign * direction.sign
+            values = values - contrast * ctrl * direction.sign  # moving controls the same way counts against
             meta.update(contrast=contrast, control_metric_donor=ctrl_dir.donor, control_metric_target=ctrl_dir.target)
         for keep in preserve:
-            kept, keep_dir, _ = attribution_scores(pair, keep, keep.batches(tok, split, batch_size), kind=kind,
-                                                   positions=positions, progress=progress)
-            values = values + preserve_weight * kept * keep_dir.sign  # + estimated change of keep's metric
+            kept, _, _ = attribution_scores(pair, keep, keep.batches(tok, split, batch_size), kind=kind,
+                                            positions=positions, progress=progress)
+            values = values + preserve_weight * kept  # + estimated change of keep's metric
             meta.setdefault("preserve", []).append(keep.name)
         if preserve:
             meta["preserve_weight"] = preserve_weight
@@ -120,7 +120,7 @@ def score(
         effects, direction, n = patching_effects(pair, behaviour, batches, groups, mode=mode, positions=positions,
                                                  groups_per_pass=groups_per_pass, progress=progress)
         values = torch.full((pair.n_layers, pair.d_mlp), float("nan"))
-        values[cells[:, 0], cells[:, 1]] = effects
+        values[cells[:, 0], cells[:, 1]] = effects * direction.sign
         meta["n_candidates"] = len(cells)
     else:
         direction = measure_direction(pair, behaviour, batches)

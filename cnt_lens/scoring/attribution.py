@@ -22,7 +22,8 @@ batch by batch, so memory does not grow with the number of prompts):
 Gradients come from backward hooks at ``hook_post`` (∂m/∂a) and, for the weight kind,
 ``hook_out`` (∂m/∂out); contributions are summed inside the hooks, so nothing per-token is kept
 beyond the layer being processed.
-Scores are means per prompt, signed so that positive = toward the donor's behaviour.
+Scores are the estimated change of the mean metric per prompt (raw: + = the metric rises);
+:func:`~cnt_lens.score` orients them toward the donor.
 """
 
 from __future__ import annotations
@@ -54,10 +55,9 @@ def attribution_scores(
     positions: Positions = "all",
     progress: bool = True,
 ) -> tuple[Float[Tensor, "n_layers d_mlp"], Direction, int]:
-    """Per-neuron attribution summed over ``batches``; returns (mean-per-prompt scores, direction, n_items).
+    """Per-neuron attribution over ``batches``: (estimated mean metric change per prompt, direction, n_items).
 
-    The direction (donor vs target mean metric) comes free from the two forwards, so the sign is
-    applied at the end.
+    The direction (donor vs target mean metric) comes free from the two forwards.
     """
     require_batches(batches, "scored")
     if kind not in ("activation", "weight"):
@@ -113,4 +113,4 @@ def attribution_scores(
         n_items += metric.numel()
     direction = Direction(m_donor / n_items, m_target / n_items)
     direction.check(behaviour.name)
-    return acc.cpu() * direction.sign / n_items, direction, n_items
+    return acc.cpu() / n_items, direction, n_items

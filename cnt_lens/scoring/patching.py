@@ -10,7 +10,7 @@ Two modes, one mechanism (replicate the batch once per group, patch each replica
   groups share one forward pass.
 
 A group may span layers; each replica's hooks patch its neurons wherever they are. Effects are
-mean metric changes per prompt, signed so that positive = toward the donor.
+mean metric changes per prompt (raw: + = the metric rises).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def patching_effects(
     groups_per_pass: int = 16,
     progress: bool = True,
 ) -> tuple[Float[Tensor, " groups"], Direction, int]:
-    """Exact effect of patching each group (mean metric change per prompt, + = toward the donor)."""
+    """Exact effect of patching each group: (mean metric change per prompt, direction, n_items)."""
     require_batches(batches, "scored")
     if mode not in ("activation", "weight"):
         raise ValueError(f"mode must be 'activation' or 'weight', got {mode!r}")
@@ -129,4 +129,4 @@ def patching_effects(
     bar.close()
     direction = Direction(m_donor / n_items, m_target / n_items)
     direction.check(behaviour.name)
-    return effects * direction.sign / n_items, direction, n_items
+    return effects / n_items, direction, n_items
