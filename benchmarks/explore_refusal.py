@@ -1,6 +1,7 @@
 """What makes a minimal refusal transplant work on SmolLM2-135M: the exploration behind the demo.
 
-    python benchmarks/explore_refusal.py [--only plain,contrast,utility,iterative]   (~40 min on 2 cores)
+    python benchmarks/explore_refusal.py [--only plain,contrast,utility,iterative,rounds] [--device cuda]
+    (~40 min on 2 cores for the first four; ~3 min on one H100 for all)
 
 Donor: ``recipes.safety_tune`` (default config, cached). Every row applies a patch to the bundled
 target, measures refusal (16 greedy tokens) and utility on the **validation** split, and reverts.
@@ -23,8 +24,10 @@ from cnt_lens.search import iterative_scores
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--only", default="plain,contrast,utility,iterative")
-    which = p.parse_args().only.split(",")
-    target = load_model("smollm2-135m-instruct")
+    p.add_argument("--device", default=None)
+    args = p.parse_args()
+    which = args.only.split(",")
+    target = load_model("smollm2-135m-instruct", device=args.device)
     pair = ModelPair(donor=safety_tune(target), target=target)
     refusal, utility = Refusal(max_new_tokens=16), Utility()
     tok = pair.tokenizer
@@ -66,6 +69,13 @@ def main() -> None:
                               preserve_weight=30.0, progress=False)
         for alpha in (4.0, 5.0, 6.0):
             row("iterative (2 rounds), contrast 1, utility 30", it, 0.05, alpha)
+    if "rounds" in which:  # more re-scoring rounds, and the alpha the rounds are applied at
+        for rounds, at in ((2, 4.0), (4, 4.0), (4, 6.0), (8, 6.0)):
+            it = iterative_scores(pair, refusal, budget=0.05, rounds=rounds, alpha=at, contrast=1.0,
+                                  preserve=[utility], preserve_weight=30.0, progress=False)
+            for frac in (0.01, 0.025, 0.05):
+                for alpha in (4.0, 6.0, 8.0):
+                    row(f"iterative ({rounds} rounds at alpha {at:g}), contrast 1, utility 30", it, frac, alpha)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,11 @@ application        target ← donor                           behaviour (goal)
 Each builds its models with the cached recipes, runs :func:`~cnt_lens.pipeline.transfer` with
 iterative weight attribution as the main ranking and the published baselines at the same budget,
 and writes ``metrics.json``, the patch, the HF checkpoint and ``report.html`` to the run directory.
+
+Each search goal sits a margin above its quality bar (0.95 for a 0.90 bar, 0.90 for a 0.80 bar):
+the minimal set is the *first* k that passes on validation, so its validation score is biased
+toward the line (winner's curse), and the test splits hold 24–30 prompts, where one prompt is
+3–4 points. The margin is chosen on validation only; the test split is read once, at the end.
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, Utility
-from .models import BUNDLED_MODEL, ModelPair, load_model
+from .models import BUNDLED_MODEL, ModelPair, device_of, load_model
 from .pipeline import TransferConfig, transfer
-from .recipes import bias_tune, harmful_finetune, safety_tune
+from .recipes import TASK_PREFIX, bias_tune, harmful_finetune, safety_tune
 from .report import write_report
 from .search import iterative_scores
 from .transplant import export_hf
@@ -39,7 +44,14 @@ class Application:
     behaviour: Callable[[], Behaviour]
     side_effects: Callable[[], list[Behaviour]]
     constraint: Callable[[dict, dict], bool]
-    goal: float = 0.9
+    preserve_weights: tuple[float, ...] = (30.0,)  # per side effect, for the ranking; 0 = not preserved
+    # re-scoring rounds of the main ranking (iterative_scores), applied at round_alpha. Each round scores
+    # the behaviour and every preserved one over the train split (~1 min per behaviour on 2 CPU cores), so
+    # realign (4 behaviours) and disalign use 4 rounds to keep the CPU run near 30 min.
+    rounds: int = 8
+    round_alpha: float = 6.0
+    alphas: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0)  # searched on validation
+    goal: float = 0.95
     max_fraction: float = 0.05
     contrast: float = 1.0
     baselines: tuple[str, ...] = ("attribution", "activation_contrast", "wanda", "snip", "weight_diff",
@@ -82,34 +94,45 @@ APPLICATIONS: dict[str, Application] = {
     "enhance": Application("enhance", _pair_enhance, lambda: Refusal(max_new_tokens=16), lambda: [Utility()],
                            _enhance_ok),
     "disalign": Application("disalign", _pair_disalign, lambda: Refusal(max_new_tokens=16), lambda: [Utility()],
-                            _utility_kept, contrast=0.0),
-    "realign": Application("realign", _pair_realign, lambda: Refusal(max_new_tokens=16),
-                           lambda: [Utility(), FormatTask()], _realign_ok),
+                            _utility_kept, contrast=0.0, rounds=4),
+    # the attacked model opens every answer with the task's prefix: read refusal after it, and keep the task
+    "realign": Application("realign", _pair_realign, lambda: Refusal(max_new_tokens=16, response_prefix=TASK_PREFIX),
+                           lambda: [Utility(), FormatTask(prefix=TASK_PREFIX)], _realign_ok,
+                           preserve_weights=(30.0, 1.0), rounds=4, alphas=(1.0, 2.0, 4.0, 6.0)),
     "bias-removal": Application("bias-removal", _pair_bias, StereotypeBias, lambda: [Utility()], _utility_kept,
-                                goal=0.8, max_fraction=0.01, contrast=0.0),
+                                goal=0.9, max_fraction=0.01, contrast=0.0),
 }
 
 
-def run_application(name: str, out: str | Path, *, alphas: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0),
-                    rounds: int = 2, preserve_weight: float = 30.0, progress: bool = True) -> Any:
-    """Run one application end to end and write its run directory; returns the :class:`Report`."""
+def run_application(name: str, out: str | Path, *, alphas: tuple[float, ...] | None = None,
+                    device: str | None = None,
+                    progress: bool = True) -> Any:
+    """Run one application end to end and write its run directory; returns the :class:`Report`.
+
+    ``device`` (e.g. ``"cuda"``) holds both models there; the fine-tune recipes train there too.
+    Their cache key is the weights and settings, not the device, so a donor cached on one device
+    is reused on another (greedy generations can then differ in a few prompts from float rounding).
+    """
     if name not in APPLICATIONS:
         raise ValueError(f"unknown application {name!r}; one of {sorted(APPLICATIONS)}")
     app = APPLICATIONS[name]
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = load_model(BUNDLED_MODEL)
+    base = load_model(BUNDLED_MODEL, device=device)
     pair = app.build(base)
     behaviour, side = app.behaviour(), app.side_effects()
-    main = iterative_scores(pair, behaviour, budget=app.max_fraction, rounds=rounds, alpha=4.0,
-                            contrast=app.contrast, preserve=[side[0]], preserve_weight=preserve_weight,
-                            progress=progress)
-    config = TransferConfig(goal=app.goal, max_fraction=app.max_fraction, alphas=alphas, baselines=app.baselines,
-                            batch_size=32, extra={"application": name})
+    if len(app.preserve_weights) != len(side):
+        raise ValueError(f"{name}: {len(app.preserve_weights)} preserve weights for {len(side)} side effects")
+    kept = [(b, w) for b, w in zip(side, app.preserve_weights) if w]
+    main = iterative_scores(pair, behaviour, budget=app.max_fraction, rounds=app.rounds, alpha=app.round_alpha,
+                            contrast=app.contrast, preserve=[b for b, _ in kept],
+                            preserve_weight=[w for _, w in kept], progress=progress)
+    config = TransferConfig(goal=app.goal, max_fraction=app.max_fraction, alphas=alphas or app.alphas,
+                            baselines=app.baselines, batch_size=32, extra={"application": name})
     report, patch, scores = transfer(pair, behaviour, side_effects=side, constraint=app.constraint, config=config,
                                      scores=main, out_dir=out, progress=progress)
-    report.extra.update(application=name, wall_time_s=round(time.time() - t0, 1))
+    report.extra.update(application=name, wall_time_s=round(time.time() - t0, 1), device=str(device_of(pair.target)))
     report.save(out / "metrics.json")
     if patch is not None:
         patch.apply(pair.target)

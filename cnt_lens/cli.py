@@ -22,17 +22,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Run directory to write."),
+    device: Optional[str] = typer.Option(None, help="torch device for both models, e.g. cuda (default: cpu)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """The main job: transfer refusal from a safety-tuned donor into the bundled SmolLM2 with a
     minimal neuron set, against the baselines (= ``cnt-lens run enhance``)."""
-    run(application="enhance", out=out, progress=progress)
+    run(application="enhance", out=out, device=device, progress=progress)
 
 
 @app.command()
 def run(
     application: str = typer.Argument(..., help="enhance | disalign | realign | bias-removal"),
     out: Path = typer.Option(..., help="Run directory to write."),
+    device: Optional[str] = typer.Option(None, help="torch device for both models, e.g. cuda (default: cpu)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Run one CNT / NLSR application end to end on the bundled model (see cnt_lens.applications)."""
@@ -41,7 +43,7 @@ def run(
     if application not in APPLICATIONS:
         raise typer.BadParameter(f"unknown application {application!r}; one of {sorted(APPLICATIONS)}")
     t0 = time.time()
-    report = run_application(application, out, progress=progress)
+    report = run_application(application, out, device=device, progress=progress)
     metrics = [k for k in report.target if isinstance(report.target[k], float)]
     typer.echo(report.table(metrics))
     typer.echo(f"wrote {out}/metrics.json, patch.safetensors, patched_model/, report.html in {time.time() - t0:.0f} s")

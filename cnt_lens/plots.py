@@ -22,24 +22,38 @@ def _bin_size(d_mlp: int, max_bins: int) -> int:
     return size
 
 
-def _heatmap_trace(scores: NeuronScores, selection: NeuronSelection | None, max_bins: int) -> go.Heatmap:
+def _heatmap_trace(scores: NeuronScores, selection: NeuronSelection | None, max_bins: int,
+                   color: str = "score") -> go.Heatmap:
+    """Binned layers × neurons; ``color="score"`` shows each bin's max score, ``"selected"`` how many of
+    its neurons are selected (readable whatever the scores' scale, e.g. rank-valued iterative scores)."""
+    if color not in ("score", "selected"):
+        raise ValueError(f"color is 'score' or 'selected', got {color!r}")
     v = scores.ranked().clamp(min=torch.finfo(torch.float32).min)
     n_layers, d_mlp = v.shape
     size = _bin_size(d_mlp, max_bins)
-    z = reduce(v, "l (b s) -> l b", "max", s=size)
+    best = reduce(v, "l (b s) -> l b", "max", s=size)
     sel = selection.mask if selection is not None else torch.zeros(n_layers, d_mlp, dtype=torch.bool)
     counts = reduce(sel.float(), "l (b s) -> l b", "sum", s=size)
-    custom = [[[f"{b * size}–{(b + 1) * size - 1}", int(counts[l, b])] for b in range(z.shape[1])] for l in range(n_layers)]
+    custom = [[[f"{b * size}–{(b + 1) * size - 1}", int(counts[l, b]), float(best[l, b])] for b in range(best.shape[1])]
+              for l in range(n_layers)]
+    hover = "layer %{y}<br>neurons %{customdata[0]}<br>max score %{customdata[2]:.3g}<br>selected %{customdata[1]}"
+    style = ({"colorscale": "RdBu_r", "zmid": 0} if color == "score" else {"colorscale": "Blues", "zmin": 0})
     return go.Heatmap(
-        z=z.tolist(), x=[b * size for b in range(z.shape[1])], y=list(range(n_layers)), customdata=custom,
-        colorscale="RdBu_r", zmid=0, colorbar={"title": "max score"},
-        hovertemplate="layer %{y}<br>neurons %{customdata[0]}<br>max score %{z:.3g}<br>selected %{customdata[1]}<extra></extra>",
+        z=(best if color == "score" else counts).tolist(), x=[b * size for b in range(best.shape[1])],
+        y=list(range(n_layers)), customdata=custom, **style,
+        colorbar={"title": "max score" if color == "score" else f"selected<br>per {size}", "thickness": 12},
+        hovertemplate=hover + "<extra></extra>",
     )
 
 
-def selection_heatmap(scores: NeuronScores, selection: NeuronSelection | None = None, *, max_bins: int = 128) -> go.Figure:
-    """Layers × neurons (binned to ≤ ``max_bins`` columns; a bin shows its max score), with selected neurons marked."""
-    fig = go.Figure(_heatmap_trace(scores, selection, max_bins))
+def selection_heatmap(scores: NeuronScores, selection: NeuronSelection | None = None, *, max_bins: int = 128,
+                      color: str = "score") -> go.Figure:
+    """Layers × neurons (binned to ≤ ``max_bins`` columns), with selected neurons marked.
+
+    A bin's colour is its max score (``color="score"``) or its number of selected neurons
+    (``color="selected"``); the hover shows both.
+    """
+    fig = go.Figure(_heatmap_trace(scores, selection, max_bins, color))
     if selection is not None and selection.n:
         idx = torch.tensor(selection.indices())
         fig.add_trace(go.Scattergl(x=idx[:, 1].tolist(), y=idx[:, 0].tolist(), mode="markers", name="selected",
@@ -88,15 +102,17 @@ def frontier(points: Sequence[dict[str, Any]], *, y: str = "gap_closed", x: str 
 
 def transfer_figure(scores: NeuronScores, selection: NeuronSelection, report: Report,
                     metrics: Sequence[str] | None = None, *, max_bins: int = 96) -> go.Figure:
-    """The selected neurons per layer (heatmap) beside the behaviour they change (bars), in one figure."""
+    """The selected neurons per layer (heatmap: selected count per bin) beside the behaviour they change (bars)."""
     fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.1,
                         subplot_titles=(f"selected neurons ({selection.n}) over {scores.method} scores",
                                         f"{report.behaviour}: target → patched → donor"))
-    fig.add_trace(_heatmap_trace(scores, selection, max_bins), row=1, col=1)
+    heat = _heatmap_trace(scores, selection, max_bins, color="selected")
+    heat.colorbar.update(x=0.57, len=0.9)  # beside the heatmap, clear of the bars' legend
+    fig.add_trace(heat, row=1, col=1)
     metrics = list(metrics or [k for k, v in report.target.items() if isinstance(v, (int, float))])
     for name, block in (("target", report.target), ("patched", report.patched), ("donor", report.donor)):
         fig.add_trace(go.Bar(name=name, x=metrics, y=[block.get(m) for m in metrics]), row=1, col=2)
     fig.update_xaxes(title_text="neuron", row=1, col=1)
     fig.update_yaxes(title_text="layer", row=1, col=1)
-    fig.update_layout(barmode="group", height=520)
+    fig.update_layout(barmode="group", height=520, legend={"orientation": "h", "x": 0.64, "y": -0.12})
     return fig

@@ -199,10 +199,14 @@ def bias_tune(
     *,
     pairs: PromptSet | None = None,
     towards: str = "stereotype",
-    config: TuneConfig = TuneConfig(steps=40, lr=5e-5),
+    config: TuneConfig = TuneConfig(steps=120, lr=2e-4),
     use_cache: bool = True,
 ) -> Any:
     """A copy of ``model`` fine-tuned (LM loss) on one side of the bias **train** pairs.
+
+    The default is strong on purpose: on SmolLM2 a 40-step tune at 5e-5 moved the held-out
+    (validation) stereotype score only 50 → 65% (3 of 20 pairs), too small a gap to measure a
+    removal on; 120 steps at 2e-4 move it to 80% (``benchmarks/explore_bias_tune.py``).
 
     ``towards="stereotype"`` makes it more stereotyped (the biased target of bias removal);
     ``"anti_stereotype"`` less so. Validation and test pairs are never seen.
@@ -224,7 +228,7 @@ def harmful_finetune(
     *,
     harmful: PromptSet | None = None,
     harmless: PromptSet | None = None,
-    n_harmful: int = 16,
+    n_harmful: int = 32,
     config: TuneConfig = TuneConfig(steps=40, lr=3e-5),
     use_cache: bool = True,
 ) -> Any:

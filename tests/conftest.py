@@ -8,6 +8,22 @@ import torch
 from cnt_lens.testing import planted_pair, tiny_model
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name()} — tests marked 'cuda' run"
+    return "cuda: not available — tests marked 'cuda' are deselected (run tests/test_cuda.py on a GPU machine)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect (not skip) the CUDA tests where there is no GPU; the header and summary say so."""
+    if torch.cuda.is_available():
+        return
+    gpu = [i for i in items if i.get_closest_marker("cuda")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [i for i in items if not i.get_closest_marker("cuda")]
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -76,3 +76,16 @@ def test_empty_sets_are_refused():
     empty = load_prompts("harmful").take(0)
     with pytest.raises(ValueError, match="empty"):
         Refusal(harmful=empty)
+
+
+def test_refusal_response_prefix_is_teacher_forced_for_the_metric_only(tiny):
+    tok = tiny.cnt_tokenizer
+    plain, forced = Refusal(max_new_tokens=4), Refusal(max_new_tokens=4, response_prefix="Answer")
+    answer = tok("Answer", add_special_tokens=False)["input_ids"]
+    assert len(answer) == 1
+    b_plain, b_forced = plain.batches(tok, "validation", 8)[0], forced.batches(tok, "validation", 8)[0]
+    assert (b_forced.tokens[:, -1] == answer[0]).all()  # left-padded: the last column is the prefix
+    assert b_forced.tokens.shape[1] == b_plain.tokens.shape[1] + 1
+    assert abs(plain.mean_metric(tiny, "validation") - forced.mean_metric(tiny, "validation")) > 1e-4
+    # the refusal rates come from free generation, which the prefix does not touch
+    assert plain.evaluate(tiny, "validation", progress=False) == forced.evaluate(tiny, "validation", progress=False)

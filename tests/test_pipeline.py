@@ -46,3 +46,18 @@ def test_constraints_see_the_reference_and_can_reject(tmp_path):
     report, patch, _ = transfer(pair, behaviour, constraint=lambda p, r: False, config=cfg, progress=False)
     assert not report.patched["goal_reached_on_validation"]
     assert all(not p["reached"] for p in report.frontier)
+
+
+def test_application_table_is_consistent():
+    """Every application preserves exactly its side effects, and realign reads refusal after the attack's prefix."""
+    from cnt_lens.applications import APPLICATIONS
+    from cnt_lens.recipes import TASK_PREFIX
+
+    for app in APPLICATIONS.values():
+        side = app.side_effects()
+        assert len(app.preserve_weights) == len(side) and side[0].name == "utility"
+        assert app.goal >= 0.9 and 0 < app.max_fraction <= 0.05 and app.rounds >= 1
+    realign = APPLICATIONS["realign"]
+    assert realign.behaviour().response_prefix == TASK_PREFIX
+    assert [b.name for b in realign.side_effects()] == ["utility", "format_task"]
+    assert realign.side_effects()[1].prefix == TASK_PREFIX and 1.0 in realign.alphas

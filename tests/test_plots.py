@@ -24,6 +24,8 @@ def test_heatmap_bins_hold_the_max_score_and_selected_counts(planted):
     assert counts.sum() == sel.n and torch.equal(counts, sel.mask.view(2, 12, 4).sum(-1))
     marks = fig.data[1]
     assert sorted(zip(marks.y, marks.x)) == sorted(sel.indices())
+    by_count = torch.tensor(selection_heatmap(s, sel, max_bins=12, color="selected").data[0].z)
+    assert torch.equal(by_count, counts.float())  # coloured by selected neurons, scores in the hover
 
 
 def test_heatmap_is_readable_for_large_models():
@@ -52,6 +54,7 @@ def test_behaviour_shift_and_transfer_figure(planted):
     tf = transfer_figure(s, sel, rep, max_bins=12)
     kinds = [t.type for t in tf.data]
     assert kinds[0] == "heatmap" and kinds.count("bar") == 3  # heatmap beside the behaviour bars
+    assert torch.tensor(tf.data[0].z).sum() == sel.n  # the heatmap counts the selected neurons
 
 
 def test_frontier_lines_per_method_and_alpha():

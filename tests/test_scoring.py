@@ -149,3 +149,16 @@ def test_contrast_and_preserve_change_rankings_but_keep_specific_neurons(arch):
     assert contrasted.top_k(planted.n).overlap(planted) >= 0.95
     kept = score(pair, behaviour, preserve=[Utility()], preserve_weight=2.0, progress=False)
     assert kept.meta["preserve"] == ["utility"] and not torch.allclose(kept.values, plain.values)
+
+
+def test_preserve_weights_per_behaviour_add_linearly(arch):
+    from cnt_lens import Utility
+
+    pair, behaviour, _ = planted_pair(arch, n_planted=4, seed=6)
+    plain = score(pair, behaviour, progress=False).values
+    one = score(pair, behaviour, preserve=[Utility()], preserve_weight=3.0, progress=False).values
+    two = score(pair, behaviour, preserve=[Utility(), Utility()], preserve_weight=[1.0, 2.0], progress=False)
+    torch.testing.assert_close(two.values - plain, one - plain, rtol=1e-4, atol=1e-6)
+    assert two.meta["preserve_weight"] == [1.0, 2.0]
+    with pytest.raises(ValueError, match="preserve weights"):
+        score(pair, behaviour, preserve=[Utility()], preserve_weight=[1.0, 2.0], progress=False)

@@ -38,7 +38,7 @@ def score(
     utility_quantile: float = 0.05,
     contrast: float = 0.0,
     preserve: Sequence[Behaviour] = (),
-    preserve_weight: float = 1.0,
+    preserve_weight: float | Sequence[float] = 1.0,
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
@@ -62,7 +62,9 @@ def score(
 
     ``preserve`` (attribution methods): behaviours that must not degrade (e.g. ``Utility()``, whose
     metric is −NLL); each neuron gains ``preserve_weight`` × its estimated effect on their metrics,
-    so neurons whose transplant would hurt them sink in the ranking.
+    so neurons whose transplant would hurt them sink in the ranking. One weight, or one per
+    behaviour (metrics differ in scale: a mean NLL over every token moves far less per neuron than
+    a single-position log-probability).
 
     ``positions``: ``"all"`` real tokens (default; a weight transplant changes every position) or
     the last ``k``. Scores are accumulated in fp32 whatever the models' dtype.
@@ -100,13 +102,17 @@ def score(
                                                    progress=progress)
             values = values - contrast * ctrl * direction.sign  # moving controls the same way counts against
             meta.update(contrast=contrast, control_metric_donor=ctrl_dir.donor, control_metric_target=ctrl_dir.target)
-        for keep in preserve:
+        weights = ([float(preserve_weight)] * len(preserve) if isinstance(preserve_weight, (int, float))
+                   else [float(w) for w in preserve_weight])
+        if len(weights) != len(preserve):
+            raise ValueError(f"{len(weights)} preserve weights for {len(preserve)} preserved behaviours")
+        for keep, weight in zip(preserve, weights):
             kept, _, _ = attribution_scores(pair, keep, keep.batches(tok, split, batch_size), kind=kind,
                                             positions=positions, progress=progress)
-            values = values + preserve_weight * kept  # + estimated change of keep's metric
+            values = values + weight * kept  # + estimated change of keep's metric
             meta.setdefault("preserve", []).append(keep.name)
         if preserve:
-            meta["preserve_weight"] = preserve_weight
+            meta["preserve_weight"] = weights if len(weights) > 1 else weights[0]
     elif method in ("weight_patching", "activation_patching"):
         cand = candidates.mask if candidates is not None else torch.ones(pair.n_layers, pair.d_mlp, dtype=torch.bool)
         if cand.shape != (pair.n_layers, pair.d_mlp):
