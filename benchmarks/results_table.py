@@ -1,0 +1,46 @@
+"""One markdown row per run directory: the README's applications table.
+
+    python benchmarks/results_table.py runs/demo runs/bias-removal runs/realign runs/disalign
+
+Per run (test split, from ``metrics.json``): neurons used, the behaviour's headline number for target →
+patched (donor), the utility NLL change against the target, and the best baseline at the same budget
+(the one that moved the headline furthest toward the donor), with its NLL change.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _pct(x: float, ref: float) -> str:
+    return f"{100 * (x - ref) / ref:+.1f}%"
+
+
+def row(run: Path) -> str:
+    m = json.loads((run / "metrics.json").read_text())
+    head = {"refusal": "refusal_harmful", "stereotype_bias": "stereotype_score"}.get(m["behaviour"], m["behaviour"])
+    t, d, p = m["target"], m["donor"], m["patched"]
+    sign = 1 if d[head] >= t[head] else -1
+    best = max(m["baselines"], key=lambda b: sign * b[head])
+    gap = d[head] - t[head]
+    closed = (p[head] - t[head]) / gap if gap else float("nan")
+    app = m.get("extra", {}).get("application", run.name)
+    extra = ""
+    if "refusal_harmless" in p:
+        extra = f"; harmless {t['refusal_harmless']:.2f} → {p['refusal_harmless']:.2f} ({d['refusal_harmless']:.2f})"
+    if "task_rate" in p:
+        extra += f"; task {t['task_rate']:.2f} → {p['task_rate']:.2f} ({d['task_rate']:.2f})"
+    return (f"| {app} | {p['n_neurons']:,} ({p['n_neurons'] / m['n_neurons_total']:.2%}), α {p['alpha']:g} "
+            f"| {head} {t[head]:.3g} → **{p[head]:.3g}** ({d[head]:.3g}); gap closed {closed:.2f}{extra} "
+            f"| {_pct(p['utility_nll'], t['utility_nll'])} "
+            f"| {best['method']}: {best[head]:.3g}, NLL {_pct(best['utility_nll'], t['utility_nll'])} |")
+
+
+if __name__ == "__main__":
+    print("| application | neurons | behaviour: target → patched (donor), test | utility NLL vs target "
+          "| best baseline, same budget |")
+    print("|---|---|---|---|---|")
+    for arg in sys.argv[1:]:
+        print(row(Path(arg)))
