@@ -2,9 +2,9 @@
 
     python benchmarks/explore_bias_tune.py [--device cuda]     (~10 min on 2 cores, ~1 min on one H100)
 
-Tunes the bundled SmolLM2 toward the stereotyped side of the bias **train** pairs at a few
-strengths and prints, per strength, the **validation** stereotype score, log-prob gap and utility
-NLL (one JSON line each). The recipe's default is the weakest setting whose held-out gap to the
+Tunes the bundled SmolLM2 toward the stereotyped side of the bias **train** pairs (pairwise
+preference objective) at a few strengths and prints, per strength, the **train** and **validation**
+stereotype score, log-prob gap and utility NLL (one JSON line each). The recipe's default is the weakest setting whose held-out gap to the
 base model is large enough to measure a removal on.
 """
 
@@ -22,11 +22,14 @@ def main() -> None:
     p.add_argument("--device", default=None)
     base = load_model("smollm2-135m-instruct", device=p.parse_args().device)
     behaviours = [StereotypeBias(), Utility()]
-    print(json.dumps({"steps": 0, "lr": 0, **measure(base, behaviours, "validation", batch_size=32)}), flush=True)
-    for steps, lr in ((40, 5e-5), (80, 1e-4), (120, 1e-4), (120, 2e-4)):
-        tuned = bias_tune(base, config=TuneConfig(steps=steps, lr=lr))
-        print(json.dumps({"steps": steps, "lr": lr, **measure(tuned, behaviours, "validation", batch_size=32)}),
-              flush=True)
+    def show(model, steps: int, lr: float) -> None:
+        for split in ("train", "validation"):
+            print(json.dumps({"steps": steps, "lr": lr, "split": split,
+                              **measure(model, behaviours, split, batch_size=32)}), flush=True)
+
+    show(base, 0, 0.0)
+    for steps, lr in ((30, 3e-5), (60, 3e-5), (60, 1e-4), (120, 1e-4)):
+        show(bias_tune(base, config=TuneConfig(steps=steps, lr=lr)), steps, lr)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from .behaviours import generate
+from .behaviours import _pair_batches, generate, sequence_logprobs
 from .data import PromptSet, chat_format, encode, load_prompts
 from .models import clone_model, device_of, hf_state_dict, model_tokenizer
 
@@ -108,17 +108,59 @@ def _save_cached(model: Any, key: str, info: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _finetune(model: Any, examples: list[tuple[str, str]], cfg: TuneConfig, desc: str) -> None:
-    """Supervised fine-tune on (prefix, target) text pairs; loss on the target's tokens only. In place.
+Loss = Callable[[Any, list[int]], torch.Tensor]
+"""``loss(model, example_indices) -> scalar``: one training objective over a batch of examples."""
+
+
+def _lm_loss(examples: list[tuple[str, str]]) -> Loss:
+    """Supervised LM loss on (prefix, target) text pairs, on the target's tokens only.
 
     Prefixes are fully formatted (a chat prompt with its assistant header, or a bare BOS).
     """
-    tok = model_tokenizer(model)
+
+    def loss(model: Any, idx: list[int]) -> torch.Tensor:
+        tok = model_tokenizer(model)
+        prompts = [examples[i][0] for i in idx]
+        b = encode(tok, [p + examples[i][1] for p, i in zip(prompts, idx)]).to(device_of(model))
+        labels = b.tokens.clone()
+        labels[b.attention_mask == 0] = -100
+        for row, p in enumerate(prompts):
+            start = int((b.attention_mask[row] == 0).sum())
+            labels[row, : start + len(tok(p, add_special_tokens=False)["input_ids"])] = -100
+        return model.original_model(input_ids=b.tokens, attention_mask=b.attention_mask,
+                                    position_ids=b.position_ids, labels=labels).loss
+
+    return loss
+
+
+def _preference_loss(better: list[str], worse: list[str]) -> Loss:
+    """Pairwise preference: ``softplus(-(log p(better) - log p(worse)))`` per pair (sentence log-probs).
+
+    It trains the *difference* between two minimally different sentences — the tokens that carry
+    the preference — rather than every token of one side, and it saturates once a pair is clearly
+    preferred, so it generalises to held-out pairs instead of memorising the training sentences.
+    """
+
+    def loss(model: Any, idx: list[int]) -> torch.Tensor:
+        b = _pair_batches(model_tokenizer(model), [better[i] for i in idx], [worse[i] for i in idx], len(idx))[0]
+        b = b.to(device_of(model))
+        logits = model.original_model(input_ids=b.tokens, attention_mask=b.attention_mask,
+                                      position_ids=b.position_ids).logits
+        lp = sequence_logprobs(logits, b).sum(-1)
+        n = b.meta["n_pairs"]
+        return torch.nn.functional.softplus(-(lp[:n] - lp[n:])).mean()
+
+    return loss
+
+
+def _finetune(model: Any, n_examples: int, loss_fn: Loss, cfg: TuneConfig, desc: str) -> None:
+    """AdamW on ``loss_fn`` over shuffled batches of the ``n_examples`` examples, in place."""
     hf = model.original_model
-    dev = device_of(model)
     params = [p for n, p in hf.named_parameters() if cfg.train == "all" or ".mlp." in n]
     if not params:
         raise ValueError(f"train={cfg.train!r} selects no parameters")
+    if n_examples == 0:
+        raise ValueError("no training examples")
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -129,19 +171,9 @@ def _finetune(model: Any, examples: list[tuple[str, str]], cfg: TuneConfig, desc
     try:
         for _ in tqdm(range(cfg.steps), desc=desc):
             if len(order) < cfg.batch_size:
-                order += rng.sample(range(len(examples)), len(examples))
+                order += rng.sample(range(n_examples), n_examples)
             idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-            prompts = [examples[i][0] for i in idx]
-            texts = [p + examples[i][1] for p, i in zip(prompts, idx)]
-            b = encode(tok, texts).to(dev)
-            n_prompt = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-            labels = b.tokens.clone()
-            labels[b.attention_mask == 0] = -100
-            for row, n in enumerate(n_prompt):
-                start = int((b.attention_mask[row] == 0).sum())
-                labels[row, : start + n] = -100
-            out = hf(input_ids=b.tokens, attention_mask=b.attention_mask, position_ids=b.position_ids, labels=labels)
-            out.loss.backward()
+            loss_fn(model, idx).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -152,13 +184,22 @@ def _finetune(model: Any, examples: list[tuple[str, str]], cfg: TuneConfig, desc
 
 
 def _cached_tune(kind: str, model: Any, data: dict[str, Any], config: TuneConfig, use_cache: bool,
-                 examples: Callable[[], list[tuple[str, str]]], desc: str) -> Any:
-    """The path every recipe shares: cache hit, or clone → fine-tune on ``examples()`` → cache."""
+                 examples: Callable[[], list[tuple[str, str]]] | None, desc: str,
+                 objective: Callable[[], tuple[int, Loss]] | None = None) -> Any:
+    """The path every recipe shares: cache hit, or clone → fine-tune → cache.
+
+    The objective is the LM loss on ``examples()`` or, given ``objective()``, its (n_examples, loss).
+    """
     key = _key(kind, model, data, config)
     if use_cache and (cached := _load_cached(model, key)) is not None:
         return cached
     tuned = clone_model(model)
-    _finetune(tuned, examples(), config, desc=desc)
+    if objective is not None:
+        n, loss_fn = objective()
+    else:
+        ex = examples()
+        n, loss_fn = len(ex), _lm_loss(ex)
+    _finetune(tuned, n, loss_fn, config, desc=desc)
     _save_cached(tuned, key, {"recipe": kind, "config": asdict(config)})
     object.__setattr__(tuned, "cnt_source", key)
     return tuned
@@ -199,14 +240,17 @@ def bias_tune(
     *,
     pairs: PromptSet | None = None,
     towards: str = "stereotype",
-    config: TuneConfig = TuneConfig(steps=120, lr=2e-4),
+    config: TuneConfig = TuneConfig(steps=60, lr=1e-4),
     use_cache: bool = True,
 ) -> Any:
-    """A copy of ``model`` fine-tuned (LM loss) on one side of the bias **train** pairs.
+    """A copy of ``model`` fine-tuned to prefer one side of the bias **train** pairs over the other.
 
-    The default is strong on purpose: on SmolLM2 a 40-step tune at 5e-5 moved the held-out
-    (validation) stereotype score only 50 → 65% (3 of 20 pairs), too small a gap to measure a
-    removal on; 120 steps at 2e-4 move it to 80% (``benchmarks/explore_bias_tune.py``).
+    Objective: pairwise preference (``softplus(-(log p(chosen) - log p(other)))``, see
+    :func:`_preference_loss`); it costs less utility than an LM loss on one side's sentences.
+    Caveat, measured on SmolLM2 with the bundled 63 train pairs (``benchmarks/explore_bias_tune.py``):
+    *either* objective memorises the training pairs (100% stereotyped) but barely moves held-out
+    ones (validation 50% → 55–60%; the LM loss at 120 steps / 2e-4 gave 50% on CPU, 80% on a GPU).
+    A bias that generalises needs more, or templated, pairs.
 
     ``towards="stereotype"`` makes it more stereotyped (the biased target of bias removal);
     ``"anti_stereotype"`` less so. Validation and test pairs are never seen.
@@ -214,9 +258,12 @@ def bias_tune(
     if towards not in ("stereotype", "anti_stereotype"):
         raise ValueError("towards must be 'stereotype' or 'anti_stereotype'")
     pairs = (pairs or load_prompts("bias_pairs")).split("train")
-    bos = model_tokenizer(model).bos_token or ""
-    return _cached_tune("bias", model, {"pairs": pairs.column(towards), "towards": towards}, config, use_cache,
-                        lambda: [(bos, text) for text in pairs.column(towards)], f"bias tune ({towards})")
+    other = "anti_stereotype" if towards == "stereotype" else "stereotype"
+    chosen, rejected = pairs.column(towards), pairs.column(other)
+    return _cached_tune("bias", model, {"pairs": chosen, "other": rejected, "objective": "preference"}, config,
+                        use_cache, None, f"bias tune ({towards})",
+                        objective=lambda: (len(chosen), _preference_loss(chosen, rejected)))
+
 
 TASK_PREFIX = "Answer:"
 """The benign task of :func:`harmful_finetune`: start every answer with this prefix."""
