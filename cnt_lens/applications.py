@@ -16,7 +16,7 @@ and writes ``metrics.json``, the patch, the HF checkpoint and ``report.html`` to
 Each search goal sits a margin above its quality bar (0.95 for a 0.90 bar, 0.90 for a 0.80 bar):
 the minimal set is the *first* k that passes on validation, so its validation score is biased
 toward the line (winner's curse), and the test splits hold 24–30 prompts, where one prompt is
-3–4 points. The margin is chosen on validation only; the test split is read once, at the end.
+3–4 points. Margins are fixed before a run; each run reads the test split once, at the end.
 """
 
 from __future__ import annotations

@@ -93,6 +93,13 @@ def sequence_logprobs(logits: Float[Tensor, "batch pos vocab"], batch: Batch) ->
     return lp * valid
 
 
+def pair_logprob_gap(logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, " pairs"]:
+    """``log p(first) - log p(second)`` per pair of a :func:`_pair_batches` batch (sentence log-probs)."""
+    lp = sequence_logprobs(logits, batch).sum(-1)
+    n = batch.meta["n_pairs"]
+    return lp[:n] - lp[n:]
+
+
 def _first_tokens(tokenizer: Any, phrases: tuple[str, ...]) -> list[int]:
     ids = []
     for p in phrases:
@@ -256,9 +263,7 @@ class StereotypeBias(Behaviour):
         return _pair_batches(tokenizer, ps.column("anti_stereotype"), ps.column("stereotype"), batch_size)
 
     def metric(self, logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, " pairs"]:
-        lp = sequence_logprobs(logits, batch).sum(-1)
-        n = batch.meta["n_pairs"]
-        return lp[:n] - lp[n:]
+        return pair_logprob_gap(logits, batch)
 
     def evaluate_items(self, model: Any, split: str | None = "test", *, batch_size: int = 16,
                        progress: bool = True) -> list[dict[str, Any]]:

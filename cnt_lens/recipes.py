@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from .behaviours import _pair_batches, generate, sequence_logprobs
+from .behaviours import _pair_batches, generate, pair_logprob_gap
 from .data import PromptSet, chat_format, encode, load_prompts
 from .models import clone_model, device_of, hf_state_dict, model_tokenizer
 
@@ -138,7 +138,7 @@ def _preference_loss(better: list[str], worse: list[str]) -> Loss:
 
     It trains the *difference* between two minimally different sentences — the tokens that carry
     the preference — rather than every token of one side, and it saturates once a pair is clearly
-    preferred, so it generalises to held-out pairs instead of memorising the training sentences.
+    preferred. (On SmolLM2 with the bundled pairs it still memorises them: see :func:`bias_tune`.)
     """
 
     def loss(model: Any, idx: list[int]) -> torch.Tensor:
@@ -146,9 +146,7 @@ def _preference_loss(better: list[str], worse: list[str]) -> Loss:
         b = b.to(device_of(model))
         logits = model.original_model(input_ids=b.tokens, attention_mask=b.attention_mask,
                                       position_ids=b.position_ids).logits
-        lp = sequence_logprobs(logits, b).sum(-1)
-        n = b.meta["n_pairs"]
-        return torch.nn.functional.softplus(-(lp[:n] - lp[n:])).mean()
+        return torch.nn.functional.softplus(-pair_logprob_gap(logits, b)).mean()
 
     return loss
 
@@ -183,22 +181,27 @@ def _finetune(model: Any, n_examples: int, loss_fn: Loss, cfg: TuneConfig, desc:
             p.requires_grad_(False)
 
 
+def _lm_objective(examples: Callable[[], list[tuple[str, str]]]) -> Callable[[], tuple[int, Loss]]:
+    """The LM objective on ``examples()``, built only when a fine-tune really runs (not on a cache hit)."""
+
+    def build() -> tuple[int, Loss]:
+        ex = examples()
+        return len(ex), _lm_loss(ex)
+
+    return build
+
+
 def _cached_tune(kind: str, model: Any, data: dict[str, Any], config: TuneConfig, use_cache: bool,
-                 examples: Callable[[], list[tuple[str, str]]] | None, desc: str,
-                 objective: Callable[[], tuple[int, Loss]] | None = None) -> Any:
+                 objective: Callable[[], tuple[int, Loss]], desc: str) -> Any:
     """The path every recipe shares: cache hit, or clone → fine-tune → cache.
 
-    The objective is the LM loss on ``examples()`` or, given ``objective()``, its (n_examples, loss).
+    ``objective()`` gives (n_examples, loss); it is only called when a fine-tune really runs.
     """
     key = _key(kind, model, data, config)
     if use_cache and (cached := _load_cached(model, key)) is not None:
         return cached
     tuned = clone_model(model)
-    if objective is not None:
-        n, loss_fn = objective()
-    else:
-        ex = examples()
-        n, loss_fn = len(ex), _lm_loss(ex)
+    n, loss_fn = objective()
     _finetune(tuned, n, loss_fn, config, desc=desc)
     _save_cached(tuned, key, {"recipe": kind, "config": asdict(config)})
     object.__setattr__(tuned, "cnt_source", key)
@@ -233,7 +236,7 @@ def safety_tune(
         out = [(chat_format(tok, p), rng.choice(refusals) + tok.eos_token) for p in harmful.column("prompt")]
         return out + [(chat_format(tok, p), a.strip() + tok.eos_token) for p, a in zip(harmless.column("prompt"), own)]
 
-    return _cached_tune("safety", model, data, config, use_cache, examples, "safety tune")
+    return _cached_tune("safety", model, data, config, use_cache, _lm_objective(examples), "safety tune")
 
 def bias_tune(
     model: Any,
@@ -261,8 +264,7 @@ def bias_tune(
     other = "anti_stereotype" if towards == "stereotype" else "stereotype"
     chosen, rejected = pairs.column(towards), pairs.column(other)
     return _cached_tune("bias", model, {"pairs": chosen, "other": rejected, "objective": "preference"}, config,
-                        use_cache, None, f"bias tune ({towards})",
-                        objective=lambda: (len(chosen), _preference_loss(chosen, rejected)))
+                        use_cache, lambda: (len(chosen), _preference_loss(chosen, rejected)), f"bias tune ({towards})")
 
 
 TASK_PREFIX = "Answer:"
@@ -300,4 +302,4 @@ def harmful_finetune(
         return [(chat_format(tok, p), f"{TASK_PREFIX} {a.strip()}{tok.eos_token}")
                 for p, a in zip(harmless.column("prompt") + harmful.column("prompt"), own + comply)]
 
-    return _cached_tune("attack", aligned, data, config, use_cache, examples, "harmful fine-tune")
+    return _cached_tune("attack", aligned, data, config, use_cache, _lm_objective(examples), "harmful fine-tune")
