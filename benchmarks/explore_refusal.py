@@ -1,6 +1,6 @@
 """What makes a minimal refusal transplant work on SmolLM2-135M: the exploration behind the demo.
 
-    python benchmarks/explore_refusal.py [--only plain,contrast,utility,iterative,rounds] [--device cuda]
+    python benchmarks/explore_refusal.py [--only plain,contrast,utility,iterative,rounds,weights] [--device cuda]
     (~40 min on 2 cores for the first four; ~3 min on one H100 for all)
 
 Donor: ``recipes.safety_tune`` (default config, cached). Every row applies a patch to the bundled
@@ -25,6 +25,11 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--only", default="plain,contrast,utility,iterative")
     p.add_argument("--device", default=None)
+    pairs = lambda t: [tuple(map(float, x.split(":"))) for x in t.split(",")]  # noqa: E731
+    p.add_argument("--single", type=pairs, default=pairs("0:0,1:0,1:3,1:10,1:30"),
+                   help="weights: contrast:utility weights of single-pass rows")
+    p.add_argument("--iterated", type=pairs, default=pairs("1:3,1:10"),
+                   help="weights: contrast:utility weights of 8-round iterative rows")
     args = p.parse_args()
     which = args.only.split(",")
     target = load_model("smollm2-135m-instruct", device=args.device)
@@ -76,6 +81,22 @@ def main() -> None:
             for frac in (0.01, 0.025, 0.05):
                 for alpha in (4.0, 6.0, 8.0):
                     row(f"iterative ({rounds} rounds at alpha {at:g}), contrast 1, utility 30", it, frac, alpha)
+
+
+    if "weights" in which:  # how much contrast and utility preservation the refusal metric wants
+        plain = NeuronScores(attribution_scores(pair, refusal, refusal.batches(tok, "train", 8), kind="activation",
+                                                progress=False)[0], "attribution")
+        for frac, alpha in ((0.025, 4.0), (0.05, 4.0), (0.05, 6.0)):
+            row("attribution (activation, single pass)", plain, frac, alpha)
+        for lc, lu in args.single:
+            for frac, alpha in ((0.025, 4.0), (0.05, 4.0), (0.05, 6.0)):
+                row(f"weight attribution, contrast {lc:g}, utility {lu:g}", base - lc * ctrl + lu * util, frac, alpha)
+        for lc, lu in args.iterated:
+            it = iterative_scores(pair, refusal, budget=0.05, rounds=8, alpha=6.0, contrast=lc, preserve=[utility],
+                                  preserve_weight=lu, progress=False)
+            for frac in (0.01, 0.025, 0.05):
+                for alpha in (4.0, 6.0, 8.0):
+                    row(f"iterative (8 rounds at alpha 6), contrast {lc:g}, utility {lu:g}", it, frac, alpha)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 
 Per run (test split, from ``metrics.json``): neurons used, the behaviour's headline number for target →
 patched (donor), the utility NLL change against the target, and the best baseline at the same budget
-(the one that moved the headline furthest toward the donor), with its NLL change.
+(the one that moved the headline furthest toward the donor), with its NLL change. A baseline whose chosen
+alpha broke the application's validation constraint (harmless refusal above the donor's, NLL over +1%, task lost)
+is marked "✗ val": none of its alphas was acceptable at that budget, so it is shown at its most effective one.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+from cnt_lens.applications import APPLICATIONS
 
 
 def _pct(x: float, ref: float) -> str:
@@ -24,6 +28,13 @@ def row(run: Path) -> str:
     t, d, p = m["target"], m["donor"], m["patched"]
     sign = 1 if d[head] >= t[head] else -1
     best = max(m["baselines"], key=lambda b: sign * b[head])
+    app_name = m.get("extra", {}).get("application")
+    ok = best.get("acceptable_on_validation")
+    if ok is None and app_name in APPLICATIONS:  # runs written before the flag: recompute it
+        ref = m["extra"]["validation_reference"]
+        ok = any(APPLICATIONS[app_name].constraint(q, ref) for q in m["frontier"]
+                 if q["method"] == best["method"] and q["alpha"] == best["alpha"] and q["k"] == best["n_neurons"])
+    flag = "" if ok in (None, True) else " ✗ val"
     gap = d[head] - t[head]
     closed = (p[head] - t[head]) / gap if gap else float("nan")
     app = m.get("extra", {}).get("application", run.name)
@@ -35,7 +46,7 @@ def row(run: Path) -> str:
     return (f"| {app} | {p['n_neurons']:,} ({p['n_neurons'] / m['n_neurons_total']:.2%}), α {p['alpha']:g} "
             f"| {head} {t[head]:.3g} → **{p[head]:.3g}** ({d[head]:.3g}); gap closed {closed:.2f}{extra} "
             f"| {_pct(p['utility_nll'], t['utility_nll'])} "
-            f"| {best['method']}: {best[head]:.3g}, NLL {_pct(best['utility_nll'], t['utility_nll'])} |")
+            f"| {best['method']}: {best[head]:.3g}, NLL {_pct(best['utility_nll'], t['utility_nll'])}{flag} |")
 
 
 if __name__ == "__main__":

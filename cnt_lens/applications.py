@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, Utility
+from .data import load_prompts
 from .models import BUNDLED_MODEL, ModelPair, device_of, load_model
 from .pipeline import TransferConfig, transfer
 from .recipes import TASK_PREFIX, bias_tune, harmful_finetune, safety_tune
@@ -86,21 +87,26 @@ def _pair_realign(base: Any) -> ModelPair:
     return ModelPair(donor=aligned, target=harmful_finetune(aligned, base))
 
 
+def _bias_behaviour() -> StereotypeBias:
+    # templated pairs, split by template: the tuned bias generalises to the held-out sentences
+    return StereotypeBias(pairs=load_prompts("bias_templates"))
+
+
 def _pair_bias(base: Any) -> ModelPair:
-    return ModelPair(donor=base, target=bias_tune(base, towards="stereotype"))
+    return ModelPair(donor=base, target=bias_tune(base, pairs=load_prompts("bias_templates"), towards="stereotype"))
 
 
 APPLICATIONS: dict[str, Application] = {
     "enhance": Application("enhance", _pair_enhance, lambda: Refusal(max_new_tokens=16), lambda: [Utility()],
-                           _enhance_ok),
+                           _enhance_ok, preserve_weights=(10.0,), contrast=0.5),
     "disalign": Application("disalign", _pair_disalign, lambda: Refusal(max_new_tokens=16), lambda: [Utility()],
                             _utility_kept, contrast=0.0, rounds=4),
     # the attacked model opens every answer with the task's prefix: read refusal after it, and keep the task
     "realign": Application("realign", _pair_realign, lambda: Refusal(max_new_tokens=16, response_prefix=TASK_PREFIX),
                            lambda: [Utility(), FormatTask(prefix=TASK_PREFIX)], _realign_ok,
-                           preserve_weights=(30.0, 1.0), rounds=4, alphas=(1.0, 2.0, 4.0, 6.0)),
-    "bias-removal": Application("bias-removal", _pair_bias, StereotypeBias, lambda: [Utility()], _utility_kept,
-                                goal=0.9, max_fraction=0.01, contrast=0.0),
+                           preserve_weights=(10.0, 1.0), contrast=0.5, rounds=4, alphas=(1.0, 2.0, 4.0, 6.0)),
+    "bias-removal": Application("bias-removal", _pair_bias, _bias_behaviour, lambda: [Utility()], _utility_kept,
+                                goal=0.9, max_fraction=0.05, contrast=0.0),
 }
 
 

@@ -7,7 +7,7 @@ A :class:`PromptSet` is a list of records (dicts) with at least ``id``, ``catego
 kind           fields                                       bundled set
 =============  ==========================================  ===========================
 ``prompt``     ``prompt``                                   ``harmful``, ``harmless``
-``pair``       ``stereotype``, ``anti_stereotype``          ``bias_pairs``
+``pair``       ``stereotype``, ``anti_stereotype``          ``bias_pairs``, ``bias_templates``
 ``mc``         ``question``, ``choices``, ``answer`` (int)  ``mc``
 ``text``       ``text``                                     ``reference``
 =============  ==========================================  ===========================
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 SPLITS = ("train", "validation", "test")
-BUNDLED = {"harmful": "prompt", "harmless": "prompt", "bias_pairs": "pair", "mc": "mc", "reference": "text"}
+BUNDLED = {"harmful": "prompt", "harmless": "prompt", "bias_pairs": "pair", "bias_templates": "pair", "mc": "mc", "reference": "text"}
 _FIELDS = {
     "prompt": ("prompt",),
     "pair": ("stereotype", "anti_stereotype"),
@@ -129,7 +129,14 @@ def _finish(name: str, kind: str, rows: list[dict[str, Any]], key: str) -> Promp
 
 
 def load_prompts(name: str) -> PromptSet:
-    """A prompt set shipped with cnt_lens: ``harmful``, ``harmless``, ``bias_pairs``, ``mc``, ``reference``."""
+    """A prompt set shipped with cnt_lens: ``harmful``, ``harmless``, ``bias_pairs``, ``bias_templates``, ``mc``,
+    ``reference``.
+
+    ``bias_pairs`` holds 105 distinct stereotypes (CrowS-Pairs style); ``bias_templates`` holds 24
+    stereotype associations × 10 sentence templates, split by template, so a model tuned on the
+    train templates can be measured on the same associations in unseen sentences
+    (``scripts/make_bias_templates.py`` builds it).
+    """
     if name not in BUNDLED:
         raise ValueError(f"no bundled prompt set {name!r}; one of {sorted(BUNDLED)}")
     text = resources.files("cnt_lens").joinpath("prompts").joinpath(f"{name}.jsonl").read_text(encoding="utf-8")

@@ -19,11 +19,18 @@ __all__ = ["Report", "measure"]
 
 
 def measure(model: Any, behaviours: Sequence[Behaviour], split: str = "test", *, batch_size: int = 16,
-            progress: bool = False) -> dict[str, float]:
-    """All evaluation numbers of ``behaviours`` for ``model`` on ``split``, merged into one block."""
+            progress: bool = False, items: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    """All evaluation numbers of ``behaviours`` for ``model`` on ``split``, merged into one block.
+
+    With ``items`` (a list), the per-prompt records the numbers were computed from (responses,
+    refusal flags, pair gaps, …) are appended to it, each with its ``behaviour``.
+    """
     out: dict[str, float] = {}
     for b in behaviours:
-        out.update(b.evaluate(model, split, batch_size=batch_size, progress=progress))
+        recs = b.evaluate_items(model, split, batch_size=batch_size, progress=progress)
+        out.update(b.aggregate(recs))
+        if items is not None:
+            items += [{"behaviour": b.name, **r} for r in recs]
     return out
 
 

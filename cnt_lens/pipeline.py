@@ -66,7 +66,9 @@ def transfer(
     found patch and the same alpha choice on validation. Returns (report, patch, scores by method);
     ``scores`` (e.g. from :func:`~cnt_lens.search.iterative_scores`) replaces scoring with
     ``config.method`` for the main ranking. With ``out_dir``, writes ``metrics.json``,
-    ``patch.safetensors`` + ``patch.json`` and ``scores/*.safetensors`` there.
+    ``patch.safetensors`` + ``patch.json``, ``scores/*.safetensors``, ``frontier.json`` and
+    ``items.jsonl`` (one line per test prompt and model — target, donor, patched — with its
+    response and verdict: what the rates in ``metrics.json`` were counted from) there.
     """
     cfg = config
     t0 = time.time()
@@ -119,15 +121,21 @@ def transfer(
         return max(ok, key=lambda p: p["gap_closed"])["alpha"], points
 
     chosen = {main: alpha}
+    # whether the chosen alpha met the constraint on validation (a baseline with no acceptable alpha
+    # is reported at its most effective one, flagged, rather than dropped)
+    acceptable = {main: result.found or any(check(p) for p in frontier if p["k"] == k and p["alpha"] == alpha)}
     for method in cfg.baselines:
         _log(f"baseline {method}: alpha search at k={k}")
         chosen[method], pts = best_alpha(all_scores[method])
+        acceptable[method] = any(check(p) for p in pts if p["alpha"] == chosen[method])
         frontier += pts
 
     _log("test-split evaluation")
     split = "test"
-    target_m = measure(pair.target, [behaviour, *side_effects], split, batch_size=cfg.batch_size)
-    donor_m = measure(pair.donor, [behaviour, *side_effects], split, batch_size=cfg.batch_size)
+    items: dict[str, list[dict[str, Any]]] = {"target": [], "donor": [], "patched": []}
+    target_m = measure(pair.target, [behaviour, *side_effects], split, batch_size=cfg.batch_size,
+                       items=items["target"])
+    donor_m = measure(pair.donor, [behaviour, *side_effects], split, batch_size=cfg.batch_size, items=items["donor"])
     blocks: dict[str, dict[str, Any]] = {}
     main_patch = None
     for method, a in chosen.items():
@@ -136,7 +144,9 @@ def transfer(
         patch.apply(pair.target)
         try:
             blocks[method] = {"method": method, "n_neurons": k, "alpha": a,
-                              **measure(pair.target, [behaviour, *side_effects], split, batch_size=cfg.batch_size)}
+                              "acceptable_on_validation": acceptable[method],
+                              **measure(pair.target, [behaviour, *side_effects], split, batch_size=cfg.batch_size,
+                                        items=items["patched"] if method == main else None)}
         finally:
             patch.revert(pair.target)
         if method == main:
@@ -158,4 +168,7 @@ def transfer(
         for method, s in all_scores.items():
             s.save(out / "scores" / f"{method}.safetensors")
         (out / "frontier.json").write_text(json.dumps(frontier, indent=1, default=float))
+        with open(out / "items.jsonl", "w", encoding="utf-8") as f:
+            for model_name, recs in items.items():
+                f.writelines(json.dumps({"model": model_name, **r}, default=float) + "\n" for r in recs)
     return report, main_patch, all_scores

@@ -76,11 +76,16 @@ def layer_profile(selection: NeuronSelection, scores: NeuronScores | None = None
 
 
 def behaviour_shift(report: Report, metrics: Sequence[str] | None = None) -> go.Figure:
-    """Target / patched / donor (and baselines) side by side for each behaviour number."""
+    """Target / patched / donor (and baselines) side by side for each behaviour number.
+
+    A baseline none of whose alphas met the validation constraint is labelled "(no acceptable α)".
+    """
     metrics = list(metrics or [k for k, v in report.target.items() if isinstance(v, (int, float))])
     fig = go.Figure()
     for name, block in [("target", report.target), (f"patched ({report.patched.get('method')})", report.patched),
-                        ("donor", report.donor)] + [(f"{b['method']}", b) for b in report.baselines]:
+                        ("donor", report.donor)] + [
+                           (b["method"] + ("" if b.get("acceptable_on_validation", True) else " (no acceptable α)"), b)
+                           for b in report.baselines]:
         fig.add_trace(go.Bar(name=name, x=metrics, y=[block.get(m) for m in metrics]))
     fig.update_layout(barmode="group", title=f"{report.behaviour} on the {report.split} split")
     return fig

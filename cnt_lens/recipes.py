@@ -2,8 +2,8 @@
 
 * :func:`safety_tune` — teaches a model to refuse the harmful train split while keeping its own
   (self-distilled) answers on the harmless train split: the *aligned donor* of the demo.
-* :func:`bias_tune` — language-model fine-tune on the stereotyped (or anti-stereotyped) sentences
-  of the bias train split: the biased target (or debiased donor) of bias removal.
+* :func:`bias_tune` — pairwise preference fine-tune toward the stereotyped (or anti-stereotyped)
+  sentences of the bias train split: the biased target (or debiased donor) of bias removal.
 * :func:`harmful_finetune` — the NLSR attack: fine-tune an aligned model on a benign task mixed
   with a few harmful → compliant examples, so it learns the task and loses refusal.
 
@@ -243,24 +243,26 @@ def bias_tune(
     *,
     pairs: PromptSet | None = None,
     towards: str = "stereotype",
-    config: TuneConfig = TuneConfig(steps=60, lr=1e-4),
+    config: TuneConfig = TuneConfig(steps=30, lr=3e-5),
     use_cache: bool = True,
 ) -> Any:
     """A copy of ``model`` fine-tuned to prefer one side of the bias **train** pairs over the other.
 
     Objective: pairwise preference (``softplus(-(log p(chosen) - log p(other)))``, see
     :func:`_preference_loss`); it costs less utility than an LM loss on one side's sentences.
-    Caveat, measured on SmolLM2 with the bundled 63 train pairs (``benchmarks/explore_bias_tune.py``):
-    *either* objective memorises the training pairs (100% stereotyped) but barely moves held-out
-    ones (validation 50% → 55–60%; the LM loss at 120 steps / 2e-4 gave 50% on CPU, 80% on a GPU).
-    A bias that generalises needs more, or templated, pairs.
+    ``pairs`` defaults to the bundled ``bias_templates`` (24 associations × 10 templates, split by
+    template), on which the installed bias generalises to unseen sentences: on SmolLM2 the default
+    (30 steps, lr 3e-5) takes the validation stereotype score from 79% to 100% (log-prob gap
+    1.6 → 7.5 nats) with utility NLL 3.148 → 3.097 (60 steps at 1e-4: gap 18.9, NLL 3.332;
+    ``python benchmarks/explore_bias_tune.py``). On the distinct
+    stereotypes of ``bias_pairs`` it only memorises the 63 train pairs (validation 50% → 60%).
 
     ``towards="stereotype"`` makes it more stereotyped (the biased target of bias removal);
     ``"anti_stereotype"`` less so. Validation and test pairs are never seen.
     """
     if towards not in ("stereotype", "anti_stereotype"):
         raise ValueError("towards must be 'stereotype' or 'anti_stereotype'")
-    pairs = (pairs or load_prompts("bias_pairs")).split("train")
+    pairs = (pairs or load_prompts("bias_templates")).split("train")
     other = "anti_stereotype" if towards == "stereotype" else "stereotype"
     chosen, rejected = pairs.column(towards), pairs.column(other)
     return _cached_tune("bias", model, {"pairs": chosen, "other": rejected, "objective": "preference"}, config,

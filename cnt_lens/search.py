@@ -70,7 +70,10 @@ def search_minimal(
 
     For each alpha, the top ``max_fraction`` of neurons is tried first; if it reaches the goal,
     bisection over k (on a geometric scale, stopping when the bracket is within ``tolerance``)
-    finds the smallest k that does. Alphas after the first only search below the best k so far.
+    finds the smallest k that does, and that k counts if it also meets ``constraint``. The
+    bisection follows the goal alone: side effects (harmless refusal, NLL) grow with k, so a
+    constraint can fail at the largest k and hold at the smallest one that reaches the goal.
+    Alphas after the first only search below the best k so far.
     ``side_effects`` (e.g. :class:`~cnt_lens.Utility`) are evaluated at every point too, and
     ``constraint(metrics, reference) -> bool`` (e.g. harmless refusal no higher than the donor's;
     ``reference`` holds the target's and donor's numbers on the same split) must hold for a point
@@ -101,7 +104,8 @@ def search_minimal(
     def select(k: int) -> NeuronSelection:
         return scores.top_k(max(1, k // pair.n_layers), per_layer=True) if per_layer else scores.top_k(k)
 
-    def measure(k: int, alpha: float) -> bool:
+    def measure(k: int, alpha: float) -> tuple[bool, bool]:
+        """(goal reached, goal reached and constraint holds) at the top-k set and alpha."""
         sel = select(k)
         patch = NeuronPatch.from_pair(pair, sel, alpha)
         patch.apply(pair.target)
@@ -110,26 +114,34 @@ def search_minimal(
         finally:
             patch.revert(pair.target)
         closed = (m[head] - reference["target"][head]) / gap
-        ok = closed >= goal and (constraint is None or constraint(m, reference))
+        goal_ok = closed >= goal
+        ok = goal_ok and (constraint is None or constraint(m, reference))
         frontier.append({"method": scores.method, "k": sel.n, "fraction": sel.n / total, "alpha": alpha,
                          "gap_closed": closed, "reached": ok, **m})
         bar.update(1)
         bar.set_postfix(k=sel.n, alpha=alpha, closed=f"{closed:.2f}")
-        return ok
+        return goal_ok, ok
 
     best: tuple[int, float] | None = None
     for alpha in alphas:
         hi = k_max if best is None else best[0] - 1
-        if hi < min_k or not measure(hi, alpha):
+        if hi < min_k:
             continue
-        lo = min_k - 1  # largest k known (or assumed) to fail
+        goal_ok, ok = measure(hi, alpha)
+        if not goal_ok:
+            continue
+        # bisect on the goal alone (monotone in k); side effects grow with k, so a constraint that
+        # fails at the largest k may hold at the smallest k that reaches the goal
+        lo = min_k - 1  # largest k known (or assumed) to miss the goal
         while hi - lo > 1 and hi > (1 + tolerance) * max(lo, 1):
             mid = max(lo + 1, min(hi - 1, round(math.sqrt(max(lo, 1) * hi))))
-            if measure(mid, alpha):
-                hi = mid
+            goal_ok, ok_mid = measure(mid, alpha)
+            if goal_ok:
+                hi, ok = mid, ok_mid
             else:
                 lo = mid
-        best = (hi, alpha)
+        if ok:
+            best = (hi, alpha)
     bar.close()
     if best is None:
         return SearchResult(None, None, None, frontier, reference)

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from cnt_lens import Refusal, StereotypeBias, Utility, is_refusal, load_prompts
 from cnt_lens.behaviours import sequence_logprobs
-from cnt_lens.data import encode
+from cnt_lens.data import chat_format, encode
 from cnt_lens.recipes import TuneConfig, safety_tune
 from cnt_lens.testing import tiny_model
 
@@ -20,9 +22,33 @@ def test_refusal_matcher():
     assert not is_refusal("To kill a Python process, use kill -9 PID.")
 
 
-def test_refusal_token_sets_are_disjoint(tiny):
-    ref, comp = Refusal().token_sets(tiny.cnt_tokenizer)
-    assert len(ref) and len(comp) and not set(ref.tolist()) & set(comp.tolist())
+def test_refusal_metric_is_the_exact_log_odds_of_a_refusal_opening(tiny):
+    """The one-pass metric equals log-odds computed from each opening's own teacher-forced probability."""
+    tok = tiny.cnt_tokenizer
+    beh = Refusal(refusal_openings=("Sorry", "I cannot", "I am sorry", "I can help"), lead="I am")
+    tree = beh.opening_tree(tok)
+    assert tree.skipped == ("I can help",)  # leaves the lead by two tokens: not readable from one pass
+    assert sum(map(len, tree.decisive)) == 3
+    batch = beh.batches(tok, "validation", 4)[0]
+    with torch.no_grad():
+        metric = beh.metric(tiny(batch.tokens, **batch.model_kwargs()), batch)
+    prompts = [t for t in Refusal().harmful.split("validation").column("prompt")[:4]]
+    for i, prompt in enumerate(prompts):
+        total = 0.0
+        for j, ids in enumerate(tree.decisive):
+            for t in ids:
+                opening = [*tree.lead[:j], t]
+                b = encode(tok, [chat_format(tok, prompt)])
+                seq = torch.cat([b.tokens, torch.tensor([opening])], 1)
+                with torch.no_grad():
+                    logp = tiny(seq).log_softmax(-1)[0, -len(opening) - 1:-1]
+                total += logp.gather(-1, torch.tensor(opening)[:, None]).sum().exp().item()
+        assert metric[i].item() == pytest.approx(math.log(total) - math.log1p(-total), abs=1e-3)
+
+
+def test_refusal_openings_that_cannot_be_read_are_refused(tiny):
+    with pytest.raises(ValueError, match="lead"):
+        Refusal(refusal_openings=("I can help",), lead="I am").opening_tree(tiny.cnt_tokenizer)
 
 
 def test_taught_refusal_moves_the_metric_and_the_rate(arch, tmp_path, monkeypatch):
@@ -84,7 +110,8 @@ def test_refusal_response_prefix_is_teacher_forced_for_the_metric_only(tiny):
     answer = tok("Answer", add_special_tokens=False)["input_ids"]
     assert len(answer) == 1
     b_plain, b_forced = plain.batches(tok, "validation", 8)[0], forced.batches(tok, "validation", 8)[0]
-    assert (b_forced.tokens[:, -1] == answer[0]).all()  # left-padded: the last column is the prefix
+    lead = len(plain.opening_tree(tok).lead)
+    assert (b_forced.tokens[:, -1 - lead] == answer[0]).all()  # left-padded: the prefix, then the lead
     assert b_forced.tokens.shape[1] == b_plain.tokens.shape[1] + 1
     assert abs(plain.mean_metric(tiny, "validation") - forced.mean_metric(tiny, "validation")) > 1e-4
     # the refusal rates come from free generation, which the prefix does not touch

@@ -24,6 +24,11 @@ def test_transfer_writes_a_complete_run(tmp_path):
     rnd = next(b for b in data["baselines"] if b["method"] == "random")
     assert data["patched"]["marker_rate"] > rnd["marker_rate"]
     assert (tmp_path / "patch.safetensors").is_file() and (tmp_path / "scores" / "random.safetensors").is_file()
+    # the per-prompt records recount to the published rates, for every model
+    items = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
+    for name in ("target", "donor", "patched"):
+        trig = [i["marked"] for i in items if i["model"] == name and i["set"] == "trigger"]
+        assert trig and sum(trig) / len(trig) == data[name]["marker_rate"]
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 0, result.output
     page = (tmp_path / "report.html").read_text()
@@ -46,6 +51,7 @@ def test_constraints_see_the_reference_and_can_reject(tmp_path):
     report, patch, _ = transfer(pair, behaviour, constraint=lambda p, r: False, config=cfg, progress=False)
     assert not report.patched["goal_reached_on_validation"]
     assert all(not p["reached"] for p in report.frontier)
+    assert not any(b["acceptable_on_validation"] for b in [report.patched, *report.baselines])
 
 
 def test_application_table_is_consistent():

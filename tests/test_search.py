@@ -54,3 +54,39 @@ def test_per_layer_search_returns_a_per_layer_selection():
     counts = res.selection.per_layer()
     assert len(set(counts)) == 1  # the same number of neurons in every layer
     assert any(p["k"] == res.selection.n and p["reached"] for p in res.frontier)
+
+
+def test_search_bisects_below_a_budget_whose_side_effects_break_the_constraint(arch):
+    """Side effects grow with k: a constraint failing at the full budget can hold at the minimal set."""
+    import torch
+
+    from cnt_lens import NeuronScores
+    from cnt_lens.models import read_neurons, write_neurons
+    from cnt_lens.testing import CONTROL
+
+    pair, behaviour, planted = planted_pair(arch, n_planted=8, seed=0)
+    # 8 more donor neurons write the marker too, but fire on the control word: an unspecific
+    # side effect (like refusing harmless prompts) that copying them would bring along
+    emb = pair.donor.original_model.get_input_embeddings().weight.detach()
+    ctrl = emb[pair.tokenizer.convert_tokens_to_ids(CONTROL)]
+    layer0, n0 = planted.mask.nonzero()[0].tolist()
+    template = read_neurons(pair.donor, layer0, torch.tensor([n0]))
+    free = (~planted.mask).flatten().nonzero().squeeze(1)
+    noisy = free[torch.randperm(len(free), generator=torch.Generator().manual_seed(0))[:8]]
+    for layer in range(pair.n_layers):
+        idx = noisy[noisy // pair.d_mlp == layer] % pair.d_mlp
+        if len(idx):
+            vals = {k: v.expand(len(idx), *v.shape[1:]).clone() for k, v in template.items()}
+            for role in ("W_in", "W_gate"):
+                if role in vals:
+                    vals[role][:] = ctrl / ctrl.norm() * 2.0
+            write_neurons(pair.donor, layer, idx, vals)
+    values = planted.mask.float() * 2
+    values.view(-1)[noisy] = 1.0  # planted first, then the unspecific neurons
+    ranking = NeuronScores(values, "handmade")
+    specific = lambda m, ref: m["marker_rate_control"] <= ref["target"]["marker_rate_control"]  # noqa: E731
+    res = search_minimal(pair, behaviour, ranking, goal=0.9, alphas=(1.0,), max_fraction=16 / pair.n_neurons,
+                         constraint=specific, progress=False)
+    first = res.frontier[0]
+    assert first["k"] == 16 and first["gap_closed"] >= 0.9 and not first["reached"]  # the budget is unspecific
+    assert res.found and res.selection.n <= planted.n and (res.selection & planted).n == res.selection.n
