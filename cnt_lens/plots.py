@@ -64,11 +64,15 @@ def selection_heatmap(scores: NeuronScores, selection: NeuronSelection | None = 
 
 
 def layer_profile(selection: NeuronSelection, scores: NeuronScores | None = None) -> go.Figure:
-    """Selected neurons per layer (bars) and, with scores, the positive score mass per layer (line)."""
+    """Selected neurons per layer (bars) and, with scores, the positive score mass per layer (line).
+
+    Rank-valued scores (:func:`~cnt_lens.search.iterative_scores`, whose ``meta`` has ``rounds``)
+    get no line: a sum of ranks measures nothing.
+    """
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     layers = list(range(selection.shape[0]))
     fig.add_trace(go.Bar(x=layers, y=selection.per_layer(), name="selected neurons"), secondary_y=False)
-    if scores is not None:
+    if scores is not None and "rounds" not in scores.meta:
         mass = torch.nan_to_num(scores.values, nan=0.0).clamp(min=0).sum(1)
         fig.add_trace(go.Scatter(x=layers, y=mass.tolist(), name="positive score mass"), secondary_y=True)
     fig.update_layout(title="selection per layer", xaxis_title="layer")

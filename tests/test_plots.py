@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from cnt_lens import Report, score
+from cnt_lens import NeuronScores, Report, score
 from cnt_lens.plots import behaviour_shift, frontier, layer_profile, selection_heatmap, transfer_figure
 
 
@@ -42,6 +42,8 @@ def test_layer_profile_counts(planted):
     fig = layer_profile(sel, s)
     assert list(fig.data[0].y) == sel.per_layer()
     assert list(fig.data[1].y) == s.values.clamp(min=0).sum(1).tolist()
+    ranks = NeuronScores(s.values, "iterative_weight_attribution", meta={"rounds": 2})
+    assert len(layer_profile(sel, ranks).data) == 1  # no score-mass line for rank-valued scores
 
 
 def test_behaviour_shift_and_transfer_figure(planted):
