@@ -102,7 +102,8 @@ APPLICATIONS: dict[str, Application] = {
     "disalign": Application("disalign", _pair_disalign, lambda: Refusal(max_new_tokens=16), lambda: [Utility()],
                             _utility_kept, contrast=0.0, rounds=4),
     # the attacked model opens every answer with the task's prefix: read refusal after it, and keep the task
-    "realign": Application("realign", _pair_realign, lambda: Refusal(max_new_tokens=16, response_prefix=TASK_PREFIX),
+    "realign": Application("realign", _pair_realign, lambda: Refusal(max_new_tokens=16, response_prefix=TASK_PREFIX,
+                                                                  toward=1.0),
                            lambda: [Utility(), FormatTask(prefix=TASK_PREFIX)], _realign_ok,
                            preserve_weights=(10.0, 1.0), contrast=0.5, rounds=4, alphas=(1.0, 2.0, 4.0, 6.0)),
     "bias-removal": Application("bias-removal", _pair_bias, _bias_behaviour, lambda: [Utility()], _utility_kept,

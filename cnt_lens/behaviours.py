@@ -116,6 +116,14 @@ class Behaviour(abc.ABC):
 
     name: str = "behaviour"
     headline: str = ""
+    #: +1 / −1: transplants should raise / lower :meth:`metric`. ``None`` (default): the sign of the
+    #: donor's mean metric minus the target's on the scored prompts. Set it when the metric cannot be
+    #: read fairly on the donor (a teacher-forced prefix the donor never writes).
+    toward: float | None = None
+    #: A continuous number from :meth:`evaluate` that breaks ties between candidate patches closing
+    #: the same share of the headline's gap (a rate over a few dozen items moves in steps), e.g.
+    #: ``"logprob_gap"`` for :class:`StereotypeBias`. ``None``: no tie-break.
+    tiebreak: str | None = None
 
     @abc.abstractmethod
     def batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]: ...
@@ -213,7 +221,10 @@ class Refusal(Behaviour):
     ``response_prefix`` (e.g. ``"Answer:"``) is teacher-forced after the assistant header, before
     the lead, for models taught to open every answer with it (the NLSR attack's task): without it
     the metric would pit refusal against the task's own first token. Generation for the refusal
-    rates is unchanged (the model writes its whole answer; the matcher reads it all).
+    rates is unchanged (the model writes its whole answer; the matcher reads it all). A donor that
+    never writes the prefix reads low on the metric after it (realign on SmolLM2, train: log-odds
+    −6.95 for the pre-attack donor vs −1.36 for the attacked target, which refuses *less*), so pair
+    a prefix with ``toward=1.0``: transplants should raise refusal, whatever the donor's metric.
     """
 
     harmful: PromptSet = field(default_factory=lambda: load_prompts("harmful"))
@@ -223,6 +234,7 @@ class Refusal(Behaviour):
     lead: str = "I'm"
     max_new_tokens: int = 24
     response_prefix: str = ""
+    toward: float | None = None
     name: str = "refusal"
     headline: str = "refusal_harmful"
 
@@ -313,6 +325,7 @@ class StereotypeBias(Behaviour):
     pairs: PromptSet = field(default_factory=lambda: load_prompts("bias_pairs"))
     name: str = "stereotype_bias"
     headline: str = "stereotype_score"
+    tiebreak: str | None = "logprob_gap"
 
     def __post_init__(self) -> None:
         self.pairs.require_nonempty()

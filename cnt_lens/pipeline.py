@@ -47,6 +47,22 @@ def _log(msg: str) -> None:
     print(f"[cnt-lens {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def rank_key(point: dict[str, Any], reference: dict[str, dict[str, float]],
+             behaviour: Behaviour) -> tuple[float, float]:
+    """Order validation points: share of the headline gap closed, then of ``behaviour.tiebreak``'s gap.
+
+    A thresholded headline (the share of pairs that prefer the stereotype) ties many points at the same
+    value; the tie-break prefers the one that moved the continuous number furthest toward the donor.
+    """
+    second = 0.0
+    tb = behaviour.tiebreak
+    if tb and tb in point and tb in reference.get("donor", {}) and tb in reference.get("target", {}):
+        gap = reference["donor"][tb] - reference["target"][tb]
+        if gap:
+            second = (point[tb] - reference["target"][tb]) / gap
+    return point["gap_closed"], second
+
+
 def transfer(
     pair: ModelPair,
     behaviour: Behaviour,
@@ -88,6 +104,9 @@ def transfer(
     def check(point: dict[str, float]) -> bool:
         return constraint is None or constraint(point, reference)
 
+    def better(point: dict[str, Any]) -> tuple[float, float]:
+        return rank_key(point, reference, behaviour)
+
     _log(f"search_minimal over alphas {list(cfg.alphas)} up to {cfg.max_fraction:.1%} of neurons")
     result = search_minimal(pair, behaviour, all_scores[main], goal=cfg.goal, alphas=cfg.alphas,
                             max_fraction=cfg.max_fraction, side_effects=side_effects,
@@ -100,7 +119,7 @@ def transfer(
     else:
         # Report the best point the search saw within budget: the most gap closed among acceptable points.
         ok = [p for p in frontier if check(p)] or frontier
-        best = max(ok, key=lambda p: p["gap_closed"])
+        best = max(ok, key=better)
         k, alpha = best["k"], best["alpha"]
         _log(f"goal not reached within {cfg.max_fraction:.1%}; best acceptable point: {k} neurons, alpha {alpha}")
 
@@ -118,7 +137,7 @@ def transfer(
             points.append({"method": scores.method, "k": k, "fraction": k / pair.n_neurons, "alpha": a,
                            "gap_closed": closed, "reached": closed >= cfg.goal and check(m), **m})
         ok = [p for p in points if check(p)] or points
-        return max(ok, key=lambda p: p["gap_closed"])["alpha"], points
+        return max(ok, key=better)["alpha"], points
 
     chosen = {main: alpha}
     # whether the chosen alpha met the constraint on validation (a baseline with no acceptable alpha

@@ -67,3 +67,22 @@ def test_application_table_is_consistent():
     assert realign.behaviour().response_prefix == TASK_PREFIX
     assert [b.name for b in realign.side_effects()] == ["utility", "format_task"]
     assert realign.side_effects()[1].prefix == TASK_PREFIX and 1.0 in realign.alphas
+
+
+def test_rank_key_breaks_headline_ties_with_the_continuous_number():
+    """Bias removal: every point still prefers the stereotype in all pairs (0 of the score gap closed); the
+    one that moved the log-prob gap furthest toward the donor must win, and a headline gain beats any tie-break."""
+    from cnt_lens import StereotypeBias, Refusal
+    from cnt_lens.pipeline import rank_key
+
+    reference = {"target": {"stereotype_score": 100.0, "logprob_gap": 7.5},
+                 "donor": {"stereotype_score": 80.0, "logprob_gap": 1.5}}
+    bias = StereotypeBias()
+    small = {"gap_closed": 0.0, "stereotype_score": 100.0, "logprob_gap": 7.0}
+    large = {"gap_closed": 0.0, "stereotype_score": 100.0, "logprob_gap": 3.0}
+    flipped = {"gap_closed": 0.05, "stereotype_score": 99.0, "logprob_gap": 6.9}
+    assert max([small, large], key=lambda p: rank_key(p, reference, bias)) is large
+    assert rank_key(large, reference, bias)[1] == (3.0 - 7.5) / (1.5 - 7.5)
+    assert max([small, large, flipped], key=lambda p: rank_key(p, reference, bias)) is flipped
+    # a behaviour without a tie-break orders by the headline alone
+    assert rank_key(large, reference, Refusal())[1] == 0.0

@@ -7,7 +7,7 @@ from cnt_lens import METHODS, BehaviourSignalError, NeuronPatch, NeuronSelection
 from cnt_lens.models import clone_model
 from cnt_lens.models import ModelPair
 from cnt_lens.scoring import patching_effects
-from cnt_lens.testing import planted_pair
+from cnt_lens.testing import CONTROL, MarkerBehaviour, planted_pair
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -148,7 +148,8 @@ def test_contrast_and_preserve_change_rankings_but_keep_specific_neurons(arch):
     assert contrasted.meta["contrast"] == 1.0 and not torch.allclose(contrasted.values, plain.values)
     assert contrasted.top_k(planted.n).overlap(planted) >= 0.95
     kept = score(pair, behaviour, preserve=[Utility()], preserve_weight=2.0, progress=False)
-    assert kept.meta["preserve"] == ["utility"] and not torch.allclose(kept.values, plain.values)
+    # planted neurons are the only weights that differ and they do not hurt utility: nothing to penalise
+    assert kept.meta["preserve"] == ["utility"] and (kept.values <= plain.values + 1e-6).all()
 
 
 def test_preserve_weights_per_behaviour_add_linearly(arch):
@@ -156,9 +157,43 @@ def test_preserve_weights_per_behaviour_add_linearly(arch):
 
     pair, behaviour, _ = planted_pair(arch, n_planted=4, seed=6)
     plain = score(pair, behaviour, progress=False).values
-    one = score(pair, behaviour, preserve=[Utility()], preserve_weight=3.0, progress=False).values
-    two = score(pair, behaviour, preserve=[Utility(), Utility()], preserve_weight=[1.0, 2.0], progress=False)
+    # the planted neurons push every prompt toward "sorry", so they lower log p("cake"): harm to penalise
+    other = MarkerBehaviour(marker=CONTROL)
+    one = score(pair, behaviour, preserve=[other], preserve_weight=3.0, progress=False).values
+    two = score(pair, behaviour, preserve=[other, other], preserve_weight=[1.0, 2.0], progress=False)
     torch.testing.assert_close(two.values - plain, one - plain, rtol=1e-4, atol=1e-6)
     assert two.meta["preserve_weight"] == [1.0, 2.0]
+    assert (one <= plain + 1e-6).all() and (one < plain - 1e-6).any()  # a penalty, never a bonus
     with pytest.raises(ValueError, match="preserve weights"):
         score(pair, behaviour, preserve=[Utility()], preserve_weight=[1.0, 2.0], progress=False)
+
+
+def test_preserve_penalises_harm_only(arch):
+    """Preserving the behaviour itself costs nothing (every planted neuron helps it); preserving log p("cake")
+    costs each neuron w × its estimated harm to it, and no neuron gains from helping it."""
+    pair, behaviour, _ = planted_pair(arch, n_planted=4, seed=6)
+    plain = score(pair, behaviour, progress=False).values
+    same = score(pair, behaviour, preserve=[behaviour], preserve_weight=5.0, progress=False).values
+    torch.testing.assert_close(same, plain)
+    other = MarkerBehaviour(marker=CONTROL)
+    kept = score(pair, behaviour, preserve=[other], preserve_weight=5.0, progress=False).values
+    # the preserved metric's own estimate: score it as the behaviour (its sign points toward the donor)
+    alone = score(pair, other, progress=False)
+    toward = 1.0 if alone.meta["metric_donor"] > alone.meta["metric_target"] else -1.0
+    effect = alone.values * toward  # estimated change of log p("cake") per transplanted neuron
+    hurts = effect < -1e-6
+    assert hurts.any()
+    torch.testing.assert_close(kept, plain + 5.0 * effect.clamp(max=0.0), rtol=1e-4, atol=1e-5)
+
+
+def test_toward_fixes_the_direction_the_metric_would_infer(arch):
+    """A behaviour that declares ``toward`` is scored in that direction even when donor and target metrics disagree."""
+    pair, behaviour, planted = planted_pair(arch, n_planted=4, seed=3)
+    inferred = score(pair, behaviour, progress=False)
+    assert inferred.meta["metric_donor"] > inferred.meta["metric_target"] and "toward" not in inferred.meta
+    behaviour.toward = -1.0  # "transplants should lower log p(sorry)": the planted neurons now rank last
+    flipped = score(pair, behaviour, progress=False)
+    torch.testing.assert_close(flipped.values, -inferred.values)
+    assert flipped.meta["toward"] == -1.0 and flipped.top_k(planted.n).overlap(planted) == 0.0
+    behaviour.toward = 1.0
+    torch.testing.assert_close(score(pair, behaviour, progress=False).values, inferred.values)

@@ -61,10 +61,12 @@ def score(
     it belongs and not elsewhere (e.g. refusal of harmful but not of harmless requests).
 
     ``preserve`` (attribution methods): behaviours that must not degrade (e.g. ``Utility()``, whose
-    metric is −NLL); each neuron gains ``preserve_weight`` × its estimated effect on their metrics,
-    so neurons whose transplant would hurt them sink in the ranking. One weight, or one per
-    behaviour (metrics differ in scale: a mean NLL over every token moves far less per neuron than
-    a single-position log-probability).
+    metric is −NLL); each neuron loses ``preserve_weight`` × its estimated *harm* to their metrics
+    (``min(effect, 0)``), so neurons whose transplant would hurt them sink in the ranking. The
+    penalty is one-sided on purpose: where the donor is better on a preserved metric (realignment:
+    the pre-attack model has the lower NLL), a signed term would rank neurons for *improving* it
+    and crowd out the behaviour. One weight, or one per behaviour (metrics differ in scale: a mean
+    NLL over every token moves far less per neuron than a single-position log-probability).
 
     ``positions``: ``"all"`` real tokens (default; a weight transplant changes every position) or
     the last ``k``. Scores are accumulated in fp32 whatever the models' dtype.
@@ -109,7 +111,7 @@ def score(
         for keep, weight in zip(preserve, weights):
             kept, _, _ = attribution_scores(pair, keep, keep.batches(tok, split, batch_size), kind=kind,
                                             positions=positions, progress=progress)
-            values = values + weight * kept  # + estimated change of keep's metric
+            values = values + weight * kept.clamp(max=0.0)  # − estimated harm to keep's metric only
             meta.setdefault("preserve", []).append(keep.name)
         if preserve:
             meta["preserve_weight"] = weights if len(weights) > 1 else weights[0]
@@ -147,4 +149,6 @@ def score(
             values, k = baselines.exclude_utility(values, importance(utility), utility_quantile)
             meta.update(utility=utility.name, utility_quantile=utility_quantile, n_excluded=k)
     meta.update(metric_donor=direction.donor, metric_target=direction.target)
+    if behaviour.toward is not None:
+        meta["toward"] = direction.sign
     return NeuronScores(values, method, behaviour.name, n, meta)

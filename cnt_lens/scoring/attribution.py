@@ -111,6 +111,6 @@ def attribution_scores(
             metric.sum().backward()
         m_target += float(metric.detach().sum())
         n_items += metric.numel()
-    direction = Direction(m_donor / n_items, m_target / n_items)
+    direction = Direction(m_donor / n_items, m_target / n_items, behaviour.toward)
     direction.check(behaviour.name)
     return acc.cpu() / n_items, direction, n_items

@@ -44,13 +44,20 @@ def forward(model: Any, batch: Batch, hooks: list[Hook] = ()) -> Float[Tensor, "
 
 @dataclass
 class Direction:
-    """Mean behaviour metric of donor and target on the scored prompts, and the sign toward the donor."""
+    """Mean behaviour metric of donor and target on the scored prompts, and the sign toward the donor.
+
+    ``toward`` (the behaviour's own, +1 or −1) fixes the sign when the metric cannot be read fairly on
+    the donor; otherwise the sign is that of ``donor − target``.
+    """
 
     donor: float
     target: float
+    toward: float | None = None
 
     @property
     def sign(self) -> float:
+        if self.toward is not None:
+            return 1.0 if self.toward > 0 else -1.0
         return 1.0 if self.donor >= self.target else -1.0
 
     def check(self, behaviour: str) -> None:
@@ -74,7 +81,7 @@ def measure_direction(pair: ModelPair, behaviour: Behaviour, batches: list[Batch
                 m = behaviour.metric(model(b.tokens, **b.model_kwargs()), b).float()
             total, n = total + float(m.sum()), n + m.numel()
         sums.append(total / max(n, 1))
-    d = Direction(*sums)
+    d = Direction(*sums, behaviour.toward)
     d.check(behaviour.name)
     return d
 

@@ -127,6 +127,6 @@ def patching_effects(
                 effects[idx] += per_group.cpu()
                 bar.update(1)
     bar.close()
-    direction = Direction(m_donor / n_items, m_target / n_items)
+    direction = Direction(m_donor / n_items, m_target / n_items, behaviour.toward)
     direction.check(behaviour.name)
     return effects / n_items, direction, n_items
