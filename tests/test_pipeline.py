@@ -55,7 +55,8 @@ def test_constraints_see_the_reference_and_can_reject(tmp_path):
 
 
 def test_application_table_is_consistent():
-    """Every application preserves exactly its side effects, and realign reads refusal after the attack's prefix."""
+    """Every application preserves exactly its side effects and rounds at a searched scale; realign reads
+    refusal after the attack's prefix."""
     from cnt_lens.applications import APPLICATIONS
     from cnt_lens.recipes import TASK_PREFIX
 
@@ -63,6 +64,8 @@ def test_application_table_is_consistent():
         side = app.side_effects()
         assert len(app.preserve_weights) == len(side) and side[0].name == "utility"
         assert app.goal >= 0.9 and 0 < app.max_fraction <= 0.05 and app.rounds >= 1
+        # the re-scoring rounds apply their picks at a scale the search explores
+        assert min(app.alphas) <= app.round_alpha <= max(app.alphas) and list(app.alphas) == sorted(app.alphas)
     realign = APPLICATIONS["realign"]
     assert realign.behaviour().response_prefix == TASK_PREFIX
     assert [b.name for b in realign.side_effects()] == ["utility", "format_task"]
