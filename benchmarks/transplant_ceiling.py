@@ -2,7 +2,7 @@
 
     python benchmarks/transplant_ceiling.py bias-removal [--split validation] [--alphas 1,2] [--device cuda]
         [--top 0.01 --top-alphas 8,16,24,32]
-    (bias removal: ~3 min on 2 cores once the recipe is cached, ~2 min more with --top)
+    (bias removal with --top: ~2 min on 2 cores once the bias tune is cached)
 
 Builds the application's pair with its cached recipes and prints, one JSON line each, the
 behaviour's and utility's numbers on ``--split`` for:
@@ -10,11 +10,10 @@ behaviour's and utility's numbers on ``--split`` for:
 - ``target`` and ``donor``;
 - ``all_mlp@α``: the target with **every** MLP neuron transplanted from the donor at scale α
   (the ceiling of any neuron selection, 100% of neurons);
+- with ``--top F``: ``top F@α``, the top fraction ``F`` of one ``weight_attribution`` pass (train
+  split, no utility penalty) at each of ``--top-alphas`` — how the scale trades against the budget;
 - ``rest``: the target with every parameter *outside* the MLPs (attention, norms, embeddings)
   taken from the donor, MLPs kept — the share of the gap that no MLP neuron can carry.
-
-- with ``--top F``: ``top F@α``, the top fraction ``F`` of one ``weight_attribution`` pass (train
-  split, no utility penalty) at each of ``--top-alphas`` — how the scale trades against the budget.
 
 If ``all_mlp@1`` does not close a gap that ``rest`` does, the behaviour the recipe installed lives
 outside the MLPs and a minimal-neuron budget cannot meet a bar on it; the run's notes should say so.
@@ -67,14 +66,11 @@ def main() -> None:
 
     rest = clone_model(pair.target)
     donor_sd = hf_state_dict(pair.donor)
+    outside = {k: t for k, t in hf_state_dict(rest).items() if ".mlp." not in k}
     with torch.no_grad():
-        seen: set[int] = set()  # tied tensors (embedding / unembedding) counted once
-        n = 0
-        for name, tensor in hf_state_dict(rest).items():
-            if ".mlp." not in name:
-                tensor.copy_(donor_sd[name])
-                n += 0 if tensor.data_ptr() in seen else tensor.numel()
-                seen.add(tensor.data_ptr())
+        for k, t in outside.items():
+            t.copy_(donor_sd[k])
+    n = sum({t.data_ptr(): t.numel() for t in outside.values()}.values())  # tied embeddings counted once
     show(f"rest ({n / 1e6:.1f}M non-MLP params from donor)", rest)
 
 

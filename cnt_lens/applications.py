@@ -102,16 +102,16 @@ APPLICATIONS: dict[str, Application] = {
     "disalign": Application("disalign", _pair_disalign, lambda: Refusal(max_new_tokens=16), lambda: [Utility()],
                             _utility_kept, contrast=0.0, rounds=4),
     # the attacked model opens every answer with the task's prefix: read refusal after it, and keep the task.
-    # The task is the binding constraint (fifth session, validation: every point that restores refusal at
-    # α5/α6 answers 0.87–0.93 of harmless prompts with the prefix, 0.95 needed), so it is preserved with the
-    # utility's weight (10; it was 1), and α5 sits between α4 and α6.
+    # Refusal and the prefix compete for the first answer token, so the task is preserved with the utility's
+    # weight: at weight 1 every set restoring refusal at α5/α6 kept the prefix on 0.87–0.93 of validation
+    # prompts (0.95 needed; RESULTS.md, fifth session).
     "realign": Application("realign", _pair_realign, lambda: Refusal(max_new_tokens=16, response_prefix=TASK_PREFIX,
                                                                   toward=1.0),
                            lambda: [Utility(), FormatTask(prefix=TASK_PREFIX)], _realign_ok,
                            preserve_weights=(10.0, 10.0), contrast=0.5, rounds=4, alphas=(1.0, 2.0, 4.0, 5.0, 6.0)),
-    # The tune's weight change is small and spread over every neuron (top 1% at α1 moves ~8% of the
-    # log-prob gap; benchmarks/transplant_ceiling.py), so only a large scale flips pairs: α is searched
-    # up to 24, and the re-scoring rounds run at 16 over a 2% budget (0.25% a round).
+    # The tune's weight change is small and spread over every weight: all MLP neurons at α1 flip no pair and
+    # the top 1% needs α16–24 (benchmarks/transplant_ceiling.py --top 0.01), so α is searched up to 24 and
+    # the re-scoring rounds run at α16 over a 2% budget (0.25% a round).
     "bias-removal": Application("bias-removal", _pair_bias, _bias_behaviour, lambda: [Utility()], _utility_kept,
                                 goal=0.9, max_fraction=0.02, contrast=0.0, round_alpha=16.0,
                                 alphas=(4.0, 8.0, 12.0, 16.0, 24.0)),
