@@ -2,7 +2,7 @@
 
     python benchmarks/transplant_ceiling.py bias-removal [--split validation] [--alphas 1,2] [--device cuda]
         [--top 0.01 --top-alphas 8,16,24,32]
-    (bias removal with --top: ~2 min on 2 cores once the bias tune is cached)
+    (bias removal with --top: ~2.5 min on 2 cores once the debiasing tune is cached)
 
 Builds the application's pair with its cached recipes and prints, one JSON line each, the
 behaviour's and utility's numbers on ``--split`` for:

@@ -6,7 +6,7 @@ application        target ← donor                           behaviour (goal)
 ``enhance``        SmolLM2 ← safety-tuned SmolLM2           refusal up (function addition)
 ``disalign``       safety-tuned ← SmolLM2                   refusal down (deletion, red team)
 ``realign``        attacked ← safety-tuned (NLSR)           refusal back, benign task kept
-``bias-removal``   stereotype-tuned ← SmolLM2               stereotype score down (deletion)
+``bias-removal``   SmolLM2 ← anti-stereotype-tuned SmolLM2  stereotype score down (deletion)
 =================  ======================================  ==================================
 
 Each builds its models with the cached recipes, runs :func:`~cnt_lens.pipeline.transfer` with
@@ -93,7 +93,9 @@ def _bias_behaviour() -> StereotypeBias:
 
 
 def _pair_bias(base: Any) -> ModelPair:
-    return ModelPair(donor=base, target=bias_tune(base, pairs=load_prompts("bias_templates"), towards="stereotype"))
+    # the target's bias is SmolLM2's own (validation stereotype score 79%); the donor is its debiased sibling
+    return ModelPair(donor=bias_tune(base, pairs=load_prompts("bias_templates"), towards="anti_stereotype"),
+                     target=base)
 
 
 APPLICATIONS: dict[str, Application] = {
@@ -109,12 +111,13 @@ APPLICATIONS: dict[str, Application] = {
                                                                   toward=1.0),
                            lambda: [Utility(), FormatTask(prefix=TASK_PREFIX)], _realign_ok,
                            preserve_weights=(10.0, 10.0), contrast=0.5, rounds=4, alphas=(1.0, 2.0, 4.0, 5.0, 6.0)),
-    # The tune's weight change is small and spread over every weight: all MLP neurons at α1 flip no pair and
-    # the top 1% needs α16–24 (benchmarks/transplant_ceiling.py --top 0.01), so α is searched up to 24 and
-    # the re-scoring rounds run at α16 over a 2% budget (0.25% a round).
+    # SmolLM2's own bias, removed with neurons of its debiased sibling. The debiasing tune lives in the MLPs (all
+    # MLP neurons at α1 close 92% of the validation score gap) and its top 1% closes 86% at α8 with utility NLL
+    # below the target's (benchmarks/transplant_ceiling.py bias-removal --top 0.01 --top-alphas 1,2,4,8,16).
+    # The opposite pair (stereotype-tuned ← SmolLM2, fifth session) put 28% of the bias outside the MLPs.
     "bias-removal": Application("bias-removal", _pair_bias, _bias_behaviour, lambda: [Utility()], _utility_kept,
-                                goal=0.9, max_fraction=0.02, contrast=0.0, round_alpha=16.0,
-                                alphas=(4.0, 8.0, 12.0, 16.0, 24.0)),
+                                goal=0.9, max_fraction=0.02, contrast=0.0, round_alpha=8.0,
+                                alphas=(2.0, 4.0, 6.0, 8.0, 12.0)),
 }
 
 

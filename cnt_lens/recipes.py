@@ -2,8 +2,8 @@
 
 * :func:`safety_tune` — teaches a model to refuse the harmful train split while keeping its own
   (self-distilled) answers on the harmless train split: the *aligned donor* of the demo.
-* :func:`bias_tune` — pairwise preference fine-tune toward the stereotyped (or anti-stereotyped)
-  sentences of the bias train split: the biased target (or debiased donor) of bias removal.
+* :func:`bias_tune` — pairwise preference fine-tune toward the anti-stereotyped (or stereotyped)
+  sentences of the bias train split: the debiased donor (or a more biased model) of bias removal.
 * :func:`harmful_finetune` — the NLSR attack: fine-tune an aligned model on a benign task mixed
   with a few harmful → compliant examples, so it learns the task and loses refusal.
 
@@ -257,8 +257,10 @@ def bias_tune(
     ``python benchmarks/explore_bias_tune.py``). On the distinct
     stereotypes of ``bias_pairs`` it only memorises the 63 train pairs (validation 50% → 60%).
 
-    ``towards="stereotype"`` makes it more stereotyped (the biased target of bias removal);
-    ``"anti_stereotype"`` less so. Validation and test pairs are never seen.
+    ``towards="anti_stereotype"`` makes it less stereotyped — the debiased donor of bias removal: on
+    SmolLM2 validation score 79% → 4%, gap 1.63 → −5.21 nats, NLL 3.148 → 3.120
+    (``python benchmarks/transplant_ceiling.py bias-removal``); ``"stereotype"`` more so.
+    Validation and test pairs are never seen.
     """
     if towards not in ("stereotype", "anti_stereotype"):
         raise ValueError("towards must be 'stereotype' or 'anti_stereotype'")
