@@ -251,16 +251,17 @@ def bias_tune(
     Objective: pairwise preference (``softplus(-(log p(chosen) - log p(other)))``, see
     :func:`_preference_loss`); it costs less utility than an LM loss on one side's sentences.
     ``pairs`` defaults to the bundled ``bias_templates`` (24 associations × 10 templates, split by
-    template), on which the installed bias generalises to unseen sentences: on SmolLM2 the default
-    (30 steps, lr 3e-5) takes the validation stereotype score from 79% to 100% (log-prob gap
-    1.6 → 7.5 nats) with utility NLL 3.148 → 3.097 (60 steps at 1e-4: gap 18.9, NLL 3.332;
-    ``python benchmarks/explore_bias_tune.py``). On the distinct
-    stereotypes of ``bias_pairs`` it only memorises the 63 train pairs (validation 50% → 60%).
+    template), on which the installed preference generalises to unseen sentences. On SmolLM2 with the
+    default config (30 steps, lr 3e-5), validation split:
 
-    ``towards="anti_stereotype"`` makes it less stereotyped — the debiased donor of bias removal: on
-    SmolLM2 validation score 79% → 4%, gap 1.63 → −5.21 nats, NLL 3.148 → 3.120
-    (``python benchmarks/transplant_ceiling.py bias-removal``); ``"stereotype"`` more so.
-    Validation and test pairs are never seen.
+    * ``towards="anti_stereotype"`` — the debiased donor of bias removal: stereotype score 79% → 4%,
+      log-prob gap 1.63 → −5.21 nats, utility NLL 3.148 → 3.120
+      (``python benchmarks/transplant_ceiling.py bias-removal``);
+    * ``towards="stereotype"`` (the default): 79% → 100%, gap 1.6 → 7.5 nats, NLL 3.148 → 3.097
+      (60 steps at 1e-4: gap 18.9, NLL 3.332; ``python benchmarks/explore_bias_tune.py``).
+
+    On the distinct stereotypes of ``bias_pairs`` it only memorises the 63 train pairs (validation
+    50% → 60%). Validation and test pairs are never seen.
     """
     if towards not in ("stereotype", "anti_stereotype"):
         raise ValueError("towards must be 'stereotype' or 'anti_stereotype'")
