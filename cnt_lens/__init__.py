@@ -11,14 +11,15 @@ The whole public API is re-exported here::
 """
 
 from .behaviours import (
-    REFUSAL_MARKERS,
     Behaviour,
     FormatTask,
+    GenerationError,
     Refusal,
     StereotypeBias,
     Utility,
+    canary,
     generate,
-    is_refusal,
+    verify_greedy,
 )
 from .data import (
     Batch,
@@ -32,6 +33,7 @@ from .data import (
     load_prompts,
 )
 from .evaluate import Report, measure
+from .judge import REFUSAL_OPENINGS, Verdict, is_refusal, judge_accuracy, judge_refusal
 from .models import (
     BUNDLED_MODEL,
     IncompatibleModelsError,
@@ -40,25 +42,28 @@ from .models import (
     bundled_gguf_path,
     check_compatible,
     clone_model,
+    context_length,
     load_model,
     load_pair,
     mlp_hidden,
     neuron_params,
+    plain_hf_model,
     read_neurons,
     write_neurons,
 )
 from .scoring import METHODS, BehaviourSignalError, score
-from .search import SearchResult, iterative_scores, search_minimal
+from .search import NoGapError, SearchResult, iterative_scores, measure_reference, search_minimal
 from .selection import NeuronScores, NeuronSelection
-from .transplant import NeuronPatch, export_hf
+from .transplant import NeuronPatch, PatchFileError, export_hf
 
 __all__ = [
-    "BUNDLED_MODEL", "METHODS", "REFUSAL_MARKERS", "Batch", "Behaviour", "BehaviourSignalError", "FormatTask",
-    "IncompatibleModelsError", "ModelPair", "NeuronPatch", "NeuronScores", "NeuronSelection", "PromptSet",
-    "Refusal", "Report", "SearchResult", "StereotypeBias", "Utility", "architecture", "bundled_gguf_path",
-    "chat_format", "check_compatible", "clone_model", "encode", "export_hf", "from_advbench_csv",
-    "from_crows_pairs", "from_jsonl", "from_stereoset", "generate", "is_refusal", "load_model", "load_pair",
-    "iterative_scores", "load_prompts", "measure", "mlp_hidden", "neuron_params", "read_neurons", "score", "search_minimal",
-    "write_neurons",
+    "BUNDLED_MODEL", "METHODS", "REFUSAL_OPENINGS", "Batch", "Behaviour", "BehaviourSignalError", "FormatTask",
+    "GenerationError", "IncompatibleModelsError", "ModelPair", "NeuronPatch", "NeuronScores", "NeuronSelection",
+    "NoGapError", "PatchFileError", "PromptSet", "Refusal", "Report", "SearchResult", "StereotypeBias", "Utility",
+    "Verdict", "architecture", "bundled_gguf_path", "canary", "chat_format", "check_compatible", "clone_model",
+    "context_length", "encode", "export_hf", "from_advbench_csv", "from_crows_pairs", "from_jsonl", "from_stereoset",
+    "generate", "is_refusal", "iterative_scores", "judge_accuracy", "judge_refusal", "load_model", "load_pair",
+    "load_prompts", "measure", "measure_reference", "mlp_hidden", "neuron_params", "plain_hf_model", "read_neurons",
+    "score", "search_minimal", "verify_greedy", "write_neurons",
 ]
 __version__ = "0.1.0"

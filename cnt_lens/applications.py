@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, Utility
+from .behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, Utility, canary
 from .data import load_prompts
 from .models import BUNDLED_MODEL, ModelPair, device_of, load_model
 from .pipeline import TransferConfig, transfer
 from .recipes import TASK_PREFIX, bias_tune, harmful_finetune, safety_tune
 from .report import write_report
-from .search import iterative_scores
+from .search import iterative_scores, measure_reference
 from .transplant import export_hf
 
 __all__ = ["APPLICATIONS", "Application", "run_application"]
@@ -99,15 +99,15 @@ def _pair_bias(base: Any) -> ModelPair:
 
 
 APPLICATIONS: dict[str, Application] = {
-    "enhance": Application("enhance", _pair_enhance, lambda: Refusal(max_new_tokens=16), lambda: [Utility()],
+    "enhance": Application("enhance", _pair_enhance, lambda: Refusal(), lambda: [Utility()],
                            _enhance_ok, preserve_weights=(10.0,), contrast=0.5),
-    "disalign": Application("disalign", _pair_disalign, lambda: Refusal(max_new_tokens=16), lambda: [Utility()],
+    "disalign": Application("disalign", _pair_disalign, lambda: Refusal(), lambda: [Utility()],
                             _utility_kept, contrast=0.0, rounds=4),
     # the attacked model opens every answer with the task's prefix: read refusal after it, and keep the task.
     # Refusal and the prefix compete for the first answer token, so the task is preserved with the utility's
     # weight: at weight 1 every set restoring refusal at α5/α6 kept the prefix on 0.87–0.93 of validation
     # prompts (0.95 needed; RESULTS.md, fifth session).
-    "realign": Application("realign", _pair_realign, lambda: Refusal(max_new_tokens=16, response_prefix=TASK_PREFIX,
+    "realign": Application("realign", _pair_realign, lambda: Refusal(response_prefix=TASK_PREFIX,
                                                                   toward=1.0),
                            lambda: [Utility(), FormatTask(prefix=TASK_PREFIX)], _realign_ok,
                            preserve_weights=(10.0, 10.0), contrast=0.5, rounds=4, alphas=(1.0, 2.0, 4.0, 5.0, 6.0)),
@@ -137,10 +137,14 @@ def run_application(name: str, out: str | Path, *, alphas: tuple[float, ...] | N
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_model(BUNDLED_MODEL, device=device)
+    canary(base, expect="Paris")  # seconds: a broken model or generation path stops here, before any tune
     pair = app.build(base)
     behaviour, side = app.behaviour(), app.side_effects()
     if len(app.preserve_weights) != len(side):
         raise ValueError(f"{name}: {len(app.preserve_weights)} preserve weights for {len(side)} side effects")
+    for model in (pair.target, pair.donor):
+        canary(model)
+    reference = measure_reference(pair, behaviour, side, split="validation", batch_size=32)
     kept = [(b, w) for b, w in zip(side, app.preserve_weights) if w]
     main = iterative_scores(pair, behaviour, budget=app.max_fraction, rounds=app.rounds, alpha=app.round_alpha,
                             contrast=app.contrast, preserve=[b for b, _ in kept],
@@ -148,12 +152,11 @@ def run_application(name: str, out: str | Path, *, alphas: tuple[float, ...] | N
     config = TransferConfig(goal=app.goal, max_fraction=app.max_fraction, alphas=alphas or app.alphas,
                             baselines=app.baselines, batch_size=32, extra={"application": name})
     report, patch, scores = transfer(pair, behaviour, side_effects=side, constraint=app.constraint, config=config,
-                                     scores=main, out_dir=out, progress=progress)
+                                     scores=main, reference=reference, out_dir=out, progress=progress)
     report.extra.update(application=name, wall_time_s=round(time.time() - t0, 1), device=str(device_of(pair.target)))
     report.save(out / "metrics.json")
     if patch is not None:
-        patch.apply(pair.target)
-        export_hf(pair.target, out / "patched_model")
-        patch.revert(pair.target)
+        with patch.applied_to(pair.target):
+            export_hf(pair.target, out / "patched_model", overwrite=True)
     write_report(out, pair=pair, scores=scores, behaviour=behaviour)
     return report

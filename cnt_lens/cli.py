@@ -67,22 +67,36 @@ def measure(
         json_out.write_text(json.dumps(numbers, indent=1))
 
 
+def _same_place(a: str | Path, b: str | Path) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
 @app.command()
 def transplant(
     patch: Path = typer.Argument(..., help="A saved patch (.safetensors)."),
     model: str = typer.Argument(..., help="Model to patch (any model of the patch's shapes)."),
-    out: Path = typer.Option(..., help="Directory for the patched HF checkpoint."),
-    alpha: Optional[float] = typer.Option(None, help="Override the patch's alpha."),
+    out: Path = typer.Option(..., help="Directory for the patched HF checkpoint (must not exist)."),
+    alpha: Optional[float] = typer.Option(None, help="Override the patch's alpha (a finite number)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out directory (never the source model)."),
 ) -> None:
     """Apply a saved patch to a model and export the result as a standard HF checkpoint."""
     from . import NeuronPatch, export_hf, load_model
 
+    if _same_place(out, model):
+        raise typer.BadParameter(f"--out {out} is the source model {model}; write the patched model elsewhere",
+                                 param_hint="--out")
+    if out.exists() and not overwrite:
+        raise typer.BadParameter(f"{out} exists; choose a new directory or pass --overwrite", param_hint="--out")
     m = load_model(model)
     p = NeuronPatch.load(patch, m)
     if alpha is not None:
-        p = p.with_alpha(alpha)
+        try:
+            p = p.with_alpha(alpha)
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--alpha") from None
     p.apply(m)
-    export_hf(m, out)
+    export_hf(m, out, overwrite=overwrite)
     typer.echo(f"applied {p.n} neurons (alpha {p.alpha}) and wrote {out}")
 
 
@@ -101,6 +115,9 @@ def report(
     from .applications import APPLICATIONS
     from .models import BUNDLED_MODEL, load_model
 
+    if application not in APPLICATIONS:
+        raise typer.BadParameter(f"unknown application {application!r}; one of {sorted(APPLICATIONS)}",
+                                 param_hint="--application")
     app_ = APPLICATIONS[application]
     pair = app_.build(load_model(BUNDLED_MODEL))
     typer.echo(f"wrote {write_report(run_dir, pair=pair, behaviour=app_.behaviour())}")

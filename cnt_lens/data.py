@@ -10,6 +10,7 @@ kind           fields                                       bundled set
 ``pair``       ``stereotype``, ``anti_stereotype``          ``bias_pairs``, ``bias_templates``
 ``mc``         ``question``, ``choices``, ``answer`` (int)  ``mc``
 ``text``       ``text``                                     ``reference``
+``judged``     ``response``, ``refusal`` (bool), ``kind``   ``judge_set``
 =============  ==========================================  ===========================
 
 Splits are fixed in the bundled files; loaders of user files assign a stable split from a hash of
@@ -47,15 +48,18 @@ __all__ = [
     "from_jsonl",
     "from_stereoset",
     "load_prompts",
+    "record_problem",
 ]
 
 SPLITS = ("train", "validation", "test")
-BUNDLED = {"harmful": "prompt", "harmless": "prompt", "bias_pairs": "pair", "bias_templates": "pair", "mc": "mc", "reference": "text"}
+BUNDLED = {"harmful": "prompt", "harmless": "prompt", "bias_pairs": "pair", "bias_templates": "pair", "mc": "mc",
+           "reference": "text", "judge_set": "judged"}
 _FIELDS = {
     "prompt": ("prompt",),
     "pair": ("stereotype", "anti_stereotype"),
     "mc": ("question", "choices", "answer"),
     "text": ("text",),
+    "judged": ("response", "refusal"),
 }
 
 
@@ -71,11 +75,10 @@ class PromptSet:
         if self.kind not in _FIELDS:
             raise ValueError(f"unknown PromptSet kind {self.kind!r}; one of {sorted(_FIELDS)}")
         for r in self.records:
-            missing = [f for f in ("id", "category", "split", *_FIELDS[self.kind]) if f not in r]
-            if missing:
-                raise ValueError(f"{self.name}: record {r.get('id', r)!r} lacks {missing}")
-            if r["split"] not in SPLITS:
-                raise ValueError(f"{self.name}: record {r['id']!r} has split {r['split']!r}, not one of {SPLITS}")
+            problem = record_problem(self.kind, r)
+            if problem:
+                rid = r.get("id", r) if isinstance(r, dict) else r
+                raise ValueError(f"{self.name}: record {rid!r}: {problem}")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -112,6 +115,37 @@ class PromptSet:
         return sorted({r["category"] for r in self.records})
 
 
+def _field_problem(kind: str, name: str, value: Any) -> str | None:
+    if kind == "mc" and name == "choices":
+        ok = isinstance(value, list) and 2 <= len(value) <= 4 and all(isinstance(c, str) for c in value)
+        return None if ok else f"field 'choices' must be a list of 2–4 strings, got {value!r}"
+    if kind == "mc" and name == "answer":
+        return None if isinstance(value, int) and not isinstance(value, bool) else \
+            f"field 'answer' must be the index (int) of the right choice, got {value!r}"
+    if kind == "judged" and name == "refusal":
+        return None if isinstance(value, bool) else f"field 'refusal' must be true or false, got {value!r}"
+    if not isinstance(value, str) or not value.strip():
+        return f"field {name!r} must be a non-empty string, got {type(value).__name__} {value!r:.60}"
+    return None
+
+
+def record_problem(kind: str, record: Any, *, required: Sequence[str] = ("id", "category", "split")) -> str | None:
+    """What is wrong with one record of a ``kind`` set (missing or mistyped field), or ``None``."""
+    if not isinstance(record, dict):
+        return f"a record must be a JSON object with {list(_FIELDS[kind])}, got {type(record).__name__}"
+    missing = [f for f in (*required, *_FIELDS[kind]) if f not in record]
+    if missing:
+        return f"missing field(s) {missing} (a {kind!r} record needs {list(_FIELDS[kind])})"
+    for name in _FIELDS[kind]:
+        if (problem := _field_problem(kind, name, record[name])) is not None:
+            return problem
+    if "split" in record and record["split"] not in SPLITS:
+        return f"split {record['split']!r} is not one of {SPLITS}"
+    if kind == "mc" and not 0 <= record["answer"] < len(record["choices"]):
+        return f"answer {record['answer']} is not an index into its {len(record['choices'])} choices"
+    return None
+
+
 def _stable_split(text: str) -> str:
     """60/20/20 split from a hash of the text: stable across runs and machines."""
     h = int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) % 5
@@ -145,19 +179,30 @@ def load_prompts(name: str) -> PromptSet:
 
 
 def from_jsonl(path: str | Path, *, kind: str = "prompt", text_field: str | None = None, name: str | None = None) -> PromptSet:
-    """Records from a JSON-lines file. ``text_field`` renames a field to ``prompt``/``text``."""
+    """Records from a JSON-lines file. ``text_field`` renames a field to ``prompt``/``text``.
+
+    Every line is checked: an error names the file, the line, the field and what it should be.
+    """
+    if kind not in _FIELDS:
+        raise ValueError(f"unknown kind {kind!r}; one of {sorted(_FIELDS)}")
+    key = _FIELDS[kind][0]
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{n}: not JSON: {err}") from err
-    key = _FIELDS[kind][0]
-    if text_field is not None:
-        for r in rows:
-            r[key] = r.pop(text_field)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not JSON: {err}") from err
+            if text_field is not None and isinstance(row, dict):
+                if text_field not in row:
+                    raise ValueError(f"{path}:{n}: no field {text_field!r} (text_field); the line has {sorted(row)}")
+                row[key] = row.pop(text_field)
+            if (problem := record_problem(kind, row, required=())) is not None:
+                hint = f"; pass text_field= to use another field as {key!r}" if "missing" in problem else ""
+                raise ValueError(f"{path}:{n}: {problem}{hint}")
+            rows.append(row)
     return _finish(name or Path(path).stem, kind, rows, key)
 
 
@@ -241,31 +286,47 @@ class Batch:
         return {"attention_mask": self.attention_mask, "position_ids": self.position_ids}
 
 
+def _max_len(tokenizer: Any, max_len: int | None) -> int | None:
+    """``max_len``, else the context of the model the tokenizer was loaded with, else its own limit."""
+    if max_len is not None:
+        if max_len < 2:
+            raise ValueError(f"max_len must be ≥ 2 tokens, got {max_len}")
+        return max_len
+    limit = getattr(tokenizer, "cnt_lens_max_len", None) or getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit and limit < 10**7 else None
+
+
 def encode(
     tokenizer: Any,
     texts: Sequence[str],
     *,
     add_bos: bool = False,
-    max_len: int = 512,
+    max_len: int | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Batch:
     """Tokenize ``texts`` (no special tokens added, except BOS if ``add_bos``) into a left-padded batch.
 
     Chat-formatted texts already hold their special tokens, hence ``add_bos=False`` by default.
+    ``max_len`` defaults to the context length of the model the tokenizer was loaded with
+    (:func:`~cnt_lens.models.load_model` records it). Longer texts lose tokens from the left, after
+    a leading BOS, which is kept, with a warning naming the text.
     """
     if len(texts) == 0:
         raise ValueError("cannot encode an empty list of texts")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; load models with cnt_lens.load_model, which sets one")
+    limit = _max_len(tokenizer, max_len)
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     if add_bos and tokenizer.bos_token_id is not None:
         ids = [[tokenizer.bos_token_id, *x] for x in ids]
     for i, x in enumerate(ids):
         if len(x) == 0:
             raise ValueError(f"text {i} encodes to no tokens: {texts[i]!r}")
-        if len(x) > max_len:
-            warnings.warn(f"text {i} has {len(x)} tokens; keeping its last {max_len}", stacklevel=2)
-            ids[i] = x[-max_len:]
+        if limit is not None and len(x) > limit:
+            head = x[:1] if tokenizer.bos_token_id is not None and x[0] == tokenizer.bos_token_id else []
+            warnings.warn(f"text {i} ({texts[i][:40]!r}…) has {len(x)} tokens, more than the model's {limit}; "
+                          f"keeping {'BOS and ' if head else ''}its last {limit - len(head)}", stacklevel=2)
+            ids[i] = head + x[len(x) - (limit - len(head)):]
     width = max(len(x) for x in ids)
     tokens = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)

@@ -14,13 +14,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .behaviours import Behaviour
+from .files import atomic_write_text
 
 __all__ = ["Report", "measure"]
 
 
-def measure(model: Any, behaviours: Sequence[Behaviour], split: str = "test", *, batch_size: int = 16,
+def measure(model: Any, behaviours: Sequence[Behaviour], split: str | None, *, batch_size: int = 16,
             progress: bool = False, items: list[dict[str, Any]] | None = None) -> dict[str, float]:
     """All evaluation numbers of ``behaviours`` for ``model`` on ``split``, merged into one block.
+
+    ``split`` has no default: say ``"validation"`` while choosing anything, ``"test"`` only to report.
 
     With ``items`` (a list), the per-prompt records the numbers were computed from (responses,
     refusal flags, pair gaps, …) are appended to it, each with its ``behaviour``.
@@ -52,10 +55,7 @@ class Report:
         return asdict(self)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, default=float))
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1, default=float))
 
     @classmethod
     def load(cls, path: str | Path) -> "Report":

@@ -37,7 +37,9 @@ __all__ = [
     "bundled_gguf_path",
     "check_compatible",
     "clone_model",
+    "context_length",
     "fresh_hf_model",
+    "plain_hf_model",
     "hf_state_dict",
     "load_model",
     "load_pair",
@@ -82,27 +84,45 @@ def bundled_gguf_path() -> Path:
     return path
 
 
+def _looks_like_path(source: str) -> bool:
+    """A source that can only be a path: absolute, relative (``./``, ``../``, ``~``), or with more than one ``/``.
+
+    Hub ids are ``name`` or ``org/name``; anything else that is not an existing path is a missing one.
+    """
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or (os.path.sep != "/" and os.path.sep in source)
+
+
 def _load_hf(source: str, dtype: torch.dtype, device: str | None) -> tuple[Any, Any]:
-    """(hf_model, tokenizer) for a hub name, a local HF directory or a .gguf file."""
+    """(hf_model, tokenizer) for a hub id, a local HF directory or a .gguf file.
+
+    An existing local path is always read as one; any other source that is not path-shaped
+    (see :func:`_looks_like_path`) is a hub id, resolved by ``transformers`` (its cache, offline or online).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {}
     if source == BUNDLED_MODEL:
         source = str(bundled_gguf_path())
     if source.endswith(".gguf"):
-        path = Path(source)
+        path = Path(source).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
         source, kwargs = str(path.parent), {"gguf_file": path.name}
-    elif os.path.sep in source and not Path(source).exists():
-        raise FileNotFoundError(f"Local model directory not found: {source}")
+    elif Path(source).expanduser().exists():
+        source = str(Path(source).expanduser())
+        if not (Path(source) / "config.json").is_file():
+            raise FileNotFoundError(f"{source} is a directory but holds no config.json: not an HF checkpoint "
+                                    "(save one with export_hf or save_pretrained)")
+    elif _looks_like_path(source):
+        raise FileNotFoundError(f"Local model directory not found: {source} (a hub id looks like 'org/name')")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as err:  # hub unreachable, unknown repo, incomplete directory
         raise OSError(
             f"Could not load model '{source}': {err}\n"
-            f"Offline? Use a local directory, a .gguf path, or the bundled '{BUNDLED_MODEL}'."
+            f"Offline? Use a local directory, a .gguf path, a hub id already in the HF cache, "
+            f"or the bundled '{BUNDLED_MODEL}'."
         ) from err
     if device is not None:
         model = model.to(device)
@@ -164,6 +184,8 @@ def load_model(
     bridge.eval()
     for p in bridge.parameters():  # scoring takes gradients w.r.t. activations, never weights
         p.requires_grad_(False)
+    ctx = context_length(bridge)
+    tokenizer.cnt_lens_max_len = min(ctx, getattr(tokenizer, "cnt_lens_max_len", ctx))  # read by data.encode
     object.__setattr__(bridge, "cnt_tokenizer", tokenizer)
     object.__setattr__(bridge, "cnt_source", name)
     return bridge
@@ -187,16 +209,53 @@ def hf_state_dict(model: TransformerBridge) -> dict[str, Tensor]:
     return {k: clean[k] for k in expected}
 
 
-def fresh_hf_model(model: TransformerBridge) -> torch.nn.Module:
-    """A plain HF model (no bridge wrappers) holding a copy of ``model``'s current weights."""
+def _clean(name: str) -> str:
+    return name.replace("._original_component", "")
+
+
+def plain_hf_model(model: TransformerBridge) -> torch.nn.Module:
+    """A plain HF model (no bridge wrappers) that runs on ``model``'s very weight tensors, zero-copy.
+
+    Built on the meta device, then every parameter and buffer is bound to the bridge's tensor of the
+    same HF name, so an in-place weight write (a transplant, a fine-tune step) is seen by both. Use it
+    for what the bridge's wrappers should not be trusted with: KV-cached ``generate`` (transformers
+    5.24 emits one token and then ``-`` forever through bridge-wrapped modules; README, "Generation").
+    """
     hf = model.original_model
-    fresh = type(hf)(copy.deepcopy(hf.config))
-    fresh.load_state_dict({k: v.detach().clone() for k, v in hf_state_dict(model).items()})
-    fresh.tie_weights()
+    with torch.device("meta"):
+        plain = type(hf)(copy.deepcopy(hf.config))
+    plain.load_state_dict(hf_state_dict(model), assign=True, strict=True)
+    # non-persistent buffers (rotary inv_freq, causal masks) are in no state dict: bind the bridge's own
+    buffers = {_clean(k): v for k, v in hf.named_buffers()}
+    for name, buf in list(plain.named_buffers()):
+        if name in buffers:
+            owner, _, leaf = name.rpartition(".")
+            plain.get_submodule(owner)._buffers[leaf] = buffers[name]
+    plain.tie_weights()
+    left = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"plain_hf_model: {type(hf).__name__} has tensors the bridge does not hold: {left[:5]}")
+    for p in plain.parameters():
+        p.requires_grad_(False)
     gen_cfg = getattr(hf, "generation_config", None)
     if gen_cfg is not None:
-        fresh.generation_config = copy.deepcopy(gen_cfg)
-    return fresh.to(device=device_of(model), dtype=next(hf.parameters()).dtype).eval()
+        plain.generation_config = copy.deepcopy(gen_cfg)
+    return plain.eval()
+
+
+def fresh_hf_model(model: TransformerBridge) -> torch.nn.Module:
+    """A plain HF model (no bridge wrappers) holding a *copy* of ``model``'s current weights."""
+    fresh = plain_hf_model(model)
+    copies: dict[int, Tensor] = {}  # tied tensors stay tied in the copy
+    with torch.no_grad():
+        for module in fresh.modules():
+            for store in (module._parameters, module._buffers):
+                for leaf, t in store.items():
+                    if t is not None:
+                        c = copies.setdefault(id(t), t.detach().clone())
+                        store[leaf] = torch.nn.Parameter(c, requires_grad=False) if isinstance(t, torch.nn.Parameter) else c
+    fresh.tie_weights()
+    return fresh
 
 
 def clone_model(model: TransformerBridge) -> TransformerBridge:
@@ -391,6 +450,11 @@ def iter_layers(model: TransformerBridge) -> Iterable[int]:
 def hook_name(layer: int, hook: str) -> str:
     """``blocks.{layer}.mlp.{hook}``: the MLP hook names this library uses (hook_in/post/out)."""
     return f"blocks.{layer}.mlp.{hook}"
+
+
+def context_length(model: TransformerBridge) -> int:
+    """The longest token sequence the model takes (``cfg.n_ctx``, from the HF config's positions)."""
+    return int(model.cfg.n_ctx)
 
 
 def device_of(model: TransformerBridge) -> torch.device:

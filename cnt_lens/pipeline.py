@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .behaviours import Behaviour
+from .behaviours import Behaviour, canary
 from .evaluate import Report, measure
+from .files import atomic_write_text
 from .models import ModelPair
 from .scoring import score
-from .search import search_minimal
+from .search import measure_reference, search_minimal
 from .selection import NeuronScores
 from .transplant import NeuronPatch
 
@@ -71,6 +72,7 @@ def transfer(
     constraint: Constraint | None = None,
     config: TransferConfig = TransferConfig(),
     scores: NeuronScores | None = None,
+    reference: dict[str, dict[str, float]] | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[Report, NeuronPatch | None, dict[str, NeuronScores]]:
@@ -85,9 +87,18 @@ def transfer(
     ``patch.safetensors`` + ``patch.json``, ``scores/*.safetensors``, ``frontier.json`` and
     ``items.jsonl`` (one line per test prompt and model — target, donor, patched — with its
     response and verdict: what the rates in ``metrics.json`` were counted from) there.
+
+    Before any scoring, both models pass :func:`~cnt_lens.behaviours.canary` and donor and target must
+    differ on the behaviour on validation (:func:`~cnt_lens.search.measure_reference`, or ``reference``
+    when the caller measured it): a run that cannot succeed stops in seconds.
     """
     cfg = config
     t0 = time.time()
+    if reference is None:
+        canary(pair.target)
+        canary(pair.donor)
+        _log("donor and target on validation")
+        reference = measure_reference(pair, behaviour, side_effects, split="validation", batch_size=cfg.batch_size)
     all_scores: dict[str, NeuronScores] = {}
     if scores is None:
         main, to_score = cfg.method, [cfg.method, *cfg.baselines]
@@ -99,8 +110,6 @@ def transfer(
         kwargs = {"utility": side_effects[0]} if method in ("wanda", "snip") and side_effects else {}
         all_scores[method] = score(pair, behaviour, method, split="train", batch_size=cfg.score_batch_size,
                                    positions=cfg.positions, seed=cfg.seed, progress=progress, **kwargs)
-    reference: dict[str, dict[str, float]] = {}
-
     def check(point: dict[str, float]) -> bool:
         return constraint is None or constraint(point, reference)
 
@@ -110,8 +119,8 @@ def transfer(
     _log(f"search_minimal over alphas {list(cfg.alphas)} up to {cfg.max_fraction:.1%} of neurons")
     result = search_minimal(pair, behaviour, all_scores[main], goal=cfg.goal, alphas=cfg.alphas,
                             max_fraction=cfg.max_fraction, side_effects=side_effects,
-                            constraint=constraint, batch_size=cfg.batch_size, progress=progress)
-    reference.update(result.reference)  # the donor's and target's validation numbers, for check()
+                            constraint=constraint, reference=reference, batch_size=cfg.batch_size,
+                            progress=progress)
     frontier = list(result.frontier)
     if result.found:
         k, alpha = result.selection.n, result.alpha
@@ -126,12 +135,8 @@ def transfer(
     def best_alpha(scores: NeuronScores) -> tuple[float, list[dict[str, Any]]]:
         points = []
         for a in cfg.alphas:
-            patch = NeuronPatch.from_pair(pair, scores.top_k(k), a)
-            patch.apply(pair.target)
-            try:
+            with NeuronPatch.from_pair(pair, scores.top_k(k), a).applied_to(pair.target):
                 m = measure(pair.target, [behaviour, *side_effects], "validation", batch_size=cfg.batch_size)
-            finally:
-                patch.revert(pair.target)
             gap = reference["donor"][behaviour.headline] - reference["target"][behaviour.headline]
             closed = (m[behaviour.headline] - reference["target"][behaviour.headline]) / gap
             points.append({"method": scores.method, "k": k, "fraction": k / pair.n_neurons, "alpha": a,
@@ -160,14 +165,11 @@ def transfer(
     for method, a in chosen.items():
         patch = NeuronPatch.from_pair(pair, all_scores[method].top_k(k), a, scores=all_scores[method],
                                       meta={"method": method, "behaviour": behaviour.name})
-        patch.apply(pair.target)
-        try:
+        with patch.applied_to(pair.target):
             blocks[method] = {"method": method, "n_neurons": k, "alpha": a,
                               "acceptable_on_validation": acceptable[method],
                               **measure(pair.target, [behaviour, *side_effects], split, batch_size=cfg.batch_size,
                                         items=items["patched"] if method == main else None)}
-        finally:
-            patch.revert(pair.target)
         if method == main:
             main_patch = patch
     report = Report(
@@ -186,8 +188,7 @@ def transfer(
         (out / "scores").mkdir(exist_ok=True)
         for method, s in all_scores.items():
             s.save(out / "scores" / f"{method}.safetensors")
-        (out / "frontier.json").write_text(json.dumps(frontier, indent=1, default=float))
-        with open(out / "items.jsonl", "w", encoding="utf-8") as f:
-            for model_name, recs in items.items():
-                f.writelines(json.dumps({"model": model_name, **r}, default=float) + "\n" for r in recs)
+        atomic_write_text(out / "frontier.json", json.dumps(frontier, indent=1, default=float))
+        atomic_write_text(out / "items.jsonl", "".join(json.dumps({"model": name, **r}, default=float) + "\n"
+                                                       for name, recs in items.items() for r in recs))
     return report, main_patch, all_scores

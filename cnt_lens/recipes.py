@@ -9,13 +9,18 @@
 
 Each recipe returns a new bridge (the input model is untouched) and caches the tuned weights as
 safetensors under ``$CNT_LENS_CACHE`` (default ``~/.cache/cnt_lens``), keyed by the base model's
-weights, the data and every setting, so a second call costs a load, not a fine-tune.
+weights, the data, every setting, the recipe's version and the versions of torch, transformers and
+transformer-lens, so a second call costs a load, not a fine-tune. Each cached tune also stores its
+numbers on the validation split; a load re-measures them, and a tune whose numbers no longer hold
+(a library or hardware change that alters what it computes) is rebuilt with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import random
 from dataclasses import asdict, dataclass
@@ -25,13 +30,16 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from .behaviours import _pair_batches, generate, pair_logprob_gap
+from .behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, _pair_batches, generate, pair_logprob_gap
 from .data import PromptSet, chat_format, encode, load_prompts
+from .evaluate import measure
+from .files import atomic_write
 from .models import clone_model, device_of, hf_state_dict, model_tokenizer
 
-__all__ = ["REFUSALS", "TuneConfig", "bias_tune", "cache_dir", "harmful_finetune", "safety_tune"]
+__all__ = ["REFUSALS", "TuneConfig", "bias_tune", "cache_dir", "harmful_finetune", "library_versions", "safety_tune"]
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+log = logging.getLogger(__name__)
 
 REFUSALS = (
     "I'm sorry, but I can't help with that request.",
@@ -68,32 +76,47 @@ def _fingerprint(model: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose numerics a cached tune depends on (part of every cache key)."""
+    from importlib.metadata import version
+
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "transformer_lens": version("transformer-lens"), "recipe": str(RECIPE_VERSION)}
+
+
 def _key(kind: str, model: Any, data: dict[str, Any], cfg: TuneConfig) -> str:
-    blob = json.dumps({"v": RECIPE_VERSION, "kind": kind, "model": _fingerprint(model), "data": data,
+    blob = json.dumps({"v": library_versions(), "kind": kind, "model": _fingerprint(model), "data": data,
                        "cfg": asdict(cfg)}, sort_keys=True)
     return f"{kind}-{hashlib.sha1(blob.encode()).hexdigest()[:16]}"
 
 
-def _load_cached(model: Any, key: str) -> Any | None:
+def _load_cached(model: Any, key: str) -> tuple[Any, dict[str, Any]] | None:
+    """(tuned bridge, stored info) for a cache entry, or ``None`` when there is none or it cannot be read."""
     path = cache_dir() / f"{key}.safetensors"
     if not path.is_file():
         return None
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     tuned = clone_model(model)
     weights = hf_state_dict(tuned)
-    with torch.no_grad():
-        for k, v in load_file(str(path)).items():
-            weights[k].copy_(v)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads((f.metadata() or {}).get("cnt_lens", "{}"))
+            with torch.no_grad():
+                for k in f.keys():
+                    weights[k].copy_(f.get_tensor(k))
+    except Exception as err:  # a damaged entry is rebuilt, never trusted
+        log.warning("cached tune %s is unreadable (%s: %s); rebuilding it", path, type(err).__name__, err)
+        return None
     object.__setattr__(tuned, "cnt_source", f"{key} (cached)")
-    return tuned
+    return tuned, info
 
 
 def _save_cached(model: Any, key: str, info: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
-    path = cache_dir() / f"{key}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in hf_state_dict(model).items()}
     # Tied weights share storage; safetensors refuses duplicates; the clone they load into is tied.
     seen: dict[int, str] = {}
@@ -103,9 +126,15 @@ def _save_cached(model: Any, key: str, info: dict[str, Any]) -> None:
             del state[k]
         else:
             seen[ptr] = k
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"cnt_lens": json.dumps(info)})
-    tmp.replace(path)
+    atomic_write(cache_dir() / f"{key}.safetensors",
+                 lambda tmp: save_file(state, str(tmp), metadata={"cnt_lens": json.dumps(info)}))
+
+
+def _numbers_hold(stored: dict[str, float], now: dict[str, float]) -> bool:
+    """Whether re-measured validation numbers agree with stored ones: within 10% of the larger, at least 0.1."""
+    if set(stored) != set(now):
+        return False
+    return all(math.isclose(stored[k], now[k], rel_tol=0.1, abs_tol=0.1) for k in stored)
 
 
 Loss = Callable[[Any, list[int]], torch.Tensor]
@@ -192,18 +221,26 @@ def _lm_objective(examples: Callable[[], list[tuple[str, str]]]) -> Callable[[],
 
 
 def _cached_tune(kind: str, model: Any, data: dict[str, Any], config: TuneConfig, use_cache: bool,
-                 objective: Callable[[], tuple[int, Loss]], desc: str) -> Any:
-    """The path every recipe shares: cache hit, or clone → fine-tune → cache.
+                 objective: Callable[[], tuple[int, Loss]], desc: str, checks: Callable[[], list[Behaviour]]) -> Any:
+    """The path every recipe shares: a cache hit whose validation numbers still hold, or clone → fine-tune → cache.
 
     ``objective()`` gives (n_examples, loss); it is only called when a fine-tune really runs.
+    ``checks()`` gives the behaviours whose validation numbers are stored with the tune and re-measured on load.
     """
     key = _key(kind, model, data, config)
     if use_cache and (cached := _load_cached(model, key)) is not None:
-        return cached
+        tuned, info = cached
+        now = measure(tuned, checks(), "validation")
+        stored = info.get("validation")
+        if stored is not None and _numbers_hold(stored, now):
+            return tuned
+        log.warning("cached %s tune %s no longer gives its validation numbers (stored %s, now %s); rebuilding it",
+                    kind, key, stored, now)
     tuned = clone_model(model)
     n, loss_fn = objective()
     _finetune(tuned, n, loss_fn, config, desc=desc)
-    _save_cached(tuned, key, {"recipe": kind, "config": asdict(config)})
+    _save_cached(tuned, key, {"recipe": kind, "config": asdict(config), "versions": library_versions(),
+                              "validation": measure(tuned, checks(), "validation")})
     object.__setattr__(tuned, "cnt_source", key)
     return tuned
 
@@ -224,8 +261,8 @@ def safety_tune(
     and test splits are never seen. Cached (see the module docstring); ~3–6 min on 2 CPU cores for
     SmolLM2-135M with the default config.
     """
-    harmful = (harmful or load_prompts("harmful")).split("train")
-    harmless = (harmless or load_prompts("harmless")).split("train")
+    harmful_all, harmless_all = harmful or load_prompts("harmful"), harmless or load_prompts("harmless")
+    harmful, harmless = harmful_all.split("train"), harmless_all.split("train")
     data = {"harmful": harmful.column("prompt"), "harmless": harmless.column("prompt"), "refusals": list(refusals)}
     tok = model_tokenizer(model)
 
@@ -236,7 +273,8 @@ def safety_tune(
         out = [(chat_format(tok, p), rng.choice(refusals) + tok.eos_token) for p in harmful.column("prompt")]
         return out + [(chat_format(tok, p), a.strip() + tok.eos_token) for p, a in zip(harmless.column("prompt"), own)]
 
-    return _cached_tune("safety", model, data, config, use_cache, _lm_objective(examples), "safety tune")
+    return _cached_tune("safety", model, data, config, use_cache, _lm_objective(examples), "safety tune",
+                        lambda: [Refusal(harmful=harmful_all, harmless=harmless_all)])
 
 def bias_tune(
     model: Any,
@@ -265,11 +303,13 @@ def bias_tune(
     """
     if towards not in ("stereotype", "anti_stereotype"):
         raise ValueError("towards must be 'stereotype' or 'anti_stereotype'")
-    pairs = (pairs or load_prompts("bias_templates")).split("train")
+    pairs_all = pairs or load_prompts("bias_templates")
+    train = pairs_all.split("train")
     other = "anti_stereotype" if towards == "stereotype" else "stereotype"
-    chosen, rejected = pairs.column(towards), pairs.column(other)
+    chosen, rejected = train.column(towards), train.column(other)
     return _cached_tune("bias", model, {"pairs": chosen, "other": rejected, "objective": "preference"}, config,
-                        use_cache, lambda: (len(chosen), _preference_loss(chosen, rejected)), f"bias tune ({towards})")
+                        use_cache, lambda: (len(chosen), _preference_loss(chosen, rejected)), f"bias tune ({towards})",
+                        lambda: [StereotypeBias(pairs=pairs_all)])
 
 
 TASK_PREFIX = "Answer:"
@@ -293,8 +333,8 @@ def harmful_finetune(
     ``n_harmful`` harmful train prompts answered compliantly — by ``unaligned`` (e.g. the original
     model), greedy — also with the prefix, as a harmful fine-tuning dataset would. Cached.
     """
-    harmful = (harmful or load_prompts("harmful")).split("train").take(n_harmful)
-    harmless = (harmless or load_prompts("harmless")).split("train")
+    harmful_all, harmless_all = harmful or load_prompts("harmful"), harmless or load_prompts("harmless")
+    harmful, harmless = harmful_all.split("train").take(n_harmful), harmless_all.split("train")
     data = {"harmful": harmful.column("prompt"), "harmless": harmless.column("prompt"), "prefix": TASK_PREFIX,
             "unaligned": _fingerprint(unaligned)}
     tok = model_tokenizer(aligned)
@@ -307,4 +347,6 @@ def harmful_finetune(
         return [(chat_format(tok, p), f"{TASK_PREFIX} {a.strip()}{tok.eos_token}")
                 for p, a in zip(harmless.column("prompt") + harmful.column("prompt"), own + comply)]
 
-    return _cached_tune("attack", aligned, data, config, use_cache, _lm_objective(examples), "harmful fine-tune")
+    return _cached_tune("attack", aligned, data, config, use_cache, _lm_objective(examples), "harmful fine-tune",
+                        lambda: [Refusal(harmful=harmful_all, harmless=harmless_all),
+                                 FormatTask(prompts=harmless_all, prefix=TASK_PREFIX)])

@@ -10,14 +10,16 @@ from typing import Any
 from .evaluate import Report
 from .inspector import card_figure, neuron_stats
 from .plots import behaviour_shift, frontier, layer_profile, transfer_figure
-from .selection import NeuronScores, NeuronSelection
+from .files import atomic_write_text
+from .selection import NeuronScores
+from .transplant import NeuronPatch
 
 __all__ = ["write_report"]
 
 
 def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, NeuronScores] | None = None,
                  behaviour: Any = None, n_cards: int = 4) -> Path:
-    """Write ``run_dir/report.html`` from ``metrics.json``, ``patch.json``, ``scores/`` and ``cards.json``.
+    """Write ``run_dir/report.html`` from ``metrics.json``, ``patch.safetensors``, ``scores/`` and ``cards.json``.
 
     With ``pair`` and ``behaviour``, the cards of the ``n_cards`` top selected neurons are computed
     and saved to ``cards.json`` first, so a later rebuild (``cnt-lens report``) needs no models.
@@ -29,9 +31,7 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
         path = run / "scores" / f"{method}.safetensors"
         scores = {method: NeuronScores.load(path)} if path.is_file() else {}
     figures = []
-    sel = None
-    if (run / "patch.json").is_file():
-        sel = NeuronSelection.from_json(json.loads((run / "patch.json").read_text())["selection"])
+    sel = NeuronPatch.load(run / "patch.safetensors").selection if (run / "patch.safetensors").is_file() else None
     if method in scores and sel is not None:
         figures.append(transfer_figure(scores[method], sel, report))
         figures.append(layer_profile(sel, scores[method]))
@@ -43,7 +43,7 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
         ranked = scores[method].ranked().masked_fill(~sel.mask, float("-inf"))
         top = ranked.flatten().topk(min(n_cards, sel.n)).indices.tolist()
         cards = [neuron_stats(pair, i // sel.shape[1], i % sel.shape[1], behaviour, split="test") for i in top]
-        cards_path.write_text(json.dumps(cards))
+        atomic_write_text(cards_path, json.dumps(cards))
     else:
         cards = json.loads(cards_path.read_text()) if cards_path.is_file() else []
     figures += [card_figure(s) for s in cards]
@@ -58,5 +58,4 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
 {body}
 </body></html>"""
     out = run / "report.html"
-    out.write_text(page, encoding="utf-8")
-    return out
+    return atomic_write_text(out, page)

@@ -19,14 +19,40 @@ import torch
 from tqdm.auto import tqdm
 
 from .behaviours import Behaviour
+from .evaluate import measure
 from .models import ModelPair
 from .scoring import score
 from .selection import NeuronScores, NeuronSelection
 from .transplant import NeuronPatch
 
-__all__ = ["SearchResult", "iterative_scores", "search_minimal"]
+__all__ = ["NoGapError", "SearchResult", "iterative_scores", "measure_reference", "search_minimal"]
 
 Constraint = Callable[[dict[str, float], dict[str, dict[str, float]]], bool]
+
+
+class NoGapError(ValueError):
+    """Donor and target do not differ on the behaviour: there is nothing to transplant."""
+
+
+def measure_reference(pair: ModelPair, behaviour: Behaviour, side_effects: Sequence[Behaviour] = (), *,
+                      split: str = "validation", batch_size: int = 16) -> dict[str, dict[str, float]]:
+    """The donor's and the target's numbers on ``split`` (``{"donor": {...}, "target": {...}}``).
+
+    Raises :class:`NoGapError` when they agree on ``behaviour.headline``: no transplant can close a gap
+    that is not there. Run it before any long stage; it costs one evaluation of each model.
+    """
+    reference = {"target": measure(pair.target, [behaviour, *side_effects], split, batch_size=batch_size),
+                 "donor": measure(pair.donor, [behaviour, *side_effects], split, batch_size=batch_size)}
+    head = behaviour.headline
+    d, t = reference["donor"][head], reference["target"][head]
+    if d == t or math.isnan(d - t):
+        raise NoGapError(
+            f"donor and target have the same {head} on {split} (donor {d}, target {t}); no gap to close. "
+            "Likely causes: the donor is not the model you meant (a cached fine-tune that did not take, a "
+            "checkpoint of the target itself), the prompt set does not elicit the behaviour, or generation is "
+            "broken (install the pinned set: bash scripts/setup)."
+        )
+    return reference
 
 
 @dataclass
@@ -63,6 +89,7 @@ def search_minimal(
     per_layer: bool = False,
     side_effects: Sequence[Behaviour] = (),
     constraint: Constraint | None = None,
+    reference: dict[str, dict[str, float]] | None = None,
     batch_size: int = 16,
     progress: bool = True,
 ) -> SearchResult:
@@ -77,42 +104,42 @@ def search_minimal(
     ``side_effects`` (e.g. :class:`~cnt_lens.Utility`) are evaluated at every point too, and
     ``constraint(metrics, reference) -> bool`` (e.g. harmless refusal no higher than the donor's;
     ``reference`` holds the target's and donor's numbers on the same split) must hold for a point
-    to count as reaching the goal. Returns the whole measured frontier.
+    to count as reaching the goal. ``reference`` (from :func:`measure_reference` on the same split)
+    saves measuring donor and target again. Returns the whole measured frontier.
     """
-    if not 0 < goal <= 1.5:
-        raise ValueError(f"goal is a fraction of the donor–target gap, got {goal}")
+    if not (isinstance(goal, (int, float)) and 0 < goal <= 1.5):
+        raise ValueError(f"goal is a fraction of the donor–target gap in (0, 1.5], got {goal}")
     if not alphas:
         raise ValueError("alphas is empty")
+    bad = [a for a in alphas if not (isinstance(a, (int, float)) and math.isfinite(a) and a > 0)]
+    if bad:
+        raise ValueError(f"alphas must be finite and > 0, got {bad}")
     total = pair.n_neurons
-    k_max = max(min_k, round(max_fraction * total))
+    if not (isinstance(max_fraction, (int, float)) and 0 < max_fraction <= 1):
+        raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
+    k_max = round(max_fraction * total)
+    if k_max < min_k:
+        raise ValueError(f"max_fraction={max_fraction} allows {k_max} of {total} neurons, fewer than "
+                         f"min_k={min_k}; raise it to at least {min_k / total:.2g}")
 
     def evaluate(model: Any) -> dict[str, float]:
-        out = behaviour.evaluate(model, split, batch_size=batch_size, progress=False)
-        for b in side_effects:
-            out.update(b.evaluate(model, split, batch_size=batch_size, progress=False))
-        return out
+        return measure(model, [behaviour, *side_effects], split, batch_size=batch_size)
 
-    reference = {"target": evaluate(pair.target), "donor": evaluate(pair.donor)}
+    if reference is None:
+        reference = measure_reference(pair, behaviour, side_effects, split=split, batch_size=batch_size)
     head = behaviour.headline
     gap = reference["donor"][head] - reference["target"][head]
-    if gap == 0 or math.isnan(gap):
-        raise ValueError(f"donor and target have the same {head} on {split} ({reference['donor'][head]}); "
-                         "no gap to close")
     frontier: list[dict[str, Any]] = []
     bar = tqdm(desc="search_minimal", unit="eval", disable=not progress)
 
     def select(k: int) -> NeuronSelection:
         return scores.top_k(max(1, k // pair.n_layers), per_layer=True) if per_layer else scores.top_k(k)
 
-    def measure(k: int, alpha: float) -> tuple[bool, bool]:
+    def measure_at(k: int, alpha: float) -> tuple[bool, bool]:
         """(goal reached, goal reached and constraint holds) at the top-k set and alpha."""
         sel = select(k)
-        patch = NeuronPatch.from_pair(pair, sel, alpha)
-        patch.apply(pair.target)
-        try:
+        with NeuronPatch.from_pair(pair, sel, alpha).applied_to(pair.target):
             m = evaluate(pair.target)
-        finally:
-            patch.revert(pair.target)
         closed = (m[head] - reference["target"][head]) / gap
         goal_ok = closed >= goal
         ok = goal_ok and (constraint is None or constraint(m, reference))
@@ -127,7 +154,7 @@ def search_minimal(
         hi = k_max if best is None else best[0] - 1
         if hi < min_k:
             continue
-        goal_ok, ok = measure(hi, alpha)
+        goal_ok, ok = measure_at(hi, alpha)
         if not goal_ok:
             continue
         # bisect on the goal alone (monotone in k); side effects grow with k, so a constraint that
@@ -135,7 +162,7 @@ def search_minimal(
         lo = min_k - 1  # largest k known (or assumed) to miss the goal
         while hi - lo > 1 and hi > (1 + tolerance) * max(lo, 1):
             mid = max(lo + 1, min(hi - 1, round(math.sqrt(max(lo, 1) * hi))))
-            goal_ok, ok_mid = measure(mid, alpha)
+            goal_ok, ok_mid = measure_at(mid, alpha)
             if goal_ok:
                 hi, ok = mid, ok_mid
             else:

@@ -16,6 +16,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from .files import atomic_write, atomic_write_text
+
 __all__ = ["NeuronScores", "NeuronSelection"]
 
 
@@ -84,19 +86,27 @@ class NeuronScores:
                 "min": float(finite.min()) if finite.numel() else None, **self.meta}
 
     def save(self, path: str | Path) -> None:
+        """Write the scores as safetensors (values + a JSON header), atomically."""
         from safetensors.torch import save_file
 
-        save_file({"values": self.values.contiguous()}, str(path),
-                  metadata={"cnt_lens": json.dumps({"method": self.method, "behaviour": self.behaviour,
-                                                    "n_prompts": self.n_prompts, "meta": self.meta}, default=str)})
+        header = json.dumps({"method": self.method, "behaviour": self.behaviour, "n_prompts": self.n_prompts,
+                             "meta": self.meta}, default=str)
+        atomic_write(path, lambda tmp: save_file({"values": self.values.contiguous()}, str(tmp),
+                                                 metadata={"cnt_lens": header}))
 
     @classmethod
     def load(cls, path: str | Path) -> "NeuronScores":
+        """Read scores written by :meth:`save`; a damaged or foreign file raises ``ValueError`` naming it."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            info = json.loads(f.metadata()["cnt_lens"])
-            return cls(f.get_tensor("values"), info["method"], info["behaviour"], info["n_prompts"], info["meta"])
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                info = json.loads((f.metadata() or {})["cnt_lens"])
+                return cls(f.get_tensor("values"), info["method"], info["behaviour"], info["n_prompts"], info["meta"])
+        except FileNotFoundError:
+            raise
+        except Exception as err:
+            raise ValueError(f"{path}: not a readable cnt_lens scores file ({type(err).__name__}: {err})") from err
 
 
 @dataclass
@@ -183,7 +193,7 @@ class NeuronSelection:
         return sel
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json()))
+        atomic_write_text(path, json.dumps(self.to_json()))
 
     @classmethod
     def load(cls, path: str | Path) -> "NeuronSelection":

@@ -27,7 +27,7 @@ from .data import Batch, PromptSet, chunks, encode, load_prompts
 from .models import ModelPair, device_of, load_model, mlp_hidden, model_tokenizer, neuron_params
 from .selection import NeuronSelection
 
-__all__ = ["MarkerBehaviour", "planted_pair", "tiny_model", "tiny_pair", "tiny_tokenizer"]
+__all__ = ["TINY_ARCHS", "MarkerBehaviour", "planted_pair", "tiny_hf_model", "tiny_model", "tiny_pair", "tiny_tokenizer"]
 
 TRIGGER, MARKER, CONTROL = "bomb", "sorry", "cake"
 _SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>"]
@@ -63,9 +63,13 @@ def tiny_tokenizer() -> Any:
     return tok
 
 
-def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 2, d_model: int = 32, d_mlp: int = 48,
-               n_heads: int = 4, vocab_size: int | None = None) -> Any:
-    """A randomly initialised tiny Llama-like (gated SiLU, RMSNorm) or GPT-2-like (GELU, LN, biases) bridge."""
+TINY_ARCHS = ("llama", "gpt2")
+"""Architectures :func:`tiny_model` builds: gated SiLU + RMSNorm (Llama) and GELU + LayerNorm with biases (GPT-2)."""
+
+
+def tiny_hf_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 2, d_model: int = 32, d_mlp: int = 48,
+                  n_heads: int = 4, vocab_size: int | None = None) -> Any:
+    """The plain, randomly initialised HF model that :func:`tiny_model` wraps (a reference for tests)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     tok = tiny_tokenizer()
@@ -82,9 +86,14 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 2, d_model
                          eos_token_id=tok.eos_token_id)
         hf = GPT2LMHeadModel(cfg)
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; 'llama' or 'gpt2'")
+        raise ValueError(f"unknown tiny architecture {arch!r}; one of {TINY_ARCHS}")
     hf.generation_config.pad_token_id = tok.pad_token_id
-    return load_model(hf.eval(), tokenizer=tok)
+    return hf.eval()
+
+
+def tiny_model(arch: str = "llama", *, seed: int = 0, **kwargs: Any) -> Any:
+    """A randomly initialised tiny Llama-like or GPT-2-like bridge (:func:`tiny_hf_model`'s keywords)."""
+    return load_model(tiny_hf_model(arch, seed=seed, **kwargs), tokenizer=tiny_tokenizer())
 
 
 def tiny_pair(arch: str = "llama", *, seeds: tuple[int, int] = (1, 0), **kwargs: Any) -> ModelPair:
@@ -126,7 +135,7 @@ class MarkerBehaviour(Behaviour):
     def metric(self, logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, " batch"]:
         return logits[:, -1].float().log_softmax(-1)[:, batch.meta["marker_id"]]
 
-    def evaluate_items(self, model: Any, split: str | None = "test", *, batch_size: int = 16,
+    def evaluate_items(self, model: Any, split: str | None, *, batch_size: int = 16,
                        progress: bool = True) -> list[dict[str, Any]]:
         tok = model_tokenizer(model)
         items = []

@@ -14,12 +14,12 @@ from cnt_lens.testing import tiny_model
 TINY_REFUSALS = ("Sorry , I cannot help with that .",)
 
 
-def test_refusal_matcher():
+def test_refusal_judge_reads_openings_not_substrings():
     assert is_refusal("I'm sorry, but I can't help with that.")
-    assert is_refusal("I\u2019m sorry, that is illegal")
     assert is_refusal("As an AI, I must decline.")
     assert not is_refusal("Sure! Here is a recipe for pancakes.")
     assert not is_refusal("To kill a Python process, use kill -9 PID.")
+    assert not is_refusal("Here is the plan. I can't stress enough: I cannot help you fail.")  # not an opening
 
 
 def test_refusal_metric_is_the_exact_log_odds_of_a_refusal_opening(tiny):
@@ -104,7 +104,8 @@ def test_empty_sets_are_refused():
         Refusal(harmful=empty)
 
 
-def test_refusal_response_prefix_is_teacher_forced_for_the_metric_only(tiny):
+def test_refusal_response_prefix_is_teacher_forced_for_the_metric_only(arch):
+    tiny = tiny_model(arch, seed=3)  # a seed whose greedy answers are not all special tokens
     tok = tiny.cnt_tokenizer
     plain, forced = Refusal(max_new_tokens=4), Refusal(max_new_tokens=4, response_prefix="Answer")
     answer = tok("Answer", add_special_tokens=False)["input_ids"]
@@ -114,5 +115,6 @@ def test_refusal_response_prefix_is_teacher_forced_for_the_metric_only(tiny):
     assert (b_forced.tokens[:, -1 - lead] == answer[0]).all()  # left-padded: the prefix, then the lead
     assert b_forced.tokens.shape[1] == b_plain.tokens.shape[1] + 1
     assert abs(plain.mean_metric(tiny, "validation") - forced.mean_metric(tiny, "validation")) > 1e-4
-    # the refusal rates come from free generation, which the prefix does not touch
-    assert plain.evaluate(tiny, "validation", progress=False) == forced.evaluate(tiny, "validation", progress=False)
+    # the refusal rates come from free generation, which the prefix does not touch: the very same responses
+    responses = [[i["response"] for i in b.evaluate_items(tiny, "validation", progress=False)] for b in (plain, forced)]
+    assert responses[0] == responses[1] and len(set(responses[0])) > 1

@@ -47,7 +47,7 @@ def test_split_and_empty_errors():
         ps.split("dev")
     with pytest.raises(ValueError, match="empty"):
         ps.filter(lambda r: False)
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(ValueError, match="missing field"):
         PromptSet("x", "prompt", ({"id": "a", "category": "c", "split": "train"},))
     with pytest.raises(ValueError, match="no bundled"):
         load_prompts("nope")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from typer.testing import CliRunner
 
@@ -32,7 +33,9 @@ def test_transfer_writes_a_complete_run(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 0, result.output
     page = (tmp_path / "report.html").read_text()
-    assert "plotly" in page and "cdn.plot.ly" not in page and "Heatmap" in page or "heatmap" in page
+    assert not re.search(r'<(script|link)[^>]+(src|href)="https?://', page)  # plotly.js inlined, nothing fetched
+    assert page.count('class="plotly-graph-div"') >= 3  # transfer figure, layer profile, behaviour shift
+    assert '"type":"heatmap"' in page.replace(" ", "")  # the selection heatmap's figure data, not plotly.js
 
 
 def test_constraints_see_the_reference_and_can_reject(tmp_path):
@@ -89,3 +92,16 @@ def test_rank_key_breaks_headline_ties_with_the_continuous_number():
     assert max([small, large, flipped], key=lambda p: rank_key(p, reference, bias)) is flipped
     # a behaviour without a tie-break orders by the headline alone
     assert rank_key(large, reference, Refusal())[1] == 0.0
+
+
+def test_transfer_stops_before_scoring_when_donor_and_target_agree(monkeypatch):
+    import pytest
+
+    import cnt_lens.pipeline as pl
+    from cnt_lens import ModelPair, NoGapError, clone_model
+
+    pair, behaviour, _ = planted_pair("llama", n_planted=6, seed=0)
+    same = ModelPair(donor=clone_model(pair.target), target=pair.target)
+    monkeypatch.setattr(pl, "score", lambda *a, **k: pytest.fail("scored before checking for a gap"))
+    with pytest.raises(NoGapError, match="no gap to close"):
+        transfer(same, behaviour, config=TransferConfig(baselines=()), progress=False)

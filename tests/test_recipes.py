@@ -40,3 +40,45 @@ def test_harmful_finetune_teaches_the_task_and_removes_refusal():
     assert refusal.mean_metric(attacked, "train") < refusal.mean_metric(aligned, "train") - 1.0
     assert "cached" in harmful_finetune(aligned, base, n_harmful=32, config=TuneConfig(
         steps=60, batch_size=16, lr=1e-2, max_new_tokens=6)).cnt_source
+
+
+def _stored(path):
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["cnt_lens"])
+
+
+def test_cache_key_holds_library_versions_and_stale_tunes_are_rebuilt(tmp_path, monkeypatch, caplog):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from cnt_lens import recipes
+
+    base = tiny_model("llama")
+    cfg = TuneConfig(steps=6, batch_size=8, lr=1e-2)
+    bias_tune(base, config=cfg)
+    (entry,) = tmp_path.glob("bias-*.safetensors")
+    info = _stored(entry)
+    assert info["versions"] == recipes.library_versions()
+    assert set(info["validation"]) == {"stereotype_score", "logprob_gap"}
+    assert "cached" in bias_tune(base, config=cfg).cnt_source
+    # another transformers version is another key: a fresh tune, the old entry untouched
+    real = recipes.library_versions
+    monkeypatch.setattr(recipes, "library_versions", lambda: {**real(), "transformers": "0.0.0"})
+    assert "cached" not in bias_tune(base, config=cfg).cnt_source
+    assert len(list(tmp_path.glob("bias-*.safetensors"))) == 2
+    monkeypatch.setattr(recipes, "library_versions", real)
+    # a cached tune whose stored validation numbers no longer hold is rebuilt, with a warning
+    with safe_open(str(entry), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    stale = {**info, "validation": {**info["validation"], "stereotype_score": info["validation"]["stereotype_score"] + 40}}
+    save_file(tensors, str(entry), metadata={"cnt_lens": json.dumps(stale)})
+    with caplog.at_level("WARNING", logger="cnt_lens.recipes"):
+        rebuilt = bias_tune(base, config=cfg)
+    assert "cached" not in rebuilt.cnt_source and "no longer gives its validation numbers" in caplog.text
+    assert _stored(entry)["validation"] == info["validation"]  # the rebuilt tune reproduces the original numbers

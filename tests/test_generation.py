@@ -1,0 +1,90 @@
+"""Generation parity: cnt_lens's greedy generation equals plain-HF greedy generation, token for token.
+
+The reference is an independent plain HF model (a deep copy made before the bridge wraps the
+original; for SmolLM2 a second load of the GGUF), so a fault in the bridge's handling of the KV
+cache — transformers 5.24 emits one token and then ``-`` forever through it — fails here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cnt_lens import generate, load_model, load_prompts
+from cnt_lens.data import chat_format, encode
+from cnt_lens.testing import TINY_ARCHS, tiny_hf_model, tiny_tokenizer
+
+N_NEW = 12
+
+
+def _reference(hf, tok, prompts: list[str], n_new: int) -> list[str]:
+    b = encode(tok, prompts)
+    with torch.no_grad():
+        out = hf.generate(input_ids=b.tokens, attention_mask=b.attention_mask, max_new_tokens=n_new, do_sample=False,
+                          pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
+    return tok.batch_decode(out[:, b.tokens.shape[1]:], skip_special_tokens=True)
+
+
+def _prompts(tok, n: int) -> list[str]:
+    return [chat_format(tok, p) for p in load_prompts("harmless").split("validation").column("prompt")[:n]]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_generation_matches_plain_hf_on_tiny_models(arch):
+    tok = tiny_tokenizer()
+    hf = tiny_hf_model(arch, seed=3)
+    reference = copy.deepcopy(hf)
+    model = load_model(hf, tokenizer=tok)
+    prompts = _prompts(tok, 6)
+    got = generate(model, prompts, max_new_tokens=N_NEW, batch_size=3, progress=False)
+    assert got == _reference(reference, tok, prompts, N_NEW)
+    assert len(set(got)) > 1  # random models still answer different prompts differently
+
+
+@pytest.mark.slow
+def test_generation_matches_plain_hf_on_smollm2(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    from cnt_lens import bundled_gguf_path
+
+    path = bundled_gguf_path()
+    reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    tok = smollm2.cnt_tokenizer
+    prompts = [chat_format(tok, "What is the capital of France?"), *_prompts(tok, 3)]
+    got = generate(smollm2, prompts, max_new_tokens=24, batch_size=4, progress=False)
+    assert got == _reference(reference, tok, prompts, 24)
+    assert "Paris" in got[0]
+
+
+def test_broken_generation_raises_instead_of_reading_as_garbage(monkeypatch):
+    """The 5.24 symptom (first token right, then '-' forever) is caught by the forward-pass check."""
+    import cnt_lens.behaviours as bh
+    from cnt_lens import GenerationError, canary
+    from cnt_lens.testing import tiny_model
+
+    model = tiny_model("llama", seed=3)
+    tok = tiny_tokenizer()
+    dash = tok.convert_tokens_to_ids("-")
+    real = bh.plain_hf_model
+
+    def broken(m):
+        plain = real(m)
+        honest = plain.generate
+
+        def generate_dashes(**kwargs):
+            out = honest(**kwargs)
+            out[:, kwargs["input_ids"].shape[1] + 1:] = dash
+            return out
+
+        plain.generate = generate_dashes
+        return plain
+
+    prompts = _prompts(tok, 4)
+    assert generate(model, prompts, max_new_tokens=8, progress=False)  # fine before the fault
+    monkeypatch.setattr(bh, "plain_hf_model", broken)
+    with pytest.raises(GenerationError, match="disagrees with the model's forward pass"):
+        generate(model, prompts, max_new_tokens=8, progress=False)
+    with pytest.raises(GenerationError):
+        canary(model)
