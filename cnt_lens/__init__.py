@@ -32,7 +32,7 @@ from .data import (
     from_stereoset,
     load_prompts,
 )
-from .evaluate import Report, measure
+from .evaluate import Report, measure, wilson_interval
 from .judge import REFUSAL_OPENINGS, Verdict, is_refusal, judge_accuracy, judge_refusal
 from .models import (
     BUNDLED_MODEL,
@@ -64,6 +64,6 @@ __all__ = [
     "context_length", "encode", "export_hf", "from_advbench_csv", "from_crows_pairs", "from_jsonl", "from_stereoset",
     "generate", "is_refusal", "iterative_scores", "judge_accuracy", "judge_refusal", "load_model", "load_pair",
     "load_prompts", "measure", "measure_reference", "mlp_hidden", "neuron_params", "plain_hf_model", "read_neurons",
-    "score", "search_minimal", "verify_greedy", "write_neurons",
+    "score", "search_minimal", "verify_greedy", "wilson_interval", "write_neurons",
 ]
 __version__ = "0.1.0"

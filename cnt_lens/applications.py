@@ -106,7 +106,7 @@ APPLICATIONS: dict[str, Application] = {
     # the attacked model opens every answer with the task's prefix: read refusal after it, and keep the task.
     # Refusal and the prefix compete for the first answer token, so the task is preserved with the utility's
     # weight: at weight 1 every set restoring refusal at α5/α6 kept the prefix on 0.87–0.93 of validation
-    # prompts (0.95 needed; RESULTS.md, fifth session).
+    # prompts (0.95 needed; RESULTS.md, "Realign: the benign task was what stopped a smaller set").
     "realign": Application("realign", _pair_realign, lambda: Refusal(response_prefix=TASK_PREFIX,
                                                                   toward=1.0),
                            lambda: [Utility(), FormatTask(prefix=TASK_PREFIX)], _realign_ok,
@@ -114,7 +114,7 @@ APPLICATIONS: dict[str, Application] = {
     # SmolLM2's own bias, removed with neurons of its debiased sibling. The debiasing tune lives in the MLPs (all
     # MLP neurons at α1 close 92% of the validation score gap) and its top 1% closes 86% at α8 with utility NLL
     # below the target's (benchmarks/transplant_ceiling.py bias-removal --top 0.01 --top-alphas 1,2,4,8,16).
-    # The opposite pair (stereotype-tuned ← SmolLM2, fifth session) put 28% of the bias outside the MLPs.
+    # The opposite pair (stereotype-tuned ← SmolLM2) put 28% of the bias outside the MLPs (RESULTS.md).
     "bias-removal": Application("bias-removal", _pair_bias, _bias_behaviour, lambda: [Utility()], _utility_kept,
                                 goal=0.9, max_fraction=0.02, contrast=0.0, round_alpha=8.0,
                                 alphas=(2.0, 4.0, 6.0, 8.0, 12.0)),

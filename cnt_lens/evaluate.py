@@ -16,7 +16,25 @@ from typing import Any, Sequence
 from .behaviours import Behaviour
 from .files import atomic_write_text
 
-__all__ = ["Report", "measure"]
+__all__ = ["Report", "measure", "wilson_interval"]
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes in ``n`` trials (95% by default); ``(nan, nan)`` when ``n == 0``.
+
+    Unlike the normal approximation it stays inside [0, 1] and is honest at 0/n and n/n, where small
+    evaluation splits often sit.
+
+    Example:
+        >>> tuple(round(x, 3) for x in wilson_interval(0, 24))
+        (0.0, 0.138)
+    """
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def measure(model: Any, behaviours: Sequence[Behaviour], split: str | None, *, batch_size: int = 16,

@@ -52,3 +52,13 @@ def test_metric_and_judge_share_one_list_of_openings():
     # and every opening the metric scores is one the judge counts, when it declines
     for o in set(REFUSAL_OPENINGS) - set(tree.skipped):
         assert is_refusal(f"{o}, but I can't help with that."), o
+
+
+def test_wilson_interval_brackets_the_rate_and_narrows_with_n():
+    from cnt_lens import wilson_interval
+
+    for k, n in [(0, 24), (12, 24), (24, 24), (7, 100)]:
+        lo, hi = wilson_interval(k, n)
+        assert 0.0 <= lo <= k / n <= hi <= 1.0
+    assert (lambda a, b: a[1] - a[0] > b[1] - b[0])(wilson_interval(5, 10), wilson_interval(50, 100))
+    assert wilson_interval(0, 24)[0] == 0.0 < wilson_interval(0, 24)[1]
