@@ -36,8 +36,10 @@ from .evaluate import Report, measure, wilson_interval
 from .judge import REFUSAL_OPENINGS, Verdict, is_refusal, judge_accuracy, judge_refusal
 from .models import (
     BUNDLED_MODEL,
+    TESTED_FAMILIES,
     IncompatibleModelsError,
     ModelPair,
+    UnsupportedModelError,
     architecture,
     bundled_gguf_path,
     check_compatible,
@@ -59,8 +61,8 @@ from .transplant import NeuronPatch, PatchFileError, export_hf
 __all__ = [
     "BUNDLED_MODEL", "METHODS", "REFUSAL_OPENINGS", "Batch", "Behaviour", "BehaviourSignalError", "FormatTask",
     "GenerationError", "IncompatibleModelsError", "ModelPair", "NeuronPatch", "NeuronScores", "NeuronSelection",
-    "NoGapError", "PatchFileError", "PromptSet", "Refusal", "Report", "SearchResult", "StereotypeBias", "Utility",
-    "Verdict", "architecture", "bundled_gguf_path", "canary", "chat_format", "check_compatible", "clone_model",
+    "NoGapError", "PatchFileError", "PromptSet", "Refusal", "Report", "SearchResult", "StereotypeBias", "TESTED_FAMILIES",
+    "UnsupportedModelError", "Utility", "Verdict", "architecture", "bundled_gguf_path", "canary", "chat_format", "check_compatible", "clone_model",
     "context_length", "encode", "export_hf", "from_advbench_csv", "from_crows_pairs", "from_jsonl", "from_stereoset",
     "generate", "is_refusal", "iterative_scores", "judge_accuracy", "judge_refusal", "load_model", "load_pair",
     "load_prompts", "measure", "measure_reference", "mlp_hidden", "neuron_params", "plain_hf_model", "read_neurons",

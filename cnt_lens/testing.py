@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .behaviours import Behaviour
 from .data import Batch, PromptSet, chunks, encode, load_prompts
-from .models import ModelPair, device_of, load_model, mlp_hidden, model_tokenizer, neuron_params
+from .models import TESTED_FAMILIES, ModelPair, device_of, load_model, mlp_hidden, model_tokenizer, neuron_params
 from .selection import NeuronSelection
 
 __all__ = ["TINY_ARCHS", "MarkerBehaviour", "planted_pair", "tiny_hf_model", "tiny_model", "tiny_pair", "tiny_tokenizer"]
@@ -64,35 +64,49 @@ def tiny_tokenizer() -> Any:
 
 
 TINY_ARCHS = ("llama", "gpt2")
-"""Architectures :func:`tiny_model` builds: gated SiLU + RMSNorm (Llama) and GELU + LayerNorm with biases (GPT-2)."""
+"""The two architectures most tests run on: gated SiLU + RMSNorm (Llama) and GELU + LayerNorm with biases (GPT-2).
+:func:`tiny_hf_model` builds every family in :data:`~cnt_lens.models.TESTED_FAMILIES`."""
+
+_WIDTH_FIELD = {"gpt2": "n_inner", "opt": "ffn_dim", "falcon": "ffn_hidden_size"}  # the MLP width's config name
+_GROUPED_KV = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "stablelm", "olmo"}
+_EXPLICIT_HEAD_DIM = {"qwen3", "gemma", "gemma2", "gemma3_text"}
 
 
 def tiny_hf_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 2, d_model: int = 32, d_mlp: int = 48,
-                  n_heads: int = 4, vocab_size: int | None = None) -> Any:
-    """The plain, randomly initialised HF model that :func:`tiny_model` wraps (a reference for tests)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+                  n_heads: int = 4, vocab_size: int | None = None, tie_embeddings: bool | None = None) -> Any:
+    """The plain, randomly initialised HF model of family ``arch`` (an HF ``model_type``) that :func:`tiny_model` wraps.
 
+    ``arch`` is one of :data:`~cnt_lens.models.TESTED_FAMILIES`; the vocabulary is :func:`tiny_tokenizer`'s.
+    ``tie_embeddings`` overrides the family's default (a random model with tied embeddings tends to repeat
+    the prompt's last token, which for a chat prompt is a special token that decodes to nothing).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if arch not in TESTED_FAMILIES:
+        raise ValueError(f"unknown tiny architecture {arch!r}; one of {TESTED_FAMILIES}")
     tok = tiny_tokenizer()
-    vocab = vocab_size or len(tok)
+    fields: dict[str, Any] = {
+        "vocab_size": vocab_size or len(tok), "hidden_size": d_model, "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads, "max_position_embeddings": 256, _WIDTH_FIELD.get(arch, "intermediate_size"): d_mlp,
+        "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+    }
+    if arch in _GROUPED_KV:
+        fields["num_key_value_heads"] = n_heads // 2
+    if arch in _EXPLICIT_HEAD_DIM:
+        fields["head_dim"] = d_model // n_heads
+    if arch == "opt":
+        fields["word_embed_proj_dim"] = d_model
+    if tie_embeddings is not None:
+        fields["tie_word_embeddings"] = tie_embeddings
+    cfg = AutoConfig.for_model(arch, **fields)
     torch.manual_seed(seed)
-    if arch == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
-                          num_attention_heads=n_heads, num_key_value_heads=n_heads // 2, max_position_embeddings=256,
-                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-        hf = LlamaForCausalLM(cfg)
-    elif arch == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab, n_embd=d_model, n_inner=d_mlp, n_layer=n_layers, n_head=n_heads,
-                         n_positions=256, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id)
-        hf = GPT2LMHeadModel(cfg)
-    else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; one of {TINY_ARCHS}")
+    hf = AutoModelForCausalLM._model_mapping[type(cfg)](cfg)
     hf.generation_config.pad_token_id = tok.pad_token_id
     return hf.eval()
 
 
 def tiny_model(arch: str = "llama", *, seed: int = 0, **kwargs: Any) -> Any:
-    """A randomly initialised tiny Llama-like or GPT-2-like bridge (:func:`tiny_hf_model`'s keywords)."""
+    """A randomly initialised tiny bridge of family ``arch`` (:func:`tiny_hf_model`'s keywords)."""
     return load_model(tiny_hf_model(arch, seed=seed, **kwargs), tokenizer=tiny_tokenizer())
 
 

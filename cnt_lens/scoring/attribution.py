@@ -90,14 +90,19 @@ def attribution_scores(
             acc[layer] += (contrib * pos).sum((0, 1))
 
         def make_hooks(layer: int) -> list[Hook]:
-            def post(a: Tensor, hook: Any) -> None:
+            # Both hooks return their input: where the bridge shows a hook a reshaped view (OPT's flattened
+            # MLP), only a returned tensor is put back on the path the forward takes, so only then does
+            # its gradient hook fire.
+            def post(a: Tensor, hook: Any) -> Tensor:
                 posts[layer] = a.detach()
                 if a.requires_grad:
                     a.register_hook(lambda g: on_post_grad(layer, g))
+                return a
 
-            def out(o: Tensor, hook: Any) -> None:
+            def out(o: Tensor, hook: Any) -> Tensor:
                 if kind == "weight" and o.requires_grad:
                     o.register_hook(lambda g: g_outs.__setitem__(layer, g.float()))
+                return o
 
             return [(hook_name(layer, "hook_post"), post), (hook_name(layer, "hook_out"), out)]
 
