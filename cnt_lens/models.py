@@ -201,7 +201,7 @@ def load_model(
         if "supported architecture" not in str(err):
             raise
         raise UnsupportedModelError(
-            f"TransformerLens {_version('transformer-lens')} cannot wrap {type(hf_model).__name__} "
+            f"TransformerLens {package_version('transformer-lens')} cannot wrap {type(hf_model).__name__} "
             f"(model_type {getattr(hf_model.config, 'model_type', '?')!r}). cnt_lens is tested on {', '.join(TESTED_FAMILIES)}; "
             "the bridge's full list: transformer_lens.factories.architecture_adapter_factory.SUPPORTED_ARCHITECTURES"
         ) from None
@@ -216,13 +216,14 @@ def load_model(
     return bridge
 
 
-def _version(package: str) -> str:
+def package_version(package: str, default: str = "?") -> str:
+    """The installed version of ``package`` (distribution name), or ``default`` without package metadata."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version(package)
     except PackageNotFoundError:
-        return "?"
+        return default
 
 
 def _check_dense_mlp(bridge: TransformerBridge) -> None:

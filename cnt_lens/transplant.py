@@ -50,6 +50,7 @@ from .models import (
     fresh_hf_model,
     model_tokenizer,
     neuron_params,
+    package_version,
     read_neurons,
 )
 from .selection import NeuronScores, NeuronSelection
@@ -64,15 +65,6 @@ _JOURNAL = "_cnt_lens_journal"
 
 class PatchFileError(ValueError):
     """A patch file that cannot be read as one: damaged, of an unknown format, or not matching its sidecar."""
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("cnt_lens")
-    except Exception:  # pragma: no cover - source checkout without metadata
-        return "unknown"
 
 
 def _check_alpha(alpha: Any) -> float:
@@ -147,7 +139,7 @@ class NeuronPatch:
             "n_neurons": selection.n,
             "per_layer": selection.per_layer(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "cnt_lens_version": _version(),
+            "cnt_lens_version": package_version("cnt_lens", "unknown"),
             **({"scores": scores.summary()} if scores is not None else {}),
             **(meta or {}),
         }
