@@ -26,11 +26,20 @@ from .data import (
     PromptSet,
     chat_format,
     encode,
+    load_prompts,
+    stable_split,
+)
+from .formats import (
+    FORMATS,
+    PromptFileError,
+    describe_file,
+    detect_format,
     from_advbench_csv,
     from_crows_pairs,
     from_jsonl,
     from_stereoset,
-    load_prompts,
+    load_file,
+    register_format,
 )
 from .evaluate import Report, measure, wilson_interval
 from .judge import REFUSAL_OPENINGS, Verdict, is_refusal, judge_accuracy, judge_refusal
@@ -59,13 +68,13 @@ from .selection import NeuronScores, NeuronSelection
 from .transplant import NeuronPatch, PatchFileError, export_hf
 
 __all__ = [
-    "BUNDLED_MODEL", "METHODS", "REFUSAL_OPENINGS", "Batch", "Behaviour", "BehaviourSignalError", "FormatTask",
+    "BUNDLED_MODEL", "FORMATS", "METHODS", "REFUSAL_OPENINGS", "Batch", "Behaviour", "BehaviourSignalError", "FormatTask",
     "GenerationError", "IncompatibleModelsError", "ModelPair", "NeuronPatch", "NeuronScores", "NeuronSelection",
-    "NoGapError", "PatchFileError", "PromptSet", "Refusal", "Report", "SearchResult", "StereotypeBias", "TESTED_FAMILIES",
+    "NoGapError", "PatchFileError", "PromptFileError", "PromptSet", "Refusal", "Report", "SearchResult", "StereotypeBias", "TESTED_FAMILIES",
     "UnsupportedModelError", "Utility", "Verdict", "architecture", "bundled_gguf_path", "canary", "chat_format", "check_compatible", "clone_model",
-    "context_length", "encode", "export_hf", "from_advbench_csv", "from_crows_pairs", "from_jsonl", "from_stereoset",
+    "context_length", "describe_file", "detect_format", "encode", "export_hf", "from_advbench_csv", "from_crows_pairs", "from_jsonl", "from_stereoset",
     "generate", "is_refusal", "iterative_scores", "judge_accuracy", "judge_refusal", "load_model", "load_pair",
-    "load_prompts", "measure", "measure_reference", "mlp_hidden", "neuron_params", "plain_hf_model", "read_neurons",
-    "score", "search_minimal", "verify_greedy", "wilson_interval", "write_neurons",
+    "load_file", "load_prompts", "measure", "measure_reference", "mlp_hidden", "neuron_params", "plain_hf_model", "read_neurons",
+    "register_format", "score", "search_minimal", "stable_split", "verify_greedy", "wilson_interval", "write_neurons",
 ]
 __version__ = "0.1.0"

@@ -13,8 +13,8 @@ kind           fields                                       bundled set
 ``judged``     ``response``, ``refusal`` (bool), ``kind``   ``judge_set``
 =============  ==========================================  ===========================
 
-Splits are fixed in the bundled files; loaders of user files assign a stable split from a hash of
-the text when the file has none, so the same file always splits the same way.
+Splits are fixed in the bundled files; the loaders of user files (:mod:`cnt_lens.formats`) assign a
+:func:`stable_split` from a hash of the text when the file has none, so a file always splits the same way.
 
 :func:`encode` turns texts into a left-padded :class:`Batch` with explicit ``position_ids``, so
 a padded row gives the same logits as the row alone (checked in the tests). Texts longer than
@@ -24,13 +24,11 @@ assistant turn where the answer starts) is what every behaviour metric reads.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import warnings
 from dataclasses import dataclass, field, replace
 from importlib import resources
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -43,18 +41,17 @@ __all__ = [
     "SPLITS",
     "chat_format",
     "encode",
-    "from_advbench_csv",
-    "from_crows_pairs",
-    "from_jsonl",
-    "from_stereoset",
+    "FIELDS",
     "load_prompts",
     "record_problem",
+    "stable_split",
+    "with_defaults",
 ]
 
 SPLITS = ("train", "validation", "test")
 BUNDLED = {"harmful": "prompt", "harmless": "prompt", "bias_pairs": "pair", "bias_templates": "pair", "mc": "mc",
            "reference": "text", "judge_set": "judged"}
-_FIELDS = {
+FIELDS = {
     "prompt": ("prompt",),
     "pair": ("stereotype", "anti_stereotype"),
     "mc": ("question", "choices", "answer"),
@@ -72,8 +69,8 @@ class PromptSet:
     records: tuple[dict[str, Any], ...]
 
     def __post_init__(self) -> None:
-        if self.kind not in _FIELDS:
-            raise ValueError(f"unknown PromptSet kind {self.kind!r}; one of {sorted(_FIELDS)}")
+        if self.kind not in FIELDS:
+            raise ValueError(f"unknown PromptSet kind {self.kind!r}; one of {sorted(FIELDS)}")
         for r in self.records:
             problem = record_problem(self.kind, r)
             if problem:
@@ -132,11 +129,11 @@ def _field_problem(kind: str, name: str, value: Any) -> str | None:
 def record_problem(kind: str, record: Any, *, required: Sequence[str] = ("id", "category", "split")) -> str | None:
     """What is wrong with one record of a ``kind`` set (missing or mistyped field), or ``None``."""
     if not isinstance(record, dict):
-        return f"a record must be a JSON object with {list(_FIELDS[kind])}, got {type(record).__name__}"
-    missing = [f for f in (*required, *_FIELDS[kind]) if f not in record]
+        return f"a record must be a JSON object with {list(FIELDS[kind])}, got {type(record).__name__}"
+    missing = [f for f in (*required, *FIELDS[kind]) if f not in record]
     if missing:
-        return f"missing field(s) {missing} (a {kind!r} record needs {list(_FIELDS[kind])})"
-    for name in _FIELDS[kind]:
+        return f"missing field(s) {missing} (a {kind!r} record needs {list(FIELDS[kind])})"
+    for name in FIELDS[kind]:
         if (problem := _field_problem(kind, name, record[name])) is not None:
             return problem
     if "split" in record and record["split"] not in SPLITS:
@@ -146,17 +143,28 @@ def record_problem(kind: str, record: Any, *, required: Sequence[str] = ("id", "
     return None
 
 
-def _stable_split(text: str) -> str:
-    """60/20/20 split from a hash of the text: stable across runs and machines."""
-    h = int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) % 5
+def stable_split(text: str, seed: int = 0) -> str:
+    """60/20/20 train/validation/test split from a hash of ``text`` (and ``seed``): the same on every machine.
+
+    Identical texts always land in the same split, so a file with duplicates cannot leak a test
+    prompt into train. ``seed=0`` hashes the text alone; another seed gives an independent split.
+
+    Example:
+        >>> stable_split("How do I bake bread?") == stable_split("How do I bake bread?")
+        True
+    """
+    key = text if seed == 0 else f"{seed}\x00{text}"
+    h = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % 5
     return ("train", "train", "train", "validation", "test")[h]
 
 
-def _finish(name: str, kind: str, rows: list[dict[str, Any]], key: str) -> PromptSet:
+def with_defaults(name: str, kind: str, rows: list[dict[str, Any]], key: str, *, seed: int = 0) -> PromptSet:
+    """A :class:`PromptSet` of ``rows``, each given an ``id``, a ``category`` and a :func:`stable_split` of its
+    ``key`` field where it has none. Raises if ``rows`` is empty."""
     for i, r in enumerate(rows):
         r.setdefault("id", f"{name}-{i:05d}")
         r.setdefault("category", "uncategorised")
-        r.setdefault("split", _stable_split(str(r[key])))
+        r.setdefault("split", stable_split(str(r[key]), seed))
     ps = PromptSet(name=name, kind=kind, records=tuple(rows))
     ps.require_nonempty()
     return ps
@@ -176,73 +184,6 @@ def load_prompts(name: str) -> PromptSet:
     text = resources.files("cnt_lens").joinpath("prompts").joinpath(f"{name}.jsonl").read_text(encoding="utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     return PromptSet(name=name, kind=BUNDLED[name], records=tuple(rows))
-
-
-def from_jsonl(path: str | Path, *, kind: str = "prompt", text_field: str | None = None, name: str | None = None) -> PromptSet:
-    """Records from a JSON-lines file. ``text_field`` renames a field to ``prompt``/``text``.
-
-    Every line is checked: an error names the file, the line, the field and what it should be.
-    """
-    if kind not in _FIELDS:
-        raise ValueError(f"unknown kind {kind!r}; one of {sorted(_FIELDS)}")
-    key = _FIELDS[kind][0]
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not JSON: {err}") from err
-            if text_field is not None and isinstance(row, dict):
-                if text_field not in row:
-                    raise ValueError(f"{path}:{n}: no field {text_field!r} (text_field); the line has {sorted(row)}")
-                row[key] = row.pop(text_field)
-            if (problem := record_problem(kind, row, required=())) is not None:
-                hint = f"; pass text_field= to use another field as {key!r}" if "missing" in problem else ""
-                raise ValueError(f"{path}:{n}: {problem}{hint}")
-            rows.append(row)
-    return _finish(name or Path(path).stem, kind, rows, key)
-
-
-def from_advbench_csv(path: str | Path, *, name: str | None = None) -> PromptSet:
-    """AdvBench-style CSV (``goal,target`` columns): each goal becomes a prompt; target is kept."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "goal" not in reader.fieldnames:
-            raise ValueError(f"{path}: expected an AdvBench CSV with a 'goal' column, got {reader.fieldnames}")
-        rows = [{"prompt": r["goal"], "target": r.get("target", ""), **({"category": r["category"]} if r.get("category") else {})} for r in reader]
-    return _finish(name or Path(path).stem, "prompt", rows, "prompt")
-
-
-def from_crows_pairs(path: str | Path, *, name: str | None = None) -> PromptSet:
-    """CrowS-Pairs CSV (``sent_more``, ``sent_less``, ``stereo_antistereo``, ``bias_type``).
-
-    Rows marked ``antistereo`` have their sentences swapped so that ``stereotype`` is always the
-    stereotyping one.
-    """
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for r in csv.DictReader(f):
-            more, less = r["sent_more"], r["sent_less"]
-            if r.get("stereo_antistereo", "stereo") == "antistereo":
-                more, less = less, more
-            rows.append({"stereotype": more, "anti_stereotype": less, "category": r.get("bias_type") or "uncategorised"})
-    return _finish(name or Path(path).stem, "pair", rows, "stereotype")
-
-
-def from_stereoset(path: str | Path, *, name: str | None = None) -> PromptSet:
-    """StereoSet JSON (``data.intrasentence`` items with stereotype / anti-stereotype sentences)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    items = data.get("data", data).get("intrasentence", [])
-    rows = []
-    for item in items:
-        by_label = {s["gold_label"]: s["sentence"] for s in item["sentences"]}
-        if "stereotype" in by_label and "anti-stereotype" in by_label:
-            rows.append({"id": item.get("id"), "stereotype": by_label["stereotype"],
-                         "anti_stereotype": by_label["anti-stereotype"], "category": item.get("bias_type", "uncategorised")})
-    return _finish(name or Path(path).stem, "pair", rows, "stereotype")
 
 
 # --------------------------------------------------------------------------- model inputs
