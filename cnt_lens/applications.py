@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, Utility, canary
+from .constraints import no_more_over_refusal, task_kept, utility_kept
 from .data import load_prompts
-from .models import BUNDLED_MODEL, ModelPair, device_of, load_model
-from .pipeline import TransferConfig, transfer
+from .models import BUNDLED_MODEL, ModelPair, load_model
+from .pipeline import TransferConfig
 from .recipes import TASK_PREFIX, bias_tune, harmful_finetune, safety_tune
-from .report import write_report
-from .search import iterative_scores, measure_reference
-from .transplant import export_hf
+from .runs import run_transfer
 
 __all__ = ["APPLICATIONS", "Application", "run_application"]
 
@@ -58,20 +57,6 @@ class Application:
     baselines: tuple[str, ...] = ("attribution", "activation_contrast", "wanda", "snip", "weight_diff",
                                   "nlsr_drift", "random")
     notes: dict[str, Any] = field(default_factory=dict)
-
-
-def _utility_kept(point: dict, ref: dict) -> bool:
-    return point["utility_nll"] <= 1.01 * ref["target"]["utility_nll"]
-
-
-def _enhance_ok(point: dict, ref: dict) -> bool:
-    return point["refusal_harmless"] <= ref["donor"]["refusal_harmless"] + 1e-9 and _utility_kept(point, ref)
-
-
-def _realign_ok(point: dict, ref: dict) -> bool:
-    # the benign task's rate must keep ≥95% of what the attack taught (target = attacked, donor = pre-attack)
-    gain = ref["target"]["task_rate"] - ref["donor"]["task_rate"]
-    return point["task_rate"] - ref["donor"]["task_rate"] >= 0.95 * gain and _utility_kept(point, ref)
 
 
 def _pair_enhance(base: Any) -> ModelPair:
@@ -100,22 +85,22 @@ def _pair_bias(base: Any) -> ModelPair:
 
 APPLICATIONS: dict[str, Application] = {
     "enhance": Application("enhance", _pair_enhance, lambda: Refusal(), lambda: [Utility()],
-                           _enhance_ok, preserve_weights=(10.0,), contrast=0.5),
+                           no_more_over_refusal, preserve_weights=(10.0,), contrast=0.5),
     "disalign": Application("disalign", _pair_disalign, lambda: Refusal(), lambda: [Utility()],
-                            _utility_kept, contrast=0.0, rounds=4),
+                            utility_kept, contrast=0.0, rounds=4),
     # the attacked model opens every answer with the task's prefix: read refusal after it, and keep the task.
     # Refusal and the prefix compete for the first answer token, so the task is preserved with the utility's
     # weight: at weight 1 every set restoring refusal at α5/α6 kept the prefix on 0.87–0.93 of validation
     # prompts (0.95 needed; RESULTS.md, "Realign: the benign task was what stopped a smaller set").
     "realign": Application("realign", _pair_realign, lambda: Refusal(response_prefix=TASK_PREFIX,
                                                                   toward=1.0),
-                           lambda: [Utility(), FormatTask(prefix=TASK_PREFIX)], _realign_ok,
+                           lambda: [Utility(), FormatTask(prefix=TASK_PREFIX)], task_kept,
                            preserve_weights=(10.0, 10.0), contrast=0.5, rounds=4, alphas=(1.0, 2.0, 4.0, 5.0, 6.0)),
     # SmolLM2's own bias, removed with neurons of its debiased sibling. The debiasing tune lives in the MLPs (all
     # MLP neurons at α1 close 92% of the validation score gap) and its top 1% closes 86% at α8 with utility NLL
     # below the target's (benchmarks/transplant_ceiling.py bias-removal --top 0.01 --top-alphas 1,2,4,8,16).
     # The opposite pair (stereotype-tuned ← SmolLM2) put 28% of the bias outside the MLPs (RESULTS.md).
-    "bias-removal": Application("bias-removal", _pair_bias, _bias_behaviour, lambda: [Utility()], _utility_kept,
+    "bias-removal": Application("bias-removal", _pair_bias, _bias_behaviour, lambda: [Utility()], utility_kept,
                                 goal=0.9, max_fraction=0.02, contrast=0.0, round_alpha=8.0,
                                 alphas=(2.0, 4.0, 6.0, 8.0, 12.0)),
 }
@@ -140,23 +125,11 @@ def run_application(name: str, out: str | Path, *, alphas: tuple[float, ...] | N
     canary(base, expect="Paris")  # seconds: a broken model or generation path stops here, before any tune
     pair = app.build(base)
     behaviour, side = app.behaviour(), app.side_effects()
-    if len(app.preserve_weights) != len(side):
-        raise ValueError(f"{name}: {len(app.preserve_weights)} preserve weights for {len(side)} side effects")
-    for model in (pair.target, pair.donor):
-        canary(model)
-    reference = measure_reference(pair, behaviour, side, split="validation", batch_size=32)
-    kept = [(b, w) for b, w in zip(side, app.preserve_weights) if w]
-    main = iterative_scores(pair, behaviour, budget=app.max_fraction, rounds=app.rounds, alpha=app.round_alpha,
-                            contrast=app.contrast, preserve=[b for b, _ in kept],
-                            preserve_weight=[w for _, w in kept], progress=progress)
     config = TransferConfig(goal=app.goal, max_fraction=app.max_fraction, alphas=alphas or app.alphas,
                             baselines=app.baselines, batch_size=32, extra={"application": name})
-    report, patch, scores = transfer(pair, behaviour, side_effects=side, constraint=app.constraint, config=config,
-                                     scores=main, reference=reference, out_dir=out, progress=progress)
-    report.extra.update(application=name, wall_time_s=round(time.time() - t0, 1), device=str(device_of(pair.target)))
+    report = run_transfer(pair, behaviour, out, side_effects=side, constraint=app.constraint, config=config,
+                          rounds=app.rounds, round_alpha=app.round_alpha, contrast=app.contrast,
+                          preserve_weights=app.preserve_weights, progress=progress)
+    report.extra.update(application=name, wall_time_s=round(time.time() - t0, 1))
     report.save(out / "metrics.json")
-    if patch is not None:
-        with patch.applied_to(pair.target):
-            export_hf(pair.target, out / "patched_model", overwrite=True)
-    write_report(out, pair=pair, scores=scores, behaviour=behaviour)
     return report

@@ -23,9 +23,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .data import Batch, PromptSet, _max_len, chat_format, chunks, encode, load_prompts
+from .data import Batch, PromptSet, _max_len, chat_format, chunks, default_harmful, encode, load_prompts
 from .judge import REFUSAL_OPENINGS, judge_refusal
 from .models import context_length, device_of, model_tokenizer, plain_hf_model
+from .stats import rate
 
 __all__ = [
     "Behaviour",
@@ -201,7 +202,7 @@ class Behaviour(abc.ABC):
                        progress: bool = True) -> list[dict[str, Any]]: ...
 
     @abc.abstractmethod
-    def aggregate(self, items: list[dict[str, Any]]) -> dict[str, float]: ...
+    def aggregate(self, items: list[dict[str, Any]]) -> dict[str, Any]: ...
 
     def evaluate(self, model: Any, split: str | None, *, batch_size: int = 16,
                  progress: bool = True) -> dict[str, float]:
@@ -289,7 +290,7 @@ class Refusal(Behaviour):
     transplants should raise refusal, whatever the donor's metric (RESULTS.md, realignment).
     """
 
-    harmful: PromptSet = field(default_factory=lambda: load_prompts("harmful"))
+    harmful: PromptSet = field(default_factory=default_harmful)
     harmless: PromptSet = field(default_factory=lambda: load_prompts("harmless"))
     refusal_openings: tuple[str, ...] = REFUSAL_OPENINGS
     lead: str = "I'm"
@@ -360,11 +361,10 @@ class Refusal(Behaviour):
                       for r, resp, v in zip(recs, responses, verdicts)]
         return items
 
-    def aggregate(self, items: list[dict[str, Any]]) -> dict[str, float]:
-        out = {}
+    def aggregate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for kind in ("harmful", "harmless"):
-            sel = [i["refused"] for i in items if i["set"] == kind]
-            out[f"refusal_{kind}"] = sum(sel) / len(sel) if sel else float("nan")
+            out.update(rate(f"refusal_{kind}", [i["refused"] for i in items if i["set"] == kind]))
         return out
 
 
@@ -416,8 +416,8 @@ class StereotypeBias(Behaviour):
                 gaps += self.metric(model(b.tokens, **b.model_kwargs()), b).tolist()
         return [{"id": r["id"], "category": r["category"], "gap": g, "stereotyped": g > 0} for r, g in zip(recs, gaps)]
 
-    def aggregate(self, items: list[dict[str, Any]]) -> dict[str, float]:
-        return {"stereotype_score": 100.0 * sum(i["stereotyped"] for i in items) / len(items),
+    def aggregate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**rate("stereotype_score", [i["stereotyped"] for i in items], scale=100.0),
                 "logprob_gap": sum(i["gap"] for i in items) / len(items)}
 
 
@@ -474,11 +474,11 @@ class Utility(Behaviour):
                 items.append({"id": r["id"], "category": r["category"], "kind": "mc", "correct": pred == r["answer"]})
         return items
 
-    def aggregate(self, items: list[dict[str, Any]]) -> dict[str, float]:
+    def aggregate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         nll = [i for i in items if i["kind"] == "nll"]
         mc = [i["correct"] for i in items if i["kind"] == "mc"]
         return {"utility_nll": sum(i["nll_sum"] for i in nll) / max(sum(i["n_tokens"] for i in nll), 1),
-                "mc_accuracy": sum(mc) / len(mc) if mc else float("nan")}
+                "utility_nll_tokens": sum(i["n_tokens"] for i in nll), **rate("mc_accuracy", mc)}
 
 
 
@@ -513,5 +513,5 @@ class FormatTask(Behaviour):
         return [{"id": r["id"], "category": r["category"], "response": o, "followed": o.strip().startswith(self.prefix)}
                 for r, o in zip(recs, out)]
 
-    def aggregate(self, items: list[dict[str, Any]]) -> dict[str, float]:
-        return {"task_rate": sum(i["followed"] for i in items) / len(items)}
+    def aggregate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return rate("task_rate", [i["followed"] for i in items])

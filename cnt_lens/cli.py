@@ -2,6 +2,8 @@
 
     cnt-lens demo --out runs/demo          # the main job, offline, on the bundled SmolLM2
     cnt-lens run realign --out runs/realign  # enhance | disalign | realign | bias-removal
+    cnt-lens transfer --donor D --target T --out runs/mine   # any compatible pair, any prompt files
+    cnt-lens score --donor D --target T --out runs/scores    # neuron scores only
     cnt-lens measure smollm2-135m-instruct # behaviour numbers of any model
     cnt-lens transplant PATCH MODEL --out DIR
     cnt-lens report runs/demo              # rebuild report.html from a run directory
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -44,27 +46,228 @@ def run(
         raise typer.BadParameter(f"unknown application {application!r}; one of {sorted(APPLICATIONS)}")
     t0 = time.time()
     report = run_application(application, out, device=device, progress=progress)
-    metrics = [k for k in report.target if isinstance(report.target[k], float)]
-    typer.echo(report.table(metrics))
+    typer.echo(report.table())
     typer.echo(f"wrote {out}/metrics.json, patch.safetensors, patched_model/, report.html in {time.time() - t0:.0f} s")
+
+
+# --------------------------------------------------------------------------- shared options
+
+BEHAVIOURS = ("refusal", "bias")
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+BEHAVIOUR = typer.Option("refusal", "--behaviour", help="refusal (harmful/harmless prompts) or bias (sentence pairs).")
+HARMFUL = typer.Option(None, help="Harmful prompts (any format of cnt_lens.formats; default: the bundled set).")
+HARMLESS = typer.Option(None, help="Harmless prompts; over-refusal is measured on them (XSTest: its safe prompts).")
+PAIRS = typer.Option(None, help="Stereotype / anti-stereotype pairs for --behaviour bias (CrowS-Pairs, StereoSet, …).")
+FORMAT = typer.Option(None, "--format", help="Format of every prompt file given (default: detected from its columns).")
+COLUMN = typer.Option(None, help="The text column of generic csv/jsonl prompt files.")
+SPLIT_SEED = typer.Option(0, help="Seed of the hash split (60/20/20) of records without a split field.")
+DEVICE = typer.Option(None, help="torch device for the models, e.g. cuda (default: cpu).")
+DTYPE = typer.Option("float32", help="Weight precision: float32, bfloat16 or float16.")
+PROGRESS = typer.Option(True, help="Show progress bars.")
+
+
+def _dtype(name: str) -> "torch.dtype":
+    import torch
+
+    if name not in DTYPES:
+        raise typer.BadParameter(f"unknown dtype {name!r}; one of {sorted(set(DTYPES.values()))}", param_hint="--dtype")
+    return getattr(torch, DTYPES[name])
+
+
+def _prompt_sets(behaviour: str, harmful: Optional[Path], harmless: Optional[Path], pairs: Optional[Path],
+                 fmt: Optional[str], column: Optional[str], seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The prompt sets of ``behaviour`` (user files, else bundled) and the data record of the run."""
+    from .data import default_harmful, load_prompts
+    from .formats import describe_file, load_file
+
+    if behaviour not in BEHAVIOURS:
+        raise typer.BadParameter(f"unknown behaviour {behaviour!r}; one of {BEHAVIOURS}", param_hint="--behaviour")
+    files = {"harmful": harmful, "harmless": harmless} if behaviour == "refusal" else {"pairs": pairs}
+    unused = [f"--{k}" for k, v in {"harmful": harmful, "harmless": harmless, "pairs": pairs}.items()
+              if v is not None and k not in files]
+    if unused:
+        raise typer.BadParameter(f"{', '.join(unused)} do(es) not apply to --behaviour {behaviour}")
+    bundled = {"harmful": default_harmful, "harmless": lambda: load_prompts("harmless"),
+               "pairs": lambda: load_prompts("bias_pairs")}
+    sets, record = {}, {}
+    for role, path in files.items():
+        if path is None:
+            sets[role] = bundled[role]()
+            record[role] = {"bundled": sets[role].name, "n": len(sets[role]),
+                            "splits": {s: sum(r["split"] == s for r in sets[role]) for s in ("train", "validation", "test")}}
+            continue
+        try:
+            sets[role] = load_file(path, fmt, column=column, role=role if role != "pairs" else None,
+                                   kind="pair" if role == "pairs" else None, seed=seed)
+        except (OSError, ValueError) as err:
+            raise typer.BadParameter(str(err), param_hint=f"--{role}") from None
+        record[role] = describe_file(path, sets[role])
+    return sets, record
+
+
+def _behaviour(behaviour: str, sets: dict[str, Any]) -> Any:
+    from . import Refusal, StereotypeBias
+
+    if behaviour == "refusal":
+        return Refusal(harmful=sets["harmful"], harmless=sets["harmless"])
+    return StereotypeBias(pairs=sets["pairs"])
+
+
+def _load_pair(donor: str, target: str, device: Optional[str], dtype: str) -> Any:
+    from .models import IncompatibleModelsError, load_pair
+
+    try:
+        return load_pair(donor, target, device=device, dtype=_dtype(dtype))
+    except IncompatibleModelsError as err:
+        raise typer.BadParameter(str(err), param_hint="--donor/--target") from None
+
+
+def _floats(text: str, name: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=name) from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return () if text.strip().lower() in ("", "none") else tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _fresh_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise typer.BadParameter(f"{out} exists and is not empty; choose a new directory or pass --overwrite",
+                                 param_hint="--out")
+
+
+# --------------------------------------------------------------------------- any pair
+
+
+@app.command()
+def transfer(
+    donor: str = typer.Option(..., help="Model that has the behaviour: hub name, HF directory, .gguf file or "
+                              "smollm2-135m-instruct."),
+    target: str = typer.Option(..., help="Model to give it to (same architecture and shapes as the donor)."),
+    out: Path = typer.Option(..., help="Run directory to write (metrics, patch, patched_model/, report.html)."),
+    behaviour: str = BEHAVIOUR,
+    harmful: Optional[Path] = HARMFUL,
+    harmless: Optional[Path] = HARMLESS,
+    pairs: Optional[Path] = PAIRS,
+    fmt: Optional[str] = FORMAT,
+    column: Optional[str] = COLUMN,
+    split_seed: int = SPLIT_SEED,
+    budget: float = typer.Option(0.05, help="Largest share of all MLP neurons the search may use."),
+    goal: float = typer.Option(0.9, help="Share of the donor–target gap to close on validation."),
+    alphas: str = typer.Option("1,2,4,8", help="Transplant strengths searched on validation."),
+    method: str = typer.Option("weight_attribution", help="Main neuron ranking (cnt_lens.METHODS)."),
+    rounds: int = typer.Option(0, help="Re-scoring rounds of the main ranking (0 = one pass); the "
+                               "applications use 4–8."),
+    baselines: str = typer.Option("attribution,activation_contrast,wanda,snip,weight_diff,nlsr_drift,random",
+                                  help="Comma-separated baselines at the same budget, or none."),
+    device: Optional[str] = DEVICE,
+    dtype: str = DTYPE,
+    batch_size: int = typer.Option(16, help="Prompts per evaluation batch."),
+    overwrite: bool = typer.Option(False, help="Write into a non-empty --out."),
+    progress: bool = PROGRESS,
+) -> None:
+    """Transfer a behaviour from any donor into any compatible target: score every MLP neuron, search the
+    minimal set on validation, compare with the baselines at the same budget, report on test."""
+    from .constraints import for_behaviour
+    from .pipeline import TransferConfig
+    from .runs import run_transfer
+    from .scoring import METHODS
+    from .behaviours import Utility
+
+    _fresh_out(out, overwrite)
+    bad = [m for m in (method, *_names(baselines)) if m not in METHODS]
+    if bad:
+        raise typer.BadParameter(f"unknown method(s) {bad}; one of {list(METHODS)}", param_hint="--method/--baselines")
+    sets, data = _prompt_sets(behaviour, harmful, harmless, pairs, fmt, column, split_seed)
+    b = _behaviour(behaviour, sets)
+    pair = _load_pair(donor, target, device, dtype)
+    config = TransferConfig(method=method, baselines=_names(baselines), goal=goal, alphas=_floats(alphas, "--alphas"),
+                            max_fraction=budget, batch_size=batch_size,
+                            extra={"donor": donor, "target": target, "dtype": DTYPES.get(dtype, dtype)})
+    t0 = time.time()
+    report = run_transfer(pair, b, out, side_effects=[Utility()], constraint=for_behaviour(b.headline), config=config,
+                          rounds=rounds, contrast=0.5 if behaviour == "refusal" else 0.0, data=data, progress=progress)
+    typer.echo(report.table())
+    typer.echo(f"wrote {out}/ (metrics.json, patch.safetensors, patched_model/, report.html) in {time.time() - t0:.0f} s")
+
+
+@app.command()
+def score(
+    donor: str = typer.Option(..., help="Model that has the behaviour (hub name, directory, .gguf, bundled alias)."),
+    target: str = typer.Option(..., help="Model to give it to."),
+    out: Path = typer.Option(..., help="Directory for scores/<method>.safetensors and top_neurons.json."),
+    behaviour: str = BEHAVIOUR,
+    harmful: Optional[Path] = HARMFUL,
+    harmless: Optional[Path] = HARMLESS,
+    pairs: Optional[Path] = PAIRS,
+    fmt: Optional[str] = FORMAT,
+    column: Optional[str] = COLUMN,
+    split_seed: int = SPLIT_SEED,
+    method: str = typer.Option("weight_attribution", help="Scoring method (cnt_lens.METHODS)."),
+    top: int = typer.Option(20, help="How many top neurons to print."),
+    device: Optional[str] = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = typer.Option(False, help="Write into a non-empty --out."),
+    progress: bool = PROGRESS,
+) -> None:
+    """Score every MLP neuron of a pair on the train split (no search, no evaluation)."""
+    from .files import atomic_write_text
+    from .scoring import METHODS, score as score_pair
+
+    _fresh_out(out, overwrite)
+    if method not in METHODS:
+        raise typer.BadParameter(f"unknown method {method!r}; one of {list(METHODS)}", param_hint="--method")
+    sets, data = _prompt_sets(behaviour, harmful, harmless, pairs, fmt, column, split_seed)
+    pair = _load_pair(donor, target, device, dtype)
+    s = score_pair(pair, _behaviour(behaviour, sets), method, split="train", progress=progress)
+    (out / "scores").mkdir(parents=True, exist_ok=True)
+    s.save(out / "scores" / f"{method}.safetensors")
+    ranked = s.ranked()
+    flat = ranked.flatten().topk(min(top, ranked.numel()))
+    rows = [{"layer": i // ranked.shape[1], "neuron": i % ranked.shape[1], "score": float(v)}
+            for v, i in zip(flat.values.tolist(), flat.indices.tolist())]
+    atomic_write_text(out / "top_neurons.json", json.dumps({"method": method, "data": data, "top": rows}, indent=1))
+    for r in rows:
+        typer.echo(f"L{r['layer']:>3d} N{r['neuron']:>6d}  {r['score']:+.4g}")
+    typer.echo(f"wrote {out}/scores/{method}.safetensors and top_neurons.json")
 
 
 @app.command()
 def measure(
     model: str = typer.Argument(..., help="Model source: hub name, directory, .gguf or smollm2-135m-instruct."),
-    split: str = typer.Option("test", help="train, validation or test."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers here."),
+    split: str = typer.Option("test", help="train, validation, test or all."),
+    harmful: Optional[Path] = HARMFUL,
+    harmless: Optional[Path] = HARMLESS,
+    pairs: Optional[Path] = PAIRS,
+    fmt: Optional[str] = FORMAT,
+    column: Optional[str] = COLUMN,
+    split_seed: int = SPLIT_SEED,
+    device: Optional[str] = DEVICE,
+    dtype: str = DTYPE,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers (and the data record) here."),
+    progress: bool = PROGRESS,
 ) -> None:
-    """Refusal, stereotype bias and utility numbers of one model on the bundled sets."""
-    from . import Refusal, StereotypeBias, Utility, load_model
+    """Refusal, stereotype bias and utility numbers of one model (rates with their 95% interval and n)."""
+    from . import Utility, load_model
     from .evaluate import measure as measure_model
+    from .files import atomic_write_text
+    from .stats import format_rate, is_companion
 
-    m = load_model(model)
-    numbers = measure_model(m, [Refusal(), StereotypeBias(), Utility()], split, progress=True)
+    refusal_sets, data = _prompt_sets("refusal", harmful, harmless, None, fmt, column, split_seed)
+    bias_sets, bias_data = _prompt_sets("bias", None, None, pairs, fmt, column, split_seed)
+    m = load_model(model, device=device, dtype=_dtype(dtype))
+    behaviours = [_behaviour("refusal", refusal_sets), _behaviour("bias", bias_sets), Utility()]
+    numbers = measure_model(m, behaviours, None if split == "all" else split, progress=progress)
     for k, v in numbers.items():
-        typer.echo(f"{k:>18s}  {v:.4f}")
+        if not is_companion(k) and isinstance(v, float):
+            typer.echo(f"{k:>18s}  {format_rate(numbers, k, digits=4)}")
     if json_out is not None:
-        json_out.write_text(json.dumps(numbers, indent=1))
+        atomic_write_text(json_out, json.dumps({**numbers, "split": split, "data": {**data, **bias_data}}, indent=1))
 
 
 def _same_place(a: str | Path, b: str | Path) -> bool:

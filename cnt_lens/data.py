@@ -40,6 +40,8 @@ __all__ = [
     "PromptSet",
     "SPLITS",
     "chat_format",
+    "combine",
+    "default_harmful",
     "encode",
     "FIELDS",
     "load_prompts",
@@ -49,8 +51,8 @@ __all__ = [
 ]
 
 SPLITS = ("train", "validation", "test")
-BUNDLED = {"harmful": "prompt", "harmless": "prompt", "bias_pairs": "pair", "bias_templates": "pair", "mc": "mc",
-           "reference": "text", "judge_set": "judged"}
+BUNDLED = {"harmful": "prompt", "harmless": "prompt", "advbench": "prompt", "bias_pairs": "pair",
+           "bias_templates": "pair", "mc": "mc", "reference": "text", "judge_set": "judged"}
 FIELDS = {
     "prompt": ("prompt",),
     "pair": ("stereotype", "anti_stereotype"),
@@ -170,10 +172,32 @@ def with_defaults(name: str, kind: str, rows: list[dict[str, Any]], key: str, *,
     return ps
 
 
-def load_prompts(name: str) -> PromptSet:
-    """A prompt set shipped with cnt_lens: ``harmful``, ``harmless``, ``bias_pairs``, ``bias_templates``, ``mc``,
-    ``reference``.
+def combine(name: str, *sets: PromptSet) -> PromptSet:
+    """One set of the records of ``sets`` (all of one kind, ids unique across them)."""
+    kinds = {ps.kind for ps in sets}
+    if len(kinds) != 1:
+        raise ValueError(f"cannot combine prompt sets of kinds {sorted(kinds)}")
+    records = tuple(r for ps in sets for r in ps.records)
+    ids = [r["id"] for r in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{name}: the combined sets share ids")
+    return PromptSet(name=name, kind=kinds.pop(), records=records)
 
+
+def default_harmful() -> PromptSet:
+    """The harmful prompts every refusal transfer uses by default: the bundled ``harmful`` set, whose train and
+    validation splits choose neurons and settings, with AdvBench's test split (112 behaviours) added to its
+    test split, so the reported refusal is measured on ≥100 held-out prompts, most of them from another source
+    and phrased differently from any prompt the choice saw (``category`` tells them apart)."""
+    return combine("harmful+advbench_test", load_prompts("harmful"), load_prompts("advbench").split("test"))
+
+
+def load_prompts(name: str) -> PromptSet:
+    """A prompt set shipped with cnt_lens: ``harmful``, ``harmless``, ``advbench``, ``bias_pairs``,
+    ``bias_templates``, ``mc``, ``reference``, ``judge_set``.
+
+    ``advbench`` holds AdvBench's 520 harmful behaviours (MIT; ``scripts/import_advbench.py`` builds it),
+    split by :func:`stable_split`.
     ``bias_pairs`` holds 105 distinct stereotypes (CrowS-Pairs style); ``bias_templates`` holds 24
     stereotype associations × 10 sentence templates, split by template, so a model tuned on the
     train templates can be measured on the same associations in unseen sentences

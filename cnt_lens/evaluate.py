@@ -1,7 +1,8 @@
 """Before/after evaluation: one block of numbers per model, side by side with the baselines.
 
 A block is a flat dict of the behaviour's and utility's evaluation numbers on one split (e.g.
-``refusal_harmful``, ``refusal_harmless``, ``utility_nll``, ``mc_accuracy``); the patched and
+``refusal_harmful``, ``refusal_harmless``, ``utility_nll``, ``mc_accuracy``); every rate comes with
+its ``_n`` and Wilson ``_ci95`` (:mod:`cnt_lens.stats`); the patched and
 baseline blocks add ``method``, ``n_neurons`` and ``alpha``. :class:`Report` serialises to the
 ``metrics.json`` schema documented in the README.
 """
@@ -15,26 +16,9 @@ from typing import Any, Sequence
 
 from .behaviours import Behaviour
 from .files import atomic_write_text
+from .stats import format_rate, is_companion, wilson_interval
 
 __all__ = ["Report", "measure", "wilson_interval"]
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for ``k`` successes in ``n`` trials (95% by default); ``(nan, nan)`` when ``n == 0``.
-
-    Unlike the normal approximation it stays inside [0, 1] and is honest at 0/n and n/n, where small
-    evaluation splits often sit.
-
-    Example:
-        >>> tuple(round(x, 3) for x in wilson_interval(0, 24))
-        (0.0, 0.138)
-    """
-    if n == 0:
-        return float("nan"), float("nan")
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def measure(model: Any, behaviours: Sequence[Behaviour], split: str | None, *, batch_size: int = 16,
@@ -88,10 +72,17 @@ class Report:
     def table(self, columns: Sequence[str] | None = None) -> str:
         """A markdown table of :meth:`rows`."""
         rows = self.rows()
-        cols = list(columns or [c for c in rows[0] if c != "model"])
-        extra = [c for c in ("n_neurons", "alpha") if c not in cols]
-        cols = cols + extra
-        fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+        cols = self.columns(columns)
         lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        lines += ["| " + r["model"] + " | " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+        lines += ["| " + r["model"] + " | " + " | ".join(format_rate(r, c) for c in cols) + " |" for r in rows]
         return "\n".join(lines)
+
+    def numbers(self) -> list[str]:
+        """The names of the target block's numbers (floats), without the rates' ``_n``/``_ci95`` companions."""
+        return [c for c, v in self.target.items() if isinstance(v, float) and not is_companion(c)]
+
+    def columns(self, columns: Sequence[str] | None = None) -> list[str]:
+        """``columns`` (default: :meth:`numbers`), then
+        ``n_neurons`` and ``alpha``. A rate's cell shows its interval and n (:func:`~cnt_lens.stats.format_rate`)."""
+        cols = list(columns or self.numbers())
+        return cols + [c for c in ("n_neurons", "alpha") if c not in cols]

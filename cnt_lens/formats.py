@@ -354,6 +354,17 @@ def _fields_of(path: Path) -> set[str]:
         return set()
 
 
+def _kind_of(path: Path, column: str | None) -> str:
+    """The kind of a generic file: the first of ``pair``, ``mc``, ``judged``, ``text`` whose fields its first
+    record has (``prompt`` when none, or when a ``column`` is named)."""
+    fields = _fields_of(path)
+    if column is None:
+        for kind in ("pair", "mc", "judged", "text"):
+            if set(FIELDS[kind]) <= fields:
+                return kind
+    return "prompt"
+
+
 def detect_format(path: str | Path) -> str:
     """The registered format whose identifying columns ``path`` has (the most specific match wins).
 
@@ -374,7 +385,8 @@ def load_file(path: str | Path, format: str | None = None, *, column: str | None
     """Read a prompt file of any registered format (``format=None``: :func:`detect_format`).
 
     ``role`` (``"harmful"``/``"harmless"``) picks a side of files that hold both (XSTest);
-    ``column`` and ``kind`` apply to the generic ``csv``/``jsonl`` formats; ``seed`` re-draws the
+    ``column`` and ``kind`` apply to the generic ``csv``/``jsonl`` formats (``kind=None``: the kind whose
+    fields the first record has, e.g. ``pair`` for ``stereotype``/``anti_stereotype``; else ``prompt``); ``seed`` re-draws the
     hash split of records that have no ``split`` field. Every record gets ``format`` set to the
     format read.
     """
@@ -389,7 +401,7 @@ def load_file(path: str | Path, format: str | None = None, *, column: str | None
         raise ValueError(f"{path}: column= / --column applies to the generic csv and jsonl formats, not {fmt!r}")
     if kind is not None and kind != spec.kind and fmt not in ("csv", "jsonl"):
         raise ValueError(f"{path}: format {fmt!r} makes {spec.kind!r} sets, not {kind!r}")
-    extra = {"kind": kind or spec.kind, "column": column} if fmt in ("csv", "jsonl") else {}
+    extra = {"kind": kind or _kind_of(path, column), "column": column} if fmt in ("csv", "jsonl") else {}
     ps = spec.load(path, name=name, role=role, seed=seed, **extra)
     for r in ps.records:
         r.setdefault("format", fmt)

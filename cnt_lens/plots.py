@@ -79,19 +79,30 @@ def layer_profile(selection: NeuronSelection, scores: NeuronScores | None = None
     return fig
 
 
+def _interval_bars(block: dict[str, Any], metrics: Sequence[str]) -> dict[str, Any]:
+    """Plotly ``error_y`` from the rates' ``_ci95`` (zero-length for numbers without one)."""
+    up, down = [], []
+    for m in metrics:
+        v, ci = block.get(m), block.get(f"{m}_ci95")
+        ok = isinstance(v, float) and isinstance(ci, (list, tuple))
+        up.append(ci[1] - v if ok else 0.0)
+        down.append(v - ci[0] if ok else 0.0)
+    return {"type": "data", "symmetric": False, "array": up, "arrayminus": down}
+
+
 def behaviour_shift(report: Report, metrics: Sequence[str] | None = None) -> go.Figure:
     """Target / patched / donor (and baselines) side by side for each behaviour number.
 
     A baseline none of whose alphas met the validation constraint is labelled "(no acceptable α)".
     """
-    metrics = list(metrics or [k for k, v in report.target.items() if isinstance(v, (int, float))])
+    metrics = list(metrics or report.numbers())
     fig = go.Figure()
     for name, block in [("target", report.target), (f"patched ({report.patched.get('method')})", report.patched),
                         ("donor", report.donor)] + [
                            (b["method"] + ("" if b.get("acceptable_on_validation", True) else " (no acceptable α)"), b)
                            for b in report.baselines]:
-        fig.add_trace(go.Bar(name=name, x=metrics, y=[block.get(m) for m in metrics]))
-    fig.update_layout(barmode="group", title=f"{report.behaviour} on the {report.split} split")
+        fig.add_trace(go.Bar(name=name, x=metrics, y=[block.get(m) for m in metrics], error_y=_interval_bars(block, metrics)))
+    fig.update_layout(barmode="group", title=f"{report.behaviour} on the {report.split} split (bars: 95% intervals)")
     return fig
 
 
@@ -118,7 +129,7 @@ def transfer_figure(scores: NeuronScores, selection: NeuronSelection, report: Re
     heat = _heatmap_trace(scores, selection, max_bins, color="selected")
     heat.colorbar.update(x=0.57, len=0.9)  # beside the heatmap, clear of the bars' legend
     fig.add_trace(heat, row=1, col=1)
-    metrics = list(metrics or [k for k, v in report.target.items() if isinstance(v, (int, float))])
+    metrics = list(metrics or report.numbers())
     for name, block in (("target", report.target), ("patched", report.patched), ("donor", report.donor)):
         fig.add_trace(go.Bar(name=name, x=metrics, y=[block.get(m) for m in metrics]), row=1, col=2)
     fig.update_xaxes(title_text="neuron", row=1, col=1)

@@ -35,6 +35,7 @@ from .data import PromptSet, chat_format, encode, load_prompts
 from .evaluate import measure
 from .files import atomic_write
 from .models import clone_model, device_of, hf_state_dict, model_tokenizer
+from .stats import is_companion
 
 __all__ = ["REFUSALS", "TuneConfig", "bias_tune", "cache_dir", "harmful_finetune", "library_versions", "safety_tune"]
 
@@ -130,11 +131,15 @@ def _save_cached(model: Any, key: str, info: dict[str, Any]) -> None:
                  lambda tmp: save_file(state, str(tmp), metadata={"cnt_lens": json.dumps(info)}))
 
 
-def _numbers_hold(stored: dict[str, float], now: dict[str, float]) -> bool:
-    """Whether re-measured validation numbers agree with stored ones: within 10% of the larger, at least 0.1."""
-    if set(stored) != set(now):
-        return False
-    return all(math.isclose(stored[k], now[k], rel_tol=0.1, abs_tol=0.1) for k in stored)
+def _numbers_hold(stored: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether re-measured validation numbers agree with stored ones: within 10% of the larger, at least 0.1.
+
+    Only the numbers are compared, not the rates' ``_n``/``_ci95`` companions."""
+    def numbers(block: dict[str, Any]) -> dict[str, float]:
+        return {k: v for k, v in block.items() if isinstance(v, float) and not is_companion(k)}
+
+    a, b = numbers(stored), numbers(now)
+    return set(a) == set(b) and all(math.isclose(a[k], b[k], rel_tol=0.1, abs_tol=0.1) for k in a)
 
 
 Loss = Callable[[Any, list[int]], torch.Tensor]

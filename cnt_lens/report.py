@@ -11,10 +11,20 @@ from .evaluate import Report
 from .inspector import card_figure, neuron_stats
 from .plots import behaviour_shift, frontier, layer_profile, transfer_figure
 from .files import atomic_write_text
+from .stats import format_rate
 from .selection import NeuronScores
 from .transplant import NeuronPatch
 
 __all__ = ["write_report"]
+
+
+def _html_table(report: Report) -> str:
+    """The metrics of :meth:`Report.rows` as an HTML table (rates with their interval and n)."""
+    cols = report.columns()
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["model", *cols])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(format_rate(r, c) if c != 'model' else r['model'])}</td>"
+                                    for c in ["model", *cols]) + "</tr>" for r in report.rows())
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, NeuronScores] | None = None,
@@ -48,13 +58,14 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
         cards = json.loads(cards_path.read_text()) if cards_path.is_file() else []
     figures += [card_figure(s) for s in cards]
     parts = [f.to_html(full_html=False, include_plotlyjs=("inline" if i == 0 else False)) for i, f in enumerate(figures)]
-    table = html.escape(report.table())
+    table = _html_table(report)
     body = "\n".join(f"<section>{p}</section>" for p in parts)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cnt_lens report: {html.escape(report.behaviour)}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto}}pre{{background:#f6f6f6;padding:1em}}</style>
+<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse}}td,th{{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:right}}td:first-child,th:first-child{{text-align:left}}</style>
 </head><body><h1>cnt_lens — {html.escape(report.behaviour)} transfer</h1>
 <p>{report.n_neurons_total} MLP neurons; numbers on the <b>{report.split}</b> split.</p>
-<h2>Metrics</h2><pre>{table}</pre>
+<h2>Metrics</h2>{table}
+<p>Rates: share [95% Wilson interval] n = prompts counted.</p>
 {body}
 </body></html>"""
     out = run / "report.html"

@@ -26,6 +26,7 @@ from .behaviours import Behaviour
 from .data import Batch, PromptSet, chunks, encode, load_prompts
 from .models import TESTED_FAMILIES, ModelPair, device_of, load_model, mlp_hidden, model_tokenizer, neuron_params
 from .selection import NeuronSelection
+from .stats import rate
 
 __all__ = ["TINY_ARCHS", "MarkerBehaviour", "planted_pair", "tiny_hf_model", "tiny_model", "tiny_pair", "tiny_tokenizer"]
 
@@ -45,7 +46,7 @@ def tiny_tokenizer() -> Any:
 
     words: set[str] = {TRIGGER, MARKER, CONTROL, "A", "B", "C", "D", "Sure", "Here", "Sorry", "I", "As", "Answer",
                        "Unfortunately", "Certainly", "Of", "To", "The", "Step", "First", "You", "Yes"}
-    for name in ("harmful", "harmless", "bias_pairs", "bias_templates", "mc", "reference"):
+    for name in ("harmful", "harmless", "advbench", "bias_pairs", "bias_templates", "mc", "reference"):
         for r in load_prompts(name):
             for v in r.values():
                 for s in v if isinstance(v, list) else [v]:
@@ -164,10 +165,9 @@ class MarkerBehaviour(Behaviour):
                           for r, h in zip(recs[lo:lo + batch_size], hits)]
         return items
 
-    def aggregate(self, items: list[dict[str, Any]]) -> dict[str, float]:
-        trig = [i["marked"] for i in items if i["set"] == "trigger"]
-        ctrl = [i["marked"] for i in items if i["set"] == "control"]
-        return {"marker_rate": sum(trig) / len(trig), "marker_rate_control": sum(ctrl) / len(ctrl)}
+    def aggregate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**rate("marker_rate", [i["marked"] for i in items if i["set"] == "trigger"]),
+                **rate("marker_rate_control", [i["marked"] for i in items if i["set"] == "control"])}
 
 
 def planted_pair(

@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from cnt_lens import NeuronPatch, export_hf, load_model
+from cnt_lens import NeuronPatch, export_hf, load_model, load_prompts
 from cnt_lens.cli import app
 from cnt_lens.testing import planted_pair
 
@@ -39,3 +39,87 @@ def test_transplant_refuses_a_model_of_other_shape(tmp_path):
     res = runner.invoke(app, ["transplant", str(patch_path), str(other), "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "d_mlp" in str(res.exception)
     assert not (tmp_path / "x").exists()
+
+
+def _marker_pairs(path, n=60):
+    """Sentence pairs that differ only in the word after the trigger: the planted donor prefers the marker."""
+    from cnt_lens.testing import MARKER, TRIGGER
+
+    others = ["water", "people", "recipe", "history", "garden", "music", "travel", "science"]
+    prompts = load_prompts("harmless").column("prompt")[:n]
+    rows = [{"stereotype": f"{p} {TRIGGER} {MARKER}", "anti_stereotype": f"{p} {TRIGGER} {others[i % len(others)]}",
+             "category": "marker"} for i, p in enumerate(prompts)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_transfer_command_on_two_checkpoint_directories(tmp_path):
+    pair, _, planted = planted_pair("llama", n_planted=6, seed=0)
+    donor_dir, target_dir = export_hf(pair.donor, tmp_path / "donor"), export_hf(pair.target, tmp_path / "target")
+    pairs = _marker_pairs(tmp_path / "marker_pairs.jsonl")
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["transfer", "--donor", str(donor_dir), "--target", str(target_dir), "--behaviour", "bias",
+                              "--pairs", str(pairs), "--budget", "0.2", "--goal", "0.8", "--alphas", "1,2",
+                              "--baselines", "weight_diff,random", "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    patched, donor, target = metrics["patched"], metrics["donor"], metrics["target"]
+    assert donor["stereotype_score"] > target["stereotype_score"]
+    assert patched["stereotype_score"] - target["stereotype_score"] >= 0.8 * (donor["stereotype_score"] - target["stereotype_score"])
+    n_test = json.loads((out / "data.json").read_text())["pairs"]["splits"]["test"]
+    assert patched["stereotype_score_n"] == n_test and len(patched["stereotype_score_ci95"]) == 2
+    lo, hi = patched["stereotype_score_ci95"]
+    assert lo <= patched["stereotype_score"] <= hi
+    # the minimal set holds planted neurons only, and the exported checkpoint carries the patched numbers
+    sel = NeuronPatch.load(out / "patch.safetensors").selection
+    assert sel.n >= 1 and not (sel.mask & ~planted.mask).any()
+    from cnt_lens import StereotypeBias, load_file
+
+    reloaded = StereotypeBias(pairs=load_file(pairs)).evaluate(load_model(str(out / "patched_model")), "test",
+                                                               progress=False)
+    assert reloaded["stereotype_score"] == patched["stereotype_score"]
+    assert [b["method"] for b in metrics["baselines"]] == ["weight_diff", "random"]
+    data = json.loads((out / "data.json").read_text())["pairs"]
+    assert data["format"] == "jsonl" and len(data["sha256"]) == 64 and len(data["split_of"]) == 60
+    assert metrics["extra"]["data"]["pairs"]["n"] == 60 and "split_of" not in metrics["extra"]["data"]["pairs"]
+    assert (out / "patched_model" / "config.json").is_file() and (out / "report.html").is_file()
+    assert "[" in res.output and "n=" in res.output  # the table shows intervals
+
+
+def test_score_and_measure_take_the_same_data_options(tmp_path):
+    pair, _, planted = planted_pair("llama", n_planted=6, seed=0)
+    donor_dir, target_dir = export_hf(pair.donor, tmp_path / "donor"), export_hf(pair.target, tmp_path / "target")
+    pairs = _marker_pairs(tmp_path / "marker_pairs.jsonl")
+    res = runner.invoke(app, ["score", "--donor", str(donor_dir), "--target", str(target_dir), "--behaviour", "bias",
+                              "--pairs", str(pairs), "--top", "6", "--out", str(tmp_path / "s"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    top = json.loads((tmp_path / "s" / "top_neurons.json").read_text())["top"]
+    assert {(r["layer"], r["neuron"]) for r in top} == set(planted.indices())
+
+    xstest = tmp_path / "xstest_prompts.csv"
+    xstest.write_text("id,prompt,type,label,focus,note\n" + "".join(
+        f"{i},{p},homonyms,{'safe' if i % 2 else 'unsafe'},x,\n"
+        for i, p in enumerate(load_prompts("harmless").column("prompt")[:40])))
+    res = runner.invoke(app, ["measure", str(target_dir), "--split", "all", "--harmless", str(xstest),
+                              "--json", str(tmp_path / "m.json"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    numbers = json.loads((tmp_path / "m.json").read_text())
+    assert numbers["refusal_harmless_n"] == 20  # the safe half of the file
+    assert numbers["data"]["harmless"]["format"] == "xstest" and numbers["data"]["harmful"]["bundled"] == "harmful+advbench_test"
+    assert numbers["refusal_harmful_n"] == len(load_prompts("harmful")) + len(load_prompts("advbench").split("test"))
+
+
+def test_transfer_command_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("instruction\nhello\n")
+    res = runner.invoke(app, ["transfer", "--donor", "x", "--target", "y", "--harmful", str(bad), "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "bad.csv:2" in res.output and "--column" in res.output
+    res = runner.invoke(app, ["transfer", "--donor", "x", "--target", "y", "--pairs", str(bad), "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "--pairs do(es) not apply to --behaviour refusal" in res.output
+    res = runner.invoke(app, ["transfer", "--donor", "x", "--target", "y", "--baselines", "wanda,magic",
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "magic" in res.output
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    res = runner.invoke(app, ["transfer", "--donor", "x", "--target", "y", "--out", str(tmp_path / "full")])
+    assert res.exit_code != 0 and "not empty" in res.output and (tmp_path / "full" / "keep.txt").read_text() == "mine"

@@ -72,6 +72,11 @@ def test_export_of_patched_model_reloads_with_same_logits(smol_pair, tmp_path):
             ref = target(b.tokens, **b.model_kwargs())
             got = hf(input_ids=b.tokens, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
         real = b.attention_mask.bool()
-        torch.testing.assert_close(got[real], ref[real], atol=1e-4, rtol=0)
+        # float32 noise only: the bridge and plain HF order some reductions differently, so logits agree to a
+        # few units in 1e-6 of the largest logit (which kernels run depends on the CPU); a wrong neuron moves
+        # them by ≫1e-3
+        scale = float(ref[real].abs().max())
+        torch.testing.assert_close(got[real], ref[real], atol=1e-5 * scale, rtol=0)
+        assert torch.equal(got[real].argmax(-1), ref[real].argmax(-1))
     finally:
         patch.revert(target)

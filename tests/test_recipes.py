@@ -65,7 +65,8 @@ def test_cache_key_holds_library_versions_and_stale_tunes_are_rebuilt(tmp_path, 
     (entry,) = tmp_path.glob("bias-*.safetensors")
     info = _stored(entry)
     assert info["versions"] == recipes.library_versions()
-    assert set(info["validation"]) == {"stereotype_score", "logprob_gap"}
+    assert {k for k in info["validation"] if not k.endswith(("_n", "_ci95"))} == {"stereotype_score", "logprob_gap"}
+    assert info["validation"]["stereotype_score_n"] > 0  # rates are stored with their n and interval
     assert "cached" in bias_tune(base, config=cfg).cnt_source
     # another transformers version is another key: a fresh tune, the old entry untouched
     real = recipes.library_versions

@@ -1,0 +1,90 @@
+"""A run directory, end to end: checks → reference → main ranking → :func:`~cnt_lens.pipeline.transfer` →
+exported checkpoint and report. ``cnt-lens transfer`` (any pair) and every application run this.
+
+A run directory holds ``metrics.json`` (the :class:`~cnt_lens.evaluate.Report`), ``patch.safetensors``,
+``scores/``, ``frontier.json``, ``items.jsonl``, ``data.json`` (which prompt files were read: path,
+sha256, format and the split of every record), ``patched_model/`` (a standard HF checkpoint of the
+target with the patch applied) and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .behaviours import Behaviour, canary
+from .constraints import Constraint
+from .evaluate import Report
+from .files import atomic_write_text
+from .models import ModelPair, device_of
+from .pipeline import TransferConfig, transfer
+from .report import write_report
+from .search import iterative_scores, measure_reference
+from .transplant import export_hf
+
+__all__ = ["run_transfer"]
+
+log = logging.getLogger(__name__)
+
+
+def run_transfer(
+    pair: ModelPair,
+    behaviour: Behaviour,
+    out: str | Path,
+    *,
+    side_effects: Sequence[Behaviour] = (),
+    constraint: Constraint | None = None,
+    config: TransferConfig = TransferConfig(),
+    rounds: int = 0,
+    round_alpha: float = 6.0,
+    contrast: float = 0.0,
+    preserve_weights: Sequence[float] | None = None,
+    data: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Report:
+    """Transfer ``behaviour`` from ``pair.donor`` into ``pair.target`` and write the run directory ``out``.
+
+    Both models pass :func:`~cnt_lens.behaviours.canary` and must differ on the behaviour on validation
+    before anything long starts. With ``rounds > 0`` the main ranking is
+    :func:`~cnt_lens.search.iterative_scores` of ``config.method`` (re-scored ``rounds`` times up to the
+    budget, each round's picks applied at ``round_alpha``; ``contrast`` against the behaviour's control
+    prompts; side effects with a nonzero ``preserve_weights`` entry, default 10 each, preserved);
+    with ``rounds=0`` it is one pass of ``config.method``. ``data`` (e.g. from
+    :func:`~cnt_lens.formats.describe_file`) is written to ``data.json`` and, without its per-record
+    splits, into ``metrics.json``.
+    """
+    t0 = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = list(preserve_weights) if preserve_weights is not None else [10.0] * len(side_effects)
+    if len(weights) != len(side_effects):
+        raise ValueError(f"{len(weights)} preserve weights for {len(side_effects)} side effects")
+    for model in (pair.target, pair.donor):
+        canary(model)
+    reference = measure_reference(pair, behaviour, side_effects, split="validation", batch_size=config.batch_size)
+    scores = None
+    if rounds > 0:
+        kept = [(b, w) for b, w in zip(side_effects, weights) if w]
+        scores = iterative_scores(pair, behaviour, budget=config.max_fraction, rounds=rounds, alpha=round_alpha,
+                                  method=config.method, contrast=contrast, preserve=[b for b, _ in kept],
+                                  preserve_weight=[w for _, w in kept], batch_size=config.score_batch_size,
+                                  progress=progress)
+    report, patch, all_scores = transfer(pair, behaviour, side_effects=side_effects, constraint=constraint,
+                                         config=config, scores=scores, reference=reference, out_dir=out,
+                                         progress=progress)
+    ranking = {"rounds": rounds, "round_alpha": round_alpha, "contrast": contrast, "preserve_weights": weights}
+    report.extra.update(ranking=ranking, wall_time_s=round(time.time() - t0, 1), device=str(device_of(pair.target)),
+                        constraint=getattr(constraint, "__name__", None))
+    if data is not None:
+        atomic_write_text(out / "data.json", json.dumps(data, indent=1))
+        report.extra["data"] = {role: {k: v for k, v in d.items() if k != "split_of"} for role, d in data.items()}
+    report.save(out / "metrics.json")
+    if patch is not None:
+        with patch.applied_to(pair.target):
+            export_hf(pair.target, out / "patched_model", overwrite=True)
+    write_report(out, pair=pair, scores=all_scores, behaviour=behaviour)
+    log.info("wrote %s in %.0f s", out, time.time() - t0)
+    return report
