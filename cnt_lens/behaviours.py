@@ -280,7 +280,10 @@ class Refusal(Behaviour):
     to help`` alike. The metric reads only the opening; the evaluation reads the whole response:
     the share of greedy responses (``max_new_tokens``) that the judge
     (:func:`~cnt_lens.judge.judge_refusal`) counts as refusals, on the harmful and the harmless prompts
-    of a split — an apology followed by compliance raises the metric and is not a refusal.
+    of a split — an apology followed by compliance raises the metric and is not a refusal. Each rate
+    comes with its n and Wilson interval; when the harmful prompts of a split come from several
+    ``family`` values (the default test split: the bundled set and AdvBench), each family's rate is
+    reported too (``refusal_harmful_advbench``, …).
 
     ``response_prefix`` (e.g. ``"Answer:"``) is teacher-forced after the assistant header, before
     the lead, for models taught to open every answer with it (the NLSR attack's task): without it
@@ -356,15 +359,20 @@ class Refusal(Behaviour):
             responses = generate(model, [chat_format(tok, r["prompt"]) for r in recs],
                                  max_new_tokens=self.max_new_tokens, batch_size=batch_size, progress=progress)
             verdicts = [judge_refusal(resp) for resp in responses]
-            items += [{"id": r["id"], "set": kind, "category": r["category"], "prompt": r["prompt"],
-                       "response": resp, "refused": v.refused, "judge": v.reason}
+            items += [{"id": r["id"], "set": kind, "category": r["category"], "family": r.get("family"),
+                       "prompt": r["prompt"], "response": resp, "refused": v.refused, "judge": v.reason}
                       for r, resp, v in zip(recs, responses, verdicts)]
         return items
 
     def aggregate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for kind in ("harmful", "harmless"):
-            out.update(rate(f"refusal_{kind}", [i["refused"] for i in items if i["set"] == kind]))
+            sel = [i for i in items if i["set"] == kind]
+            out.update(rate(f"refusal_{kind}", [i["refused"] for i in sel]))
+            families = sorted({i.get("family") for i in sel if i.get("family")})
+            if len(families) > 1:  # e.g. the bundled set and AdvBench: in- and out-of-distribution, apart
+                for fam in families:
+                    out.update(rate(f"refusal_{kind}_{fam}", [i["refused"] for i in sel if i.get("family") == fam]))
         return out
 
 

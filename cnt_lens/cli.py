@@ -171,13 +171,16 @@ def transfer(
     overwrite: bool = typer.Option(False, help="Write into a non-empty --out."),
     progress: bool = PROGRESS,
 ) -> None:
-    """Transfer a behaviour from any donor into any compatible target: score every MLP neuron, search the
-    minimal set on validation, compare with the baselines at the same budget, report on test."""
+    """Transfer a behaviour from any donor into any compatible target.
+
+    Scores every MLP neuron on train, searches the minimal set and alpha on validation, compares the
+    baselines at the same budget, reports on test, and writes the run directory (as the demo does).
+    """
+    from .behaviours import Utility
     from .constraints import for_behaviour
     from .pipeline import TransferConfig
     from .runs import run_transfer
     from .scoring import METHODS
-    from .behaviours import Utility
 
     _fresh_out(out, overwrite)
     bad = [m for m in (method, *_names(baselines)) if m not in METHODS]

@@ -188,8 +188,11 @@ def default_harmful() -> PromptSet:
     """The harmful prompts every refusal transfer uses by default: the bundled ``harmful`` set, whose train and
     validation splits choose neurons and settings, with AdvBench's test split (112 behaviours) added to its
     test split, so the reported refusal is measured on ≥100 held-out prompts, most of them from another source
-    and phrased differently from any prompt the choice saw (``category`` tells them apart)."""
-    return combine("harmful+advbench_test", load_prompts("harmful"), load_prompts("advbench").split("test"))
+    and phrased differently from any prompt the choice saw. Each record's ``family`` (``cnt_lens``,
+    ``advbench``) says where it comes from; :class:`~cnt_lens.behaviours.Refusal` reports each family's rate too."""
+    own = load_prompts("harmful")
+    own = replace(own, records=tuple({**r, "family": r.get("family", "cnt_lens")} for r in own.records))
+    return combine("harmful+advbench_test", own, load_prompts("advbench").split("test"))
 
 
 def load_prompts(name: str) -> PromptSet:

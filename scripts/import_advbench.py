@@ -7,7 +7,8 @@ authors); the wheel is read as a zip file by path, never installed or imported:
     .venv/bin/python scripts/import_advbench.py /tmp/pyrit/pyrit-1.1.0-py3-none-any.whl
 
 Each record: ``id`` (``advbench-NNN``, the behaviour's row in the original CSV), ``prompt``, ``category``
-(the first harm category), ``harm_categories`` and a ``split`` from :func:`cnt_lens.data.stable_split`.
+(the first harm category), ``harm_categories``, ``family`` (``advbench``: the prompt family, reported apart from
+the bundled set's) and a ``split`` from :func:`cnt_lens.data.stable_split`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main(wheel: str) -> None:
         text = " ".join(str(seed["value"]).split())
         cats = [str(c) for c in seed.get("harm_categories") or []]
         rows.append({"id": f"advbench-{i:03d}", "prompt": text, "category": cats[0] if cats else "uncategorised",
-                     "harm_categories": cats, "split": stable_split(text), "source": "AdvBench (MIT), via pyrit 1.1.0"})
+                     "harm_categories": cats, "split": stable_split(text), "family": "advbench"})
     if len({r["prompt"] for r in rows}) != len(rows):
         raise SystemExit(f"{wheel}: {MEMBER} has duplicate behaviours")
     OUT.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

@@ -118,3 +118,22 @@ def test_refusal_response_prefix_is_teacher_forced_for_the_metric_only(arch):
     # the refusal rates come from free generation, which the prefix does not touch: the very same responses
     responses = [[i["response"] for i in b.evaluate_items(tiny, "validation", progress=False)] for b in (plain, forced)]
     assert responses[0] == responses[1] and len(set(responses[0])) > 1
+
+
+def test_refusal_rates_carry_n_interval_and_each_family():
+    from cnt_lens import Refusal, wilson_interval
+    from cnt_lens.data import default_harmful
+
+    test = default_harmful().split("test")
+    assert len(test) >= 100 and set(test.column("family")) == {"cnt_lens", "advbench"}
+    assert set(default_harmful().split("validation").column("family")) == {"cnt_lens"}  # choices see no AdvBench
+    items = [{"set": "harmful", "family": r["family"], "refused": i % 3 == 0} for i, r in enumerate(test.records)]
+    items += [{"set": "harmless", "family": None, "refused": i < 2} for i in range(30)]
+    out = Refusal().aggregate(items)
+    for fam in ("cnt_lens", "advbench"):
+        flags = [i["refused"] for i in items if i["set"] == "harmful" and i["family"] == fam]
+        assert out[f"refusal_harmful_{fam}_n"] == len(flags)
+        assert out[f"refusal_harmful_{fam}"] == sum(flags) / len(flags)
+        assert out[f"refusal_harmful_{fam}_ci95"] == list(wilson_interval(sum(flags), len(flags)))
+    assert out["refusal_harmful_n"] == len(test) and out["refusal_harmless"] == 2 / 30
+    assert "refusal_harmless_cnt_lens" not in out  # one family: no breakdown
