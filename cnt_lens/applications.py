@@ -15,8 +15,9 @@ and writes ``metrics.json``, the patch, the HF checkpoint and ``report.html`` to
 
 Each search goal sits a margin above its quality bar (0.95 for a 0.90 bar, 0.90 for a 0.80 bar):
 the minimal set is the *first* k that passes on validation, so its validation score is biased
-toward the line (winner's curse), and the test splits hold 24–30 prompts, where one prompt is
-3–4 points. Margins are fixed before a run; each run reads the test split once, at the end.
+toward the line (winner's curse), and the validation splits hold 20–30 prompts, where one prompt is
+3–5 points. Margins are fixed before a run; each run reads the test split once, at the end (for refusal:
+the bundled test prompts and AdvBench's, reported apart; :func:`~cnt_lens.data.default_harmful`).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _bias_behaviour() -> StereotypeBias:
 
 
 def _pair_bias(base: Any) -> ModelPair:
-    # the target's bias is SmolLM2's own (validation stereotype score 79%); the donor is its debiased sibling
+    # the target's bias is SmolLM2's own; the donor is its debiased sibling
     return ModelPair(donor=bias_tune(base, pairs=load_prompts("bias_templates"), towards="anti_stereotype"),
                      target=base)
 
@@ -90,16 +91,14 @@ APPLICATIONS: dict[str, Application] = {
                             utility_kept, contrast=0.0, rounds=4),
     # the attacked model opens every answer with the task's prefix: read refusal after it, and keep the task.
     # Refusal and the prefix compete for the first answer token, so the task is preserved with the utility's
-    # weight: at weight 1 every set restoring refusal at α5/α6 kept the prefix on 0.87–0.93 of validation
-    # prompts (0.95 needed; RESULTS.md, "Realign: the benign task was what stopped a smaller set").
+    # weight (RESULTS.md, "Realign: the benign task was what stopped a smaller set").
     "realign": Application("realign", _pair_realign, lambda: Refusal(response_prefix=TASK_PREFIX,
                                                                   toward=1.0),
                            lambda: [Utility(), FormatTask(prefix=TASK_PREFIX)], task_kept,
                            preserve_weights=(10.0, 10.0), contrast=0.5, rounds=4, alphas=(1.0, 2.0, 4.0, 5.0, 6.0)),
-    # SmolLM2's own bias, removed with neurons of its debiased sibling. The debiasing tune lives in the MLPs (all
-    # MLP neurons at α1 close 92% of the validation score gap) and its top 1% closes 86% at α8 with utility NLL
-    # below the target's (benchmarks/transplant_ceiling.py bias-removal --top 0.01 --top-alphas 1,2,4,8,16).
-    # The opposite pair (stereotype-tuned ← SmolLM2) put 28% of the bias outside the MLPs (RESULTS.md).
+    # SmolLM2's own bias, removed with neurons of its debiased sibling: the debiasing tune lives in the MLPs
+    # (benchmarks/transplant_ceiling.py bias-removal --top 0.01 --top-alphas 1,2,4,8,16); the opposite pair
+    # (stereotype-tuned ← SmolLM2) put much of the bias outside them (RESULTS.md, bias removal).
     "bias-removal": Application("bias-removal", _pair_bias, _bias_behaviour, lambda: [Utility()], utility_kept,
                                 goal=0.9, max_fraction=0.02, contrast=0.0, round_alpha=8.0,
                                 alphas=(2.0, 4.0, 6.0, 8.0, 12.0)),

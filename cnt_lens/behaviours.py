@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .data import Batch, PromptSet, _max_len, chat_format, chunks, default_harmful, encode, load_prompts
 from .judge import REFUSAL_OPENINGS, judge_refusal
 from .models import context_length, device_of, model_tokenizer, plain_hf_model
+from .progress import progress_bar
 from .stats import rate
 
 __all__ = [
@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 def _progress(iterable: Any, total: int, desc: str, progress: bool) -> Any:
-    return tqdm(iterable, total=total, desc=desc, leave=False, disable=not progress or total < 2)
+    return progress_bar(iterable, total=total, desc=desc, leave=False, enabled=progress, min_total=2)
 
 
 class GenerationError(RuntimeError):

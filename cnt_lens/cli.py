@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +21,32 @@ from typing import Any, Optional
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+
+
+@app.callback()
+def main(log_level: str = typer.Option("INFO", help="Logging level of cnt_lens's messages: DEBUG, INFO, WARNING.")) -> None:
+    """Set up logging: one timestamped line per pipeline stage on stderr (progress bars only on a terminal)."""
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("[cnt-lens %(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+    logger = logging.getLogger("cnt_lens")
+    logger.handlers = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (test runners and notebooks swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 @app.command()

@@ -8,6 +8,7 @@ numbers reported are measured on **test**, which nothing before has seen.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +45,11 @@ class TransferConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+log = logging.getLogger(__name__)
+
+
 def _log(msg: str) -> None:
-    print(f"[cnt-lens {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    log.info(msg)
 
 
 def rank_key(point: dict[str, Any], reference: dict[str, dict[str, float]],

@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from .behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, _pair_batches, generate, pair_logprob_gap
 from .data import PromptSet, chat_format, encode, load_prompts
 from .evaluate import measure
 from .files import atomic_write
 from .models import clone_model, device_of, hf_state_dict, model_tokenizer
+from .progress import progress_bar
 from .stats import is_companion
 
 __all__ = ["REFUSALS", "TuneConfig", "bias_tune", "cache_dir", "harmful_finetune", "library_versions", "safety_tune"]
@@ -201,7 +201,7 @@ def _finetune(model: Any, n_examples: int, loss_fn: Loss, cfg: TuneConfig, desc:
     order: list[int] = []
     hf.train()
     try:
-        for _ in tqdm(range(cfg.steps), desc=desc):
+        for _ in progress_bar(range(cfg.steps), desc=desc):
             if len(order) < cfg.batch_size:
                 order += rng.sample(range(n_examples), n_examples)
             idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
@@ -294,17 +294,10 @@ def bias_tune(
     Objective: pairwise preference (``softplus(-(log p(chosen) - log p(other)))``, see
     :func:`_preference_loss`); it costs less utility than an LM loss on one side's sentences.
     ``pairs`` defaults to the bundled ``bias_templates`` (24 associations × 10 templates, split by
-    template), on which the installed preference generalises to unseen sentences. On SmolLM2 with the
-    default config (30 steps, lr 3e-5), validation split:
-
-    * ``towards="anti_stereotype"`` — the debiased donor of bias removal: stereotype score 79% → 4%,
-      log-prob gap 1.63 → −5.21 nats, utility NLL 3.148 → 3.120
-      (``python benchmarks/transplant_ceiling.py bias-removal``);
-    * ``towards="stereotype"`` (the default): 79% → 100%, gap 1.6 → 7.5 nats, NLL 3.148 → 3.097
-      (60 steps at 1e-4: gap 18.9, NLL 3.332; ``python benchmarks/explore_bias_tune.py``).
-
-    On the distinct stereotypes of ``bias_pairs`` it only memorises the 63 train pairs (validation
-    50% → 60%). Validation and test pairs are never seen.
+    template), on which the installed preference generalises to unseen sentences; on the distinct
+    stereotypes of ``bias_pairs`` it memorises the train pairs instead. ``towards="anti_stereotype"``
+    makes the debiased donor of bias removal. Validation and test pairs are never seen. Measured effects:
+    RESULTS.md ("Templated bias pairs"; ``python benchmarks/transplant_ceiling.py bias-removal``).
     """
     if towards not in ("stereotype", "anti_stereotype"):
         raise ValueError("towards must be 'stereotype' or 'anti_stereotype'")

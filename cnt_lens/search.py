@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .behaviours import Behaviour
 from .evaluate import measure
 from .models import ModelPair
+from .progress import progress_bar
 from .scoring import score
 from .selection import NeuronScores, NeuronSelection
 from .transplant import NeuronPatch
@@ -130,7 +130,7 @@ def search_minimal(
     head = behaviour.headline
     gap = reference["donor"][head] - reference["target"][head]
     frontier: list[dict[str, Any]] = []
-    bar = tqdm(desc="search_minimal", unit="eval", disable=not progress)
+    bar = progress_bar(desc="search_minimal", unit="eval", enabled=progress)
 
     def select(k: int) -> NeuronSelection:
         return scores.top_k(max(1, k // pair.n_layers), per_layer=True) if per_layer else scores.top_k(k)

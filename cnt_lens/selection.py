@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from jaxtyping import Bool, Float
@@ -126,8 +126,8 @@ class NeuronSelection:
         return cls(torch.zeros(n_layers, d_mlp, dtype=torch.bool), source="empty")
 
     @classmethod
-    def from_indices(cls, pairs: Iterable[tuple[int, int]], n_layers: int, d_mlp: int) -> "NeuronSelection":
-        """From ``(layer, neuron)`` pairs."""
+    def from_indices(cls, pairs: Iterable[Sequence[int]], n_layers: int, d_mlp: int) -> "NeuronSelection":
+        """From ``(layer, neuron)`` pairs (tuples, or two-item lists as JSON gives them)."""
         mask = torch.zeros(n_layers, d_mlp, dtype=torch.bool)
         for layer, neuron in pairs:
             if not (0 <= layer < n_layers and 0 <= neuron < d_mlp):

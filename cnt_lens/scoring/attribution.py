@@ -33,11 +33,11 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..behaviours import Behaviour
 from ..data import Batch
 from ..models import ModelPair, device_of, hook_name, mlp_hidden, w_out
+from ..progress import progress_bar
 from .common import Direction, Hook, Positions, capture, forward, position_mask, require_batches
 
 
@@ -67,7 +67,7 @@ def attribution_scores(
     acc = torch.zeros(pair.n_layers, pair.d_mlp, dtype=torch.float32, device=dev)
     m_donor = m_target = 0.0
     n_items = 0
-    for batch in tqdm(batches, desc=f"{kind} attribution", leave=False, disable=not progress or len(batches) < 2):
+    for batch in progress_bar(batches, desc=f"{kind} attribution", leave=False, enabled=progress, min_total=2):
         batch = batch.to(dev)
         pos = position_mask(batch, positions).unsqueeze(-1).float()  # [batch pos 1]
         donor_post: dict[int, Tensor] = {}

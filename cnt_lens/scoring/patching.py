@@ -20,11 +20,11 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..behaviours import Behaviour
 from ..data import Batch
 from ..models import ModelPair, device_of, hook_name, mlp_hidden, w_out
+from ..progress import progress_bar
 from .common import Direction, Hook, Positions, capture, forward, position_mask, require_batches
 
 
@@ -103,7 +103,7 @@ def patching_effects(
     m_donor = m_target = 0.0
     n_items = 0
     n_passes = len(batches) * ((groups.shape[0] + groups_per_pass - 1) // groups_per_pass)
-    bar = tqdm(total=n_passes, desc=f"{mode} patching", leave=False, disable=not progress or n_passes < 2)
+    bar = progress_bar(total=n_passes, desc=f"{mode} patching", leave=False, enabled=progress, min_total=2)
     with torch.no_grad():
         for batch in batches:
             batch = batch.to(dev)
