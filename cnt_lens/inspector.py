@@ -21,6 +21,15 @@ from .selection import NeuronScores, NeuronSelection
 __all__ = ["card_figure", "inspect", "neuron_card", "neuron_stats"]
 
 
+def _in_context(tok: Any, ids: list[int], peak: int, before: int = 24, after: int = 6) -> str:
+    """The tokens around position ``peak``, the peak token in ⟦ ⟧: what the neuron read, not the chat template's
+    system text that opens every prompt."""
+    lo = max(0, peak - before)
+    text = (("…" if lo else "") + tok.decode(ids[lo:peak], skip_special_tokens=True) + "⟦" + tok.decode([ids[peak]])
+            + "⟧" + tok.decode(ids[peak + 1:peak + 1 + after], skip_special_tokens=True))
+    return " ".join(text.split())
+
+
 def _activations(model: Any, batches: list, layer: int, neuron: int,
                  tok: Any) -> tuple[list[float], list[float], list[dict[str, Any]]]:
     """One neuron's activations: all real tokens, the last token of each prompt, and per prompt its
@@ -42,8 +51,8 @@ def _activations(model: Any, batches: list, layer: int, neuron: int,
         best = masked.argmax(-1)
         for row in range(a.shape[0]):
             ids = b.tokens[row][mask[row].to(b.tokens.device)].tolist()
-            per_prompt.append({"text": tok.decode(ids, skip_special_tokens=True)[-160:],
-                               "token": tok.decode([int(b.tokens[row, best[row]])]),
+            peak = int(best[row]) - int((~mask[row]).sum())  # index among the real tokens (left padding)
+            per_prompt.append({"text": _in_context(tok, ids, peak), "token": tok.decode([ids[peak]]),
                                "max_activation": float(masked[row, best[row]])})
     return values, last, per_prompt
 

@@ -90,18 +90,40 @@ def _interval_bars(block: dict[str, Any], metrics: Sequence[str]) -> dict[str, A
     return {"type": "data", "symmetric": False, "array": up, "arrayminus": down}
 
 
+def _panels(report: Report, metrics: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """``metrics`` grouped by scale, so a 0–1 rate is never a sliver beside a 3.7-nat NLL: rates (0–1, with
+    intervals), percentages (with intervals) and other numbers; empty groups dropped."""
+    def kind(m: str) -> str:
+        v, ci = report.target.get(m), report.target.get(f"{m}_ci95")
+        if isinstance(ci, (list, tuple)):
+            return "rates (0–1)" if isinstance(v, float) and abs(v) <= 1 and ci[1] <= 1 else "percentages"
+        return "other numbers"
+
+    order = ("rates (0–1)", "percentages", "other numbers")
+    return [(k, [m for m in metrics if kind(m) == k]) for k in order if any(kind(m) == k for m in metrics)]
+
+
 def behaviour_shift(report: Report, metrics: Sequence[str] | None = None) -> go.Figure:
-    """Target / patched / donor (and baselines) side by side for each behaviour number.
+    """Target / patched / donor (and baselines) side by side for each behaviour number, one panel per scale
+    (rates, percentages, other numbers), rates with their 95% intervals.
 
     A baseline none of whose alphas met the validation constraint is labelled "(no acceptable α)".
     """
     metrics = list(metrics or report.numbers())
-    fig = go.Figure()
-    for name, block in [("target", report.target), (f"patched ({report.patched.get('method')})", report.patched),
-                        ("donor", report.donor)] + [
-                           (b["method"] + ("" if b.get("acceptable_on_validation", True) else " (no acceptable α)"), b)
-                           for b in report.baselines]:
-        fig.add_trace(go.Bar(name=name, x=metrics, y=[block.get(m) for m in metrics], error_y=_interval_bars(block, metrics)))
+    panels = _panels(report, metrics)
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[t for t, _ in panels],
+                        column_widths=[max(len(ms), 1) for _, ms in panels])
+    blocks = [("target", report.target), (f"patched ({report.patched.get('method')})", report.patched),
+              ("donor", report.donor)] + [
+        (b["method"] + ("" if b.get("acceptable_on_validation", True) else " (no acceptable α)"), b)
+        for b in report.baselines]
+    colours = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880", "#ff97ff",
+               "#fecb52"]
+    for col, (_, ms) in enumerate(panels, 1):
+        for i, (name, block) in enumerate(blocks):
+            fig.add_trace(go.Bar(name=name, x=ms, y=[block.get(m) for m in ms], error_y=_interval_bars(block, ms),
+                                 marker_color=colours[i % len(colours)], legendgroup=name, showlegend=col == 1),
+                          row=1, col=col)
     fig.update_layout(barmode="group", title=f"{report.behaviour} on the {report.split} split (bars: 95% intervals)")
     return fig
 

@@ -18,6 +18,9 @@ def test_planted_neuron_fires_on_trigger_in_donor_only(planted):
     assert len(s["activations"]["donor"]["behaviour"]) > len(last["donor"]["behaviour"])
     top = s["top_prompts"]["donor"]
     assert all(p["set"] == "behaviour" and p["token"].strip() == TRIGGER for p in top)
+    # each top prompt is shown around its peak, the peak token marked: the user's words, not the template's
+    assert all(f"⟦{p['token'].strip()}⟧" in p["text"] for p in top)
+    assert all(p["text"].split("⟦")[0].strip() for p in top)  # words before the peak are shown
     # its output row writes the marker: the logit lens shows it first
     assert s["logit_lens"]["donor"]["promoted"][0][0].strip() == MARKER
     assert s["weight_diff"]["W_in"]["relative_change"] > 0 and s["weight_diff"]["W_out"]["relative_change"] == 0

@@ -63,3 +63,19 @@ def test_frontier_lines_per_method_and_alpha():
     pts = [{"method": "m", "alpha": a, "k": k, "gap_closed": k * a / 10} for a in (1.0, 2.0) for k in (4, 1, 2)]
     fig = frontier(pts)
     assert len(fig.data) == 2 and list(fig.data[0].x) == [1, 2, 4]
+
+
+def test_behaviour_shift_puts_rates_and_other_numbers_on_their_own_axes():
+    from cnt_lens.stats import rate
+
+    block = lambda k: {**rate("refusal_harmful", [True] * k + [False] * (10 - k)), "utility_nll": 3.7 + k / 100}  # noqa: E731
+    rep = Report(behaviour="refusal", split="test", n_neurons_total=96, donor=block(9), target=block(0),
+                 patched={**block(5), "method": "weight_attribution"}, baselines=[{**block(1), "method": "random"}])
+    fig = behaviour_shift(rep)
+    assert [a.text for a in fig.layout.annotations] == ["rates (0–1)", "other numbers"]
+    rates = [t for t in fig.data if t.xaxis == "x"]
+    assert [t.y[0] for t in rates] == [0.0, 0.5, 0.9, 0.1] and all(list(t.x) == ["refusal_harmful"] for t in rates)
+    patched = rates[1]
+    lo, hi = rep.patched["refusal_harmful_ci95"]
+    assert patched.error_y.array[0] == hi - 0.5 and patched.error_y.arrayminus[0] == 0.5 - lo
+    assert [list(t.x) for t in fig.data if t.xaxis == "x2"] == [["utility_nll"]] * 4
