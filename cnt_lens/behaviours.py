@@ -205,7 +205,7 @@ class Behaviour(abc.ABC):
     def aggregate(self, items: list[dict[str, Any]]) -> dict[str, Any]: ...
 
     def evaluate(self, model: Any, split: str | None, *, batch_size: int = 16,
-                 progress: bool = True) -> dict[str, float]:
+                 progress: bool = True) -> dict[str, Any]:
         """The behaviour's discrete evaluation numbers on one split."""
         return self.aggregate(self.evaluate_items(model, split, batch_size=batch_size, progress=progress))
 

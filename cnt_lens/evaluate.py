@@ -16,13 +16,13 @@ from typing import Any, Sequence
 
 from .behaviours import Behaviour
 from .files import atomic_write_text
-from .stats import format_rate, is_companion, wilson_interval
+from .stats import Block, format_rate, is_companion, wilson_interval
 
 __all__ = ["Report", "measure", "wilson_interval"]
 
 
 def measure(model: Any, behaviours: Sequence[Behaviour], split: str | None, *, batch_size: int = 16,
-            progress: bool = False, items: list[dict[str, Any]] | None = None) -> dict[str, float]:
+            progress: bool = False, items: list[dict[str, Any]] | None = None) -> Block:
     """All evaluation numbers of ``behaviours`` for ``model`` on ``split``, merged into one block.
 
     ``split`` has no default: say ``"validation"`` while choosing anything, ``"test"`` only to report.
@@ -30,7 +30,7 @@ def measure(model: Any, behaviours: Sequence[Behaviour], split: str | None, *, b
     With ``items`` (a list), the per-prompt records the numbers were computed from (responses,
     refusal flags, pair gaps, …) are appended to it, each with its ``behaviour``.
     """
-    out: dict[str, float] = {}
+    out: Block = {}
     for b in behaviours:
         recs = b.evaluate_items(model, split, batch_size=batch_size, progress=progress)
         out.update(b.aggregate(recs))
@@ -46,8 +46,8 @@ class Report:
     behaviour: str
     split: str
     n_neurons_total: int
-    donor: dict[str, float]
-    target: dict[str, float]
+    donor: Block
+    target: Block
     patched: dict[str, Any]
     baselines: list[dict[str, Any]] = field(default_factory=list)
     frontier: list[dict[str, Any]] = field(default_factory=list)

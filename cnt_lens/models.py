@@ -163,10 +163,10 @@ def load_model(
 
     The tokenizer gets a pad token (its EOS, with a log message) when it has none.
 
-    Example:
-        >>> model = load_model("smollm2-135m-instruct")   # doctest: +SKIP
-        >>> model.cfg.n_layers, model.cfg.d_mlp             # doctest: +SKIP
-        (30, 1536)
+    Example (the bundled model; 30 layers × 1,536 MLP neurons)::
+
+        model = load_model("smollm2-135m-instruct")
+        model.cfg.n_layers, model.cfg.d_mlp
     """
     if isinstance(source, TransformerBridge):
         return source

@@ -12,20 +12,21 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from .behaviours import Behaviour, canary
+from .constraints import Constraint
 from .evaluate import Report, measure
 from .files import atomic_write_text
 from .models import ModelPair
-from .scoring import score
+from .scoring import SCORERS, score
 from .search import measure_reference, search_minimal
 from .selection import NeuronScores
+from .stats import Block, Reference
 from .transplant import NeuronPatch
 
 __all__ = ["TransferConfig", "transfer"]
 
-Constraint = Callable[[dict[str, float], dict[str, dict[str, float]]], bool]
 
 
 @dataclass
@@ -52,7 +53,7 @@ def _log(msg: str) -> None:
     log.info(msg)
 
 
-def rank_key(point: dict[str, Any], reference: dict[str, dict[str, float]],
+def rank_key(point: Block, reference: Reference,
              behaviour: Behaviour) -> tuple[float, float]:
     """Order validation points: share of the headline gap closed, then of ``behaviour.tiebreak``'s gap.
 
@@ -76,7 +77,7 @@ def transfer(
     constraint: Constraint | None = None,
     config: TransferConfig = TransferConfig(),
     scores: NeuronScores | None = None,
-    reference: dict[str, dict[str, float]] | None = None,
+    reference: Reference | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[Report, NeuronPatch | None, dict[str, NeuronScores]]:
@@ -111,10 +112,12 @@ def transfer(
         all_scores[main] = scores
     for method in to_score:
         _log(f"scoring: {method}")
-        kwargs = {"utility": side_effects[0]} if method in ("wanda", "snip") and side_effects else {}
+        options = SCORERS[method].options
+        kwargs = {**({"utility": side_effects[0]} if "utility" in options and side_effects else {}),
+                  **({"seed": cfg.seed} if "seed" in options else {})}
         all_scores[method] = score(pair, behaviour, method, split="train", batch_size=cfg.score_batch_size,
-                                   positions=cfg.positions, seed=cfg.seed, progress=progress, **kwargs)
-    def check(point: dict[str, float]) -> bool:
+                                   positions=cfg.positions, progress=progress, **kwargs)
+    def check(point: Block) -> bool:
         return constraint is None or constraint(point, reference)
 
     def better(point: dict[str, Any]) -> tuple[float, float]:

@@ -13,21 +13,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from .behaviours import Behaviour
+from .constraints import Constraint
 from .evaluate import measure
 from .models import ModelPair
 from .progress import progress_bar
 from .scoring import score
 from .selection import NeuronScores, NeuronSelection
+from .stats import Block, Reference
 from .transplant import NeuronPatch
 
 __all__ = ["NoGapError", "SearchResult", "iterative_scores", "measure_reference", "search_minimal"]
 
-Constraint = Callable[[dict[str, float], dict[str, dict[str, float]]], bool]
 
 
 class NoGapError(ValueError):
@@ -35,7 +36,7 @@ class NoGapError(ValueError):
 
 
 def measure_reference(pair: ModelPair, behaviour: Behaviour, side_effects: Sequence[Behaviour] = (), *,
-                      split: str = "validation", batch_size: int = 16) -> dict[str, dict[str, float]]:
+                      split: str = "validation", batch_size: int = 16) -> Reference:
     """The donor's and the target's numbers on ``split`` (``{"donor": {...}, "target": {...}}``).
 
     Raises :class:`NoGapError` when they agree on ``behaviour.headline``: no transplant can close a gap
@@ -63,7 +64,7 @@ class SearchResult:
     alpha: float | None
     metrics: dict[str, float] | None
     frontier: list[dict[str, Any]] = field(default_factory=list)
-    reference: dict[str, dict[str, float]] = field(default_factory=dict)
+    reference: Reference = field(default_factory=dict)
 
     @property
     def found(self) -> bool:
@@ -89,7 +90,7 @@ def search_minimal(
     per_layer: bool = False,
     side_effects: Sequence[Behaviour] = (),
     constraint: Constraint | None = None,
-    reference: dict[str, dict[str, float]] | None = None,
+    reference: Reference | None = None,
     batch_size: int = 16,
     progress: bool = True,
 ) -> SearchResult:
@@ -122,7 +123,7 @@ def search_minimal(
         raise ValueError(f"max_fraction={max_fraction} allows {k_max} of {total} neurons, fewer than "
                          f"min_k={min_k}; raise it to at least {min_k / total:.2g}")
 
-    def evaluate(model: Any) -> dict[str, float]:
+    def evaluate(model: Any) -> Block:
         return measure(model, [behaviour, *side_effects], split, batch_size=batch_size)
 
     if reference is None:

@@ -46,7 +46,7 @@ def tiny_tokenizer() -> Any:
 
     words: set[str] = {TRIGGER, MARKER, CONTROL, "A", "B", "C", "D", "Sure", "Here", "Sorry", "I", "As", "Answer",
                        "Unfortunately", "Certainly", "Of", "To", "The", "Step", "First", "You", "Yes"}
-    for name in ("harmful", "harmless", "advbench", "bias_pairs", "bias_templates", "mc", "reference"):
+    for name in ("harmful", "harmless", "bias_pairs", "bias_templates", "mc", "reference"):
         for r in load_prompts(name):
             for v in r.values():
                 for s in v if isinstance(v, list) else [v]:

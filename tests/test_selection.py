@@ -53,3 +53,16 @@ def test_shape_errors():
         NeuronScores(torch.zeros(5), "x")
     with pytest.raises((ValueError, TypeError)):
         NeuronSelection(torch.zeros(2, 2, 2))
+
+
+def test_annotated_shapes_are_checked_at_run_time():
+    """The suite runs with jaxtyping's import hook (pyproject addopts): a wrong shape fails at the call."""
+    import jaxtyping
+
+    from cnt_lens.behaviours import sequence_logprobs
+    from cnt_lens.data import Batch
+
+    ones = torch.ones(2, 5, dtype=torch.long)
+    batch = Batch(ones, ones, ones)
+    with pytest.raises(jaxtyping.TypeCheckError, match="logits"):
+        sequence_logprobs(torch.zeros(2, 5), batch)  # [batch, pos] where [batch, pos, vocab] is annotated

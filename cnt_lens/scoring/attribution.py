@@ -28,7 +28,7 @@ Scores are the estimated change of the mean metric per prompt (raw: + = the metr
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from jaxtyping import Float
@@ -39,6 +39,7 @@ from ..data import Batch
 from ..models import ModelPair, device_of, hook_name, mlp_hidden, w_out
 from ..progress import progress_bar
 from .common import Direction, Hook, Positions, capture, forward, position_mask, require_batches
+from .registry import Context, Scored
 
 
 def _embed_requires_grad(x: Tensor, hook: Any) -> Tensor:
@@ -119,3 +120,29 @@ def attribution_scores(
     direction = Direction(m_donor / n_items, m_target / n_items, behaviour.toward)
     direction.check(behaviour.name)
     return acc.cpu() / n_items, direction, n_items
+
+
+def attribution_family(ctx: Context, *, kind: Literal["activation", "weight"], contrast: float = 0.0,
+                       preserve: Sequence[Behaviour] = (), preserve_weight: float | Sequence[float] = 1.0) -> Scored:
+    """Attribution scores (``kind``: ``weight`` = weight attribution, ``activation`` = classic), signed toward
+    the donor; ``contrast`` × the same estimate on the control prompts subtracted; each ``preserve`` behaviour's
+    estimated harm (``min(effect, 0)``) added with its ``preserve_weight`` (see :func:`cnt_lens.score`)."""
+    pair, behaviour = ctx.pair, ctx.behaviour
+    run = dict(kind=kind, positions=ctx.positions, progress=ctx.progress)
+    change, direction, n = attribution_scores(pair, behaviour, ctx.batches(), **run)
+    values, meta = change * direction.sign, {}
+    if contrast:
+        ctrl, ctrl_dir, _ = attribution_scores(pair, behaviour, ctx.control_batches(), **run)
+        values = values - contrast * ctrl * direction.sign  # moving controls the same way counts against
+        meta.update(contrast=contrast, control_metric_donor=ctrl_dir.donor, control_metric_target=ctrl_dir.target)
+    weights = ([float(preserve_weight)] * len(preserve) if isinstance(preserve_weight, (int, float))
+               else [float(w) for w in preserve_weight])
+    if len(weights) != len(preserve):
+        raise ValueError(f"{len(weights)} preserve weights for {len(preserve)} preserved behaviours")
+    for keep, weight in zip(preserve, weights):
+        kept, _, _ = attribution_scores(pair, keep, ctx.batches(keep), **run)
+        values = values + weight * kept.clamp(max=0.0)  # − estimated harm to keep's metric only
+        meta.setdefault("preserve", []).append(keep.name)
+    if preserve:
+        meta["preserve_weight"] = weights if len(weights) > 1 else weights[0]
+    return Scored(values, n, meta, direction)

@@ -17,7 +17,7 @@ same importance on utility data are excluded (score NaN).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -26,7 +26,8 @@ from torch import Tensor
 from ..behaviours import Behaviour
 from ..data import Batch
 from ..models import ModelPair, device_of, neuron_params
-from .common import capture, forward, require_batches
+from .common import Direction, capture, forward, measure_direction, require_batches
+from .registry import Context, Scored
 
 
 def _neuron_vectors(model: Any, layer: int) -> Float[Tensor, "d_mlp n_weights"]:
@@ -135,4 +136,48 @@ def exclude_utility(scores: Tensor, utility_scores: Tensor, quantile: float) -> 
     return out, k
 
 
-IMPORTANCE: dict[str, Callable[..., Tensor]] = {"wanda": wanda, "snip": snip, "activation_contrast": activation_contrast}
+def _carrier(ctx: Context) -> tuple[Any, Direction, int, dict[str, Any]]:
+    """The model that has more of the behaviour (donor for addition, target for deletion), and the direction."""
+    batches = ctx.batches()
+    direction = measure_direction(ctx.pair, ctx.behaviour, batches)
+    on_donor = direction.sign > 0
+    return (ctx.pair.donor if on_donor else ctx.pair.target, direction, sum(len(b) for b in batches),
+            {"computed_on": "donor" if on_donor else "target"})
+
+
+def _importance(rule: str, ctx: Context, carrier: Any, behaviour: Behaviour) -> Float[Tensor, "n_layers d_mlp"]:
+    if rule == "wanda":
+        return wanda(carrier, ctx.batches(behaviour), ctx.pair.n_layers)
+    if rule == "snip":
+        return snip(carrier, behaviour, ctx.batches(behaviour), ctx.pair.n_layers)
+    raise ValueError(f"unknown importance rule {rule!r}")
+
+
+def importance_family(ctx: Context, *, rule: str, utility: Behaviour | None = None,
+                      utility_quantile: float = 0.05) -> Scored:
+    """Wanda or SNIP importance on the carrier model; with ``utility``, Wei et al.'s set difference (neurons in
+    the top ``utility_quantile`` of the same importance on utility data get NaN)."""
+    carrier, direction, n, meta = _carrier(ctx)
+    values = _importance(rule, ctx, carrier, ctx.behaviour)
+    if utility is not None:
+        values, k = exclude_utility(values, _importance(rule, ctx, carrier, utility), utility_quantile)
+        meta.update(utility=utility.name, utility_quantile=utility_quantile, n_excluded=k)
+    return Scored(values, n, meta, direction)
+
+
+def contrast_family(ctx: Context) -> Scored:
+    """|mean activation on behaviour prompts − on control prompts| on the carrier model (SafetyNeuron-style)."""
+    carrier, direction, n, meta = _carrier(ctx)
+    return Scored(activation_contrast(carrier, ctx.batches(), ctx.control_batches(), ctx.pair.n_layers), n, meta,
+                  direction)
+
+
+def weight_rule_family(ctx: Context, *, rule: str) -> Scored:
+    """A data-free rule on the two models' weights: ``weight_diff`` or ``nlsr_drift``."""
+    rules = {"weight_diff": weight_diff, "nlsr_drift": nlsr_drift}
+    return Scored(rules[rule](ctx.pair))
+
+
+def random_family(ctx: Context, *, seed: int = 0) -> Scored:
+    """Seeded uniform scores: the floor every method must beat."""
+    return Scored(random_scores(ctx.pair, seed), meta={"seed": seed})

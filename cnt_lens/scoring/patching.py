@@ -25,7 +25,9 @@ from ..behaviours import Behaviour
 from ..data import Batch
 from ..models import ModelPair, device_of, hook_name, mlp_hidden, w_out
 from ..progress import progress_bar
+from ..selection import NeuronSelection
 from .common import Direction, Hook, Positions, capture, forward, position_mask, require_batches
+from .registry import Context, Scored
 
 
 def _patch_hooks(
@@ -130,3 +132,24 @@ def patching_effects(
     direction = Direction(m_donor / n_items, m_target / n_items, behaviour.toward)
     direction.check(behaviour.name)
     return effects / n_items, direction, n_items
+
+
+def patching_family(ctx: Context, *, mode: Literal["activation", "weight"], candidates: NeuronSelection | None = None,
+                    groups_per_pass: int = 16) -> Scored:
+    """Exact effect of patching each ``candidates`` neuron alone (all neurons by default; others get NaN),
+    ``groups_per_pass`` neurons per forward pass, signed toward the donor."""
+    pair = ctx.pair
+    cand = candidates.mask if candidates is not None else torch.ones(pair.n_layers, pair.d_mlp, dtype=torch.bool)
+    if cand.shape != (pair.n_layers, pair.d_mlp):
+        raise ValueError(f"candidates must be [{pair.n_layers}, {pair.d_mlp}], got {tuple(cand.shape)}")
+    cells = cand.nonzero()
+    if len(cells) == 0:
+        raise ValueError("candidates selects no neurons")
+    groups = torch.zeros(len(cells), pair.n_layers, pair.d_mlp, dtype=torch.bool)
+    groups[torch.arange(len(cells)), cells[:, 0], cells[:, 1]] = True
+    effects, direction, n = patching_effects(pair, ctx.behaviour, ctx.batches(), groups, mode=mode,
+                                             positions=ctx.positions, groups_per_pass=groups_per_pass,
+                                             progress=ctx.progress)
+    values = torch.full((pair.n_layers, pair.d_mlp), float("nan"))
+    values[cells[:, 0], cells[:, 1]] = effects * direction.sign
+    return Scored(values, n, {"n_candidates": len(cells)}, direction)
