@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from .behaviours import Behaviour, canary
 from .constraints import Constraint
@@ -20,12 +20,12 @@ from .evaluate import Report, measure
 from .files import atomic_write_text
 from .models import ModelPair
 from .scoring import SCORERS, score
-from .search import measure_reference, search_minimal
+from .search import SearchResult, measure_reference, search_minimal
 from .selection import NeuronScores
 from .stats import Block, Reference
 from .transplant import NeuronPatch
 
-__all__ = ["TransferConfig", "transfer"]
+__all__ = ["TransferConfig", "TransferResult", "transfer"]
 
 
 
@@ -69,6 +69,128 @@ def rank_key(point: Block, reference: Reference,
     return point["gap_closed"], second
 
 
+class TransferResult(NamedTuple):
+    """What :func:`transfer` returns (a tuple, so ``report, patch, scores = transfer(...)`` works)."""
+
+    report: Report
+    patch: NeuronPatch | None
+    scores: dict[str, NeuronScores]
+
+
+@dataclass
+class _Run:
+    """The state the stages of :func:`transfer` share."""
+
+    pair: ModelPair
+    behaviour: Behaviour
+    side_effects: Sequence[Behaviour]
+    constraint: Constraint | None
+    cfg: TransferConfig
+    reference: Reference
+    progress: bool
+
+    def ok(self, point: Block) -> bool:
+        return self.constraint is None or self.constraint(point, self.reference)
+
+    def better(self, point: Block) -> tuple[float, float]:
+        return rank_key(point, self.reference, self.behaviour)
+
+    def measure(self, model: Any, split: str, items: list[dict[str, Any]] | None = None) -> Block:
+        return measure(model, [self.behaviour, *self.side_effects], split, batch_size=self.cfg.batch_size, items=items)
+
+
+def _score_all(run: _Run, scores: NeuronScores | None) -> tuple[str, dict[str, NeuronScores]]:
+    """Stage 1, train split: the main ranking (``scores``, or ``cfg.method``) and every baseline's scores."""
+    cfg, all_scores = run.cfg, {}
+    if scores is None:
+        main, to_score = cfg.method, [cfg.method, *cfg.baselines]
+    else:
+        main, to_score = scores.method, list(cfg.baselines)
+        all_scores[main] = scores
+    for method in to_score:
+        _log(f"scoring: {method}")
+        options = SCORERS[method].options
+        kwargs = {**({"utility": run.side_effects[0]} if "utility" in options and run.side_effects else {}),
+                  **({"seed": cfg.seed} if "seed" in options else {})}
+        all_scores[method] = score(run.pair, run.behaviour, method, split="train", batch_size=cfg.score_batch_size,
+                                   positions=cfg.positions, progress=run.progress, **kwargs)
+    return main, all_scores
+
+
+def _choose_point(run: _Run, main: NeuronScores) -> tuple[SearchResult, int, float, bool]:
+    """Stage 2, validation: the minimal set, or the best acceptable point when the goal is out of reach.
+
+    Returns the search result, k, alpha, and whether that point met the constraint on validation."""
+    cfg = run.cfg
+    _log(f"search_minimal over alphas {list(cfg.alphas)} up to {cfg.max_fraction:.1%} of neurons")
+    result = search_minimal(run.pair, run.behaviour, main, goal=cfg.goal, alphas=cfg.alphas,
+                            max_fraction=cfg.max_fraction, side_effects=run.side_effects, constraint=run.constraint,
+                            reference=run.reference, batch_size=cfg.batch_size, progress=run.progress)
+    if result.found:
+        k, alpha = result.selection.n, result.alpha
+        _log(f"minimal set: {k} neurons ({k / run.pair.n_neurons:.2%}), alpha {alpha}")
+        return result, k, alpha, True
+    ok = [p for p in result.frontier if run.ok(p)] or list(result.frontier)
+    best = max(ok, key=run.better)
+    k, alpha = best["k"], best["alpha"]
+    _log(f"goal not reached within {cfg.max_fraction:.1%}; best acceptable point: {k} neurons, alpha {alpha}")
+    return result, k, alpha, any(run.ok(p) for p in result.frontier if p["k"] == k and p["alpha"] == alpha)
+
+
+def _baseline_alpha(run: _Run, scores: NeuronScores, k: int) -> tuple[float, bool, list[dict[str, Any]]]:
+    """Stage 3, validation: a baseline's alpha at the main method's k (the same alpha grid and rule).
+
+    Returns the alpha, whether it met the constraint, and the points measured."""
+    ref, head = run.reference, run.behaviour.headline
+    gap = ref["donor"][head] - ref["target"][head]
+    points = []
+    for a in run.cfg.alphas:
+        with NeuronPatch.from_pair(run.pair, scores.top_k(k), a).applied_to(run.pair.target):
+            m = run.measure(run.pair.target, "validation")
+        closed = (m[head] - ref["target"][head]) / gap
+        points.append({"method": scores.method, "k": k, "fraction": k / run.pair.n_neurons, "alpha": a,
+                       "gap_closed": closed, "reached": closed >= run.cfg.goal and run.ok(m), **m})
+    ok = [p for p in points if run.ok(p)] or points
+    alpha = max(ok, key=run.better)["alpha"]
+    return alpha, any(run.ok(p) for p in points if p["alpha"] == alpha), points
+
+
+def _evaluate_test(run: _Run, main: str, all_scores: dict[str, NeuronScores], k: int, chosen: dict[str, float],
+                   acceptable: dict[str, bool]) -> tuple[dict[str, Block], NeuronPatch, dict[str, list]]:
+    """Stage 4, test (read once): target, donor, the patched target and every baseline at its chosen alpha."""
+    _log("test-split evaluation")
+    items: dict[str, list[dict[str, Any]]] = {"target": [], "donor": [], "patched": []}
+    blocks: dict[str, Block] = {"target": run.measure(run.pair.target, "test", items["target"]),
+                                "donor": run.measure(run.pair.donor, "test", items["donor"])}
+    main_patch = None
+    for method, a in chosen.items():
+        patch = NeuronPatch.from_pair(run.pair, all_scores[method].top_k(k), a, scores=all_scores[method],
+                                      meta={"method": method, "behaviour": run.behaviour.name})
+        with patch.applied_to(run.pair.target):
+            blocks[method] = {"method": method, "n_neurons": k, "alpha": a,
+                              "acceptable_on_validation": acceptable[method],
+                              **run.measure(run.pair.target, "test", items["patched"] if method == main else None)}
+        if method == main:
+            main_patch = patch
+    assert main_patch is not None
+    return blocks, main_patch, items
+
+
+def _write_run(out_dir: str | Path, report: Report, patch: NeuronPatch, all_scores: dict[str, NeuronScores],
+               frontier: list[dict[str, Any]], items: dict[str, list[dict[str, Any]]]) -> None:
+    """Stage 5: the run directory's files, each written atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report.save(out / "metrics.json")
+    patch.save(out / "patch.safetensors")
+    (out / "scores").mkdir(exist_ok=True)
+    for method, s in all_scores.items():
+        s.save(out / "scores" / f"{method}.safetensors")
+    atomic_write_text(out / "frontier.json", json.dumps(frontier, indent=1, default=float))
+    atomic_write_text(out / "items.jsonl", "".join(json.dumps({"model": name, **r}, default=float) + "\n"
+                                                   for name, recs in items.items() for r in recs))
+
+
 def transfer(
     pair: ModelPair,
     behaviour: Behaviour,
@@ -80,22 +202,24 @@ def transfer(
     reference: Reference | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
-) -> tuple[Report, NeuronPatch | None, dict[str, NeuronScores]]:
+) -> TransferResult:
     """Find the minimal transplant of ``behaviour`` from donor to target and compare it with baselines.
 
     ``constraint(point, reference)`` gets a validation point's numbers and the donor's and
     target's (``reference['donor']``, ``reference['target']``) and says whether it is acceptable
     (e.g. harmless refusal no higher than the donor's). Baselines get the same neuron budget as the
-    found patch and the same alpha choice on validation. Returns (report, patch, scores by method);
-    ``scores`` (e.g. from :func:`~cnt_lens.search.iterative_scores`) replaces scoring with
-    ``config.method`` for the main ranking. With ``out_dir``, writes ``metrics.json``,
-    ``patch.safetensors`` + ``patch.json``, ``scores/*.safetensors``, ``frontier.json`` and
-    ``items.jsonl`` (one line per test prompt and model — target, donor, patched — with its
-    response and verdict: what the rates in ``metrics.json`` were counted from) there.
+    found patch and the same alpha choice on validation. Returns a :class:`TransferResult` (report,
+    patch, scores by method); ``scores`` (e.g. from :func:`~cnt_lens.search.iterative_scores`)
+    replaces scoring with ``config.method`` for the main ranking. With ``out_dir``, writes
+    ``metrics.json``, ``patch.safetensors`` + ``patch.json``, ``scores/*.safetensors``,
+    ``frontier.json`` and ``items.jsonl`` (one line per test prompt and model — target, donor,
+    patched — with its response and verdict: what the rates in ``metrics.json`` were counted from).
 
-    Before any scoring, both models pass :func:`~cnt_lens.behaviours.canary` and donor and target must
-    differ on the behaviour on validation (:func:`~cnt_lens.search.measure_reference`, or ``reference``
-    when the caller measured it): a run that cannot succeed stops in seconds.
+    Stages: score (train) → choose the point (validation) → each baseline's alpha at the same k
+    (validation) → evaluate (test, once) → write. Before any scoring, both models pass
+    :func:`~cnt_lens.behaviours.canary` and donor and target must differ on the behaviour on validation
+    (:func:`~cnt_lens.search.measure_reference`, or ``reference`` when the caller measured it): a run
+    that cannot succeed stops in seconds.
     """
     cfg = config
     t0 = time.time()
@@ -104,98 +228,23 @@ def transfer(
         canary(pair.donor)
         _log("donor and target on validation")
         reference = measure_reference(pair, behaviour, side_effects, split="validation", batch_size=cfg.batch_size)
-    all_scores: dict[str, NeuronScores] = {}
-    if scores is None:
-        main, to_score = cfg.method, [cfg.method, *cfg.baselines]
-    else:
-        main, to_score = scores.method, list(cfg.baselines)
-        all_scores[main] = scores
-    for method in to_score:
-        _log(f"scoring: {method}")
-        options = SCORERS[method].options
-        kwargs = {**({"utility": side_effects[0]} if "utility" in options and side_effects else {}),
-                  **({"seed": cfg.seed} if "seed" in options else {})}
-        all_scores[method] = score(pair, behaviour, method, split="train", batch_size=cfg.score_batch_size,
-                                   positions=cfg.positions, progress=progress, **kwargs)
-    def check(point: Block) -> bool:
-        return constraint is None or constraint(point, reference)
-
-    def better(point: dict[str, Any]) -> tuple[float, float]:
-        return rank_key(point, reference, behaviour)
-
-    _log(f"search_minimal over alphas {list(cfg.alphas)} up to {cfg.max_fraction:.1%} of neurons")
-    result = search_minimal(pair, behaviour, all_scores[main], goal=cfg.goal, alphas=cfg.alphas,
-                            max_fraction=cfg.max_fraction, side_effects=side_effects,
-                            constraint=constraint, reference=reference, batch_size=cfg.batch_size,
-                            progress=progress)
+    run = _Run(pair, behaviour, side_effects, constraint, cfg, reference, progress)
+    main, all_scores = _score_all(run, scores)
+    result, k, alpha, main_ok = _choose_point(run, all_scores[main])
     frontier = list(result.frontier)
-    if result.found:
-        k, alpha = result.selection.n, result.alpha
-        _log(f"minimal set: {k} neurons ({k / pair.n_neurons:.2%}), alpha {alpha}")
-    else:
-        # Report the best point the search saw within budget: the most gap closed among acceptable points.
-        ok = [p for p in frontier if check(p)] or frontier
-        best = max(ok, key=better)
-        k, alpha = best["k"], best["alpha"]
-        _log(f"goal not reached within {cfg.max_fraction:.1%}; best acceptable point: {k} neurons, alpha {alpha}")
-
-    def best_alpha(scores: NeuronScores) -> tuple[float, list[dict[str, Any]]]:
-        points = []
-        for a in cfg.alphas:
-            with NeuronPatch.from_pair(pair, scores.top_k(k), a).applied_to(pair.target):
-                m = measure(pair.target, [behaviour, *side_effects], "validation", batch_size=cfg.batch_size)
-            gap = reference["donor"][behaviour.headline] - reference["target"][behaviour.headline]
-            closed = (m[behaviour.headline] - reference["target"][behaviour.headline]) / gap
-            points.append({"method": scores.method, "k": k, "fraction": k / pair.n_neurons, "alpha": a,
-                           "gap_closed": closed, "reached": closed >= cfg.goal and check(m), **m})
-        ok = [p for p in points if check(p)] or points
-        return max(ok, key=better)["alpha"], points
-
-    chosen = {main: alpha}
-    # whether the chosen alpha met the constraint on validation (a baseline with no acceptable alpha
-    # is reported at its most effective one, flagged, rather than dropped)
-    acceptable = {main: result.found or any(check(p) for p in frontier if p["k"] == k and p["alpha"] == alpha)}
+    chosen, acceptable = {main: alpha}, {main: main_ok}
     for method in cfg.baselines:
         _log(f"baseline {method}: alpha search at k={k}")
-        chosen[method], pts = best_alpha(all_scores[method])
-        acceptable[method] = any(check(p) for p in pts if p["alpha"] == chosen[method])
-        frontier += pts
-
-    _log("test-split evaluation")
-    split = "test"
-    items: dict[str, list[dict[str, Any]]] = {"target": [], "donor": [], "patched": []}
-    target_m = measure(pair.target, [behaviour, *side_effects], split, batch_size=cfg.batch_size,
-                       items=items["target"])
-    donor_m = measure(pair.donor, [behaviour, *side_effects], split, batch_size=cfg.batch_size, items=items["donor"])
-    blocks: dict[str, dict[str, Any]] = {}
-    main_patch = None
-    for method, a in chosen.items():
-        patch = NeuronPatch.from_pair(pair, all_scores[method].top_k(k), a, scores=all_scores[method],
-                                      meta={"method": method, "behaviour": behaviour.name})
-        with patch.applied_to(pair.target):
-            blocks[method] = {"method": method, "n_neurons": k, "alpha": a,
-                              "acceptable_on_validation": acceptable[method],
-                              **measure(pair.target, [behaviour, *side_effects], split, batch_size=cfg.batch_size,
-                                        items=items["patched"] if method == main else None)}
-        if method == main:
-            main_patch = patch
+        chosen[method], acceptable[method], points = _baseline_alpha(run, all_scores[method], k)
+        frontier += points
+    blocks, main_patch, items = _evaluate_test(run, main, all_scores, k, chosen, acceptable)
     report = Report(
-        behaviour=behaviour.name, split=split, n_neurons_total=pair.n_neurons, donor=donor_m, target=target_m,
-        patched={**blocks[main], "goal_reached_on_validation": result.found},
+        behaviour=behaviour.name, split="test", n_neurons_total=pair.n_neurons, donor=blocks["donor"],
+        target=blocks["target"], patched={**blocks[main], "goal_reached_on_validation": result.found},
         baselines=[blocks[m] for m in cfg.baselines], frontier=frontier,
         extra={"config": {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in vars(cfg).items()},
                "validation_reference": reference, "wall_time_s": round(time.time() - t0, 1)},
     )
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        report.save(out / "metrics.json")
-        if main_patch is not None:
-            main_patch.save(out / "patch.safetensors")
-        (out / "scores").mkdir(exist_ok=True)
-        for method, s in all_scores.items():
-            s.save(out / "scores" / f"{method}.safetensors")
-        atomic_write_text(out / "frontier.json", json.dumps(frontier, indent=1, default=float))
-        atomic_write_text(out / "items.jsonl", "".join(json.dumps({"model": name, **r}, default=float) + "\n"
-                                                       for name, recs in items.items() for r in recs))
-    return report, main_patch, all_scores
+        _write_run(out_dir, report, main_patch, all_scores, frontier, items)
+    return TransferResult(report, main_patch, all_scores)
