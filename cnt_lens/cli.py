@@ -128,7 +128,7 @@ def _prompt_sets(behaviour: str, harmful: Optional[Path], harmless: Optional[Pat
             continue
         try:
             sets[role] = load_file(path, fmt, column=column, role=role if role != "pairs" else None,
-                                   kind="pair" if role == "pairs" else None, seed=seed)
+                                   kind="pair" if role == "pairs" else "prompt", seed=seed)
         except (OSError, ValueError) as err:
             raise typer.BadParameter(str(err), param_hint=f"--{role}") from None
         record[role] = describe_file(path, sets[role])

@@ -116,6 +116,10 @@ def test_transfer_command_errors_name_the_problem(tmp_path):
     assert res.exit_code != 0 and "bad.csv:2" in res.output and "--column" in res.output
     res = runner.invoke(app, ["transfer", "--donor", "x", "--target", "y", "--pairs", str(bad), "--out", str(tmp_path / "o")])
     assert res.exit_code != 0 and "--pairs do(es) not apply to --behaviour refusal" in res.output
+    bbq = tmp_path / "bbq.jsonl"
+    bbq.write_text(json.dumps({"context": "c", "question": "q?", "ans0": "a", "ans1": "b", "ans2": "?", "label": 2}) + "\n")
+    res = runner.invoke(app, ["transfer", "--donor", "x", "--target", "y", "--harmful", str(bbq), "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "makes 'mc' sets, not 'prompt'" in res.output
     res = runner.invoke(app, ["transfer", "--donor", "x", "--target", "y", "--baselines", "wanda,magic",
                               "--out", str(tmp_path / "o")])
     assert res.exit_code != 0 and "magic" in res.output
