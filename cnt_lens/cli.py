@@ -123,8 +123,7 @@ def _prompt_sets(behaviour: str, harmful: Optional[Path], harmless: Optional[Pat
     for role, path in files.items():
         if path is None:
             sets[role] = bundled[role]()
-            record[role] = {"bundled": sets[role].name, "n": len(sets[role]),
-                            "splits": {s: sum(r["split"] == s for r in sets[role]) for s in ("train", "validation", "test")}}
+            record[role] = {"bundled": sets[role].name, "n": len(sets[role]), "splits": sets[role].split_counts()}
             continue
         try:
             sets[role] = load_file(path, fmt, column=column, role=role if role != "pairs" else None,

@@ -106,6 +106,10 @@ class PromptSet:
         if not self.records:
             raise ValueError(f"prompt set {self.name!r} is empty")
 
+    def split_counts(self) -> dict[str, int]:
+        """How many records each split holds."""
+        return {s: sum(r["split"] == s for r in self.records) for s in SPLITS}
+
     def column(self, name: str) -> list[Any]:
         return [r[name] for r in self.records]
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .data import FIELDS, SPLITS, PromptSet, record_problem, with_defaults
+from .data import FIELDS, PromptSet, record_problem, with_defaults
 
 __all__ = [
     "FORMATS",
@@ -412,7 +412,6 @@ def describe_file(path: str | Path, ps: PromptSet) -> dict[str, Any]:
     """What a run records about a prompt file: path, sha256, format, record count and the split of every id."""
     path = Path(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    counts = {s: sum(r["split"] == s for r in ps.records) for s in SPLITS}
     formats = sorted({r.get("format", "?") for r in ps.records})
     return {"path": str(path), "sha256": digest, "format": formats[0] if len(formats) == 1 else formats,
-            "kind": ps.kind, "n": len(ps), "splits": counts, "split_of": {str(r["id"]): r["split"] for r in ps.records}}
+            "kind": ps.kind, "n": len(ps), "splits": ps.split_counts(), "split_of": {str(r["id"]): r["split"] for r in ps.records}}

@@ -95,6 +95,10 @@ class _Run:
     def better(self, point: Block) -> tuple[float, float]:
         return rank_key(point, self.reference, self.behaviour)
 
+    def best(self, points: Sequence[Block]) -> Block:
+        """The best acceptable point of ``points`` (the best of all when none is acceptable)."""
+        return max([p for p in points if self.ok(p)] or points, key=self.better)
+
     def measure(self, model: Any, split: str, items: list[dict[str, Any]] | None = None) -> Block:
         return measure(model, [self.behaviour, *self.side_effects], split, batch_size=self.cfg.batch_size, items=items)
 
@@ -130,8 +134,7 @@ def _choose_point(run: _Run, main: NeuronScores) -> tuple[SearchResult, int, flo
         k, alpha = result.selection.n, result.alpha
         _log(f"minimal set: {k} neurons ({k / run.pair.n_neurons:.2%}), alpha {alpha}")
         return result, k, alpha, True
-    ok = [p for p in result.frontier if run.ok(p)] or list(result.frontier)
-    best = max(ok, key=run.better)
+    best = run.best(result.frontier)
     k, alpha = best["k"], best["alpha"]
     _log(f"goal not reached within {cfg.max_fraction:.1%}; best acceptable point: {k} neurons, alpha {alpha}")
     return result, k, alpha, any(run.ok(p) for p in result.frontier if p["k"] == k and p["alpha"] == alpha)
@@ -150,8 +153,7 @@ def _baseline_alpha(run: _Run, scores: NeuronScores, k: int) -> tuple[float, boo
         closed = (m[head] - ref["target"][head]) / gap
         points.append({"method": scores.method, "k": k, "fraction": k / run.pair.n_neurons, "alpha": a,
                        "gap_closed": closed, "reached": closed >= run.cfg.goal and run.ok(m), **m})
-    ok = [p for p in points if run.ok(p)] or points
-    alpha = max(ok, key=run.better)["alpha"]
+    alpha = run.best(points)["alpha"]
     return alpha, any(run.ok(p) for p in points if p["alpha"] == alpha), points
 
 
