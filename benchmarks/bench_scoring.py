@@ -94,9 +94,9 @@ def speed(args: argparse.Namespace) -> None:
 
 
 def memory(args: argparse.Namespace) -> None:
-    from cnt_lens.scoring.attribution import attribution_scores
-
     import threading
+
+    from cnt_lens.scoring.attribution import attribution_scores
 
     pair, beh = _setup(args.prompts, args.device)
     batches = beh.batches(pair.tokenizer, None, args.batch)

@@ -15,7 +15,7 @@ import argparse
 import json
 
 from cnt_lens import StereotypeBias, Utility, load_model, load_prompts, measure
-from cnt_lens.recipes import TuneConfig, bias_tune
+from cnt_lens.experiments.recipes import TuneConfig, bias_tune
 
 
 def main() -> None:

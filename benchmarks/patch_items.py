@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from cnt_lens import NeuronPatch, load_model
-from cnt_lens.applications import APPLICATIONS
+from cnt_lens.experiments.applications import APPLICATIONS
 from cnt_lens.models import BUNDLED_MODEL
 
 

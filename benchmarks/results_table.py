@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from cnt_lens.applications import APPLICATIONS
+from cnt_lens.experiments.applications import APPLICATIONS
 
 
 def _pct(x: float, ref: float) -> str:

@@ -27,7 +27,7 @@ import json
 import torch
 
 from cnt_lens import NeuronPatch, NeuronSelection, Utility, measure, score
-from cnt_lens.applications import APPLICATIONS
+from cnt_lens.experiments.applications import APPLICATIONS
 from cnt_lens.models import BUNDLED_MODEL, clone_model, hf_state_dict, load_model
 
 

@@ -1,5 +1,7 @@
-"""cnt_lens — find the MLP neurons that carry a behaviour in a donor LLM and transplant them, in
-weight space, into a target LLM of the same architecture (CNT; NLSR), on TransformerLens 4.
+"""cnt_lens: move a behaviour between LLMs by transplanting the MLP neurons that carry it.
+
+Finds the neurons that carry a behaviour in a donor LLM and transplants them, in weight space, into
+a target LLM of the same architecture (CNT; NLSR), on TransformerLens 4.
 
 The whole public API is re-exported here::
 
@@ -7,7 +9,8 @@ The whole public API is re-exported here::
     pair = cl.load_pair(donor, "smollm2-135m-instruct")
     scores = cl.score(pair, cl.Refusal())
     patch = cl.NeuronPatch.from_pair(pair, scores.top_fraction(0.01), alpha=2.0)
-    patch.apply(pair.target); ...; patch.revert(pair.target)
+    with patch.applied(pair.target):   # temporary; patch.apply(...) is the permanent edit
+        ...
 """
 
 from .behaviours import (
@@ -29,6 +32,7 @@ from .data import (
     load_prompts,
     stable_split,
 )
+from .evaluate import Report, measure, wilson_interval
 from .formats import (
     FORMATS,
     PromptFileError,
@@ -41,7 +45,6 @@ from .formats import (
     load_file,
     register_format,
 )
-from .evaluate import Report, measure, wilson_interval
 from .judge import REFUSAL_OPENINGS, Verdict, is_refusal, judge_accuracy, judge_refusal
 from .models import (
     BUNDLED_MODEL,
@@ -65,13 +68,13 @@ from .models import (
 from .scoring import METHODS, BehaviourSignalError, score
 from .search import NoGapError, SearchResult, iterative_scores, measure_reference, search_minimal
 from .selection import NeuronScores, NeuronSelection
-from .transplant import NeuronPatch, PatchFileError, export_hf
+from .transplant import NeuronPatch, PatchFileError, applied_patches, export_hf
 
 __all__ = [
     "BUNDLED_MODEL", "FORMATS", "METHODS", "REFUSAL_OPENINGS", "Batch", "Behaviour", "BehaviourSignalError", "FormatTask",
     "GenerationError", "IncompatibleModelsError", "ModelPair", "NeuronPatch", "NeuronScores", "NeuronSelection",
     "NoGapError", "PatchFileError", "PromptFileError", "PromptSet", "Refusal", "Report", "SearchResult", "StereotypeBias", "TESTED_FAMILIES",
-    "UnsupportedModelError", "Utility", "Verdict", "architecture", "bundled_gguf_path", "canary", "chat_format", "check_compatible", "clone_model",
+    "UnsupportedModelError", "Utility", "Verdict", "applied_patches", "architecture", "bundled_gguf_path", "canary", "chat_format", "check_compatible", "clone_model",
     "context_length", "describe_file", "detect_format", "encode", "export_hf", "from_advbench_csv", "from_crows_pairs", "from_jsonl", "from_stereoset",
     "generate", "is_refusal", "iterative_scores", "judge_accuracy", "judge_refusal", "load_model", "load_pair",
     "load_file", "load_prompts", "measure", "measure_reference", "mlp_hidden", "neuron_params", "plain_hf_model", "read_neurons",

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from typing_extensions import override
 
 from .data import Batch, PromptSet, _max_len, chat_format, chunks, default_harmful, encode, load_prompts
 from .judge import REFUSAL_OPENINGS, judge_refusal
@@ -189,20 +190,25 @@ class Behaviour(abc.ABC):
     tiebreak: str | None = None
 
     @abc.abstractmethod
-    def batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]: ...
+    def batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
+        """Tokenized prompts of ``split`` whose :meth:`metric` the scorers read, ``batch_size`` per batch."""
 
     @abc.abstractmethod
-    def metric(self, logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, " items"]: ...
+    def metric(self, logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, " items"]:
+        """Differentiable behaviour number per item (higher = more of the behaviour), from full logits."""
 
     def control_batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
+        """Control prompts (e.g. harmless requests) for contrast scores; behaviours without any raise."""
         raise NotImplementedError(f"{self.name} has no control prompts")
 
     @abc.abstractmethod
     def evaluate_items(self, model: Any, split: str | None, *, batch_size: int = 16,
-                       progress: bool = True) -> list[dict[str, Any]]: ...
+                       progress: bool = True) -> list[dict[str, Any]]:
+        """Discrete evaluation, one dict per prompt (what ``items.jsonl`` of a run holds)."""
 
     @abc.abstractmethod
-    def aggregate(self, items: list[dict[str, Any]]) -> dict[str, Any]: ...
+    def aggregate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """The evaluation numbers of :meth:`evaluate_items`' items: rates with ``_n`` and ``_ci95``."""
 
     def evaluate(self, model: Any, split: str | None, *, batch_size: int = 16,
                  progress: bool = True) -> dict[str, Any]:
@@ -244,6 +250,7 @@ class OpeningTree:
 
     @classmethod
     def build(cls, tokenizer: Any, openings: tuple[str, ...], lead: str, space: bool) -> "OpeningTree":
+        """The token tree of ``openings`` after the shared ``lead`` (``space``: openings follow a space)."""
         enc = lambda t: tuple(tokenizer((" " if space else "") + t, add_special_tokens=False)["input_ids"])  # noqa: E731
         path = enc(lead) if lead else ()
         decisive: list[set[int]] = [set() for _ in range(len(path) + 1)]
@@ -331,12 +338,15 @@ class Refusal(Behaviour):
                              {"lead_ids": lead, "decisive": tree.padded()}))
         return out
 
+    @override
     def batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
         return self._encode(tokenizer, self.harmful, split, batch_size)
 
+    @override
     def control_batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
         return self._encode(tokenizer, self.harmless, split, batch_size)
 
+    @override
     def metric(self, logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, " batch"]:
         lead, decisive = batch.meta["lead_ids"].to(logits.device), batch.meta["decisive"].to(logits.device)
         m = len(lead)
@@ -350,6 +360,7 @@ class Refusal(Behaviour):
         log_p = (reach + step).logsumexp(-1)
         return log_p - _log1mexp(log_p)
 
+    @override
     def evaluate_items(self, model: Any, split: str | None, *, batch_size: int = 16,
                        progress: bool = True) -> list[dict[str, Any]]:
         tok = model_tokenizer(model)
@@ -364,6 +375,7 @@ class Refusal(Behaviour):
                       for r, resp, v in zip(recs, responses, verdicts)]
         return items
 
+    @override
     def aggregate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for kind in ("harmful", "harmless"):
@@ -402,17 +414,21 @@ class StereotypeBias(Behaviour):
     def __post_init__(self) -> None:
         self.pairs.require_nonempty()
 
+    @override
     def batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
         ps = self.pairs.split(split)
         return _pair_batches(tokenizer, ps.column("stereotype"), ps.column("anti_stereotype"), batch_size)
 
+    @override
     def control_batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
         ps = self.pairs.split(split)
         return _pair_batches(tokenizer, ps.column("anti_stereotype"), ps.column("stereotype"), batch_size)
 
+    @override
     def metric(self, logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, " pairs"]:
         return pair_logprob_gap(logits, batch)
 
+    @override
     def evaluate_items(self, model: Any, split: str | None, *, batch_size: int = 16,
                        progress: bool = True) -> list[dict[str, Any]]:
         recs = self.pairs.split(split).records
@@ -424,6 +440,7 @@ class StereotypeBias(Behaviour):
                 gaps += self.metric(model(b.tokens, **b.model_kwargs()), b).tolist()
         return [{"id": r["id"], "category": r["category"], "gap": g, "stereotyped": g > 0} for r, g in zip(recs, gaps)]
 
+    @override
     def aggregate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return {**rate("stereotype_score", [i["stereotyped"] for i in items], scale=100.0),
                 "logprob_gap": sum(i["gap"] for i in items) / len(items)}
@@ -449,15 +466,18 @@ class Utility(Behaviour):
     name: str = "utility"
     headline: str = "utility_nll"
 
+    @override
     def batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
         texts = self.reference.split(split).column("text")
         return [encode(tokenizer, list(c), add_bos=True) for c in chunks(texts, batch_size)]
 
+    @override
     def metric(self, logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, " batch"]:
         lp = sequence_logprobs(logits, batch)
         n = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).sum(-1).clamp(min=1)
         return lp.sum(-1) / n
 
+    @override
     def evaluate_items(self, model: Any, split: str | None, *, batch_size: int = 16,
                        progress: bool = True) -> list[dict[str, Any]]:
         tok = model_tokenizer(model)
@@ -482,6 +502,7 @@ class Utility(Behaviour):
                 items.append({"id": r["id"], "category": r["category"], "kind": "mc", "correct": pred == r["answer"]})
         return items
 
+    @override
     def aggregate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         nll = [i for i in items if i["kind"] == "nll"]
         mc = [i["correct"] for i in items if i["kind"] == "mc"]
@@ -504,14 +525,17 @@ class FormatTask(Behaviour):
     name: str = "format_task"
     headline: str = "task_rate"
 
+    @override
     def batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
         first = tokenizer(self.prefix, add_special_tokens=False)["input_ids"][0]
         texts = [chat_format(tokenizer, p) for p in self.prompts.split(split).column("prompt")]
         return [encode(tokenizer, list(c), meta={"prefix_id": first}) for c in chunks(texts, batch_size)]
 
+    @override
     def metric(self, logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, " batch"]:
         return logits[:, -1].float().log_softmax(-1)[:, batch.meta["prefix_id"]]
 
+    @override
     def evaluate_items(self, model: Any, split: str | None, *, batch_size: int = 16,
                        progress: bool = True) -> list[dict[str, Any]]:
         tok = model_tokenizer(model)
@@ -521,5 +545,6 @@ class FormatTask(Behaviour):
         return [{"id": r["id"], "category": r["category"], "response": o, "followed": o.strip().startswith(self.prefix)}
                 for r, o in zip(recs, out)]
 
+    @override
     def aggregate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return rate("task_rate", [i["followed"] for i in items])

@@ -1,12 +1,12 @@
 """The ``cnt-lens`` command line (typer: typed options, help text and errors for free).
 
-    cnt-lens demo --out runs/demo          # the main job, offline, on the bundled SmolLM2
-    cnt-lens run realign --out runs/realign  # enhance | disalign | realign | bias-removal
-    cnt-lens transfer --donor D --target T --out runs/mine   # any compatible pair, any prompt files
-    cnt-lens score --donor D --target T --out runs/scores    # neuron scores only
-    cnt-lens measure smollm2-135m-instruct # behaviour numbers of any model
-    cnt-lens transplant PATCH MODEL --out DIR
-    cnt-lens report runs/demo              # rebuild report.html from a run directory
+cnt-lens demo --out runs/demo          # the main job, offline, on the bundled SmolLM2
+cnt-lens run realign --out runs/realign  # enhance | disalign | realign | bias-removal
+cnt-lens transfer --donor D --target T --out runs/mine   # any compatible pair, any prompt files
+cnt-lens score --donor D --target T --out runs/scores    # neuron scores only
+cnt-lens measure smollm2-135m-instruct # behaviour numbers of any model
+cnt-lens transplant PATCH MODEL --out DIR
+cnt-lens report runs/demo              # rebuild report.html from a run directory
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    import torch
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 
@@ -55,8 +58,11 @@ def demo(
     device: Optional[str] = typer.Option(None, help="torch device for both models, e.g. cuda (default: cpu)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """The main job: transfer refusal from a safety-tuned donor into the bundled SmolLM2 with a
-    minimal neuron set, against the baselines (= ``cnt-lens run enhance``)."""
+    """The main job: transfer refusal into the bundled SmolLM2 with a minimal neuron set.
+
+    The donor is the cached safety tune of the same model; the baselines run at the same budget
+    (= ``cnt-lens run enhance``).
+    """
     run(application="enhance", out=out, device=device, progress=progress)
 
 
@@ -67,8 +73,8 @@ def run(
     device: Optional[str] = typer.Option(None, help="torch device for both models, e.g. cuda (default: cpu)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Run one CNT / NLSR application end to end on the bundled model (see cnt_lens.applications)."""
-    from .applications import APPLICATIONS, run_application
+    """Run one CNT / NLSR application end to end on the bundled model (see cnt_lens.experiments.applications)."""
+    from .experiments.applications import APPLICATIONS, run_application
 
     if application not in APPLICATIONS:
         raise typer.BadParameter(f"unknown application {application!r}; one of {sorted(APPLICATIONS)}")
@@ -247,7 +253,8 @@ def score(
 ) -> None:
     """Score every MLP neuron of a pair on the train split (no search, no evaluation)."""
     from .files import atomic_write_text
-    from .scoring import METHODS, score as score_pair
+    from .scoring import METHODS
+    from .scoring import score as score_pair
 
     _fresh_out(out, overwrite)
     if method not in METHODS:
@@ -345,7 +352,7 @@ def report(
     if application is None:
         typer.echo(f"wrote {write_report(run_dir)}")
         return
-    from .applications import APPLICATIONS
+    from .experiments.applications import APPLICATIONS
     from .models import BUNDLED_MODEL, load_model
 
     if application not in APPLICATIONS:

@@ -94,6 +94,7 @@ class PromptSet:
         return self.filter(lambda r: r["split"] == name, suffix=name)
 
     def filter(self, keep: Any, suffix: str = "filtered") -> "PromptSet":
+        """The records for which ``keep(record)`` is true, as a set named ``NAME/suffix``; raises if none."""
         out = replace(self, name=f"{self.name}/{suffix}", records=tuple(r for r in self.records if keep(r)))
         out.require_nonempty()
         return out
@@ -103,6 +104,7 @@ class PromptSet:
         return replace(self, name=f"{self.name}[:{n}]", records=self.records[:n])
 
     def require_nonempty(self) -> None:
+        """Raise :class:`ValueError` naming the set when it has no records."""
         if not self.records:
             raise ValueError(f"prompt set {self.name!r} is empty")
 
@@ -111,10 +113,12 @@ class PromptSet:
         return {s: sum(r["split"] == s for r in self.records) for s in SPLITS}
 
     def column(self, name: str) -> list[Any]:
+        """Field ``name`` of every record, in order."""
         return [r[name] for r in self.records]
 
     @property
     def categories(self) -> list[str]:
+        """The distinct ``category`` values, sorted."""
         return sorted({r["category"] for r in self.records})
 
 
@@ -165,8 +169,11 @@ def stable_split(text: str, seed: int = 0) -> str:
 
 
 def with_defaults(name: str, kind: str, rows: list[dict[str, Any]], key: str, *, seed: int = 0) -> PromptSet:
-    """A :class:`PromptSet` of ``rows``, each given an ``id``, a ``category`` and a :func:`stable_split` of its
-    ``key`` field where it has none. Raises if ``rows`` is empty."""
+    """A :class:`PromptSet` of ``rows``, filling in what a record lacks.
+
+    Each row without them gets an ``id``, a ``category`` and a :func:`stable_split` of its ``key``
+    field. Raises if ``rows`` is empty.
+    """
     for i, r in enumerate(rows):
         r.setdefault("id", f"{name}-{i:05d}")
         r.setdefault("category", "uncategorised")
@@ -189,19 +196,23 @@ def combine(name: str, *sets: PromptSet) -> PromptSet:
 
 
 def default_harmful() -> PromptSet:
-    """The harmful prompts every refusal transfer uses by default: the bundled ``harmful`` set, whose train and
-    validation splits choose neurons and settings, with AdvBench's test split (112 behaviours) added to its
+    """The harmful prompts every refusal transfer uses by default.
+
+    The bundled ``harmful`` set, whose train and validation splits choose neurons and settings, with AdvBench's test split (112 behaviours) added to its
     test split, so the reported refusal is measured on ≥100 held-out prompts, most of them from another source
     and phrased differently from any prompt the choice saw. Each record's ``family`` (``cnt_lens``,
-    ``advbench``) says where it comes from; :class:`~cnt_lens.behaviours.Refusal` reports each family's rate too."""
+    ``advbench``) says where it comes from; :class:`~cnt_lens.behaviours.Refusal` reports each family's rate too.
+    """
     own = load_prompts("harmful")
     own = replace(own, records=tuple({**r, "family": r.get("family", "cnt_lens")} for r in own.records))
     return combine("harmful+advbench_test", own, load_prompts("advbench").split("test"))
 
 
 def load_prompts(name: str) -> PromptSet:
-    """A prompt set shipped with cnt_lens: ``harmful``, ``harmless``, ``advbench``, ``bias_pairs``,
-    ``bias_templates``, ``mc``, ``reference``, ``judge_set``.
+    """A prompt set shipped with cnt_lens, by name.
+
+    Names: ``harmful``, ``harmless``, ``advbench``, ``bias_pairs``, ``bias_templates``, ``mc``,
+    ``reference``, ``judge_set``.
 
     ``advbench`` holds AdvBench's 520 harmful behaviours (MIT; ``scripts/import_advbench.py`` builds it),
     split by :func:`stable_split`.
@@ -221,9 +232,9 @@ def load_prompts(name: str) -> PromptSet:
 
 
 def chat_format(tokenizer: Any, user_text: str) -> str:
-    """``user_text`` as one user turn plus the assistant prefix, via the tokenizer's chat template.
+    r"""``user_text`` as one user turn plus the assistant prefix, via the tokenizer's chat template.
 
-    Tokenizers without a template get ``"User: …\\nAssistant:"``.
+    Tokenizers without a template get ``"User: …\nAssistant:"``.
     """
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
@@ -245,6 +256,7 @@ class Batch:
         return int(self.tokens.shape[0])
 
     def to(self, device: torch.device | str) -> "Batch":
+        """The batch with every tensor on ``device`` (meta unchanged)."""
         return Batch(self.tokens.to(device), self.attention_mask.to(device), self.position_ids.to(device),
                      {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.meta.items()})
 
@@ -255,6 +267,7 @@ class Batch:
                      {k: rep(v) if isinstance(v, Tensor) else v for k, v in self.meta.items()})
 
     def model_kwargs(self) -> dict[str, Tensor]:
+        """Keyword arguments for the model's forward (``attention_mask``) besides the tokens."""
         return {"attention_mask": self.attention_mask, "position_ids": self.position_ids}
 
 

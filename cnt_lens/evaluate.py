@@ -54,13 +54,16 @@ class Report:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of the report (what :meth:`save` writes)."""
         return asdict(self)
 
     def save(self, path: str | Path) -> Path:
+        """Write the report as JSON, atomically; return the path."""
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=1, default=float))
 
     @classmethod
     def load(cls, path: str | Path) -> "Report":
+        """Read a report written by :meth:`save`."""
         return cls(**json.loads(Path(path).read_text()))
 
     def rows(self) -> list[dict[str, Any]]:
@@ -82,7 +85,9 @@ class Report:
         return [c for c, v in self.target.items() if isinstance(v, float) and not is_companion(c)]
 
     def columns(self, columns: Sequence[str] | None = None) -> list[str]:
-        """``columns`` (default: :meth:`numbers`), then
-        ``n_neurons`` and ``alpha``. A rate's cell shows its interval and n (:func:`~cnt_lens.stats.format_rate`)."""
+        """``columns`` (default: :meth:`numbers`), then ``n_neurons`` and ``alpha``.
+
+        A rate's cell shows its interval and n (:func:`~cnt_lens.stats.format_rate`).
+        """
         cols = list(columns or self.numbers())
         return cols + [c for c in ("n_neurons", "alpha") if c not in cols]

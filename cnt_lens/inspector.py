@@ -22,8 +22,10 @@ __all__ = ["card_figure", "inspect", "neuron_card", "neuron_stats"]
 
 
 def _in_context(tok: Any, ids: list[int], peak: int, before: int = 24, after: int = 6) -> str:
-    """The tokens around position ``peak``, the peak token in ⟦ ⟧: what the neuron read, not the chat template's
-    system text that opens every prompt."""
+    """The tokens around position ``peak``, the peak token in ⟦ ⟧.
+
+    What the neuron read, not the chat template's system text that opens every prompt.
+    """
     lo = max(0, peak - before)
     text = (("…" if lo else "") + tok.decode(ids[lo:peak], skip_special_tokens=True) + "⟦" + tok.decode([ids[peak]])
             + "⟧" + tok.decode(ids[peak + 1:peak + 1 + after], skip_special_tokens=True))
@@ -32,8 +34,11 @@ def _in_context(tok: Any, ids: list[int], peak: int, before: int = 24, after: in
 
 def _activations(model: Any, batches: list, layer: int, neuron: int,
                  tok: Any) -> tuple[list[float], list[float], list[dict[str, Any]]]:
-    """One neuron's activations: all real tokens, the last token of each prompt, and per prompt its
-    max activation with the token where it peaks."""
+    """One neuron's activations over a prompt set.
+
+    All real tokens, the last token of each prompt, and per prompt its max activation with the
+    token where it peaks.
+    """
     values: list[float] = []
     last: list[float] = []
     per_prompt: list[dict[str, Any]] = []

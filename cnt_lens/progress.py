@@ -15,8 +15,11 @@ __all__ = ["progress_bar"]
 
 def progress_bar(iterable: Iterable[Any] | None = None, *, desc: str, total: int | None = None, enabled: bool = True,
                  min_total: int = 1, **kwargs: Any) -> Any:
-    """A tqdm bar over ``iterable`` (or a manual one with ``total``): off when ``enabled`` is false, when fewer
-    than ``min_total`` steps are known, or when stderr is not a terminal."""
+    """A tqdm bar over ``iterable`` (or a manual one with ``total``), quiet where it would be noise.
+
+    Off when ``enabled`` is false, when fewer than ``min_total`` steps are known, or when stderr is
+    not a terminal.
+    """
     n = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)  # type: ignore[arg-type]
     off = not enabled or (n is not None and n < min_total)
     return tqdm(iterable, total=total, desc=desc, disable=True if off else None, **kwargs)

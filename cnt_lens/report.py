@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from .evaluate import Report
+from .files import atomic_write_text
 from .inspector import card_figure, neuron_stats
 from .plots import behaviour_shift, frontier, layer_profile, transfer_figure
-from .files import atomic_write_text
-from .stats import format_rate
 from .selection import NeuronScores
+from .stats import format_rate
 from .transplant import NeuronPatch
 
 __all__ = ["write_report"]

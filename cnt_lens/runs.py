@@ -1,5 +1,7 @@
-"""A run directory, end to end: checks → reference → main ranking → :func:`~cnt_lens.pipeline.transfer` →
-exported checkpoint and report. ``cnt-lens transfer`` (any pair) and every application run this.
+"""A run directory, end to end, for ``cnt-lens transfer`` (any pair) and every application.
+
+Checks → reference → main ranking → :func:`~cnt_lens.pipeline.transfer` → exported checkpoint
+and report.
 
 A run directory holds ``metrics.json`` (the :class:`~cnt_lens.evaluate.Report`), ``patch.safetensors``,
 ``scores/``, ``frontier.json``, ``items.jsonl``, ``data.json`` (which prompt files were read: path,
@@ -83,7 +85,7 @@ def run_transfer(
         report.extra["data"] = {role: {k: v for k, v in d.items() if k != "split_of"} for role, d in data.items()}
     report.save(out / "metrics.json")
     if patch is not None:
-        with patch.applied_to(pair.target):
+        with patch.applied(pair.target):
             export_hf(pair.target, out / "patched_model", overwrite=True)
     write_report(out, pair=pair, scores=all_scores, behaviour=behaviour)
     log.info("wrote %s in %.0f s", out, time.time() - t0)

@@ -11,9 +11,10 @@ which reads the same for function addition (gap > 0) and deletion (gap < 0).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -68,9 +69,11 @@ class SearchResult:
 
     @property
     def found(self) -> bool:
+        """Whether some point reached the goal."""
         return self.selection is not None
 
     def patch(self, pair: ModelPair, **kwargs: Any) -> NeuronPatch:
+        """The patch of the found point (selection and alpha); raises when none was found."""
         if self.selection is None or self.alpha is None:
             raise ValueError("the search reached no goal; nothing to build a patch from")
         return NeuronPatch.from_pair(pair, self.selection, self.alpha, **kwargs)
@@ -108,20 +111,8 @@ def search_minimal(
     to count as reaching the goal. ``reference`` (from :func:`measure_reference` on the same split)
     saves measuring donor and target again. Returns the whole measured frontier.
     """
-    if not (isinstance(goal, (int, float)) and 0 < goal <= 1.5):
-        raise ValueError(f"goal is a fraction of the donor–target gap in (0, 1.5], got {goal}")
-    if not alphas:
-        raise ValueError("alphas is empty")
-    bad = [a for a in alphas if not (isinstance(a, (int, float)) and math.isfinite(a) and a > 0)]
-    if bad:
-        raise ValueError(f"alphas must be finite and > 0, got {bad}")
     total = pair.n_neurons
-    if not (isinstance(max_fraction, (int, float)) and 0 < max_fraction <= 1):
-        raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
-    k_max = round(max_fraction * total)
-    if k_max < min_k:
-        raise ValueError(f"max_fraction={max_fraction} allows {k_max} of {total} neurons, fewer than "
-                         f"min_k={min_k}; raise it to at least {min_k / total:.2g}")
+    k_max = _check_search(goal, alphas, max_fraction, min_k, total)
 
     def evaluate(model: Any) -> Block:
         return measure(model, [behaviour, *side_effects], split, batch_size=batch_size)
@@ -139,7 +130,7 @@ def search_minimal(
     def measure_at(k: int, alpha: float) -> tuple[bool, bool]:
         """(goal reached, goal reached and constraint holds) at the top-k set and alpha."""
         sel = select(k)
-        with NeuronPatch.from_pair(pair, sel, alpha).applied_to(pair.target):
+        with NeuronPatch.from_pair(pair, sel, alpha).applied(pair.target):
             m = evaluate(pair.target)
         closed = (m[head] - reference["target"][head]) / gap
         goal_ok = closed >= goal
@@ -153,23 +144,9 @@ def search_minimal(
     best: tuple[int, float] | None = None
     for alpha in alphas:
         hi = k_max if best is None else best[0] - 1
-        if hi < min_k:
-            continue
-        goal_ok, ok = measure_at(hi, alpha)
-        if not goal_ok:
-            continue
-        # bisect on the goal alone (monotone in k); side effects grow with k, so a constraint that
-        # fails at the largest k may hold at the smallest k that reaches the goal
-        lo = min_k - 1  # largest k known (or assumed) to miss the goal
-        while hi - lo > 1 and hi > (1 + tolerance) * max(lo, 1):
-            mid = max(lo + 1, min(hi - 1, round(math.sqrt(max(lo, 1) * hi))))
-            goal_ok, ok_mid = measure_at(mid, alpha)
-            if goal_ok:
-                hi, ok = mid, ok_mid
-            else:
-                lo = mid
-        if ok:
-            best = (hi, alpha)
+        if hi >= min_k:
+            found = _smallest_k(lambda k: measure_at(k, alpha), hi, min_k, tolerance)
+            best = (found, alpha) if found is not None else best
     bar.close()
     if best is None:
         return SearchResult(None, None, None, frontier, reference)
@@ -177,6 +154,45 @@ def search_minimal(
     sel = select(k)
     point = next(p for p in reversed(frontier) if p["k"] == sel.n and p["alpha"] == alpha)
     return SearchResult(sel, alpha, {key: v for key, v in point.items() if isinstance(v, float)}, frontier, reference)
+
+
+def _check_search(goal: float, alphas: Sequence[float], max_fraction: float, min_k: int, total: int) -> int:
+    """Validate :func:`search_minimal`'s settings; return the largest k it may try."""
+    if not (isinstance(goal, (int, float)) and 0 < goal <= 1.5):
+        raise ValueError(f"goal is a fraction of the donor–target gap in (0, 1.5], got {goal}")
+    if not alphas:
+        raise ValueError("alphas is empty")
+    bad = [a for a in alphas if not (isinstance(a, (int, float)) and math.isfinite(a) and a > 0)]
+    if bad:
+        raise ValueError(f"alphas must be finite and > 0, got {bad}")
+    if not (isinstance(max_fraction, (int, float)) and 0 < max_fraction <= 1):
+        raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
+    k_max = round(max_fraction * total)
+    if k_max < min_k:
+        raise ValueError(f"max_fraction={max_fraction} allows {k_max} of {total} neurons, fewer than "
+                         f"min_k={min_k}; raise it to at least {min_k / total:.2g}")
+    return k_max
+
+
+def _smallest_k(probe: Callable[[int], tuple[bool, bool]], hi: int, min_k: int, tolerance: float) -> int | None:
+    """Smallest k ≤ ``hi`` (within ``tolerance``) whose probe reaches the goal, if it also counts; else None.
+
+    ``probe(k)`` returns (goal reached, goal reached and constraint holds). Bisection (geometric)
+    follows the goal alone, which is monotone in k; side effects grow with k, so a constraint that
+    fails at the largest k may hold at the smallest k that reaches the goal.
+    """
+    goal_ok, ok = probe(hi)
+    if not goal_ok:
+        return None
+    lo = min_k - 1  # largest k known (or assumed) to miss the goal
+    while hi - lo > 1 and hi > (1 + tolerance) * max(lo, 1):
+        mid = max(lo + 1, min(hi - 1, round(math.sqrt(max(lo, 1) * hi))))
+        goal_ok, ok_mid = probe(mid)
+        if goal_ok:
+            hi, ok = mid, ok_mid
+        else:
+            lo = mid
+    return hi if ok else None
 
 
 def iterative_scores(
@@ -206,10 +222,9 @@ def iterative_scores(
     per_round = max(1, round(budget * pair.n_neurons / rounds))
     chosen = NeuronSelection.empty(pair.n_layers, pair.d_mlp)
     order: list[torch.Tensor] = []
-    applied: list[NeuronPatch] = []
     last: NeuronScores | None = None
     history = []
-    try:
+    with contextlib.ExitStack() as applied:  # every round's patch comes off the target on the way out
         for r in range(rounds):
             last = score(pair, behaviour, method, split=split, progress=progress, **score_kwargs)
             vals = last.ranked().flatten().masked_fill(chosen.mask.flatten(), float("-inf"))
@@ -217,14 +232,9 @@ def iterative_scores(
             order.append(idx)
             pick = NeuronSelection(torch.zeros(pair.n_neurons, dtype=torch.bool).index_fill(0, idx, True)
                                    .view(pair.n_layers, pair.d_mlp), source=f"{method} round {r}")
-            patch = NeuronPatch.from_pair(pair, pick, alpha)
-            patch.apply(pair.target)
-            applied.append(patch)
+            applied.enter_context(NeuronPatch.from_pair(pair, pick, alpha).applied(pair.target))
             chosen = chosen | pick
             history.append({"round": r, "picked": pick.n, "metric_target": last.meta.get("metric_target")})
-    finally:
-        for patch in reversed(applied):
-            patch.revert(pair.target)
     assert last is not None
     n = pair.n_neurons
     rest = last.ranked().flatten().masked_fill(chosen.mask.flatten(), float("-inf"))

@@ -38,6 +38,7 @@ class NeuronScores:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(n_layers, d_mlp)."""
         return tuple(self.values.shape)  # type: ignore[return-value]
 
     def ranked(self) -> Float[Tensor, "n_layers d_mlp"]:
@@ -68,6 +69,7 @@ class NeuronScores:
         return self.top_k(max(1, round(fraction * self.values.numel())), **kwargs)
 
     def above(self, threshold: float) -> "NeuronSelection":
+        """The neurons scoring above ``threshold`` (NaN never does)."""
         return NeuronSelection(torch.nan_to_num(self.values, nan=float("-inf")) > threshold,
                                source=f"{self.method} > {threshold}")
 
@@ -79,6 +81,7 @@ class NeuronScores:
         return ranks[selection.mask.flatten()]
 
     def summary(self) -> dict[str, Any]:
+        """JSON-ready summary: method, behaviour, prompts and the scores' range."""
         finite = self.values[self.values.isfinite()]
         return {"method": self.method, "behaviour": self.behaviour, "n_prompts": self.n_prompts,
                 "n_scored": int(finite.numel()),
@@ -123,6 +126,7 @@ class NeuronSelection:
 
     @classmethod
     def empty(cls, n_layers: int, d_mlp: int) -> "NeuronSelection":
+        """A selection of no neurons."""
         return cls(torch.zeros(n_layers, d_mlp, dtype=torch.bool), source="empty")
 
     @classmethod
@@ -137,14 +141,17 @@ class NeuronSelection:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(n_layers, d_mlp)."""
         return tuple(self.mask.shape)  # type: ignore[return-value]
 
     @property
     def n(self) -> int:
+        """Number of selected neurons."""
         return int(self.mask.sum())
 
     @property
     def fraction(self) -> float:
+        """Selected share of all neurons."""
         return self.n / self.mask.numel()
 
     def __len__(self) -> int:
@@ -155,9 +162,11 @@ class NeuronSelection:
         return [tuple(x) for x in self.mask.nonzero().tolist()]  # type: ignore[misc]
 
     def layer_indices(self, layer: int) -> Tensor:
+        """Selected neuron indices of ``layer``, ascending (int64, ``[k]``)."""
         return self.mask[layer].nonzero().squeeze(-1)
 
     def per_layer(self) -> list[int]:
+        """Selected neurons per layer."""
         return self.mask.sum(1).tolist()
 
     def _check(self, other: "NeuronSelection") -> None:
@@ -184,19 +193,23 @@ class NeuronSelection:
         return (self & other).n / self.n if self.n else 0.0
 
     def to_json(self) -> dict[str, Any]:
+        """JSON form: shape, source and ``[layer, neuron]`` pairs."""
         return {"shape": list(self.shape), "source": self.source, "neurons": self.indices()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "NeuronSelection":
+        """Inverse of :meth:`to_json`."""
         sel = cls.from_indices(data["neurons"], *data["shape"])
         sel.source = data.get("source", "")
         return sel
 
     def save(self, path: str | Path) -> None:
+        """Write :meth:`to_json` to ``path`` atomically."""
         atomic_write_text(path, json.dumps(self.to_json()))
 
     @classmethod
     def load(cls, path: str | Path) -> "NeuronSelection":
+        """Read a selection written by :meth:`save`."""
         return cls.from_json(json.loads(Path(path).read_text()))
 
     def __repr__(self) -> str:

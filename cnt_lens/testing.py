@@ -19,8 +19,9 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
+from typing_extensions import override
 
 from .behaviours import Behaviour
 from .data import Batch, PromptSet, chunks, encode, load_prompts
@@ -141,15 +142,19 @@ class MarkerBehaviour(Behaviour):
         return [encode(tokenizer, list(c), add_bos=True, meta={"marker_id": mid})
                 for c in chunks(ps.split(split).column("prompt"), batch_size)]
 
+    @override
     def batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
         return self._batches(tokenizer, self.prompts, split, batch_size)
 
+    @override
     def control_batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
         return self._batches(tokenizer, self.controls, split, batch_size)
 
+    @override
     def metric(self, logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, " batch"]:
         return logits[:, -1].float().log_softmax(-1)[:, batch.meta["marker_id"]]
 
+    @override
     def evaluate_items(self, model: Any, split: str | None, *, batch_size: int = 16,
                        progress: bool = True) -> list[dict[str, Any]]:
         tok = model_tokenizer(model)
@@ -165,6 +170,7 @@ class MarkerBehaviour(Behaviour):
                           for r, h in zip(recs[lo:lo + batch_size], hits)]
         return items
 
+    @override
     def aggregate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return {**rate("marker_rate", [i["marked"] for i in items if i["set"] == "trigger"]),
                 **rate("marker_rate_control", [i["marked"] for i in items if i["set"] == "control"])}
@@ -195,11 +201,7 @@ def planted_pair(
     donor = tiny_model(arch, seed=seed, **model_kwargs)
     n_layers, d_mlp = int(target.cfg.n_layers), int(target.cfg.d_mlp)
     layers = list(range(n_layers)) if layers is None else layers
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    cells = torch.randperm(len(layers) * d_mlp, generator=gen)[:n_planted]
-    mask = torch.zeros(n_layers, d_mlp, dtype=torch.bool)
-    for c in cells.tolist():
-        mask[layers[c // d_mlp], c % d_mlp] = True
+    mask = _planted_mask(n_layers, d_mlp, layers, n_planted, seed)
     tok = model_tokenizer(target)
     hf = target.original_model
     emb = hf.get_input_embeddings().weight.detach()
@@ -211,36 +213,43 @@ def planted_pair(
     behaviour = MarkerBehaviour()
     # Calibrate: the planted neurons together shift the final residual by `strength` times its norm,
     # so one neuron alone moves the behaviour only part of the way (no saturation).
-    batch = behaviour.batches(tok, "train", 64)[0]
-    store: dict[str, Tensor] = {}
-    with torch.no_grad():
-        target.run_with_hooks(batch.tokens, fwd_hooks=[(f"blocks.{n_layers - 1}.hook_resid_post",
-                                                        lambda x, hook: store.__setitem__("r", x))],
-                              **batch.model_kwargs())
-    resid_norm = float(store["r"][:, -1].norm(dim=-1).mean())
-    with torch.no_grad():
-        for layer in range(n_layers):
-            idx = mask[layer].nonzero().squeeze(-1)
-            if idx.numel() == 0:
-                continue
-            for p in neuron_params(donor, layer):  # donor neurons read the trigger
-                view = p.tensor.movedim(p.axis, 0)  # [d_mlp, ...] view of the parameter
-                if p.role in ("W_in", "W_gate"):
-                    view[idx] = read * 2.0
-                elif p.role == "b_in":
-                    view[idx] = -1.0
+    resid_norm = _final_resid_norm(target, behaviour.batches(tok, "train", 64)[0])
+    _write_rows(donor, mask, {"W_in": read * 2.0, "W_gate": read * 2.0, "b_in": -1.0})  # donor reads the trigger
     # Activation of a planted donor neuron on the trigger token (the residual there ≈ its embedding).
     x = torch.nn.functional.normalize(read, dim=0) * (read.numel() ** 0.5)
     act = float(mlp_hidden(donor, layers[0], x)[mask[layers[0]]].mean()) if mask[layers[0]].any() else 1.0
     write = write * strength * resid_norm / (max(abs(act), 1e-3) * n_planted)
-    with torch.no_grad():
-        for layer in range(n_layers):
-            idx = mask[layer].nonzero().squeeze(-1)
-            if idx.numel() == 0:
-                continue
-            for model in ([donor] if rewire_out else [donor, target]):
-                for p in neuron_params(model, layer):
-                    if p.role == "W_out":
-                        p.tensor.movedim(p.axis, 0)[idx] = write
+    for model in ([donor] if rewire_out else [donor, target]):
+        _write_rows(model, mask, {"W_out": write})
     pair = ModelPair(donor=donor, target=target)
     return pair, behaviour, NeuronSelection(mask)
+
+
+def _planted_mask(n_layers: int, d_mlp: int, layers: list[int], n_planted: int, seed: int) -> Bool[Tensor, "n_layers d_mlp"]:
+    """``n_planted`` neurons drawn without replacement from ``layers`` (seeded)."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    cells = torch.randperm(len(layers) * d_mlp, generator=gen)[:n_planted]
+    mask = torch.zeros(n_layers, d_mlp, dtype=torch.bool)
+    for c in cells.tolist():
+        mask[layers[c // d_mlp], c % d_mlp] = True
+    return mask
+
+
+def _final_resid_norm(model: Any, batch: Batch) -> float:
+    """Mean norm of the last layer's residual stream at the last token of ``batch``."""
+    store: dict[str, Tensor] = {}
+    name = f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post"
+    with torch.no_grad():
+        model.run_with_hooks(batch.tokens, fwd_hooks=[(name, lambda x, hook: store.__setitem__("r", x))],
+                             **batch.model_kwargs())
+    return float(store["r"][:, -1].norm(dim=-1).mean())
+
+
+def _write_rows(model: Any, mask: Bool[Tensor, "n_layers d_mlp"], values: dict[str, Tensor | float]) -> None:
+    """Set the masked neurons' entries of each weight role in ``values`` (roles a model lacks are skipped)."""
+    with torch.no_grad():
+        for layer in range(mask.shape[0]):
+            idx = mask[layer].nonzero().squeeze(-1)
+            for p in neuron_params(model, layer) if idx.numel() else []:
+                if p.role in values:
+                    p.tensor.movedim(p.axis, 0)[idx] = values[p.role]

@@ -13,25 +13,27 @@ which gives ``w_target + alpha (w_donor − w_target)``. ``alpha > 1`` extrapola
 * **Function deletion** (target loses a behaviour, e.g. bias, or refusal in a red-team test):
   donor = a model *without* the behaviour; the same patch removes it from the target.
 
-Apply and revert are in place and touch only the selected entries. Each model keeps a journal of
-the patches applied to it and the exact values they replaced, so reverting patches in any order —
-overlapping ones included — restores the original weights bit for bit.
+Apply and revert are in place and touch only the selected entries. Each model keeps a journal
+(:mod:`cnt_lens.journal`) of the patches applied to it and the exact values they replaced, so
+reverting patches in any order — overlapping ones included — restores the original weights bit for
+bit. ``with patch.applied(model):`` is the temporary edit (reverted on exit, errors included);
+:meth:`NeuronPatch.apply` the permanent one. The file format is :mod:`cnt_lens.patch_file`.
 
 Example (function addition on the planted tiny pair):
     >>> from cnt_lens.testing import planted_pair
     >>> pair, behaviour, planted = planted_pair("llama", n_planted=6)
     >>> patch = NeuronPatch.from_pair(pair, planted)
-    >>> _ = patch.apply(pair.target)
-    >>> behaviour.evaluate(pair.target, None, progress=False)["marker_rate"]
+    >>> with patch.applied(pair.target):
+    ...     behaviour.evaluate(pair.target, None, progress=False)["marker_rate"]
     1.0
-    >>> _ = patch.revert(pair.target)
+    >>> applied_patches(pair.target)
+    []
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -39,9 +41,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch import Tensor
 
-from .files import atomic_dir, atomic_write, atomic_write_text
+from .files import atomic_dir
+from .journal import Entry, Weights, applied_patches, entries, position
 from .models import (
     IncompatibleModelsError,
     ModelPair,
@@ -53,18 +55,10 @@ from .models import (
     package_version,
     read_neurons,
 )
+from .patch_file import FORMAT, PatchFileError, check_sidecar, patch_paths, read_patch_file, write_patch_file
 from .selection import NeuronScores, NeuronSelection
 
-__all__ = ["FORMAT", "NeuronPatch", "PatchFileError", "export_hf", "patch_paths"]
-
-FORMAT = "cnt_lens.NeuronPatch/2"
-"""File format written by :meth:`NeuronPatch.save`. ``/1`` (no content hash) is still read."""
-_READABLE = ("cnt_lens.NeuronPatch/1", FORMAT)
-_JOURNAL = "_cnt_lens_journal"
-
-
-class PatchFileError(ValueError):
-    """A patch file that cannot be read as one: damaged, of an unknown format, or not matching its sidecar."""
+__all__ = ["FORMAT", "NeuronPatch", "PatchFileError", "applied_patches", "export_hf", "patch_paths"]
 
 
 def _check_alpha(alpha: Any) -> float:
@@ -77,11 +71,6 @@ def _check_alpha(alpha: Any) -> float:
     return a
 
 
-def _journal(model: Any) -> list[tuple[str, "NeuronPatch", dict[int, dict[str, Tensor]]]]:
-    """``(content hash, patch, replaced values)`` per applied patch, oldest first; kept on the model."""
-    return model.__dict__.setdefault(_JOURNAL, [])
-
-
 @dataclass
 class NeuronPatch:
     """Donor weights (and target originals) for a neuron selection; see the module docstring.
@@ -92,8 +81,8 @@ class NeuronPatch:
     """
 
     selection: NeuronSelection
-    donor: dict[int, dict[str, Tensor]]
-    target: dict[int, dict[str, Tensor]]
+    donor: Weights
+    target: Weights
     architecture: dict[str, Any]
     alpha: float = 1.0
     meta: dict[str, Any] = field(default_factory=dict)
@@ -151,6 +140,7 @@ class NeuronPatch:
 
     @property
     def n(self) -> int:
+        """Number of neurons the patch writes."""
         return self.selection.n
 
     @property
@@ -191,9 +181,9 @@ class NeuronPatch:
                     raise IncompatibleModelsError(f"layer {layer} {role}: patch rows {tuple(t.shape[1:])}, "
                                                   f"model {tuple(expected)}")
 
-    def _write(self, model: Any) -> dict[int, dict[str, Tensor]]:
+    def _write(self, model: Any) -> Weights:
         """Write the transplant; return the values it replaced. All or nothing: any error restores them."""
-        saved: dict[int, dict[str, Tensor]] = {}
+        saved: Weights = {}
         try:
             with torch.no_grad():
                 for layer, roles in self.donor.items():
@@ -215,7 +205,7 @@ class NeuronPatch:
         return saved
 
     @staticmethod
-    def _restore(model: Any, patch: "NeuronPatch", saved: dict[int, dict[str, Tensor]]) -> None:
+    def _restore(model: Any, patch: "NeuronPatch", saved: Weights) -> None:
         with torch.no_grad():
             for layer, roles in saved.items():
                 idx = patch.selection.layer_indices(layer)
@@ -224,36 +214,39 @@ class NeuronPatch:
                         p.tensor.index_copy_(p.axis, idx.to(p.tensor.device), roles[p.role])
 
     def apply(self, model: Any) -> Any:
-        """Write the transplant into ``model`` in place: checked first, then all or nothing.
+        """Write the transplant into ``model`` in place (permanent until :meth:`revert`); return ``model``.
 
-        A patch of the same content (:attr:`content_hash`), this object or a copy, is refused while applied.
+        Checked first (:meth:`check_fits`), then all or nothing. A patch of the same content
+        (:attr:`content_hash`), this object or a copy, is refused while applied.
         """
         self.check_fits(model)
-        journal = _journal(model)
-        if any(h == self.content_hash for h, _, _ in journal):
+        if position(model, self.content_hash) is not None:
             raise ValueError("a patch with this content is already applied to this model; revert it first")
-        journal.append((self.content_hash, self, self._write(model)))
+        entries(model).append(Entry(self.content_hash, self, self._write(model)))
         return model
 
     def revert(self, model: Any) -> Any:
         """Undo :meth:`apply` of this patch (or a copy of it) on ``model``, whatever was applied after it."""
-        journal = _journal(model)
-        pos = next((i for i, (h, _, _) in enumerate(journal) if h == self.content_hash), None)
+        journal = entries(model)
+        pos = position(model, self.content_hash)
         if pos is None:
             raise ValueError("this patch is not applied to this model (use restore() to write the target's "
                              "original weights into a model patched elsewhere)")
         later = journal[pos + 1:]
-        for _, patch, saved in reversed(later):  # peel later patches off, exactly
-            self._restore(model, patch, saved)
-        self._restore(model, journal[pos][1], journal[pos][2])
+        for entry in reversed(later):  # peel later patches off, exactly
+            self._restore(model, entry.patch, entry.saved)
+        self._restore(model, journal[pos].patch, journal[pos].saved)
         del journal[pos:]
-        for h, patch, _ in later:  # and put them back on the restored weights
-            journal.append((h, patch, patch._write(model)))
+        for entry in later:  # and put them back on the restored weights
+            journal.append(Entry(entry.key, entry.patch, entry.patch._write(model)))
         return model
 
     @contextlib.contextmanager
-    def applied_to(self, model: Any) -> Iterator[Any]:
-        """Temporarily apply: ``with patch.applied_to(model): ...`` reverts on exit, errors included."""
+    def applied(self, model: Any) -> Iterator[Any]:
+        """Temporary edit: ``with patch.applied(model): ...`` applies, yields ``model`` and reverts on exit.
+
+        The revert runs on errors and interrupts too, so the model leaves the block as it entered.
+        """
         self.apply(model)
         try:
             yield model
@@ -274,11 +267,6 @@ class NeuronPatch:
                     p.tensor.index_copy_(p.axis, idx.to(p.tensor.device), value)
         return model
 
-    @staticmethod
-    def applied(model: Any) -> list["NeuronPatch"]:
-        """Patches currently applied to ``model``, oldest first."""
-        return [p for _, p, _ in _journal(model)]
-
     # ------------------------------------------------------------------ files
 
     def header(self) -> dict[str, Any]:
@@ -287,26 +275,12 @@ class NeuronPatch:
                 "content_hash": self.content_hash}
 
     def save(self, path: str | Path) -> Path:
-        """Write ``NAME.safetensors`` (weights, selection, header: the patch) and ``NAME.json`` (a readable sidecar).
+        """Write ``NAME.safetensors`` (the patch) and ``NAME.json`` (a readable sidecar); return the first.
 
-        ``path`` may end in ``.safetensors``, ``.json`` or neither; any other dots stay in the name
-        (``patch_a4.0`` → ``patch_a4.0.safetensors``). Each file is written atomically; the sidecar
-        carries the patch's content hash, which :meth:`load` checks against the weights.
+        ``path`` may end in ``.safetensors``, ``.json`` or neither (:func:`~cnt_lens.patch_file.patch_paths`).
+        Each file is written atomically; the sidecar carries the content hash, which :meth:`load` checks.
         """
-        from safetensors.torch import save_file
-
-        st, sidecar = patch_paths(path)
-        tensors = {"selection": self.selection.mask.to(torch.uint8)}
-        for side, store in (("donor", self.donor), ("target", self.target)):
-            for layer, roles in store.items():
-                for role, t in roles.items():
-                    tensors[f"{side}.{layer}.{role}"] = t.contiguous().cpu()
-        header = self.header()
-        atomic_write(st, lambda tmp: save_file(tensors, str(tmp), metadata={"cnt_lens": json.dumps(header,
-                                                                                                   default=str)}))
-        atomic_write_text(sidecar, json.dumps({**header, "selection": self.selection.to_json()}, indent=1,
-                                              default=str))
-        return st
+        return write_patch_file(path, self.selection, self.donor, self.target, self.header())
 
     @classmethod
     def load(cls, path: str | Path, model: Any | None = None) -> "NeuronPatch":
@@ -314,13 +288,8 @@ class NeuronPatch:
 
         The .safetensors file is the patch; a sidecar .json beside it must describe the same content.
         """
-        st, sidecar = patch_paths(path)
-        if not st.is_file():
-            raise FileNotFoundError(f"no patch file at {st}")
-        header, mask, donor, target = _read_patch_file(st)
-        if header.get("format") not in _READABLE:
-            raise PatchFileError(f"{st}: format {header.get('format')!r} is not one this cnt_lens reads "
-                                 f"({', '.join(_READABLE)}); upgrade cnt_lens or re-save the patch")
+        header, mask, donor, target = read_patch_file(path)
+        st, _ = patch_paths(path)
         try:
             sel = NeuronSelection(mask, source=header["meta"].get("selection_source", "loaded"))
             patch = cls(sel, donor, target, header["architecture"], header["alpha"], header["meta"])
@@ -329,58 +298,10 @@ class NeuronPatch:
         if "content_hash" in header and header["content_hash"] != patch.content_hash:
             raise PatchFileError(f"{st}: its weights do not match the content hash in its own header; "
                                  "the file is damaged: re-save the patch")
-        _check_sidecar(sidecar, st, patch)
+        check_sidecar(path, patch.content_hash, patch.selection)
         if model is not None:
             patch.check_fits(model)
         return patch
-
-
-def patch_paths(path: str | Path) -> tuple[Path, Path]:
-    """(``NAME.safetensors``, ``NAME.json``) for a patch path given with either suffix or none."""
-    p = Path(path)
-    stem = p.name[: -len(p.suffix)] if p.suffix in (".safetensors", ".json") else p.name
-    if not stem:
-        raise ValueError(f"patch path {path!r} has no file name")
-    return p.with_name(stem + ".safetensors"), p.with_name(stem + ".json")
-
-
-def _read_patch_file(st: Path) -> tuple[dict[str, Any], Tensor, dict[int, dict[str, Tensor]], dict[int, dict[str, Tensor]]]:
-    """(header, mask, donor, target) of a patch file, or :class:`PatchFileError` naming the file."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(st), framework="pt") as f:
-            header = json.loads((f.metadata() or {})["cnt_lens"])
-            mask = f.get_tensor("selection").bool()
-            donor: dict[int, dict[str, Tensor]] = {}
-            target: dict[int, dict[str, Tensor]] = {}
-            for key in f.keys():
-                if key == "selection":
-                    continue
-                side, layer, role = key.split(".")
-                if side not in ("donor", "target"):
-                    raise ValueError(f"unexpected tensor {key!r}")
-                (donor if side == "donor" else target).setdefault(int(layer), {})[role] = f.get_tensor(key)
-    except KeyError as err:
-        raise PatchFileError(f"{st}: no cnt_lens header or selection ({err}); not a cnt_lens patch") from err
-    except Exception as err:  # safetensors raises its own error types for damaged files
-        raise PatchFileError(f"{st}: not a readable cnt_lens patch ({type(err).__name__}: {err}); "
-                             "the file is damaged or not a patch: re-save it") from err
-    return header, mask, donor, target
-
-
-def _check_sidecar(sidecar: Path, st: Path, patch: NeuronPatch) -> None:
-    if not sidecar.is_file():
-        return
-    try:
-        data = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PatchFileError(f"{sidecar}: damaged sidecar of {st} ({err}); delete it or re-save the patch") from err
-    if "content_hash" not in data:
-        return  # format /1 sidecars carry no hash
-    if data["content_hash"] != patch.content_hash or NeuronSelection.from_json(data["selection"]) != patch.selection:
-        raise PatchFileError(f"{sidecar} does not describe {st} (another save wrote one of them): the "
-                             f".safetensors file is the patch; re-save it, or delete {sidecar.name}")
 
 
 def export_hf(model: Any, directory: str | Path, *, overwrite: bool = False) -> Path:

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/export_demo_pair.py runs/pair
     .venv/bin/cnt-lens transfer --donor runs/pair/donor --target runs/pair/target --out runs/transfer
 
-The donor is the cached safety tune of the demo (``cnt_lens.recipes.safety_tune``; made on first use,
+The donor is the cached safety tune of the demo (``cnt_lens.experiments.recipes.safety_tune``; made on first use,
 a few minutes on 2 CPU cores). The directories load anywhere ``transformers`` does, offline, so
 ``cnt-lens transfer`` can be tried on checkpoints given as paths, as with a researcher's own models.
 """
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from cnt_lens import BUNDLED_MODEL, canary, export_hf, load_model
-from cnt_lens.recipes import safety_tune
+from cnt_lens.experiments.recipes import safety_tune
 
 
 def main(out: str) -> None:

@@ -63,7 +63,10 @@ def rows() -> list[dict[str, str]]:
     out = []
     for t, (template, split) in enumerate(TEMPLATES):
         for a, (category, group, counter, attribute) in enumerate(ASSOCIATIONS):
-            fill = lambda g: (lambda s: s[0].upper() + s[1:])(template.format(g=g, a=attribute))
+            def fill(g: str, template: str = template, attribute: str = attribute) -> str:
+                text = template.format(g=g, a=attribute)
+                return text[0].upper() + text[1:]
+
             out.append({"id": f"biastpl-{category}-{a:02d}-t{t:02d}", "stereotype": fill(group),
                         "anti_stereotype": fill(counter), "category": category, "split": split,
                         "association": f"{group} / {attribute}"})

@@ -8,7 +8,7 @@ import torch
 from cnt_lens import Refusal, StereotypeBias, Utility, is_refusal, load_prompts
 from cnt_lens.behaviours import sequence_logprobs
 from cnt_lens.data import chat_format, encode
-from cnt_lens.recipes import TuneConfig, safety_tune
+from cnt_lens.experiments.recipes import TuneConfig, safety_tune
 from cnt_lens.testing import tiny_model
 
 TINY_REFUSALS = ("Sorry , I cannot help with that .",)

@@ -76,7 +76,7 @@ def test_search_on_cuda_finds_the_planted_set(arch):
 
 def test_recipe_trains_on_cuda(tmp_path, monkeypatch):
     from cnt_lens import Refusal
-    from cnt_lens.recipes import TuneConfig, safety_tune
+    from cnt_lens.experiments.recipes import TuneConfig, safety_tune
     from cnt_lens.testing import tiny_model
 
     monkeypatch.setenv("CNT_LENS_CACHE", str(tmp_path))

@@ -17,6 +17,7 @@ from cnt_lens import (
     NeuronSelection,
     PatchFileError,
     Refusal,
+    applied_patches,
     export_hf,
     from_jsonl,
     load_model,
@@ -54,7 +55,7 @@ def test_a_patch_wider_than_the_model_is_refused_before_any_write(planted, tmp_p
     patch = NeuronPatch.load(path)
     with pytest.raises(Exception, match="d_mlp|selection"):
         patch.apply(pair.target)
-    assert _same(before, _weights(pair.target)) and NeuronPatch.applied(pair.target) == []
+    assert _same(before, _weights(pair.target)) and applied_patches(pair.target) == []
 
 
 def test_apply_is_all_or_nothing(monkeypatch):
@@ -76,7 +77,7 @@ def test_apply_is_all_or_nothing(monkeypatch):
     with pytest.raises(RuntimeError, match="disk on fire"):
         patch.apply(pair.target)
     monkeypatch.undo()
-    assert _same(before, _weights(pair.target)) and NeuronPatch.applied(pair.target) == []
+    assert _same(before, _weights(pair.target)) and applied_patches(pair.target) == []
     patch.apply(pair.target)  # and it still applies once the fault is gone
     assert not _same(before, _weights(pair.target))
 

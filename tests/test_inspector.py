@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import torch
-
 from cnt_lens import score
 from cnt_lens.inspector import best_in_bin, inspect, neuron_card, neuron_stats
 from cnt_lens.testing import MARKER, TRIGGER

@@ -60,15 +60,15 @@ def test_constraints_see_the_reference_and_can_reject(tmp_path):
 def test_application_table_is_consistent():
     """Every application preserves exactly its side effects and rounds at a searched scale; realign reads
     refusal after the attack's prefix."""
-    from cnt_lens.applications import APPLICATIONS
-    from cnt_lens.recipes import TASK_PREFIX
+    from cnt_lens.experiments.applications import APPLICATIONS
+    from cnt_lens.experiments.recipes import TASK_PREFIX
 
-    for app in APPLICATIONS.values():
-        side = app.side_effects()
-        assert len(app.preserve_weights) == len(side) and side[0].name == "utility"
-        assert app.goal >= 0.9 and 0 < app.max_fraction <= 0.05 and app.rounds >= 1
+    for application in APPLICATIONS.values():
+        side = application.side_effects()
+        assert len(application.preserve_weights) == len(side) and side[0].name == "utility"
+        assert application.goal >= 0.9 and 0 < application.max_fraction <= 0.05 and application.rounds >= 1
         # the re-scoring rounds apply their picks at a scale the search explores
-        assert min(app.alphas) <= app.round_alpha <= max(app.alphas) and list(app.alphas) == sorted(app.alphas)
+        assert min(application.alphas) <= application.round_alpha <= max(application.alphas) and list(application.alphas) == sorted(application.alphas)
     realign = APPLICATIONS["realign"]
     assert realign.behaviour().response_prefix == TASK_PREFIX
     assert [b.name for b in realign.side_effects()] == ["utility", "format_task"]
@@ -78,7 +78,7 @@ def test_application_table_is_consistent():
 def test_rank_key_breaks_headline_ties_with_the_continuous_number():
     """Bias removal: every point still prefers the stereotype in all pairs (0 of the score gap closed); the
     one that moved the log-prob gap furthest toward the donor must win, and a headline gain beats any tie-break."""
-    from cnt_lens import StereotypeBias, Refusal
+    from cnt_lens import Refusal, StereotypeBias
     from cnt_lens.pipeline import rank_key
 
     reference = {"target": {"stereotype_score": 100.0, "logprob_gap": 7.5},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cnt_lens import FormatTask, Refusal, StereotypeBias, load_prompts
-from cnt_lens.recipes import TuneConfig, bias_tune, harmful_finetune, safety_tune
+from cnt_lens.experiments.recipes import TuneConfig, bias_tune, harmful_finetune, safety_tune
 from cnt_lens.testing import tiny_model
 
 
@@ -57,7 +57,7 @@ def test_cache_key_holds_library_versions_and_stale_tunes_are_rebuilt(tmp_path, 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from cnt_lens import recipes
+    from cnt_lens.experiments import recipes
 
     base = tiny_model("llama")
     cfg = TuneConfig(steps=6, batch_size=8, lr=1e-2)
@@ -79,7 +79,7 @@ def test_cache_key_holds_library_versions_and_stale_tunes_are_rebuilt(tmp_path, 
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     stale = {**info, "validation": {**info["validation"], "stereotype_score": info["validation"]["stereotype_score"] + 40}}
     save_file(tensors, str(entry), metadata={"cnt_lens": json.dumps(stale)})
-    with caplog.at_level("WARNING", logger="cnt_lens.recipes"):
+    with caplog.at_level("WARNING", logger="cnt_lens.experiments.recipes"):
         rebuilt = bias_tune(base, config=cfg)
     assert "cached" not in rebuilt.cnt_source and "no longer gives its validation numbers" in caplog.text
     assert _stored(entry)["validation"] == info["validation"]  # the rebuilt tune reproduces the original numbers

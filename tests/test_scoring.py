@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from cnt_lens import METHODS, BehaviourSignalError, NeuronPatch, NeuronSelection, Utility, score
-from cnt_lens.models import clone_model
-from cnt_lens.models import ModelPair
+from cnt_lens.models import ModelPair, clone_model
 from cnt_lens.scoring import patching_effects
 from cnt_lens.testing import CONTROL, MarkerBehaviour, planted_pair
 

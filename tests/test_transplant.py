@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cnt_lens import IncompatibleModelsError, NeuronPatch, NeuronSelection, export_hf
+from cnt_lens import IncompatibleModelsError, NeuronPatch, NeuronSelection, applied_patches, export_hf
 from cnt_lens.data import encode
 from cnt_lens.models import hf_state_dict
 from cnt_lens.testing import planted_pair, tiny_model, tiny_pair
@@ -79,7 +79,7 @@ def test_composed_overlapping_patches_revert_in_any_order(order):
         assert not all(torch.equal(before[k], v) for k, v in _weights(pair.target).items())
     patches[order[-1]].revert(pair.target)
     assert all(torch.equal(before[k], v) for k, v in _weights(pair.target).items())
-    assert NeuronPatch.applied(pair.target) == []
+    assert applied_patches(pair.target) == []
 
 
 def test_reverting_an_earlier_patch_leaves_exactly_the_later_one():
@@ -96,7 +96,7 @@ def test_reverting_an_earlier_patch_leaves_exactly_the_later_one():
     b.apply(reference)  # what "only b" looks like
     want = _weights(reference)
     assert all(torch.equal(want[k], v) for k, v in _weights(pair.target).items())
-    assert NeuronPatch.applied(pair.target) == [b]
+    assert applied_patches(pair.target) == [b]
 
 
 def test_apply_twice_and_revert_unapplied_are_refused():
@@ -139,7 +139,7 @@ def test_mismatched_model_refused_before_writing(arch, tmp_path):
     with pytest.raises(IncompatibleModelsError):
         NeuronPatch.load(path).apply(other)
     assert all(torch.equal(before[k], v) for k, v in _weights(other).items())
-    assert NeuronPatch.applied(other) == []
+    assert applied_patches(other) == []
 
 
 def test_patch_applies_to_another_model_of_same_shape(arch):
@@ -181,3 +181,20 @@ def test_planted_transplant_transfers_the_behaviour(planted):
     patch.apply(pair.target)
     assert behaviour.evaluate(pair.target, None, progress=False)["marker_rate"] == 1.0
     patch.revert(pair.target)
+
+
+def test_applied_is_a_temporary_edit_reverted_even_on_error():
+    pair = tiny_pair("llama")
+    sel = _random_selection(pair, 8, 5)
+    before = _weights(pair.target)
+    patch = NeuronPatch.from_pair(pair, sel, alpha=2.0)
+    with patch.applied(pair.target) as model:
+        assert model is pair.target and applied_patches(model) == [patch]
+        assert not all(torch.equal(before[k], v) for k, v in _weights(model).items())
+    assert applied_patches(pair.target) == []
+    assert all(torch.equal(before[k], v) for k, v in _weights(pair.target).items())
+    with pytest.raises(RuntimeError, match="inside"):
+        with patch.applied(pair.target):
+            raise RuntimeError("inside the block")
+    assert applied_patches(pair.target) == []
+    assert all(torch.equal(before[k], v) for k, v in _weights(pair.target).items())

@@ -1,5 +1,6 @@
-"""Score every MLP neuron of a :class:`~cnt_lens.ModelPair` by how much transplanting it moves the
-target toward the donor's behaviour. One entry point, :func:`score`, dispatching over the registry
+"""Score every MLP neuron of a pair by how much transplanting it moves the target toward the donor.
+
+One entry point, :func:`score`, dispatching over the registry
 :data:`SCORERS` (:mod:`cnt_lens.scoring.registry`): each method is a family function with only its
 own options; a new method is one :func:`register_scorer` call.
 """

@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import Any, Literal, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..behaviours import Behaviour
@@ -63,70 +63,92 @@ def attribution_scores(
     require_batches(batches, "scored")
     if kind not in ("activation", "weight"):
         raise ValueError(f"kind must be 'activation' or 'weight', got {kind!r}")
-    layers = list(range(pair.n_layers))
     dev = device_of(pair.target)
     acc = torch.zeros(pair.n_layers, pair.d_mlp, dtype=torch.float32, device=dev)
     m_donor = m_target = 0.0
     n_items = 0
     for batch in progress_bar(batches, desc=f"{kind} attribution", leave=False, enabled=progress, min_total=2):
         batch = batch.to(dev)
-        pos = position_mask(batch, positions).unsqueeze(-1).float()  # [batch pos 1]
-        donor_post: dict[int, Tensor] = {}
-        with torch.no_grad():
-            hooks = capture(layers, "hook_post", donor_post) if kind == "activation" else []
-            m_donor += float(behaviour.metric(forward(pair.donor, batch, hooks), batch).float().sum())
-        xs: dict[int, Tensor] = {}
-        posts: dict[int, Tensor] = {}
-        g_outs: dict[int, Tensor] = {}
-
-        def on_post_grad(layer: int, grad_a: Tensor) -> None:
-            # ∂m/∂a arrives after ∂m/∂out of the same layer (backward runs downstream first).
-            grad_a, a_t = grad_a.float(), posts.pop(layer).float()
-            if kind == "activation":
-                contrib = grad_a * (donor_post.pop(layer).float() - a_t)
-            else:
-                with torch.no_grad():
-                    a_tilde = mlp_hidden(pair.donor, layer, xs.pop(layer)).float()
-                contrib = a_tilde * (g_outs.pop(layer) @ w_out(pair.donor, layer).float().T) - a_t * grad_a
-            acc[layer] += (contrib * pos).sum((0, 1))
-
-        def make_hooks(layer: int) -> list[Hook]:
-            # Both hooks return their input: where the bridge shows a hook a reshaped view (OPT's flattened
-            # MLP), only a returned tensor is put back on the path the forward takes, so only then does
-            # its gradient hook fire.
-            def post(a: Tensor, hook: Any) -> Tensor:
-                posts[layer] = a.detach()
-                if a.requires_grad:
-                    a.register_hook(lambda g: on_post_grad(layer, g))
-                return a
-
-            def out(o: Tensor, hook: Any) -> Tensor:
-                if kind == "weight" and o.requires_grad:
-                    o.register_hook(lambda g: g_outs.__setitem__(layer, g.float()))
-                return o
-
-            return [(hook_name(layer, "hook_post"), post), (hook_name(layer, "hook_out"), out)]
-
-        hooks_t: list[Hook] = [("hook_embed", _embed_requires_grad)]
-        if kind == "weight":
-            hooks_t += capture(layers, "hook_in", xs)
-        for layer in layers:
-            hooks_t += make_hooks(layer)
-        with torch.enable_grad():
-            metric = behaviour.metric(forward(pair.target, batch, hooks_t), batch).float()
-            metric.sum().backward()
-        m_target += float(metric.detach().sum())
+        donor_sum, metric = _attribute_batch(pair, behaviour, batch, kind, position_mask(batch, positions), acc)
+        m_donor += donor_sum
+        m_target += float(metric.sum())
         n_items += metric.numel()
     direction = Direction(m_donor / n_items, m_target / n_items, behaviour.toward)
     direction.check(behaviour.name)
     return acc.cpu() / n_items, direction, n_items
 
 
+def _attribute_batch(pair: ModelPair, behaviour: Behaviour, batch: Batch, kind: str,
+                     positions: Bool[Tensor, "batch pos"], acc: Float[Tensor, "n_layers d_mlp"],
+                     ) -> tuple[float, Float[Tensor, " items"]]:
+    """Add one batch's attribution to ``acc`` in place; return (donor metric sum, target metric per item).
+
+    One donor forward (no gradients) and one target forward/backward whose gradient hooks do the
+    accumulation layer by layer, so no layer's activations outlive its backward step.
+    """
+    layers = list(range(pair.n_layers))
+    donor_post: dict[int, Tensor] = {}
+    with torch.no_grad():
+        hooks = capture(layers, "hook_post", donor_post) if kind == "activation" else []
+        donor_sum = float(behaviour.metric(forward(pair.donor, batch, hooks), batch).float().sum())
+    xs: dict[int, Tensor] = {}
+    hooks_t: list[Hook] = [("hook_embed", _embed_requires_grad)]
+    if kind == "weight":
+        hooks_t += capture(layers, "hook_in", xs)
+    hooks_t += _accumulating_hooks(pair, kind, positions.unsqueeze(-1).float(), acc, donor_post, xs)
+    with torch.enable_grad():
+        metric = behaviour.metric(forward(pair.target, batch, hooks_t), batch).float()
+        metric.sum().backward()
+    return donor_sum, metric.detach()
+
+
+def _accumulating_hooks(pair: ModelPair, kind: str, pos: Float[Tensor, "batch pos 1"],
+                        acc: Float[Tensor, "n_layers d_mlp"], donor_post: dict[int, Tensor],
+                        xs: dict[int, Tensor]) -> list[Hook]:
+    """Forward hooks on every layer's ``hook_post``/``hook_out`` whose gradient hooks add to ``acc``.
+
+    Both forward hooks return their input: where the bridge shows a hook a reshaped view (OPT's
+    flattened MLP), only a returned tensor is put back on the path the forward takes, so only then
+    does its gradient hook fire.
+    """
+    posts: dict[int, Tensor] = {}
+    g_outs: dict[int, Tensor] = {}
+
+    def on_post_grad(layer: int, grad_a: Tensor) -> None:
+        # ∂m/∂a arrives after ∂m/∂out of the same layer (backward runs downstream first).
+        grad_a, a_t = grad_a.float(), posts.pop(layer).float()
+        if kind == "activation":
+            contrib = grad_a * (donor_post.pop(layer).float() - a_t)
+        else:
+            with torch.no_grad():
+                a_tilde = mlp_hidden(pair.donor, layer, xs.pop(layer)).float()
+            contrib = a_tilde * (g_outs.pop(layer) @ w_out(pair.donor, layer).float().T) - a_t * grad_a
+        acc[layer] += (contrib * pos).sum((0, 1))
+
+    def layer_hooks(layer: int) -> list[Hook]:
+        def post(a: Tensor, hook: Any) -> Tensor:
+            posts[layer] = a.detach()
+            if a.requires_grad:
+                a.register_hook(lambda g: on_post_grad(layer, g))
+            return a
+
+        def out(o: Tensor, hook: Any) -> Tensor:
+            if kind == "weight" and o.requires_grad:
+                o.register_hook(lambda g: g_outs.__setitem__(layer, g.float()))
+            return o
+
+        return [(hook_name(layer, "hook_post"), post), (hook_name(layer, "hook_out"), out)]
+
+    return [h for layer in range(pair.n_layers) for h in layer_hooks(layer)]
+
+
 def attribution_family(ctx: Context, *, kind: Literal["activation", "weight"], contrast: float = 0.0,
                        preserve: Sequence[Behaviour] = (), preserve_weight: float | Sequence[float] = 1.0) -> Scored:
-    """Attribution scores (``kind``: ``weight`` = weight attribution, ``activation`` = classic), signed toward
-    the donor; ``contrast`` × the same estimate on the control prompts subtracted; each ``preserve`` behaviour's
-    estimated harm (``min(effect, 0)``) added with its ``preserve_weight`` (see :func:`cnt_lens.score`)."""
+    """Attribution scores, signed toward the donor.
+
+    ``kind``: ``weight`` = weight attribution, ``activation`` = classic; ``contrast`` × the same estimate on the control prompts subtracted; each ``preserve`` behaviour's
+    estimated harm (``min(effect, 0)``) added with its ``preserve_weight`` (see :func:`cnt_lens.score`).
+    """
     pair, behaviour = ctx.pair, ctx.behaviour
     run = dict(kind=kind, positions=ctx.positions, progress=ctx.progress)
     change, direction, n = attribution_scores(pair, behaviour, ctx.batches(), **run)

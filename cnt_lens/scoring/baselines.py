@@ -37,22 +37,26 @@ def _neuron_vectors(model: Any, layer: int) -> Float[Tensor, "d_mlp n_weights"]:
 
 
 def weight_diff(pair: ModelPair) -> Float[Tensor, "n_layers d_mlp"]:
-    return torch.stack([(_neuron_vectors(pair.donor, l) - _neuron_vectors(pair.target, l)).norm(dim=1)
-                        for l in range(pair.n_layers)]).cpu()
+    """‖w_donor − w_target‖ over each neuron's weight entries (every role)."""
+    return torch.stack([(_neuron_vectors(pair.donor, layer) - _neuron_vectors(pair.target, layer)).norm(dim=1)
+                        for layer in range(pair.n_layers)]).cpu()
 
 
 def nlsr_drift(pair: ModelPair) -> Float[Tensor, "n_layers d_mlp"]:
-    return torch.stack([1 - torch.nn.functional.cosine_similarity(_neuron_vectors(pair.donor, l),
-                                                                 _neuron_vectors(pair.target, l), dim=1)
-                        for l in range(pair.n_layers)]).cpu()
+    """NLSR-style drift: 1 − cosine similarity of each neuron's donor and target weights."""
+    return torch.stack([1 - torch.nn.functional.cosine_similarity(_neuron_vectors(pair.donor, layer),
+                                                                 _neuron_vectors(pair.target, layer), dim=1)
+                        for layer in range(pair.n_layers)]).cpu()
 
 
 def random_scores(pair: ModelPair, seed: int = 0) -> Float[Tensor, "n_layers d_mlp"]:
+    """Uniform random scores from ``seed`` (the same seed gives the same scores)."""
     return torch.rand(pair.n_layers, pair.d_mlp, generator=torch.Generator().manual_seed(seed))
 
 
 def activation_contrast(model: Any, behaviour_batches: list[Batch], control_batches: list[Batch],
                         n_layers: int) -> Float[Tensor, "n_layers d_mlp"]:
+    """Mean activation on behaviour prompts minus on control prompts, per neuron."""
     require_batches(behaviour_batches, "behaviour")
     require_batches(control_batches, "control")
     means = []
@@ -64,7 +68,7 @@ def activation_contrast(model: Any, behaviour_batches: list[Batch], control_batc
             with torch.no_grad():
                 forward(model, b, capture(list(range(n_layers)), "hook_post", posts))
             m = b.attention_mask.float()[..., None]
-            total = total + torch.stack([(posts[l].float() * m).sum((0, 1)) for l in range(n_layers)])
+            total = total + torch.stack([(posts[layer].float() * m).sum((0, 1)) for layer in range(n_layers)])
             count += float(m.sum())
         means.append(total / count)
     return (means[0] - means[1]).abs().cpu()
@@ -83,14 +87,14 @@ def wanda(model: Any, batches: list[Batch], n_layers: int) -> Float[Tensor, "n_l
         with torch.no_grad():
             forward(model, b, capture(layers, "hook_in", xs) + capture(layers, "hook_post", posts))
         m = b.attention_mask.float()[..., None]
-        for l in layers:
-            sq_x[l] = sq_x.get(l, 0) + (xs[l].float() ** 2 * m).sum((0, 1))
-            sq_a[l] = sq_a.get(l, 0) + (posts[l].float() ** 2 * m).sum((0, 1))
+        for layer in layers:
+            sq_x[layer] = sq_x.get(layer, 0) + (xs[layer].float() ** 2 * m).sum((0, 1))
+            sq_a[layer] = sq_a.get(layer, 0) + (posts[layer].float() ** 2 * m).sum((0, 1))
     out = []
-    for l in layers:
-        nx, na = sq_x[l].sqrt(), sq_a[l].sqrt()
+    for layer in layers:
+        nx, na = sq_x[layer].sqrt(), sq_a[layer].sqrt()
         s = torch.zeros_like(na)
-        for p in neuron_params(model, l):
+        for p in neuron_params(model, layer):
             w = p.tensor.detach().float().movedim(p.axis, 0).abs()  # [d_mlp, ...]
             if p.role in ("W_in", "W_gate"):
                 s = s + w @ nx
@@ -103,7 +107,7 @@ def wanda(model: Any, batches: list[Batch], n_layers: int) -> Float[Tensor, "n_l
 def snip(model: Any, behaviour: Behaviour, batches: list[Batch], n_layers: int) -> Float[Tensor, "n_layers d_mlp"]:
     """Σ |W ⊙ ∂(Σ metric)/∂W| over each neuron's weights (gradients summed over the batches)."""
     require_batches(batches, "behaviour")
-    params = [p for l in range(n_layers) for p in neuron_params(model, l)]
+    params = [p for layer in range(n_layers) for p in neuron_params(model, layer)]
     for p in params:
         p.tensor.requires_grad_(True)
         p.tensor.grad = None
@@ -113,9 +117,9 @@ def snip(model: Any, behaviour: Behaviour, batches: list[Batch], n_layers: int) 
             with torch.enable_grad():
                 behaviour.metric(forward(model, b), b).float().sum().backward()
         out = []
-        for l in range(n_layers):
+        for layer in range(n_layers):
             s = 0
-            for p in neuron_params(model, l):
+            for p in neuron_params(model, layer):
                 prod = (p.tensor.detach().float() * p.tensor.grad.float()).abs().movedim(p.axis, 0)
                 s = s + prod.reshape(prod.shape[0], -1).sum(-1)
             out.append(s)
@@ -155,8 +159,11 @@ def _importance(rule: str, ctx: Context, carrier: Any, behaviour: Behaviour) -> 
 
 def importance_family(ctx: Context, *, rule: str, utility: Behaviour | None = None,
                       utility_quantile: float = 0.05) -> Scored:
-    """Wanda or SNIP importance on the carrier model; with ``utility``, Wei et al.'s set difference (neurons in
-    the top ``utility_quantile`` of the same importance on utility data get NaN)."""
+    """Wanda or SNIP importance on the carrier model.
+
+    With ``utility``, Wei et al.'s set difference: neurons in the top ``utility_quantile`` of the
+    same importance on utility data get NaN.
+    """
     carrier, direction, n, meta = _carrier(ctx)
     values = _importance(rule, ctx, carrier, ctx.behaviour)
     if utility is not None:

@@ -56,11 +56,13 @@ class Direction:
 
     @property
     def sign(self) -> float:
+        """+1.0 or −1.0: the direction transplants should move the metric."""
         if self.toward is not None:
             return 1.0 if self.toward > 0 else -1.0
         return 1.0 if self.donor >= self.target else -1.0
 
     def check(self, behaviour: str) -> None:
+        """Raise :class:`BehaviourSignalError` when donor and target do not differ on ``behaviour``."""
         if not (math.isfinite(self.donor) and math.isfinite(self.target)):
             raise BehaviourSignalError(f"{behaviour} metric is not finite (donor {self.donor}, target {self.target})")
         if abs(self.donor - self.target) <= 1e-6 * max(1.0, abs(self.donor), abs(self.target)):
@@ -99,5 +101,6 @@ def capture(layers: list[int], which: str, store: dict[int, Tensor], detach: boo
 
 
 def require_batches(batches: list[Batch], what: str) -> None:
+    """Raise :class:`ValueError` naming ``what`` when ``batches`` is empty."""
     if not batches:
         raise ValueError(f"no prompts to score: the {what} split is empty")

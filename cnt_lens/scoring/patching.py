@@ -136,8 +136,10 @@ def patching_effects(
 
 def patching_family(ctx: Context, *, mode: Literal["activation", "weight"], candidates: NeuronSelection | None = None,
                     groups_per_pass: int = 16) -> Scored:
-    """Exact effect of patching each ``candidates`` neuron alone (all neurons by default; others get NaN),
-    ``groups_per_pass`` neurons per forward pass, signed toward the donor."""
+    """Exact effect of patching each ``candidates`` neuron alone, signed toward the donor.
+
+    All neurons by default (others get NaN); ``groups_per_pass`` neurons per forward pass.
+    """
     pair = ctx.pair
     cand = candidates.mask if candidates is not None else torch.ones(pair.n_layers, pair.d_mlp, dtype=torch.bool)
     if cand.shape != (pair.n_layers, pair.d_mlp):

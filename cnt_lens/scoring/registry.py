@@ -36,16 +36,21 @@ class Context:
     progress: bool
 
     def batches(self, behaviour: Behaviour | None = None) -> list[Batch]:
+        """Batches of ``behaviour`` (default: the scored one) on this context's split."""
         return (behaviour or self.behaviour).batches(self.tokenizer, self.split, self.batch_size)
 
     def control_batches(self, behaviour: Behaviour | None = None) -> list[Batch]:
+        """Control batches of ``behaviour`` (default: the scored one) on this context's split."""
         return (behaviour or self.behaviour).control_batches(self.tokenizer, self.split, self.batch_size)
 
 
 @dataclass(frozen=True)
 class Scored:
-    """A family's result: ``values`` (higher = moves the target toward the donor more), the number of
-    scored items, method-specific ``meta``, and the measured donor/target ``direction`` when one was read."""
+    """A family's result.
+
+    ``values`` (higher = moves the target toward the donor more), the number of scored items,
+    method-specific ``meta``, and the measured donor/target ``direction`` when one was read.
+    """
 
     values: Float[Tensor, "n_layers d_mlp"]
     n: int = 0

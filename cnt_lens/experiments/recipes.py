@@ -29,13 +29,13 @@ from typing import Any, Callable
 
 import torch
 
-from .behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, _pair_batches, generate, pair_logprob_gap
-from .data import PromptSet, chat_format, encode, load_prompts
-from .evaluate import measure
-from .files import atomic_write
-from .models import clone_model, device_of, hf_state_dict, model_tokenizer
-from .progress import progress_bar
-from .stats import is_companion
+from ..behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, _pair_batches, generate, pair_logprob_gap
+from ..data import PromptSet, chat_format, encode, load_prompts
+from ..evaluate import measure
+from ..files import atomic_write
+from ..models import clone_model, device_of, hf_state_dict, model_tokenizer
+from ..progress import progress_bar
+from ..stats import is_companion
 
 __all__ = ["REFUSALS", "TuneConfig", "bias_tune", "cache_dir", "harmful_finetune", "library_versions", "safety_tune"]
 
@@ -64,6 +64,7 @@ class TuneConfig:
 
 
 def cache_dir() -> Path:
+    """Where tuned weights are cached: ``$CNT_LENS_CACHE`` (default ``~/.cache/cnt_lens``)."""
     return Path(os.environ.get("CNT_LENS_CACHE", Path.home() / ".cache" / "cnt_lens"))
 
 
@@ -134,7 +135,8 @@ def _save_cached(model: Any, key: str, info: dict[str, Any]) -> None:
 def _numbers_hold(stored: dict[str, Any], now: dict[str, Any]) -> bool:
     """Whether re-measured validation numbers agree with stored ones: within 10% of the larger, at least 0.1.
 
-    Only the numbers are compared, not the rates' ``_n``/``_ci95`` companions."""
+    Only the numbers are compared, not the rates' ``_n``/``_ci95`` companions.
+    """
     def numbers(block: dict[str, Any]) -> dict[str, float]:
         return {k: v for k, v in block.items() if isinstance(v, float) and not is_companion(k)}
 

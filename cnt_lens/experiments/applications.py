@@ -27,19 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, Utility, canary
-from .constraints import no_more_over_refusal, task_kept, utility_kept
-from .data import load_prompts
-from .models import BUNDLED_MODEL, ModelPair, load_model
-from .pipeline import TransferConfig
+from ..behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, Utility, canary
+from ..constraints import no_more_over_refusal, task_kept, utility_kept
+from ..data import load_prompts
+from ..models import BUNDLED_MODEL, ModelPair, load_model
+from ..pipeline import TransferConfig
+from ..runs import run_transfer
 from .recipes import TASK_PREFIX, bias_tune, harmful_finetune, safety_tune
-from .runs import run_transfer
 
 __all__ = ["APPLICATIONS", "Application", "run_application"]
 
 
 @dataclass
 class Application:
+    """One application: how its pair is built and which behaviour, constraint and settings it runs."""
     name: str
     build: Callable[[Any], ModelPair]
     behaviour: Callable[[], Behaviour]
