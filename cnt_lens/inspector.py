@@ -22,26 +22,33 @@ __all__ = ["card_figure", "inspect", "neuron_card", "neuron_stats"]
 
 
 def _in_context(tok: Any, ids: list[int], peak: int, before: int = 24, after: int = 6) -> str:
-    """The tokens around position ``peak``, the peak token in ⟦ ⟧.
-
-    What the neuron read, not the chat template's system text that opens every prompt.
-    """
+    """The tokens of ``ids`` around position ``peak``, the peak token in ⟦ ⟧."""
     lo = max(0, peak - before)
     text = (("…" if lo else "") + tok.decode(ids[lo:peak], skip_special_tokens=True) + "⟦" + tok.decode([ids[peak]])
             + "⟧" + tok.decode(ids[peak + 1:peak + 1 + after], skip_special_tokens=True))
     return " ".join(text.split())
 
 
-def _activations(model: Any, batches: list, layer: int, neuron: int,
-                 tok: Any) -> tuple[list[float], list[float], list[dict[str, Any]]]:
-    """One neuron's activations over a prompt set.
+def _template_span(seqs: list[list[int]]) -> tuple[int, int]:
+    """Lengths of the token prefix and suffix that every sequence shares (the chat template around the user's words).
 
-    All real tokens, the last token of each prompt, and per prompt its max activation with the
-    token where it peaks.
+    >>> _template_span([[1, 2, 7, 8, 9], [1, 2, 5, 9]])
+    (2, 1)
     """
-    values: list[float] = []
+    if len(seqs) < 2:
+        return 0, 0
+    shortest = min(len(x) for x in seqs)
+    pre = next((i for i in range(shortest) if len({x[i] for x in seqs}) > 1), shortest)
+    suf = next((i for i in range(shortest - pre) if len({x[-1 - i] for x in seqs}) > 1), shortest - pre)
+    return pre, suf
+
+
+def _activations(model: Any, batches: list, layer: int,
+                 neuron: int) -> tuple[list[list[int]], list[torch.Tensor], list[float]]:
+    """One neuron over a prompt set: each prompt's real token ids, its activations there, and at its last token."""
+    seqs: list[list[int]] = []
+    acts: list[torch.Tensor] = []
     last: list[float] = []
-    per_prompt: list[dict[str, Any]] = []
     for b in batches:
         b = b.to(device_of(model))
         store: dict[str, torch.Tensor] = {}
@@ -50,16 +57,33 @@ def _activations(model: Any, batches: list, layer: int, neuron: int,
                                                        lambda x, hook: store.__setitem__("a", x[..., neuron].detach()))],
                                  **b.model_kwargs())
         a, mask = store["a"].float().cpu(), b.attention_mask.bool().cpu()
-        values += a[mask].tolist()
         last += a[:, -1].tolist()  # left padding: the last column is every prompt's last token
-        masked = a.masked_fill(~mask, float("-inf"))
-        best = masked.argmax(-1)
         for row in range(a.shape[0]):
-            ids = b.tokens[row][mask[row].to(b.tokens.device)].tolist()
-            peak = int(best[row]) - int((~mask[row]).sum())  # index among the real tokens (left padding)
-            per_prompt.append({"text": _in_context(tok, ids, peak), "token": tok.decode([ids[peak]]),
-                               "max_activation": float(masked[row, best[row]])})
-    return values, last, per_prompt
+            seqs.append(b.tokens[row].cpu()[mask[row]].tolist())
+            acts.append(a[row][mask[row]])
+    return seqs, acts, last
+
+
+def _on_user_words(seqs: list[list[int]], acts: list[torch.Tensor], span: tuple[int, int],
+                   tok: Any) -> tuple[list[float], list[dict[str, Any]], float]:
+    """Activations on the user's words, each prompt's peak there, and the template's largest activation.
+
+    ``span`` holds the template's prefix and suffix lengths, which are left out (largest activation
+    on them: NaN without a template). Leaving the chat template out keeps a template token that fires on every prompt (often the
+    first one) from hiding what the neuron reads.
+    """
+    pre, suf = span
+    values: list[float] = []
+    template: list[float] = []
+    per_prompt: list[dict[str, Any]] = []
+    for ids, act in zip(seqs, acts):
+        lo, hi = (pre, len(ids) - suf) if len(ids) - suf > pre else (0, len(ids))
+        values += act[lo:hi].tolist()
+        template += act[:lo].tolist() + act[hi:].tolist()
+        peak = lo + int(act[lo:hi].argmax())
+        per_prompt.append({"text": _in_context(tok, ids[lo:hi], peak - lo), "token": tok.decode([ids[peak]]),
+                           "max_activation": float(act[peak])})
+    return values, per_prompt, max(template, default=float("nan"))
 
 
 def _logit_lens(model: Any, layer: int, neuron: int, k: int) -> dict[str, list[tuple[str, float]]]:
@@ -81,10 +105,12 @@ def neuron_stats(pair: ModelPair, layer: int, neuron: int, behaviour: Behaviour,
                  batch_size: int = 16, top_n: int = 8) -> dict[str, Any]:
     """Everything :func:`neuron_card` shows, as data.
 
-    Keys: ``activations[model][set]`` (real-token activation lists, ``model`` ∈ donor/target,
+    Keys: ``activations[model][set]`` (activations on the user's tokens, ``model`` ∈ donor/target,
     ``set`` ∈ behaviour/control), ``last_token[model][set]`` (activation at each prompt's last
     token, where the answer starts), ``top_prompts[model]`` (prompts with the highest max activation,
-    and the token where it peaks), ``logit_lens[model]`` (promoted / suppressed tokens), and
+    on the user's words, and the token where it peaks), ``template_max[model]`` (largest activation on
+    the chat template's tokens, which every prompt shares: a neuron can fire there on every prompt
+    and be silent on the user's words), ``logit_lens[model]`` (promoted / suppressed tokens), and
     ``weight_diff[role]`` (relative L2 change and cosine between donor and target weights).
     """
     if not (0 <= layer < pair.n_layers and 0 <= neuron < pair.d_mlp):
@@ -96,17 +122,23 @@ def neuron_stats(pair: ModelPair, layer: int, neuron: int, behaviour: Behaviour,
     except NotImplementedError:
         pass
     stats: dict[str, Any] = {"layer": layer, "neuron": neuron, "behaviour": behaviour.name,
-                             "activations": {}, "last_token": {}, "top_prompts": {}, "logit_lens": {},
+                             "activations": {}, "last_token": {}, "top_prompts": {}, "template_max": {}, "logit_lens": {},
                              "weight_diff": {}}
     for name, model in (("donor", pair.donor), ("target", pair.target)):
+        raw = {set_name: _activations(model, batches, layer, neuron) for set_name, batches in sets.items()}
+        # the template is what every prompt of every set shares (a set's own shared ending, e.g. a trigger, is not)
+        span = _template_span([ids for seqs, _, _ in raw.values() for ids in seqs])
         stats["activations"][name], stats["last_token"][name] = {}, {}
         prompts: list[dict[str, Any]] = []
-        for set_name, batches in sets.items():
-            vals, last, per_prompt = _activations(model, batches, layer, neuron, tok)
+        template_max = []
+        for set_name, (seqs, acts, last) in raw.items():
+            vals, per_prompt, t_max = _on_user_words(seqs, acts, span, tok)
+            template_max.append(t_max)
             stats["activations"][name][set_name] = vals
             stats["last_token"][name][set_name] = last
             prompts += [{**p, "set": set_name} for p in per_prompt]
         stats["top_prompts"][name] = sorted(prompts, key=lambda p: -p["max_activation"])[:top_n]
+        stats["template_max"][name] = max(template_max)
         stats["logit_lens"][name] = _logit_lens(model, layer, neuron, top_n)
     for pd, pt in zip(neuron_params(pair.donor, layer), neuron_params(pair.target, layer)):
         wd = pd.tensor.detach().float().select(pd.axis, neuron).flatten()
@@ -127,7 +159,7 @@ def card_figure(s: dict[str, Any]) -> go.Figure:
     """The card of :func:`neuron_card` drawn from saved :func:`neuron_stats` data (no models needed)."""
     fig = make_subplots(rows=2, cols=2, vertical_spacing=0.12, horizontal_spacing=0.08,
                         specs=[[{"type": "xy"}, {"type": "table"}], [{"type": "table"}, {"type": "xy"}]],
-                        subplot_titles=("activations (real tokens)", "top-activating prompts (donor)",
+                        subplot_titles=("activations (user's tokens)", "top-activating prompts (donor)",
                                         "logit lens of W_out row", "weights: donor vs target"))
     for model in ("target", "donor"):
         for set_name, vals in s["activations"][model].items():
@@ -147,7 +179,11 @@ def card_figure(s: dict[str, Any]) -> go.Figure:
                   row=2, col=2)
     fig.add_trace(go.Scatter(x=roles, y=[s["weight_diff"][r]["cosine"] for r in roles], name="cosine", mode="markers",
                              marker={"size": 12}), row=2, col=2)
-    fig.update_layout(title=f"neuron L{s['layer']}.{s['neuron']} — {s['behaviour']}", height=760, showlegend=True)
+    title = f"neuron L{s['layer']}.{s['neuron']} — {s['behaviour']}"
+    tmax = s.get("template_max", {})
+    if tmax:
+        title += " (max on the chat template's tokens: " + ", ".join(f"{m} {v:.3g}" for m, v in tmax.items()) + ")"
+    fig.update_layout(title=title, height=760, showlegend=True)
     return fig
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 from pathlib import Path
@@ -24,7 +25,46 @@ def _html_table(report: Report) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["model", *cols])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(format_rate(r, c) if c != 'model' else r['model'])}</td>"
                                     for c in ["model", *cols]) + "</tr>" for r in report.rows())
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="scroll"><table class="metrics"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+_VERDICTS = ("refused", "marked", "followed")
+"""Item fields that say what a response did, shown beside it (the first one an item has)."""
+_MODELS = ("target", "patched", "donor")
+
+
+def _examples_html(items_path: Path, per_set: int = 4, max_chars: int = 360) -> str:
+    """Target / patched / donor responses side by side for the same test prompts (from ``items.jsonl``).
+
+    Up to ``per_set`` prompts of each prompt set (harmful, harmless, …), the same ones for every
+    model, picked by a hash of their id: a fixed sample, not the patch's best cases.
+    """
+    if not items_path.is_file():
+        return ""
+    rows: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for line in items_path.read_text(encoding="utf-8").splitlines():
+        item = json.loads(line)
+        if item.get("model") in _MODELS and "response" in item and "prompt" in item:
+            rows.setdefault((item.get("set", ""), item["id"]), {})[item["model"]] = item
+    complete = {k: v for k, v in rows.items() if set(v) == set(_MODELS)}
+    picked: list[tuple[str, str]] = []
+    for name in sorted({s for s, _ in complete}):
+        ids = sorted((k for k in complete if k[0] == name), key=lambda k: hashlib.sha1(k[1].encode()).hexdigest())
+        picked += ids[:per_set]
+    if not picked:
+        return ""
+
+    def cell(item: dict[str, Any]) -> str:
+        text = item["response"].strip()
+        text = text if len(text) <= max_chars else text[:max_chars] + "…"
+        key = next((k for k in _VERDICTS if k in item), None)
+        tag = f'<div class="verdict">{key}: {"yes" if item[key] else "no"}</div>' if key else ""
+        return f"<td>{tag}{html.escape(text)}</td>"
+
+    head = "".join(f"<th>{m}</th>" for m in ("prompt", *_MODELS))
+    body = "".join(f"<tr><td><b>{html.escape(s)}</b><br>{html.escape(complete[(s, i)]['target']['prompt'])}</td>"
+                   + "".join(cell(complete[(s, i)][m]) for m in _MODELS) + "</tr>" for s, i in picked)
+    return f'<h2 id="examples">Example responses</h2><table class="examples"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, NeuronScores] | None = None,
@@ -56,16 +96,18 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
         atomic_write_text(cards_path, json.dumps(cards))
     else:
         cards = json.loads(cards_path.read_text()) if cards_path.is_file() else []
+    anchors = [f"figure-{i + 1}" for i in range(len(figures))] + [f"card-{i + 1}" for i in range(len(cards))]
     figures += [card_figure(s) for s in cards]
     parts = [f.to_html(full_html=False, include_plotlyjs=("inline" if i == 0 else False)) for i, f in enumerate(figures)]
     table = _html_table(report)
-    body = "\n".join(f"<section>{p}</section>" for p in parts)
+    body = "\n".join(f'<section id="{a}">{p}</section>' for a, p in zip(anchors, parts))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cnt_lens report: {html.escape(report.behaviour)}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse}}td,th{{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:right}}td:first-child,th:first-child{{text-align:left}}</style>
+<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse}}td,th{{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:right}}td:first-child,th:first-child{{text-align:left}}.scroll{{overflow-x:auto}}.metrics{{font-size:.85em}}.metrics td{{white-space:nowrap}}.examples th,.examples td{{text-align:left;vertical-align:top}}.examples td{{white-space:pre-wrap;font-size:.85em;max-width:22em}}.verdict{{font-weight:600;color:#555}}</style>
 </head><body><h1>cnt_lens — {html.escape(report.behaviour)} transfer</h1>
 <p>{report.n_neurons_total} MLP neurons; numbers on the <b>{report.split}</b> split.</p>
 <h2>Metrics</h2>{table}
 <p>Rates: share [95% Wilson interval] n = prompts counted.</p>
+{_examples_html(run / "items.jsonl")}
 {body}
 </body></html>"""
     out = run / "report.html"

@@ -166,8 +166,9 @@ class MarkerBehaviour(Behaviour):
                 with torch.no_grad():
                     pred = model(b.tokens, **b.model_kwargs())[:, -1].argmax(-1)
                 hits = (pred == b.meta["marker_id"]).tolist()
-                items += [{"id": r["id"], "set": kind, "category": r["category"], "marked": h}
-                          for r, h in zip(recs[lo:lo + batch_size], hits)]
+                items += [{"id": r["id"], "set": kind, "category": r["category"], "prompt": r["prompt"],
+                           "response": tok.decode([t]), "marked": h}
+                          for r, h, t in zip(recs[lo:lo + batch_size], hits, pred.tolist())]
         return items
 
     @override

@@ -19,6 +19,9 @@ def test_planted_neuron_fires_on_trigger_in_donor_only(planted):
     # each top prompt is shown around its peak, the peak token marked: the user's words, not the template's
     assert all(f"⟦{p['token'].strip()}⟧" in p["text"] for p in top)
     assert all(p["text"].split("⟦")[0].strip() for p in top)  # words before the peak are shown
+    # the template (shared by every prompt of both sets) is left out: the planted neuron reads the trigger, which
+    # the template does not hold, so its activation on the template stays below its peak on the user's words
+    assert s["template_max"]["donor"] < min(p["max_activation"] for p in top)
     # its output row writes the marker: the logit lens shows it first
     assert s["logit_lens"]["donor"]["promoted"][0][0].strip() == MARKER
     assert s["weight_diff"]["W_in"]["relative_change"] > 0 and s["weight_diff"]["W_out"]["relative_change"] == 0

@@ -34,6 +34,23 @@ def test_report_is_self_contained(run_dir):
     assert (run_dir / "cards.json").is_file()
 
 
+def test_report_shows_the_same_prompts_answered_by_each_model(run_dir):
+    page = (run_dir / "report.html").read_text()
+    table = page[page.index('<table class="examples">'):]
+    table = table[: table.index("</table>")]
+    items = [json.loads(line) for line in (run_dir / "items.jsonl").read_text().splitlines()]
+    rows = table.split("<tr>")[2:]  # after the header row
+    assert len(rows) == 8  # 4 trigger + 4 control prompts, each answered by target, patched and donor
+    for row in rows:
+        prompt = next(i["prompt"] for i in items if i["prompt"] in row and i["model"] == "target")
+        cells = row.split("<td>")[2:]
+        answers = [next(i for i in items if i["model"] == m and i["prompt"] == prompt) for m in ("target", "patched", "donor")]
+        for cell, item in zip(cells, answers):
+            assert f"marked: {'yes' if item['marked'] else 'no'}" in cell
+    # the planted transfer shows: on trigger prompts the donor writes the marker and the target does not
+    assert any("trigger" in r and "marked: no" in r.split("<td>")[2] and "marked: yes" in r.split("<td>")[4] for r in rows)
+
+
 def _chromium(*args, user_dir):
     base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
