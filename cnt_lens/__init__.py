@@ -65,19 +65,20 @@ from .models import (
     read_neurons,
     write_neurons,
 )
+from .offline import OFFLINE_MODELS, offline_path
 from .scoring import METHODS, BehaviourSignalError, score
 from .search import NoGapError, SearchResult, iterative_scores, measure_reference, search_minimal
 from .selection import NeuronScores, NeuronSelection
 from .transplant import NeuronPatch, PatchFileError, applied_patches, export_hf
 
 __all__ = [
-    "BUNDLED_MODEL", "FORMATS", "METHODS", "REFUSAL_OPENINGS", "Batch", "Behaviour", "BehaviourSignalError", "FormatTask",
+    "BUNDLED_MODEL", "FORMATS", "METHODS", "OFFLINE_MODELS", "REFUSAL_OPENINGS", "Batch", "Behaviour", "BehaviourSignalError", "FormatTask",
     "GenerationError", "IncompatibleModelsError", "ModelPair", "NeuronPatch", "NeuronScores", "NeuronSelection",
     "NoGapError", "PatchFileError", "PromptFileError", "PromptSet", "Refusal", "Report", "SearchResult", "StereotypeBias", "TESTED_FAMILIES",
     "UnsupportedModelError", "Utility", "Verdict", "applied_patches", "architecture", "bundled_gguf_path", "canary", "chat_format", "check_compatible", "clone_model",
     "context_length", "describe_file", "detect_format", "encode", "export_hf", "from_advbench_csv", "from_crows_pairs", "from_jsonl", "from_stereoset",
     "generate", "is_refusal", "iterative_scores", "judge_accuracy", "judge_refusal", "load_model", "load_pair",
-    "load_file", "load_prompts", "measure", "measure_reference", "mlp_hidden", "neuron_params", "plain_hf_model", "read_neurons",
+    "load_file", "load_prompts", "measure", "measure_reference", "mlp_hidden", "neuron_params", "offline_path", "plain_hf_model", "read_neurons",
     "register_format", "score", "search_minimal", "stable_split", "verify_greedy", "wilson_interval", "write_neurons",
 ]
 __version__ = "0.1.0"

@@ -63,23 +63,35 @@ def demo(
     The donor is the cached safety tune of the same model; the baselines run at the same budget
     (= ``cnt-lens run enhance``).
     """
-    run(application="enhance", out=out, device=device, progress=progress)
+    run(application="enhance", out=out, model="smollm2-135m-instruct", rounds=None, baselines=None, device=device,
+        progress=progress)
 
 
 @app.command()
 def run(
     application: str = typer.Argument(..., help="enhance | disalign | realign | bias-removal"),
     out: Path = typer.Option(..., help="Run directory to write."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Base model the recipes tune: an offline alias "
+                              "(smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct), hub name, directory or .gguf."),
+    rounds: Optional[int] = typer.Option(None, help="Re-scoring rounds of the main ranking (0 = one pass; "
+                                         "default: the application's)."),
+    baselines: Optional[str] = typer.Option(None, help="Comma-separated baselines, or none (default: all seven)."),
     device: Optional[str] = typer.Option(None, help="torch device for both models, e.g. cuda (default: cpu)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Run one CNT / NLSR application end to end on the bundled model (see cnt_lens.experiments.applications)."""
+    """Run one CNT / NLSR application end to end (see cnt_lens.experiments.applications)."""
     from .experiments.applications import APPLICATIONS, run_application
+    from .scoring import METHODS
 
     if application not in APPLICATIONS:
         raise typer.BadParameter(f"unknown application {application!r}; one of {sorted(APPLICATIONS)}")
+    chosen = None if baselines is None else _names(baselines)
+    bad = [m for m in chosen or () if m not in METHODS]
+    if bad:
+        raise typer.BadParameter(f"unknown baseline(s) {bad}; one of {list(METHODS)}", param_hint="--baselines")
     t0 = time.time()
-    report = run_application(application, out, device=device, progress=progress)
+    report = run_application(application, out, model=model, rounds=rounds, baselines=chosen, device=device,
+                             progress=progress)
     typer.echo(report.table())
     typer.echo(f"wrote {out}/metrics.json, patch.safetensors, patched_model/, report.html in {time.time() - t0:.0f} s")
 

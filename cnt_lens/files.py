@@ -15,7 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["atomic_dir", "atomic_write", "atomic_write_text"]
+__all__ = ["atomic_dir", "atomic_write", "atomic_write_text", "cache_dir"]
+
+
+def cache_dir() -> Path:
+    """cnt_lens's cache (tuned weights, assembled offline models): ``$CNT_LENS_CACHE``, default ``~/.cache/cnt_lens``."""
+    return Path(os.environ.get("CNT_LENS_CACHE", Path.home() / ".cache" / "cnt_lens"))
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

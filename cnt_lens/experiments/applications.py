@@ -106,11 +106,15 @@ APPLICATIONS: dict[str, Application] = {
 }
 
 
-def run_application(name: str, out: str | Path, *, alphas: tuple[float, ...] | None = None,
-                    device: str | None = None,
+def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
+                    alphas: tuple[float, ...] | None = None, rounds: int | None = None,
+                    baselines: tuple[str, ...] | None = None, device: str | None = None,
                     progress: bool = True) -> Any:
     """Run one application end to end and write its run directory; returns the :class:`Report`.
 
+    ``model`` is the base the application's recipes tune (any :func:`~cnt_lens.load_model` source;
+    default the bundled SmolLM2). ``alphas``, ``rounds`` (0 = one scoring pass) and ``baselines``
+    override the application's settings, e.g. to fit a larger model's run on a CPU.
     ``device`` (e.g. ``"cuda"``) holds both models there; the fine-tune recipes train there too.
     Their cache key is the weights and settings, not the device, so a donor cached on one device
     is reused on another (greedy generations can then differ in a few prompts from float rounding).
@@ -121,14 +125,15 @@ def run_application(name: str, out: str | Path, *, alphas: tuple[float, ...] | N
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = load_model(BUNDLED_MODEL, device=device)
+    base = load_model(model, device=device)
     canary(base, expect="Paris")  # seconds: a broken model or generation path stops here, before any tune
     pair = app.build(base)
     behaviour, side = app.behaviour(), app.side_effects()
     config = TransferConfig(goal=app.goal, max_fraction=app.max_fraction, alphas=alphas or app.alphas,
-                            baselines=app.baselines, batch_size=32, extra={"application": name})
+                            baselines=app.baselines if baselines is None else baselines, batch_size=32,
+                            extra={"application": name, "model": model})
     report = run_transfer(pair, behaviour, out, side_effects=side, constraint=app.constraint, config=config,
-                          rounds=app.rounds, round_alpha=app.round_alpha, contrast=app.contrast,
+                          rounds=app.rounds if rounds is None else rounds, round_alpha=app.round_alpha, contrast=app.contrast,
                           preserve_weights=app.preserve_weights, progress=progress)
     report.extra.update(application=name, wall_time_s=round(time.time() - t0, 1))
     report.save(out / "metrics.json")

@@ -21,10 +21,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -32,7 +30,7 @@ import torch
 from ..behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, _pair_batches, generate, pair_logprob_gap
 from ..data import PromptSet, chat_format, encode, load_prompts
 from ..evaluate import measure
-from ..files import atomic_write
+from ..files import atomic_write, cache_dir
 from ..models import clone_model, device_of, hf_state_dict, model_tokenizer
 from ..progress import progress_bar
 from ..stats import is_companion
@@ -61,11 +59,6 @@ class TuneConfig:
     seed: int = 0
     train: str = "all"  # "all" parameters, or "mlp" weights only
     max_new_tokens: int = 40  # length of the self-distilled harmless answers
-
-
-def cache_dir() -> Path:
-    """Where tuned weights are cached: ``$CNT_LENS_CACHE`` (default ``~/.cache/cnt_lens``)."""
-    return Path(os.environ.get("CNT_LENS_CACHE", Path.home() / ".cache" / "cnt_lens"))
 
 
 def _fingerprint(model: Any) -> str:
