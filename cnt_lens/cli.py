@@ -81,14 +81,11 @@ def run(
 ) -> None:
     """Run one CNT / NLSR application end to end (see cnt_lens.experiments.applications)."""
     from .experiments.applications import APPLICATIONS, run_application
-    from .scoring import METHODS
 
     if application not in APPLICATIONS:
         raise typer.BadParameter(f"unknown application {application!r}; one of {sorted(APPLICATIONS)}")
     chosen = None if baselines is None else _names(baselines)
-    bad = [m for m in chosen or () if m not in METHODS]
-    if bad:
-        raise typer.BadParameter(f"unknown baseline(s) {bad}; one of {list(METHODS)}", param_hint="--baselines")
+    _check_methods(chosen or (), "baseline(s)", "--baselines")
     t0 = time.time()
     report = run_application(application, out, model=model, rounds=rounds, baselines=chosen, device=device,
                              progress=progress)
@@ -180,6 +177,15 @@ def _names(text: str) -> tuple[str, ...]:
     return () if text.strip().lower() in ("", "none") else tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def _check_methods(names: tuple[str, ...], what: str, hint: str) -> None:
+    """Refuse scoring-method names that are not registered, before anything is loaded."""
+    from .scoring import METHODS
+
+    bad = [m for m in names if m not in METHODS]
+    if bad:
+        raise typer.BadParameter(f"unknown {what} {bad}; one of {list(METHODS)}", param_hint=hint)
+
+
 def _fresh_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise typer.BadParameter(f"{out} exists and is not empty; choose a new directory or pass --overwrite",
@@ -225,12 +231,9 @@ def transfer(
     from .constraints import for_behaviour
     from .pipeline import TransferConfig
     from .runs import run_transfer
-    from .scoring import METHODS
 
     _fresh_out(out, overwrite)
-    bad = [m for m in (method, *_names(baselines)) if m not in METHODS]
-    if bad:
-        raise typer.BadParameter(f"unknown method(s) {bad}; one of {list(METHODS)}", param_hint="--method/--baselines")
+    _check_methods((method, *_names(baselines)), "method(s)", "--method/--baselines")
     sets, data = _prompt_sets(behaviour, harmful, harmless, pairs, fmt, column, split_seed)
     b = _behaviour(behaviour, sets)
     pair = _load_pair(donor, target, device, dtype)

@@ -9,18 +9,28 @@ leaves either the previous file or the complete new one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["atomic_dir", "atomic_write", "atomic_write_text", "cache_dir"]
+__all__ = ["atomic_dir", "atomic_write", "atomic_write_text", "cache_dir", "sha256_file"]
 
 
 def cache_dir() -> Path:
     """cnt_lens's cache (tuned weights, assembled offline models): ``$CNT_LENS_CACHE``, default ``~/.cache/cnt_lens``."""
     return Path(os.environ.get("CNT_LENS_CACHE", Path.home() / ".cache" / "cnt_lens"))
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks (large model files never sit in memory whole)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

