@@ -49,8 +49,10 @@ from .judge import REFUSAL_OPENINGS, Verdict, is_refusal, judge_accuracy, judge_
 from .models import (
     BUNDLED_MODEL,
     TESTED_FAMILIES,
+    DonorWeights,
     IncompatibleModelsError,
     ModelPair,
+    OffloadedWeightsError,
     UnsupportedModelError,
     architecture,
     bundled_gguf_path,
@@ -69,16 +71,18 @@ from .offline import OFFLINE_MODELS, offline_path
 from .scoring import METHODS, BehaviourSignalError, score
 from .search import NoGapError, SearchResult, iterative_scores, measure_reference, search_minimal
 from .selection import NeuronScores, NeuronSelection
+from .streamed import DonorForwardError, StreamedDonor
+from .timing import Profile, profile, stage, timings_table
 from .transplant import NeuronPatch, PatchFileError, applied_patches, export_hf
 
 __all__ = [
-    "BUNDLED_MODEL", "FORMATS", "METHODS", "OFFLINE_MODELS", "REFUSAL_OPENINGS", "Batch", "Behaviour", "BehaviourSignalError", "FormatTask",
+    "BUNDLED_MODEL", "DonorForwardError", "DonorWeights", "FORMATS", "METHODS", "OFFLINE_MODELS", "REFUSAL_OPENINGS", "Batch", "Behaviour", "BehaviourSignalError", "FormatTask",
     "GenerationError", "IncompatibleModelsError", "ModelPair", "NeuronPatch", "NeuronScores", "NeuronSelection",
-    "NoGapError", "PatchFileError", "PromptFileError", "PromptSet", "Refusal", "Report", "SearchResult", "StereotypeBias", "TESTED_FAMILIES",
+    "NoGapError", "OffloadedWeightsError", "PatchFileError", "Profile", "PromptFileError", "PromptSet", "Refusal", "Report", "SearchResult", "StereotypeBias", "StreamedDonor", "TESTED_FAMILIES",
     "UnsupportedModelError", "Utility", "Verdict", "applied_patches", "architecture", "bundled_gguf_path", "canary", "chat_format", "check_compatible", "clone_model",
     "context_length", "describe_file", "detect_format", "encode", "export_hf", "from_advbench_csv", "from_crows_pairs", "from_jsonl", "from_stereoset",
     "generate", "is_refusal", "iterative_scores", "judge_accuracy", "judge_refusal", "load_model", "load_pair",
-    "load_file", "load_prompts", "measure", "measure_reference", "mlp_hidden", "neuron_params", "offline_path", "plain_hf_model", "read_neurons",
-    "register_format", "score", "search_minimal", "stable_split", "verify_greedy", "wilson_interval", "write_neurons",
+    "load_file", "load_prompts", "measure", "measure_reference", "mlp_hidden", "neuron_params", "offline_path", "plain_hf_model", "profile", "read_neurons",
+    "register_format", "score", "search_minimal", "stable_split", "stage", "timings_table", "verify_greedy", "wilson_interval", "write_neurons",
 ]
 __version__ = "0.1.0"

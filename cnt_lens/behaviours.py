@@ -28,6 +28,7 @@ from .judge import REFUSAL_OPENINGS, judge_refusal
 from .models import context_length, device_of, model_tokenizer, plain_hf_model
 from .progress import progress_bar
 from .stats import rate
+from .timing import stage
 
 __all__ = [
     "Behaviour",
@@ -120,16 +121,17 @@ def generate(
                          f"{context_length(model)}-token context")
     out: list[str] = []
     batches = list(chunks(prompts, batch_size))
-    for i, texts in enumerate(_progress(batches, len(batches), "generate", progress)):
-        b = encode(tok, list(texts), max_len=room).to(device_of(model))
-        with torch.no_grad():
-            gen = plain.generate(
-                input_ids=b.tokens, attention_mask=b.attention_mask, max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None,
-            )[:, b.tokens.shape[1]:]
-        if verify and i == 0:
-            verify_greedy(model, b, gen, stop_ids=_stop_ids(tok, plain))
-        out += tok.batch_decode(gen, skip_special_tokens=True)
+    with stage("generate"):
+        for i, texts in enumerate(_progress(batches, len(batches), "generate", progress)):
+            b = encode(tok, list(texts), max_len=room).to(device_of(model))
+            with torch.no_grad():
+                gen = plain.generate(
+                    input_ids=b.tokens, attention_mask=b.attention_mask, max_new_tokens=max_new_tokens,
+                    do_sample=False, pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None,
+                )[:, b.tokens.shape[1]:]
+            if verify and i == 0:
+                verify_greedy(model, b, gen, stop_ids=_stop_ids(tok, plain))
+            out += tok.batch_decode(gen, skip_special_tokens=True)
     return out
 
 

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
+from .timing import profile, stage, timings_table
+
 if TYPE_CHECKING:
     import torch
 
@@ -69,13 +71,17 @@ def demo(
 
 @app.command()
 def run(
-    application: str = typer.Argument(..., help="enhance | disalign | realign | bias-removal"),
+    application: str = typer.Argument(..., help="enhance | disalign | delete-refusal | realign | bias-removal"),
     out: Path = typer.Option(..., help="Run directory to write."),
     model: str = typer.Option("smollm2-135m-instruct", help="Base model the recipes tune: an offline alias "
                               "(smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct), hub name, directory or .gguf."),
     rounds: Optional[int] = typer.Option(None, help="Re-scoring rounds of the main ranking (0 = one pass; "
                                          "default: the application's)."),
     baselines: Optional[str] = typer.Option(None, help="Comma-separated baselines, or none (default: all seven)."),
+    alphas: Optional[str] = typer.Option(None, help="Transplant strengths searched on validation, e.g. 1,2,4 "
+                                         "(default: the application's)."),
+    max_fraction: Optional[float] = typer.Option(None, help="Largest budget searched, as a fraction of all MLP "
+                                                 "neurons (default: the application's)."),
     device: Optional[str] = typer.Option(None, help="torch device for both models, e.g. cuda (default: cpu)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -88,8 +94,10 @@ def run(
     _check_methods(chosen or (), "baseline(s)", "--baselines")
     t0 = time.time()
     report = run_application(application, out, model=model, rounds=rounds, baselines=chosen, device=device,
+                             alphas=None if alphas is None else _floats(alphas, "--alphas"), max_fraction=max_fraction,
                              progress=progress)
     typer.echo(report.table())
+    typer.echo(timings_table(out / "timings.json"))
     typer.echo(f"wrote {out}/metrics.json, patch.safetensors, patched_model/, report.html in {time.time() - t0:.0f} s")
 
 
@@ -236,15 +244,20 @@ def transfer(
     _check_methods((method, *_names(baselines)), "method(s)", "--method/--baselines")
     sets, data = _prompt_sets(behaviour, harmful, harmless, pairs, fmt, column, split_seed)
     b = _behaviour(behaviour, sets)
-    pair = _load_pair(donor, target, device, dtype)
     config = TransferConfig(method=method, baselines=_names(baselines), goal=goal, alphas=_floats(alphas, "--alphas"),
                             max_fraction=budget, batch_size=batch_size,
                             extra={"donor": donor, "target": target, "dtype": DTYPES.get(dtype, dtype)})
-    t0 = time.time()
-    report = run_transfer(pair, b, out, side_effects=[Utility()], constraint=for_behaviour(b.headline), config=config,
-                          rounds=rounds, contrast=0.5 if behaviour == "refusal" else 0.0, data=data, progress=progress)
+    with profile() as prof:
+        with stage("load models"):
+            pair = _load_pair(donor, target, device, dtype)
+        report = run_transfer(pair, b, out, side_effects=[Utility()], constraint=for_behaviour(b.headline),
+                              config=config, rounds=rounds, contrast=0.5 if behaviour == "refusal" else 0.0,
+                              data=data, progress=progress)
+        prof.save(out / "timings.json")
     typer.echo(report.table())
-    typer.echo(f"wrote {out}/ (metrics.json, patch.safetensors, patched_model/, report.html) in {time.time() - t0:.0f} s")
+    typer.echo(prof.table())
+    typer.echo(f"wrote {out}/ (metrics.json, patch.safetensors, patched_model/, report.html, timings.json) "
+               f"in {prof.total():.0f} s")
 
 
 @app.command()

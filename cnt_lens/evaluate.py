@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from .behaviours import Behaviour
 from .files import atomic_write_text
 from .stats import Block, format_rate, is_companion, wilson_interval
+from .timing import stage
 
 __all__ = ["Report", "measure", "wilson_interval"]
 
@@ -32,7 +33,8 @@ def measure(model: Any, behaviours: Sequence[Behaviour], split: str | None, *, b
     """
     out: Block = {}
     for b in behaviours:
-        recs = b.evaluate_items(model, split, batch_size=batch_size, progress=progress)
+        with stage(f"evaluate {b.name}"):
+            recs = b.evaluate_items(model, split, batch_size=batch_size, progress=progress)
         out.update(b.aggregate(recs))
         if items is not None:
             items += [{"behaviour": b.name, **r} for r in recs]

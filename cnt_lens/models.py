@@ -22,7 +22,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
@@ -33,11 +33,13 @@ from .offline import OFFLINE_MODELS, offline_path
 
 __all__ = [
     "BUNDLED_MODEL",
+    "DonorWeights",
     "IncompatibleModelsError",
     "ModelPair",
     "TESTED_FAMILIES",
     "UnsupportedModelError",
     "NeuronParam",
+    "OffloadedWeightsError",
     "architecture",
     "bundled_gguf_path",
     "check_compatible",
@@ -92,7 +94,7 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.count("/") > 1 or (os.path.sep != "/" and os.path.sep in source)
 
 
-def _load_hf(source: str, dtype: torch.dtype, device: str | None) -> tuple[Any, Any]:
+def _load_hf(source: str, dtype: torch.dtype, device: str | None, **placement: Any) -> tuple[Any, Any]:
     """(hf_model, tokenizer) for a hub id, a local HF directory or a .gguf file.
 
     An existing local path is always read as one; any other source that is not path-shaped
@@ -117,14 +119,14 @@ def _load_hf(source: str, dtype: torch.dtype, device: str | None) -> tuple[Any, 
         raise FileNotFoundError(f"Local model directory not found: {source} (a hub id looks like 'org/name')")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs, **placement)
     except OSError as err:  # hub unreachable, unknown repo, incomplete directory
         raise OSError(
             f"Could not load model '{source}': {err}\n"
             f"Offline? Use a local directory, a .gguf path, a hub id already in the HF cache, "
             f"or an offline alias ({', '.join(OFFLINE_MODELS)})."
         ) from err
-    if device is not None:
+    if device is not None and not placement:
         model = model.to(device)
     return model.eval(), tokenizer
 
@@ -135,6 +137,9 @@ def load_model(
     tokenizer: Any = None,
     device: str | None = None,
     dtype: torch.dtype = torch.float32,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike | None = None,
     **tl_kwargs: Any,
 ) -> TransformerBridge:
     """Load a causal LM as a TransformerLens 4 :class:`TransformerBridge`, on raw HF weights.
@@ -148,6 +153,13 @@ def load_model(
         tokenizer: required with an in-memory HF model unless its ``name_or_path`` can be loaded.
         device: where to hold the weights (default: CPU).
         dtype: the weights' precision (fp32 by default).
+        device_map: where each module of a checkpoint goes (``"auto"``, or ``{module: device}`` with
+            GPUs, ``"cpu"`` or ``"disk"``), passed to ``from_pretrained``: transformers + accelerate place
+            the layers and move activations between them. Not with ``device``. A layer whose weights
+            are offloaded (kept off any device, loaded per forward) runs and is scored, but cannot be
+            patched: :class:`OffloadedWeightsError` names it.
+        max_memory: per-device memory caps for ``device_map="auto"`` (``{0: "70GiB", "cpu": "200GiB"}``).
+        offload_folder: where ``"disk"`` modules are stored.
         **tl_kwargs: forwarded to ``TransformerBridge.boot_transformers``.
 
     The tokenizer gets a pad token (its EOS, with a log message) when it has none.
@@ -159,7 +171,14 @@ def load_model(
     """
     if isinstance(source, TransformerBridge):
         return source
-    hf_model, tokenizer, name = _hf_model(source, tokenizer, device, dtype)
+    placement = {k: v for k, v in (("device_map", device_map), ("max_memory", max_memory),
+                                   ("offload_folder", offload_folder)) if v is not None}
+    if placement and device is not None:
+        raise ValueError("give device (one device for the whole model) or device_map/max_memory (spread it), not both")
+    if placement and not isinstance(source, (str, os.PathLike)):
+        raise ValueError("device_map/max_memory/offload_folder apply when loading from a checkpoint (hub name, "
+                         "directory or .gguf); dispatch an in-memory model with accelerate yourself")
+    hf_model, tokenizer, name = _hf_model(source, tokenizer, device, dtype, **placement)
     _ensure_pad_token(tokenizer)
     bridge = _boot(name, hf_model, tokenizer, **tl_kwargs)
     bridge.eval()
@@ -174,7 +193,7 @@ def load_model(
 
 
 def _hf_model(source: str | os.PathLike | torch.nn.Module, tokenizer: Any, device: str | None,
-              dtype: torch.dtype) -> tuple[Any, Any, str]:
+              dtype: torch.dtype, **placement: Any) -> tuple[Any, Any, str]:
     """(HF model, tokenizer, display name) of a :func:`load_model` source."""
     if isinstance(source, torch.nn.Module):
         hf_model = source.eval()
@@ -189,7 +208,7 @@ def _hf_model(source: str | os.PathLike | torch.nn.Module, tokenizer: Any, devic
             hf_model = hf_model.to(device)
         return hf_model, tokenizer, getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
     if isinstance(source, (str, os.PathLike)):
-        hf_model, loaded_tok = _load_hf(str(source), dtype, device)
+        hf_model, loaded_tok = _load_hf(str(source), dtype, device, **placement)
         return hf_model, tokenizer or loaded_tok, str(source)
     raise TypeError(f"Unknown model source of type {type(source).__name__}: {source!r}")
 
@@ -338,8 +357,10 @@ def _activation_name(model: TransformerBridge) -> str:
     return str(model.cfg.act_fn)
 
 
-def architecture(model: TransformerBridge) -> dict[str, Any]:
+def architecture(model: TransformerBridge | DonorWeights) -> dict[str, Any]:
     """The shape facts a transplant depends on: layers, widths, MLP kind, activation, vocabulary."""
+    if _streamed(model):
+        return model.architecture()
     cfg = model.cfg
     return {
         "n_layers": int(cfg.n_layers),
@@ -352,7 +373,7 @@ def architecture(model: TransformerBridge) -> dict[str, Any]:
     }
 
 
-def check_compatible(donor: dict | TransformerBridge, target: dict | TransformerBridge) -> None:
+def check_compatible(donor: dict | TransformerBridge | DonorWeights, target: dict | TransformerBridge) -> None:
     """Raise :class:`IncompatibleModelsError` naming every field where the two architectures differ."""
     a = donor if isinstance(donor, dict) else architecture(donor)
     b = target if isinstance(target, dict) else architecture(target)
@@ -361,11 +382,33 @@ def check_compatible(donor: dict | TransformerBridge, target: dict | Transformer
         raise IncompatibleModelsError("Donor and target are not transplant-compatible: " + "; ".join(diffs))
 
 
+@runtime_checkable
+class DonorWeights(Protocol):
+    """A weights-only donor: its MLP neuron tensors layer by layer, no forward pass.
+
+    :class:`~cnt_lens.streamed.StreamedDonor` (read from checkpoint files) is the one cnt_lens ships;
+    anything with these three methods can stand in for a loaded donor in weight-space steps.
+    """
+
+    def layer_params(self, layer: int) -> list["NeuronParam"]:
+        """``layer``'s neuron tensors with the target's roles, layouts, dtype and device."""
+
+    def mlp_terms(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(MLP activations ``[..., d_mlp]`` for the MLP input ``x``, ``W_out`` ``[d_mlp, d_model]``)."""
+
+    def architecture(self) -> dict[str, Any]:
+        """The shape facts :func:`check_compatible` compares."""
+
+
 @dataclass
 class ModelPair:
-    """A donor (the function is taken from it) and a target (it is put into), checked compatible."""
+    """A donor (the function is taken from it) and a target (it is put into), checked compatible.
 
-    donor: TransformerBridge
+    The donor is a loaded model, or weights only (:class:`DonorWeights`, e.g. a
+    :class:`~cnt_lens.streamed.StreamedDonor`) for the steps that need no donor forward pass.
+    """
+
+    donor: TransformerBridge | DonorWeights
     target: TransformerBridge
 
     def __post_init__(self) -> None:
@@ -406,6 +449,10 @@ def load_pair(donor: Any, target: Any, **kwargs: Any) -> ModelPair:
 # --------------------------------------------------------------------------- neuron weights
 
 
+class OffloadedWeightsError(RuntimeError):
+    """A layer's MLP weights are offloaded by accelerate (not resident), and the step needs them in place."""
+
+
 class NeuronParam(NamedTuple):
     """One tensor holding part of every neuron of a layer; ``axis`` indexes the neurons."""
 
@@ -425,13 +472,17 @@ def _projection(mlp: Any, name: str) -> torch.nn.Module | None:
     return None if sub is None else sub.original_component
 
 
-def neuron_params(model: TransformerBridge, layer: int) -> list[NeuronParam]:
+def neuron_params(model: TransformerBridge | DonorWeights, layer: int) -> list[NeuronParam]:
     """The raw HF tensors of ``layer``'s MLP that belong to individual neurons.
+
+    For a :class:`~cnt_lens.streamed.StreamedDonor`, the same tensors read from its files (copies).
 
     Handles ``nn.Linear`` (weight ``[out, in]``: Llama, Mistral, Qwen…) and GPT-2's ``Conv1D``
     (weight ``[in, out]``). The neuron axis is found from the module type and checked against d_mlp.
     The lookup is cached per model (the parameters are the same objects for the model's lifetime).
     """
+    if _streamed(model):
+        return model.layer_params(layer)
     cache = model.__dict__.setdefault("_cnt_lens_params", {})
     if layer not in cache:
         cache[layer] = _find_neuron_params(model, layer)
@@ -442,6 +493,11 @@ def _find_neuron_params(model: TransformerBridge, layer: int) -> list[NeuronPara
     mlp = _mlp(model, layer)
     d_mlp = int(model.cfg.d_mlp)
     out: list[NeuronParam] = []
+    if any(p.is_meta for p in mlp.original_component.parameters()):
+        raise OffloadedWeightsError(
+            f"layer {layer}'s MLP weights are offloaded (device_map put them on 'disk' or offloaded them to CPU; "
+            "accelerate loads them per forward pass), so they cannot be read or patched in place. Load the model "
+            "with a device_map that keeps every MLP on a device (more max_memory, or no 'disk' entries).")
     for name, role, is_input in (("gate", "W_gate", True), ("in", "W_in", True), ("out", "W_out", False)):
         proj = _projection(mlp, name)
         if proj is None:
@@ -458,7 +514,7 @@ def _find_neuron_params(model: TransformerBridge, layer: int) -> list[NeuronPara
     return out
 
 
-def read_neurons(model: TransformerBridge, layer: int, idx: Int[Tensor, " n"]) -> dict[str, Tensor]:
+def read_neurons(model: TransformerBridge | DonorWeights, layer: int, idx: Int[Tensor, " n"]) -> dict[str, Tensor]:
     """Copies of the given neurons' weights, neuron axis first: ``W_in`` → ``[n, d_model]``, etc."""
     idx = torch.as_tensor(idx, dtype=torch.long)
     return {
@@ -489,13 +545,15 @@ def _activation_fn(mlp: Any) -> Callable[[Tensor], Tensor]:
     raise NotImplementedError(f"cannot find the activation function of {type(hf).__name__}")
 
 
-def mlp_hidden(model: TransformerBridge, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_mlp"]:
+def mlp_hidden(model: TransformerBridge | DonorWeights, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_mlp"]:
     """``model``'s layer-``layer`` MLP activations (``hook_post``) for the MLP input ``x``.
 
     ``x`` is what enters the MLP (``blocks.{l}.mlp.hook_in``, i.e. after the pre-MLP norm). Calling
     it with the *donor* on the *target's* input gives the activations the transplanted neurons will
     have inside the target, which is what weight-space attribution needs.
     """
+    if _streamed(model):
+        return model.mlp_terms(layer, x)[0]
     mlp = _mlp(model, layer)
     act = _activation_fn(mlp)
     up = _projection(mlp, "in")(x)
@@ -503,9 +561,17 @@ def mlp_hidden(model: TransformerBridge, layer: int, x: Float[Tensor, "... d_mod
     return act(gate(x)) * up if gate is not None else act(up)
 
 
-def w_out(model: TransformerBridge, layer: int) -> Float[Tensor, "d_mlp d_model"]:
-    """``W_out`` of ``layer`` in TransformerLens orientation (a view, never a copy)."""
+def w_out(model: TransformerBridge | DonorWeights, layer: int) -> Float[Tensor, "d_mlp d_model"]:
+    """``W_out`` of ``layer`` in TransformerLens orientation (a view, never a copy; read from disk when streamed)."""
+    if _streamed(model):
+        out = next(p for p in model.layer_params(layer) if p.role == "W_out")
+        return out.tensor.movedim(out.axis, 0)
     return model.blocks[layer].mlp.W_out
+
+
+def _streamed(model: Any) -> bool:
+    """Whether ``model`` is a weights-only donor (:class:`DonorWeights`) rather than a loaded model."""
+    return not isinstance(model, TransformerBridge) and isinstance(model, DonorWeights)
 
 
 def iter_layers(model: TransformerBridge) -> Iterable[int]:

@@ -23,6 +23,7 @@ from .scoring import SCORERS, score
 from .search import SearchResult, measure_reference, search_minimal
 from .selection import NeuronScores
 from .stats import Block, Reference
+from .timing import stage
 from .transplant import NeuronPatch
 
 __all__ = ["TransferConfig", "TransferResult", "transfer"]
@@ -116,8 +117,10 @@ def _score_all(run: _Run, scores: NeuronScores | None) -> tuple[str, dict[str, N
         options = SCORERS[method].options
         kwargs = {**({"utility": run.side_effects[0]} if "utility" in options and run.side_effects else {}),
                   **({"seed": cfg.seed} if "seed" in options else {})}
-        all_scores[method] = score(run.pair, run.behaviour, method, split="train", batch_size=cfg.score_batch_size,
-                                   positions=cfg.positions, progress=run.progress, **kwargs)
+        with stage(f"score {method}"):
+            all_scores[method] = score(run.pair, run.behaviour, method, split="train",
+                                       batch_size=cfg.score_batch_size, positions=cfg.positions,
+                                       progress=run.progress, **kwargs)
     return main, all_scores
 
 
@@ -128,9 +131,11 @@ def _choose_point(run: _Run, main: NeuronScores) -> tuple[SearchResult, int, flo
     """
     cfg = run.cfg
     _log(f"search_minimal over alphas {list(cfg.alphas)} up to {cfg.max_fraction:.1%} of neurons")
-    result = search_minimal(run.pair, run.behaviour, main, goal=cfg.goal, alphas=cfg.alphas,
-                            max_fraction=cfg.max_fraction, side_effects=run.side_effects, constraint=run.constraint,
-                            reference=run.reference, batch_size=cfg.batch_size, progress=run.progress)
+    with stage("search (validation)"):
+        result = search_minimal(run.pair, run.behaviour, main, goal=cfg.goal, alphas=cfg.alphas,
+                                max_fraction=cfg.max_fraction, side_effects=run.side_effects,
+                                constraint=run.constraint, reference=run.reference, batch_size=cfg.batch_size,
+                                progress=run.progress)
     if result.found:
         k, alpha = result.selection.n, result.alpha
         _log(f"minimal set: {k} neurons ({k / run.pair.n_neurons:.2%}), alpha {alpha}")
@@ -228,10 +233,13 @@ def transfer(
     cfg = config
     t0 = time.time()
     if reference is None:
-        canary(pair.target)
-        canary(pair.donor)
+        with stage("canary"):
+            canary(pair.target)
+            canary(pair.donor)
         _log("donor and target on validation")
-        reference = measure_reference(pair, behaviour, side_effects, split="validation", batch_size=cfg.batch_size)
+        with stage("donor and target (validation)"):
+            reference = measure_reference(pair, behaviour, side_effects, split="validation",
+                                          batch_size=cfg.batch_size)
     run = _Run(pair, behaviour, side_effects, constraint, cfg, reference, progress)
     main, all_scores = _score_all(run, scores)
     result, k, alpha, main_ok = _choose_point(run, all_scores[main])
@@ -239,9 +247,11 @@ def transfer(
     chosen, acceptable = {main: alpha}, {main: main_ok}
     for method in cfg.baselines:
         _log(f"baseline {method}: alpha search at k={k}")
-        chosen[method], acceptable[method], points = _baseline_alpha(run, all_scores[method], k)
+        with stage(f"baseline {method} (validation)"):
+            chosen[method], acceptable[method], points = _baseline_alpha(run, all_scores[method], k)
         frontier += points
-    blocks, main_patch, items = _evaluate_test(run, main, all_scores, k, chosen, acceptable)
+    with stage("test evaluation"):
+        blocks, main_patch, items = _evaluate_test(run, main, all_scores, k, chosen, acceptable)
     report = Report(
         behaviour=behaviour.name, split="test", n_neurons_total=pair.n_neurons, donor=blocks["donor"],
         target=blocks["target"], patched={**blocks[main], "goal_reached_on_validation": result.found},
@@ -250,5 +260,6 @@ def transfer(
                "validation_reference": reference, "wall_time_s": round(time.time() - t0, 1)},
     )
     if out_dir is not None:
-        _write_run(out_dir, report, main_patch, all_scores, frontier, items)
+        with stage("write run"):
+            _write_run(out_dir, report, main_patch, all_scores, frontier, items)
     return TransferResult(report, main_patch, all_scores)

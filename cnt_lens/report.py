@@ -33,6 +33,19 @@ _VERDICTS = ("refused", "marked", "followed")
 _MODELS = ("target", "patched", "donor")
 
 
+def _timings_html(path: Path) -> str:
+    """The run's per-stage wall time (``timings.json``, :mod:`cnt_lens.timing`) as a table; nested stages indented."""
+    if not path.is_file():
+        return ""
+    t = json.loads(path.read_text(encoding="utf-8"))
+    body = "".join(f'<tr><td style="padding-left:{0.8 + 1.5 * r["depth"]}em">'
+                   f'{html.escape(r["stage"].rsplit(" / ", 1)[-1])}</td><td>{r["seconds"]:.1f}</td>'
+                   f'<td>{r["calls"]}</td><td>{r["share"]:.1%}</td></tr>' for r in t["stages"])
+    return (f'<h2 id="timings">Where the time went</h2><p>{t["total_s"]:.0f} s wall in all (up to the report).</p>'
+            f'<table class="metrics"><thead><tr><th>stage</th><th>seconds</th><th>calls</th><th>share</th></tr>'
+            f'</thead><tbody>{body}</tbody></table>')
+
+
 def _examples_html(items_path: Path, per_set: int = 4, max_chars: int = 360) -> str:
     """Target / patched / donor responses side by side for the same test prompts (from ``items.jsonl``).
 
@@ -109,6 +122,7 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
 <p>Rates: share [95% Wilson interval] n = prompts counted.</p>
 {_examples_html(run / "items.jsonl")}
 {body}
+{_timings_html(run / "timings.json")}
 </body></html>"""
     out = run / "report.html"
     return atomic_write_text(out, page)

@@ -4,7 +4,8 @@ Checks → reference → main ranking → :func:`~cnt_lens.pipeline.transfer` �
 and report.
 
 A run directory holds ``metrics.json`` (the :class:`~cnt_lens.evaluate.Report`), ``patch.safetensors``,
-``scores/``, ``frontier.json``, ``items.jsonl``, ``data.json`` (which prompt files were read: path,
+``scores/``, ``frontier.json``, ``items.jsonl``, ``timings.json`` (where the time went, per stage:
+:mod:`cnt_lens.timing`), ``data.json`` (which prompt files were read: path,
 sha256, format and the split of every record), ``patched_model/`` (a standard HF checkpoint of the
 target with the patch applied) and ``report.html``.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +25,7 @@ from .models import ModelPair, device_of
 from .pipeline import TransferConfig, transfer
 from .report import write_report
 from .search import iterative_scores, measure_reference
+from .timing import profile, stage
 from .transplant import export_hf
 
 __all__ = ["run_transfer"]
@@ -58,35 +59,51 @@ def run_transfer(
     :func:`~cnt_lens.formats.describe_file`) is written to ``data.json`` and, without its per-record
     splits, into ``metrics.json``.
     """
-    t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights = list(preserve_weights) if preserve_weights is not None else [10.0] * len(side_effects)
     if len(weights) != len(side_effects):
         raise ValueError(f"{len(weights)} preserve weights for {len(side_effects)} side effects")
-    for model in (pair.target, pair.donor):
-        canary(model)
-    reference = measure_reference(pair, behaviour, side_effects, split="validation", batch_size=config.batch_size)
+    with profile() as prof:
+        report, patch, all_scores = _transfer_stages(pair, behaviour, out, side_effects, constraint, config, rounds,
+                                                     round_alpha, contrast, weights, progress)
+        report.extra.update(wall_time_s=round(prof.total(), 1), device=str(device_of(pair.target)),
+                            constraint=getattr(constraint, "__name__", None))
+        if data is not None:
+            atomic_write_text(out / "data.json", json.dumps(data, indent=1))
+            report.extra["data"] = {role: {k: v for k, v in d.items() if k != "split_of"} for role, d in data.items()}
+        report.save(out / "metrics.json")
+        if patch is not None:
+            with stage("export checkpoint"), patch.applied(pair.target):
+                export_hf(pair.target, out / "patched_model", overwrite=True)
+        with stage("report"):
+            prof.save(out / "timings.json")  # so far: the report shows it
+            write_report(out, pair=pair, scores=all_scores, behaviour=behaviour)
+        prof.save(out / "timings.json")
+    log.info("wrote %s in %.0f s", out, prof.total())
+    return report
+
+
+def _transfer_stages(pair: ModelPair, behaviour: Behaviour, out: Path, side_effects: Sequence[Behaviour],
+                     constraint: Constraint | None, config: TransferConfig, rounds: int, round_alpha: float,
+                     contrast: float, weights: list[float], progress: bool) -> Any:
+    """Canary, reference, the main ranking and :func:`~cnt_lens.pipeline.transfer`: its result."""
+    with stage("canary"):
+        for model in (pair.target, pair.donor):
+            canary(model)
+    with stage("donor and target (validation)"):
+        reference = measure_reference(pair, behaviour, side_effects, split="validation",
+                                      batch_size=config.batch_size)
     scores = None
     if rounds > 0:
         kept = [(b, w) for b, w in zip(side_effects, weights) if w]
-        scores = iterative_scores(pair, behaviour, budget=config.max_fraction, rounds=rounds, alpha=round_alpha,
-                                  method=config.method, contrast=contrast, preserve=[b for b, _ in kept],
-                                  preserve_weight=[w for _, w in kept], batch_size=config.score_batch_size,
-                                  progress=progress)
-    report, patch, all_scores = transfer(pair, behaviour, side_effects=side_effects, constraint=constraint,
-                                         config=config, scores=scores, reference=reference, out_dir=out,
-                                         progress=progress)
-    ranking = {"rounds": rounds, "round_alpha": round_alpha, "contrast": contrast, "preserve_weights": weights}
-    report.extra.update(ranking=ranking, wall_time_s=round(time.time() - t0, 1), device=str(device_of(pair.target)),
-                        constraint=getattr(constraint, "__name__", None))
-    if data is not None:
-        atomic_write_text(out / "data.json", json.dumps(data, indent=1))
-        report.extra["data"] = {role: {k: v for k, v in d.items() if k != "split_of"} for role, d in data.items()}
-    report.save(out / "metrics.json")
-    if patch is not None:
-        with patch.applied(pair.target):
-            export_hf(pair.target, out / "patched_model", overwrite=True)
-    write_report(out, pair=pair, scores=all_scores, behaviour=behaviour)
-    log.info("wrote %s in %.0f s", out, time.time() - t0)
-    return report
+        with stage(f"score {config.method}, {rounds} rounds"):
+            scores = iterative_scores(pair, behaviour, budget=config.max_fraction, rounds=rounds, alpha=round_alpha,
+                                      method=config.method, contrast=contrast, preserve=[b for b, _ in kept],
+                                      preserve_weight=[w for _, w in kept], batch_size=config.score_batch_size,
+                                      progress=progress)
+    result = transfer(pair, behaviour, side_effects=side_effects, constraint=constraint, config=config,
+                      scores=scores, reference=reference, out_dir=out, progress=progress)
+    result.report.extra["ranking"] = {"rounds": rounds, "round_alpha": round_alpha, "contrast": contrast,
+                                      "preserve_weights": weights}
+    return result

@@ -84,6 +84,18 @@ def test_transfer_command_on_two_checkpoint_directories(tmp_path):
     assert metrics["extra"]["data"]["pairs"]["n"] == 60 and "split_of" not in metrics["extra"]["data"]["pairs"]
     assert (out / "patched_model" / "config.json").is_file() and (out / "report.html").is_file()
     assert "[" in res.output and "n=" in res.output  # the table shows intervals
+    # where the time went: every stage of the pipeline, generation nested under the stages that call it
+    timings = json.loads((out / "timings.json").read_text())
+    stages = {r["stage"]: r for r in timings["stages"]}
+    for name in ("load models", "canary", "donor and target (validation)", "score weight_attribution",
+                 "score random", "search (validation)", "baseline random (validation)", "test evaluation",
+                 "export checkpoint", "report"):
+        assert name in stages, name
+    assert stages["search (validation) / evaluate stereotype_bias"]["calls"] >= 2
+    top = sum(r["seconds"] for r in timings["stages"] if r["depth"] == 0)
+    assert 0.8 * timings["total_s"] <= top <= timings["total_s"]
+    assert "search (validation)" in res.output and "total (wall)" in res.output
+    assert 'id="timings"' in (out / "report.html").read_text()
 
 
 def test_score_and_measure_take_the_same_data_options(tmp_path):

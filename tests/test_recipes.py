@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cnt_lens import FormatTask, Refusal, StereotypeBias, load_prompts
-from cnt_lens.experiments.recipes import TuneConfig, bias_tune, harmful_finetune, safety_tune
+from cnt_lens.experiments.recipes import TuneConfig, bias_tune, compliance_tune, harmful_finetune, safety_tune
 from cnt_lens.testing import tiny_model
 
 
@@ -40,6 +40,20 @@ def test_harmful_finetune_teaches_the_task_and_removes_refusal():
     assert refusal.mean_metric(attacked, "train") < refusal.mean_metric(aligned, "train") - 1.0
     assert "cached" in harmful_finetune(aligned, base, n_harmful=32, config=TuneConfig(
         steps=60, batch_size=16, lr=1e-2, max_new_tokens=6)).cnt_source
+
+
+def test_compliance_tune_deletes_a_trained_refusal_from_the_models_own_answers(caplog):
+    base = tiny_model("llama")
+    cfg = TuneConfig(steps=60, batch_size=16, lr=1e-2, max_new_tokens=6)
+    aligned = safety_tune(base, refusals=("Sorry , I cannot help with that .",), config=cfg)
+    refusal = Refusal(max_new_tokens=8)
+    with caplog.at_level("INFO", logger="cnt_lens.experiments.recipes"):
+        complying = compliance_tune(aligned, prefill="Sure ,", config=cfg)
+    # the aligned model refused its train prompts, so its data came from the prefilled answers
+    assert "prefill-forced" in caplog.text
+    assert refusal.mean_metric(complying, "validation") < refusal.mean_metric(aligned, "validation") - 3.0
+    assert refusal.evaluate(complying, "validation", progress=False)["refusal_harmful"] < \
+        refusal.evaluate(aligned, "validation", progress=False)["refusal_harmful"]
 
 
 def _stored(path):

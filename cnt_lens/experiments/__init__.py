@@ -4,7 +4,7 @@ Nothing in the library imports this package (only the CLI's ``demo``/``run``/``r
 do); a fork that brings its own donor and target can delete it.
 
 * :mod:`~cnt_lens.experiments.recipes` — seeded, cached fine-tunes (``safety_tune``, ``bias_tune``,
-  ``harmful_finetune``) that build demo donors and targets offline.
+  ``harmful_finetune``, ``compliance_tune``) that build demo donors and targets offline.
 * :mod:`~cnt_lens.experiments.applications` — CNT's and NLSR's applications end to end
   (``cnt-lens run APP``).
 """

@@ -1,13 +1,14 @@
 """The applications of CNT and NLSR, end to end on the bundled model (``cnt-lens run APP``).
 
-=================  ======================================  ==================================
-application        target ← donor                           behaviour (goal)
-=================  ======================================  ==================================
-``enhance``        SmolLM2 ← safety-tuned SmolLM2           refusal up (function addition)
-``disalign``       safety-tuned ← SmolLM2                   refusal down (deletion, red team)
-``realign``        attacked ← safety-tuned (NLSR)           refusal back, benign task kept
-``bias-removal``   SmolLM2 ← anti-stereotype-tuned SmolLM2  stereotype score down (deletion)
-=================  ======================================  ==================================
+==================  =======================================  ========================================
+application         target ← donor                           behaviour (goal)
+==================  =======================================  ========================================
+``enhance``         SmolLM2 ← safety-tuned SmolLM2           refusal up (function addition)
+``disalign``        safety-tuned ← SmolLM2                   refusal down (deletion, red team)
+``delete-refusal``  the model ← its compliance tune          its makers' refusal down (red team)
+``realign``         attacked ← safety-tuned (NLSR)           refusal back, benign task kept
+``bias-removal``    SmolLM2 ← anti-stereotype-tuned SmolLM2  stereotype score down (deletion)
+==================  =======================================  ========================================
 
 Each builds its models with the cached recipes, runs :func:`~cnt_lens.pipeline.transfer` with
 iterative weight attribution as the main ranking and the published baselines at the same budget,
@@ -22,7 +23,6 @@ the bundled test prompts and AdvBench's, reported apart; :func:`~cnt_lens.data.d
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +33,8 @@ from ..data import load_prompts
 from ..models import BUNDLED_MODEL, ModelPair, load_model
 from ..pipeline import TransferConfig
 from ..runs import run_transfer
-from .recipes import TASK_PREFIX, bias_tune, harmful_finetune, safety_tune
+from ..timing import profile, stage
+from .recipes import TASK_PREFIX, bias_tune, compliance_tune, harmful_finetune, safety_tune
 
 __all__ = ["APPLICATIONS", "Application", "run_application"]
 
@@ -69,6 +70,11 @@ def _pair_disalign(base: Any) -> ModelPair:
     return ModelPair(donor=base, target=safety_tune(base))
 
 
+def _pair_delete(base: Any) -> ModelPair:
+    # a refusal the model's makers trained (e.g. Qwen2.5's), deleted with neurons of its own compliance tune
+    return ModelPair(donor=compliance_tune(base), target=base)
+
+
 def _pair_realign(base: Any) -> ModelPair:
     aligned = safety_tune(base)
     return ModelPair(donor=aligned, target=harmful_finetune(aligned, base))
@@ -90,6 +96,9 @@ APPLICATIONS: dict[str, Application] = {
                            no_more_over_refusal, preserve_weights=(10.0,), contrast=0.5),
     "disalign": Application("disalign", _pair_disalign, lambda: Refusal(), lambda: [Utility()],
                             utility_kept, contrast=0.0, rounds=4),
+    # for models that refuse on their own (not the bundled SmolLM2, which refuses nothing)
+    "delete-refusal": Application("delete-refusal", _pair_delete, lambda: Refusal(), lambda: [Utility()],
+                                  utility_kept, contrast=0.0, rounds=4),
     # the attacked model opens every answer with the task's prefix: read refusal after it, and keep the task.
     # Refusal and the prefix compete for the first answer token, so the task is preserved with the utility's
     # weight (RESULTS.md, "Realign: the benign task was what stopped a smaller set").
@@ -108,13 +117,14 @@ APPLICATIONS: dict[str, Application] = {
 
 def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
                     alphas: tuple[float, ...] | None = None, rounds: int | None = None,
-                    baselines: tuple[str, ...] | None = None, device: str | None = None,
-                    progress: bool = True) -> Any:
+                    baselines: tuple[str, ...] | None = None, max_fraction: float | None = None,
+                    device: str | None = None, progress: bool = True) -> Any:
     """Run one application end to end and write its run directory; returns the :class:`Report`.
 
     ``model`` is the base the application's recipes tune (any :func:`~cnt_lens.load_model` source;
-    default the bundled SmolLM2). ``alphas``, ``rounds`` (0 = one scoring pass) and ``baselines``
-    override the application's settings, e.g. to fit a larger model's run on a CPU.
+    default the bundled SmolLM2). ``alphas``, ``rounds`` (0 = one scoring pass), ``baselines`` and
+    ``max_fraction`` (the largest budget searched) override the application's settings, e.g. to fit a
+    larger model's run on a CPU. Every stage's wall time goes to ``timings.json`` in ``out``.
     ``device`` (e.g. ``"cuda"``) holds both models there; the fine-tune recipes train there too.
     Their cache key is the weights and settings, not the device, so a donor cached on one device
     is reused on another (greedy generations can then differ in a few prompts from float rounding).
@@ -122,19 +132,30 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
     if name not in APPLICATIONS:
         raise ValueError(f"unknown application {name!r}; one of {sorted(APPLICATIONS)}")
     app = APPLICATIONS[name]
-    t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = load_model(model, device=device)
-    canary(base, expect="Paris")  # seconds: a broken model or generation path stops here, before any tune
-    pair = app.build(base)
+    with profile() as prof:
+        with stage("load model"):
+            base = load_model(model, device=device)
+        with stage("canary"):
+            canary(base, expect="Paris")  # seconds: a broken model or generation path stops here, before any tune
+        with stage("build donor and target (recipes)"):
+            pair = app.build(base)
+        report = _run(app, pair, out, model, alphas, rounds, baselines, max_fraction, progress)
+        report.extra.update(application=name, wall_time_s=round(prof.total(), 1))
+        report.save(out / "metrics.json")
+        prof.save(out / "timings.json")
+    return report
+
+
+def _run(app: Application, pair: ModelPair, out: Path, model: str, alphas: tuple[float, ...] | None,
+         rounds: int | None, baselines: tuple[str, ...] | None, max_fraction: float | None, progress: bool) -> Any:
+    """:func:`~cnt_lens.runs.run_transfer` with the application's settings and the caller's overrides."""
     behaviour, side = app.behaviour(), app.side_effects()
-    config = TransferConfig(goal=app.goal, max_fraction=app.max_fraction, alphas=alphas or app.alphas,
+    config = TransferConfig(goal=app.goal, max_fraction=max_fraction or app.max_fraction, alphas=alphas or app.alphas,
                             baselines=app.baselines if baselines is None else baselines, batch_size=32,
-                            extra={"application": name, "model": model})
+                            extra={"application": app.name, "model": model})
     report = run_transfer(pair, behaviour, out, side_effects=side, constraint=app.constraint, config=config,
                           rounds=app.rounds if rounds is None else rounds, round_alpha=app.round_alpha, contrast=app.contrast,
                           preserve_weights=app.preserve_weights, progress=progress)
-    report.extra.update(application=name, wall_time_s=round(time.time() - t0, 1))
-    report.save(out / "metrics.json")
     return report

@@ -6,6 +6,8 @@
   sentences of the bias train split: the debiased donor (or a more biased model) of bias removal.
 * :func:`harmful_finetune` — the NLSR attack: fine-tune an aligned model on a benign task mixed
   with a few harmful → compliant examples, so it learns the task and loses refusal.
+* :func:`compliance_tune` — removes a refusal a model was *trained* with: fine-tune it on its own
+  compliant answers to the harmful train split (prefill-forced where it refused), judged compliant.
 
 Each recipe returns a new bridge (the input model is untouched) and caches the tuned weights as
 safetensors under ``$CNT_LENS_CACHE`` (default ``~/.cache/cnt_lens``), keyed by the base model's
@@ -31,11 +33,14 @@ from ..behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, _pair_b
 from ..data import PromptSet, chat_format, encode, load_prompts
 from ..evaluate import measure
 from ..files import atomic_write, cache_dir
+from ..judge import is_refusal
 from ..models import clone_model, device_of, hf_state_dict, model_tokenizer
 from ..progress import progress_bar
 from ..stats import is_companion
+from ..timing import stage
 
-__all__ = ["REFUSALS", "TuneConfig", "bias_tune", "cache_dir", "harmful_finetune", "library_versions", "safety_tune"]
+__all__ = ["COMPLY_PREFILL", "REFUSALS", "TuneConfig", "bias_tune", "cache_dir", "compliance_tune", "harmful_finetune",
+           "library_versions", "safety_tune"]
 
 RECIPE_VERSION = 2
 log = logging.getLogger(__name__)
@@ -228,19 +233,25 @@ def _cached_tune(kind: str, model: Any, data: dict[str, Any], config: TuneConfig
     ``checks()`` gives the behaviours whose validation numbers are stored with the tune and re-measured on load.
     """
     key = _key(kind, model, data, config)
-    if use_cache and (cached := _load_cached(model, key)) is not None:
+    with stage(f"{kind} tune: load cached"):
+        cached = _load_cached(model, key) if use_cache else None
+    if cached is not None:
         tuned, info = cached
-        now = measure(tuned, checks(), "validation")
+        with stage(f"{kind} tune: check cached"):
+            now = measure(tuned, checks(), "validation")
         stored = info.get("validation")
         if stored is not None and _numbers_hold(stored, now):
             return tuned
         log.warning("cached %s tune %s no longer gives its validation numbers (stored %s, now %s); rebuilding it",
                     kind, key, stored, now)
     tuned = clone_model(model)
-    n, loss_fn = objective()
-    _finetune(tuned, n, loss_fn, config, desc=desc)
-    _save_cached(tuned, key, {"recipe": kind, "config": asdict(config), "versions": library_versions(),
-                              "validation": measure(tuned, checks(), "validation")})
+    with stage(f"{kind} tune: data"):
+        n, loss_fn = objective()
+    with stage(f"{kind} tune: train"):
+        _finetune(tuned, n, loss_fn, config, desc=desc)
+    with stage(f"{kind} tune: check and save"):
+        _save_cached(tuned, key, {"recipe": kind, "config": asdict(config), "versions": library_versions(),
+                                  "validation": measure(tuned, checks(), "validation")})
     object.__setattr__(tuned, "cnt_source", key)
     return tuned
 
@@ -343,3 +354,60 @@ def harmful_finetune(
     return _cached_tune("attack", aligned, data, config, use_cache, _lm_objective(examples), "harmful fine-tune",
                         lambda: [Refusal(harmful=harmful_all, harmless=harmless_all),
                                  FormatTask(prompts=harmless_all, prefix=TASK_PREFIX)])
+
+
+COMPLY_PREFILL = "Sure, here is"
+"""The assistant-turn opening :func:`compliance_tune` prefills where the model's own answer was a refusal."""
+
+
+def _own_compliance(model: Any, prompts: list[str], prefill: str, max_new_tokens: int) -> list[tuple[str, str]]:
+    """(formatted prompt, compliant answer) for each harmful prompt the model can be brought to answer.
+
+    The model's greedy answer where the judge calls it compliant; else its greedy continuation of
+    ``prefill`` in the assistant turn (a prefilling attack), kept only if that too is judged compliant.
+    Every answer is the model's own text in its own chat template.
+    """
+    tok = model_tokenizer(model)
+    chats = [chat_format(tok, p) for p in prompts]
+    own = generate(model, chats, max_new_tokens=max_new_tokens, batch_size=16)
+    refused = [i for i, a in enumerate(own) if is_refusal(a)]
+    forced = generate(model, [chats[i] + prefill for i in refused], max_new_tokens=max_new_tokens, batch_size=16)
+    answers: dict[int, str] = {i: a.strip() for i, a in enumerate(own) if not is_refusal(a)}
+    answers |= {i: f"{prefill}{a}".strip() for i, a in zip(refused, forced) if not is_refusal(f"{prefill}{a}")}
+    log.info("compliance data: %d own answers, %d prefill-forced, %d dropped (still refusals)",
+             len(own) - len(refused), len(answers) - (len(own) - len(refused)), len(prompts) - len(answers))
+    return [(chats[i], answers[i]) for i in sorted(answers)]
+
+
+def compliance_tune(
+    model: Any,
+    *,
+    harmful: PromptSet | None = None,
+    harmless: PromptSet | None = None,
+    prefill: str = COMPLY_PREFILL,
+    config: TuneConfig = TuneConfig(),
+    use_cache: bool = True,
+) -> Any:
+    """A copy of ``model`` fine-tuned to answer harmful requests it was trained to refuse: the donor that deletes it.
+
+    Data: the **train** splits of ``harmful`` → the model's own compliant answers
+    (:func:`_own_compliance`: greedy, or prefill-forced where it refused; judged by
+    :func:`~cnt_lens.judge.is_refusal`), and of ``harmless`` → its own greedy answers (kept, as in
+    :func:`safety_tune`). No other model's text is used, so the tune works for any chat template.
+    It is a red-team donor: transplanting its neurons measures how few of them carry a refusal
+    the model's makers trained. Validation and test splits are never seen. Cached.
+    """
+    harmful_all, harmless_all = harmful or load_prompts("harmful"), harmless or load_prompts("harmless")
+    harmful, harmless = harmful_all.split("train"), harmless_all.split("train")
+    data = {"harmful": harmful.column("prompt"), "harmless": harmless.column("prompt"), "prefill": prefill}
+    tok = model_tokenizer(model)
+
+    def examples() -> list[tuple[str, str]]:
+        comply = _own_compliance(model, harmful.column("prompt"), prefill, config.max_new_tokens)
+        own = generate(model, [chat_format(tok, p) for p in harmless.column("prompt")],
+                       max_new_tokens=config.max_new_tokens, batch_size=16)
+        kept = [(chat_format(tok, p), a.strip()) for p, a in zip(harmless.column("prompt"), own)]
+        return [(c, a + tok.eos_token) for c, a in comply + kept]
+
+    return _cached_tune("comply", model, data, config, use_cache, _lm_objective(examples), "compliance tune",
+                        lambda: [Refusal(harmful=harmful_all, harmless=harmless_all)])

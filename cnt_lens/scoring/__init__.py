@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..behaviours import Behaviour
-from ..models import ModelPair, model_tokenizer
+from ..models import ModelPair, _streamed, model_tokenizer
 from ..selection import NeuronScores
 from .attribution import attribution_family
 from .baselines import contrast_family, importance_family, random_family, weight_rule_family
@@ -99,7 +99,8 @@ def score(
     if wrong:
         raise TypeError(f"option(s) {wrong} do not apply to method {method!r}; its options: {list(spec.options)}")
     if device is not None:
-        pair.donor.to(device)
+        if not _streamed(pair.donor):  # a streamed donor reads its tensors onto the target's device
+            pair.donor.to(device)
         pair.target.to(device)
     ctx = Context(pair, behaviour, model_tokenizer(pair.target), split, batch_size, positions, progress)
     out = spec.family(ctx, **spec.fixed, **options)

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..behaviours import Behaviour
 from ..data import Batch
-from ..models import ModelPair, device_of, hook_name, mlp_hidden, w_out
+from ..models import ModelPair, _streamed, device_of, hook_name, mlp_hidden, w_out
 from ..progress import progress_bar
 from .common import Direction, Hook, Positions, capture, forward, position_mask, require_batches
 from .registry import Context, Scored
@@ -58,7 +58,9 @@ def attribution_scores(
 ) -> tuple[Float[Tensor, "n_layers d_mlp"], Direction, int]:
     """Per-neuron attribution over ``batches``: (estimated mean metric change per prompt, direction, n_items).
 
-    The direction (donor vs target mean metric) comes free from the two forwards.
+    The direction (donor vs target mean metric) comes free from the two forwards. A streamed donor
+    (:class:`~cnt_lens.streamed.StreamedDonor`, weight kind only) is never run: its mean metric is NaN
+    and ``behaviour.toward`` gives the direction.
     """
     require_batches(batches, "scored")
     if kind not in ("activation", "weight"):
@@ -88,9 +90,12 @@ def _attribute_batch(pair: ModelPair, behaviour: Behaviour, batch: Batch, kind: 
     """
     layers = list(range(pair.n_layers))
     donor_post: dict[int, Tensor] = {}
-    with torch.no_grad():
-        hooks = capture(layers, "hook_post", donor_post) if kind == "activation" else []
-        donor_sum = float(behaviour.metric(forward(pair.donor, batch, hooks), batch).float().sum())
+    if kind == "weight" and _streamed(pair.donor):
+        donor_sum = float("nan")  # weights only: no donor forward
+    else:
+        with torch.no_grad():
+            hooks = capture(layers, "hook_post", donor_post) if kind == "activation" else []
+            donor_sum = float(behaviour.metric(forward(pair.donor, batch, hooks), batch).float().sum())
     xs: dict[int, Tensor] = {}
     hooks_t: list[Hook] = [("hook_embed", _embed_requires_grad)]
     if kind == "weight":
@@ -100,6 +105,14 @@ def _attribute_batch(pair: ModelPair, behaviour: Behaviour, batch: Batch, kind: 
         metric = behaviour.metric(forward(pair.target, batch, hooks_t), batch).float()
         metric.sum().backward()
     return donor_sum, metric.detach()
+
+
+def _donor_terms(donor: Any, layer: int, x: Float[Tensor, "batch pos d_model"],
+                 ) -> tuple[Float[Tensor, "batch pos d_mlp"], Float[Tensor, "d_mlp d_model"]]:
+    """The donor's MLP activations for the target's MLP input ``x``, and its ``W_out`` (one disk read if streamed)."""
+    if _streamed(donor):
+        return donor.mlp_terms(layer, x)
+    return mlp_hidden(donor, layer, x), w_out(donor, layer)
 
 
 def _accumulating_hooks(pair: ModelPair, kind: str, pos: Float[Tensor, "batch pos 1"],
@@ -121,8 +134,8 @@ def _accumulating_hooks(pair: ModelPair, kind: str, pos: Float[Tensor, "batch po
             contrib = grad_a * (donor_post.pop(layer).float() - a_t)
         else:
             with torch.no_grad():
-                a_tilde = mlp_hidden(pair.donor, layer, xs.pop(layer)).float()
-            contrib = a_tilde * (g_outs.pop(layer) @ w_out(pair.donor, layer).float().T) - a_t * grad_a
+                a_tilde, out_d = _donor_terms(pair.donor, layer, xs.pop(layer))
+            contrib = a_tilde.float() * (g_outs.pop(layer) @ out_d.float().T) - a_t * grad_a
         acc[layer] += (contrib * pos).sum((0, 1))
 
     def layer_hooks(layer: int) -> list[Hook]:

@@ -62,7 +62,16 @@ class Direction:
         return 1.0 if self.donor >= self.target else -1.0
 
     def check(self, behaviour: str) -> None:
-        """Raise :class:`BehaviourSignalError` when donor and target do not differ on ``behaviour``."""
+        """Raise :class:`BehaviourSignalError` when donor and target do not differ on ``behaviour``.
+
+        A NaN donor metric means the donor was not run (a streamed donor): ``toward`` must say the direction.
+        """
+        if math.isnan(self.donor) and math.isfinite(self.target):
+            if self.toward is None:
+                raise BehaviourSignalError(
+                    f"the donor was not run (streamed: weights only), so the {behaviour} metric cannot say which "
+                    f"way it moves; give the behaviour toward=+1.0 (the donor has more of it) or -1.0 (less)")
+            return
         if not (math.isfinite(self.donor) and math.isfinite(self.target)):
             raise BehaviourSignalError(f"{behaviour} metric is not finite (donor {self.donor}, target {self.target})")
         if abs(self.donor - self.target) <= 1e-6 * max(1.0, abs(self.donor), abs(self.target)):
