@@ -139,3 +139,30 @@ def test_transfer_command_errors_name_the_problem(tmp_path):
     (tmp_path / "full" / "keep.txt").write_text("mine")
     res = runner.invoke(app, ["transfer", "--donor", "x", "--target", "y", "--out", str(tmp_path / "full")])
     assert res.exit_code != 0 and "not empty" in res.output and (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_run_passes_its_overrides_to_the_application_and_prints_the_timings(tmp_path, monkeypatch):
+    from cnt_lens.evaluate import Report
+    from cnt_lens.experiments import applications
+    from cnt_lens.timing import profile, stage
+
+    seen = {}
+
+    def fake_run_application(name, out, **kwargs):  # the real one runs for half an hour
+        seen.update(name=name, **kwargs)
+        with profile() as prof:
+            with stage("search (validation)"):
+                pass
+            prof.save(out / "timings.json")
+        return Report(behaviour="refusal", split="test", n_neurons_total=10, donor={}, target={}, patched={})
+
+    monkeypatch.setattr(applications, "run_application", fake_run_application)
+    out = tmp_path / "run"
+    out.mkdir()
+    res = runner.invoke(app, ["run", "delete-refusal", "--out", str(out), "--model", "qwen2.5-coder-0.5b-instruct",
+                              "--rounds", "0", "--alphas", "1,2", "--max-fraction", "0.02", "--baselines", "random"])
+    assert res.exit_code == 0, res.output
+    assert seen == {"name": "delete-refusal", "model": "qwen2.5-coder-0.5b-instruct", "rounds": 0,
+                    "baselines": ("random",), "device": None, "alphas": (1.0, 2.0), "max_fraction": 0.02,
+                    "progress": True}
+    assert "search (validation)" in res.output and "total (wall)" in res.output
