@@ -132,13 +132,16 @@ class StreamedDonor:
 
         if not 0 <= layer < self.n_layers:
             raise IndexError(f"layer {layer} out of range for a donor with {self.n_layers} layers")
-        out = []
-        for (role, name, axis), like in zip(self._names[layer], self._like[layer]):
-            with safe_open(str(self._files[name]), framework="pt") as f:
-                t = f.get_tensor(name).to(device=like.tensor.device, dtype=like.tensor.dtype)
+        entries = list(zip(self._names[layer], self._like[layer]))
+        read: dict[str, torch.Tensor] = {}
+        for file in {self._files[name] for (_, name, _), _ in entries}:  # a layer's tensors share a shard: one open
+            with safe_open(str(file), framework="pt") as f:
+                for (_, name, _), like in entries:
+                    if self._files[name] == file:
+                        read[name] = f.get_tensor(name).to(device=like.tensor.device, dtype=like.tensor.dtype)
+        for t in read.values():
             self._count(t)
-            out.append(NeuronParam(role, t, axis))
-        return out
+        return [NeuronParam(role, read[name], axis) for (role, name, axis), _ in entries]
 
     def mlp_terms(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(donor MLP activations ``[..., d_mlp]`` for the MLP input ``x``, donor ``W_out`` ``[d_mlp, d_model]``).
