@@ -65,8 +65,9 @@ def demo(
     The donor is the cached safety tune of the same model; the baselines run at the same budget
     (= ``cnt-lens run enhance``).
     """
-    run(application="enhance", out=out, model="smollm2-135m-instruct", rounds=None, baselines=None, device=device,
-        progress=progress)
+    # every option spelled out: called as a function, ``run``'s defaults are typer's OptionInfo objects
+    run(application="enhance", out=out, model="smollm2-135m-instruct", rounds=None, baselines=None, alphas=None,
+        max_fraction=None, device=device, progress=progress)
 
 
 @app.command()

@@ -141,14 +141,15 @@ def test_transfer_command_errors_name_the_problem(tmp_path):
     assert res.exit_code != 0 and "not empty" in res.output and (tmp_path / "full" / "keep.txt").read_text() == "mine"
 
 
-def test_run_passes_its_overrides_to_the_application_and_prints_the_timings(tmp_path, monkeypatch):
+def _stub_application(monkeypatch) -> dict:
+    """Replace ``run_application`` (the real one runs for half an hour); returns what it was called with."""
     from cnt_lens.evaluate import Report
     from cnt_lens.experiments import applications
     from cnt_lens.timing import profile, stage
 
-    seen = {}
+    seen: dict = {}
 
-    def fake_run_application(name, out, **kwargs):  # the real one runs for half an hour
+    def fake_run_application(name, out, **kwargs):
         seen.update(name=name, **kwargs)
         with profile() as prof:
             with stage("search (validation)"):
@@ -157,6 +158,19 @@ def test_run_passes_its_overrides_to_the_application_and_prints_the_timings(tmp_
         return Report(behaviour="refusal", split="test", n_neurons_total=10, donor={}, target={}, patched={})
 
     monkeypatch.setattr(applications, "run_application", fake_run_application)
+    return seen
+
+
+def test_demo_runs_enhance_with_the_applications_own_settings(tmp_path, monkeypatch):
+    seen = _stub_application(monkeypatch)
+    res = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert seen == {"name": "enhance", "model": "smollm2-135m-instruct", "rounds": None, "baselines": None,
+                    "device": None, "alphas": None, "max_fraction": None, "progress": False}
+
+
+def test_run_passes_its_overrides_to_the_application_and_prints_the_timings(tmp_path, monkeypatch):
+    seen = _stub_application(monkeypatch)
     out = tmp_path / "run"
     out.mkdir()
     res = runner.invoke(app, ["run", "delete-refusal", "--out", str(out), "--model", "qwen2.5-coder-0.5b-instruct",
