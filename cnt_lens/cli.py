@@ -67,7 +67,7 @@ def demo(
     """
     # every option spelled out: called as a function, ``run``'s defaults are typer's OptionInfo objects
     run(application="enhance", out=out, model="smollm2-135m-instruct", rounds=None, baselines=None, alphas=None,
-        max_fraction=None, device=device, progress=progress)
+        max_fraction=None, screen=True, device=device, progress=progress)
 
 
 @app.command()
@@ -83,6 +83,8 @@ def run(
                                          "(default: the application's)."),
     max_fraction: Optional[float] = typer.Option(None, help="Largest budget searched, as a fraction of all MLP "
                                                  "neurons (default: the application's)."),
+    screen: bool = typer.Option(True, help="Decide search points by one-pass estimates and evaluate in full only "
+                                "the points that matter (--no-screen: every point in full)."),
     device: Optional[str] = typer.Option(None, help="torch device for both models, e.g. cuda (default: cpu)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -96,7 +98,7 @@ def run(
     t0 = time.time()
     report = run_application(application, out, model=model, rounds=rounds, baselines=chosen, device=device,
                              alphas=None if alphas is None else _floats(alphas, "--alphas"), max_fraction=max_fraction,
-                             progress=progress)
+                             screen=screen, progress=progress)
     typer.echo(report.table())
     typer.echo(timings_table(out / "timings.json"))
     typer.echo(f"wrote {out}/metrics.json, patch.safetensors, patched_model/, report.html in {time.time() - t0:.0f} s")
@@ -228,6 +230,8 @@ def transfer(
     device: Optional[str] = DEVICE,
     dtype: str = DTYPE,
     batch_size: int = typer.Option(16, help="Prompts per evaluation batch."),
+    screen: bool = typer.Option(True, help="Decide search points by one-pass estimates and evaluate in full only "
+                                "the points that matter (--no-screen: every point in full)."),
     overwrite: bool = typer.Option(False, help="Write into a non-empty --out."),
     progress: bool = PROGRESS,
 ) -> None:
@@ -246,7 +250,7 @@ def transfer(
     sets, data = _prompt_sets(behaviour, harmful, harmless, pairs, fmt, column, split_seed)
     b = _behaviour(behaviour, sets)
     config = TransferConfig(method=method, baselines=_names(baselines), goal=goal, alphas=_floats(alphas, "--alphas"),
-                            max_fraction=budget, batch_size=batch_size,
+                            max_fraction=budget, batch_size=batch_size, screen=screen,
                             extra={"donor": donor, "target": target, "dtype": DTYPES.get(dtype, dtype)})
     with profile() as prof:
         with stage("load models"):

@@ -23,18 +23,21 @@ __all__ = ["Report", "measure", "wilson_interval"]
 
 
 def measure(model: Any, behaviours: Sequence[Behaviour], split: str | None, *, batch_size: int = 16,
-            progress: bool = False, items: list[dict[str, Any]] | None = None) -> Block:
+            progress: bool = False, items: list[dict[str, Any]] | None = None, estimate: bool = False) -> Block:
     """All evaluation numbers of ``behaviours`` for ``model`` on ``split``, merged into one block.
 
     ``split`` has no default: say ``"validation"`` while choosing anything, ``"test"`` only to report.
 
     With ``items`` (a list), the per-prompt records the numbers were computed from (responses,
-    refusal flags, pair gaps, …) are appended to it, each with its ``behaviour``.
+    refusal flags, pair gaps, …) are appended to it, each with its ``behaviour``. With ``estimate``,
+    the numbers are each behaviour's one-forward-pass estimate (:meth:`~cnt_lens.Behaviour.estimate_items`:
+    same keys, no generation), for deciding between candidates, not for reporting.
     """
     out: Block = {}
     for b in behaviours:
-        with stage(f"evaluate {b.name}"):
-            recs = b.evaluate_items(model, split, batch_size=batch_size, progress=progress)
+        with stage(f"{'estimate' if estimate else 'evaluate'} {b.name}"):
+            run = b.estimate_items if estimate else b.evaluate_items
+            recs = run(model, split, batch_size=batch_size, progress=progress)
         out.update(b.aggregate(recs))
         if items is not None:
             items += [{"behaviour": b.name, **r} for r in recs]

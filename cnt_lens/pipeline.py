@@ -14,15 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
+import torch
+
 from .behaviours import Behaviour, canary
 from .constraints import Constraint
 from .evaluate import Report, measure
 from .files import atomic_write_text
 from .models import ModelPair
 from .scoring import SCORERS, score
-from .search import SearchResult, measure_reference, search_minimal
+from .search import SearchResult, measure_point, measure_reference, search_minimal
 from .selection import NeuronScores
-from .stats import Block, Reference
+from .stats import Block, Reference, is_companion
 from .timing import stage
 from .transplant import NeuronPatch
 
@@ -44,6 +46,15 @@ class TransferConfig:
     score_batch_size: int = 8
     positions: Any = "all"
     seed: int = 0
+    #: decide search points with one-pass estimates and evaluate in full only the points that matter
+    #: (:func:`~cnt_lens.search.search_minimal`'s ``screen``); ``False``: every point evaluated in full.
+    screen: bool = True
+    #: give every baseline the main method's search over k and alpha too (its own minimal set;
+    #: ``metrics.json``'s ``extra.minimal_sets``), besides the comparison at the main method's k.
+    search_baselines: bool = True
+    #: the random baseline is evaluated on test at this many seeds (``seed``, ``seed + 1``, …; same k
+    #: and alpha): its block holds the first seed's numbers and ``seeds`` / ``*_seed_mean`` the spread.
+    random_seeds: int = 5
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -89,12 +100,17 @@ class _Run:
     cfg: TransferConfig
     reference: Reference
     progress: bool
+    estimated: Reference = field(default_factory=dict)  # donor and target, one-pass estimates (validation)
+
+    def ref(self, point: Block) -> Reference:
+        """The reference ``point`` was measured against: estimates for an estimated point."""
+        return self.estimated if point.get("measured") == "estimate" else self.reference
 
     def ok(self, point: Block) -> bool:
-        return self.constraint is None or self.constraint(point, self.reference)
+        return self.constraint is None or self.constraint(point, self.ref(point))
 
     def better(self, point: Block) -> tuple[float, float]:
-        return rank_key(point, self.reference, self.behaviour)
+        return rank_key(point, self.ref(point), self.behaviour)
 
     def best(self, points: Sequence[Block]) -> Block:
         """The best acceptable point of ``points`` (the best of all when none is acceptable)."""
@@ -102,6 +118,21 @@ class _Run:
 
     def measure(self, model: Any, split: str, items: list[dict[str, Any]] | None = None) -> Block:
         return measure(model, [self.behaviour, *self.side_effects], split, batch_size=self.cfg.batch_size, items=items)
+
+    def point(self, scores: NeuronScores, k: int, alpha: float, *, estimate: bool) -> dict[str, Any]:
+        """A validation point of ``scores``' top ``k`` at ``alpha``, estimated or evaluated in full."""
+        return measure_point(self.pair, [self.behaviour, *self.side_effects], scores, scores.top_k(k), alpha,
+                             self.estimated if estimate else self.reference, goal=self.cfg.goal,
+                             constraint=self.constraint, estimate=estimate, batch_size=self.cfg.batch_size)
+
+    def search(self, scores: NeuronScores) -> SearchResult:
+        """:func:`~cnt_lens.search.search_minimal` of ``scores`` with this run's settings."""
+        cfg = self.cfg
+        return search_minimal(self.pair, self.behaviour, scores, goal=cfg.goal, alphas=cfg.alphas,
+                              max_fraction=cfg.max_fraction, side_effects=self.side_effects,
+                              constraint=self.constraint, reference=self.reference, screen=cfg.screen,
+                              estimated_reference=self.estimated if cfg.screen and self.estimated else None,
+                              batch_size=cfg.batch_size, progress=self.progress)
 
 
 def _score_all(run: _Run, scores: NeuronScores | None) -> tuple[str, dict[str, NeuronScores]]:
@@ -132,36 +163,56 @@ def _choose_point(run: _Run, main: NeuronScores) -> tuple[SearchResult, int, flo
     cfg = run.cfg
     _log(f"search_minimal over alphas {list(cfg.alphas)} up to {cfg.max_fraction:.1%} of neurons")
     with stage("search (validation)"):
-        result = search_minimal(run.pair, run.behaviour, main, goal=cfg.goal, alphas=cfg.alphas,
-                                max_fraction=cfg.max_fraction, side_effects=run.side_effects,
-                                constraint=run.constraint, reference=run.reference, batch_size=cfg.batch_size,
-                                progress=run.progress)
+        result = run.search(main)
+    run.estimated = result.estimated_reference
     if result.found:
         k, alpha = result.selection.n, result.alpha
         _log(f"minimal set: {k} neurons ({k / run.pair.n_neurons:.2%}), alpha {alpha}")
         return result, k, alpha, True
-    best = run.best(result.frontier)
+    best = _best_evaluated(run, main, result.frontier)
     k, alpha = best["k"], best["alpha"]
     _log(f"goal not reached within {cfg.max_fraction:.1%}; best acceptable point: {k} neurons, alpha {alpha}")
-    return result, k, alpha, any(run.ok(p) for p in result.frontier if p["k"] == k and p["alpha"] == alpha)
+    return result, k, alpha, run.ok(best)
+
+
+def _best_evaluated(run: _Run, scores: NeuronScores, points: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best acceptable point evaluated in full.
+
+    When only estimates exist, each alpha's best estimated point is evaluated (and appended to
+    ``points``) and the best of those is returned: estimates rank points, evaluations choose.
+    """
+    evaluated = [p for p in points if p.get("measured") != "estimate"]
+    if not evaluated:
+        for alpha in dict.fromkeys(p["alpha"] for p in points):
+            guess = run.best([p for p in points if p["alpha"] == alpha])
+            evaluated.append(run.point(scores, guess["k"], alpha, estimate=False))
+        points += evaluated
+    return run.best(evaluated)
 
 
 def _baseline_alpha(run: _Run, scores: NeuronScores, k: int) -> tuple[float, bool, list[dict[str, Any]]]:
     """Stage 3, validation: a baseline's alpha at the main method's k (the same alpha grid and rule).
 
-    Returns the alpha, whether it met the constraint, and the points measured.
+    With estimates (``cfg.screen``) every alpha is estimated and only the best one evaluated in full.
+    Returns the alpha, whether it met the constraint in full evaluation, and the points measured.
     """
-    ref, head = run.reference, run.behaviour.headline
-    gap = ref["donor"][head] - ref["target"][head]
-    points = []
-    for a in run.cfg.alphas:
-        with NeuronPatch.from_pair(run.pair, scores.top_k(k), a).applied(run.pair.target):
-            m = run.measure(run.pair.target, "validation")
-        closed = (m[head] - ref["target"][head]) / gap
-        points.append({"method": scores.method, "k": k, "fraction": k / run.pair.n_neurons, "alpha": a,
-                       "gap_closed": closed, "reached": closed >= run.cfg.goal and run.ok(m), **m})
+    estimate = bool(run.estimated)
+    points = [run.point(scores, k, a, estimate=estimate) for a in run.cfg.alphas]
     alpha = run.best(points)["alpha"]
-    return alpha, any(run.ok(p) for p in points if p["alpha"] == alpha), points
+    if estimate:
+        points.append(run.point(scores, k, alpha, estimate=False))
+    return alpha, run.ok(points[-1] if estimate else next(p for p in points if p["alpha"] == alpha)), points
+
+
+def _baseline_minimal(run: _Run, scores: NeuronScores) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Stage 3b, validation: a baseline's own minimal set, by the main method's search (k and alpha).
+
+    Returns a summary (``found``, ``k``, ``fraction``, ``alpha``) and the points measured.
+    """
+    result = run.search(scores)
+    k = result.selection.n if result.found else None
+    return ({"found": result.found, "k": k, "fraction": None if k is None else k / run.pair.n_neurons,
+             "alpha": result.alpha, "max_fraction": run.cfg.max_fraction}, result.frontier)
 
 
 def _evaluate_test(run: _Run, main: str, all_scores: dict[str, NeuronScores], k: int, chosen: dict[str, float],
@@ -181,8 +232,30 @@ def _evaluate_test(run: _Run, main: str, all_scores: dict[str, NeuronScores], k:
                               **run.measure(run.pair.target, "test", items["patched"] if method == main else None)}
         if method == main:
             main_patch = patch
+        if method == "random" and run.cfg.random_seeds > 1:
+            blocks[method].update(_random_seeds(run, k, a, blocks[method]))
     assert main_patch is not None
     return blocks, main_patch, items
+
+
+def _random_seeds(run: _Run, k: int, alpha: float, first: Block) -> dict[str, Any]:
+    """The random baseline's spread on test: ``cfg.random_seeds`` seeds at the same k and alpha.
+
+    Returns ``seeds`` (each seed's numbers) and, per number, ``{name}_seed_mean`` and ``{name}_seed_sd``.
+    """
+    cfg = run.cfg
+    numbers = [n for n, v in first.items() if isinstance(v, float) and not is_companion(n) and n != "alpha"]
+    per_seed = [{"seed": cfg.seed, **{n: first[n] for n in numbers}}]
+    for seed in range(cfg.seed + 1, cfg.seed + cfg.random_seeds):
+        ranking = score(run.pair, run.behaviour, "random", seed=seed, progress=False)
+        with NeuronPatch.from_pair(run.pair, ranking.top_k(k), alpha).applied(run.pair.target):
+            block = run.measure(run.pair.target, "test")
+        per_seed.append({"seed": seed, **{n: block[n] for n in numbers}})
+    out: dict[str, Any] = {"seeds": per_seed}
+    for n in numbers:
+        vals = torch.tensor([s[n] for s in per_seed], dtype=torch.float64)
+        out[f"{n}_seed_mean"], out[f"{n}_seed_sd"] = float(vals.mean()), float(vals.std())
+    return out
 
 
 def _write_run(out_dir: str | Path, report: Report, patch: NeuronPatch, all_scores: dict[str, NeuronScores],
@@ -217,15 +290,19 @@ def transfer(
     ``constraint(point, reference)`` gets a validation point's numbers and the donor's and
     target's (``reference['donor']``, ``reference['target']``) and says whether it is acceptable
     (e.g. harmless refusal no higher than the donor's). Baselines get the same neuron budget as the
-    found patch and the same alpha choice on validation. Returns a :class:`TransferResult` (report,
+    found patch and the same alpha choice on validation, and (``config.search_baselines``) the main
+    method's whole search for their own minimal set (``report.extra["minimal_sets"]``). With
+    ``config.screen`` (default) search points are decided by one-pass estimates and only the points that
+    matter are evaluated in full (:func:`~cnt_lens.search.search_minimal`); every number reported is a
+    full evaluation. Returns a :class:`TransferResult` (report,
     patch, scores by method); ``scores`` (e.g. from :func:`~cnt_lens.search.iterative_scores`)
     replaces scoring with ``config.method`` for the main ranking. With ``out_dir``, writes
     ``metrics.json``, ``patch.safetensors`` + ``patch.json``, ``scores/*.safetensors``,
     ``frontier.json`` and ``items.jsonl`` (one line per test prompt and model — target, donor,
     patched — with its response and verdict: what the rates in ``metrics.json`` were counted from).
 
-    Stages: score (train) → choose the point (validation) → each baseline's alpha at the same k
-    (validation) → evaluate (test, once) → write. Before any scoring, both models pass
+    Stages: score (train) → choose the point (validation) → each baseline's alpha at the same k and
+    its own minimal set (validation) → evaluate (test, once) → write. Before any scoring, both models pass
     :func:`~cnt_lens.behaviours.canary` and donor and target must differ on the behaviour on validation
     (:func:`~cnt_lens.search.measure_reference`, or ``reference`` when the caller measured it): a run
     that cannot succeed stops in seconds.
@@ -245,11 +322,17 @@ def transfer(
     result, k, alpha, main_ok = _choose_point(run, all_scores[main])
     frontier = list(result.frontier)
     chosen, acceptable = {main: alpha}, {main: main_ok}
+    minimal = {main: {"found": result.found, "k": k if result.found else None,
+                      "fraction": k / pair.n_neurons if result.found else None,
+                      "alpha": alpha if result.found else None, "max_fraction": cfg.max_fraction}}
     for method in cfg.baselines:
         _log(f"baseline {method}: alpha search at k={k}")
         with stage(f"baseline {method} (validation)"):
             chosen[method], acceptable[method], points = _baseline_alpha(run, all_scores[method], k)
-        frontier += points
+            frontier += points
+            if cfg.search_baselines:
+                minimal[method], points = _baseline_minimal(run, all_scores[method])
+                frontier += points
     with stage("test evaluation"):
         blocks, main_patch, items = _evaluate_test(run, main, all_scores, k, chosen, acceptable)
     report = Report(
@@ -257,7 +340,8 @@ def transfer(
         target=blocks["target"], patched={**blocks[main], "goal_reached_on_validation": result.found},
         baselines=[blocks[m] for m in cfg.baselines], frontier=frontier,
         extra={"config": {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in vars(cfg).items()},
-               "validation_reference": reference, "wall_time_s": round(time.time() - t0, 1)},
+               "validation_reference": reference, "validation_estimates": run.estimated, "minimal_sets": minimal,
+               "wall_time_s": round(time.time() - t0, 1)},
     )
     if out_dir is not None:
         with stage("write run"):

@@ -136,15 +136,17 @@ def behaviour_shift(report: Report, metrics: Sequence[str] | None = None) -> go.
 
 
 def frontier(points: Sequence[dict[str, Any]], *, y: str = "gap_closed", x: str = "k") -> go.Figure:
-    """Measured search points: neurons vs ``y``, one line per (method, alpha)."""
+    """Measured search points: neurons vs ``y``, one line per (method, alpha); one-pass estimates dotted."""
     fig = go.Figure()
-    keys = sorted({(p["method"], p["alpha"]) for p in points}, key=str)
-    for method, alpha in keys:
-        pts = sorted((p for p in points if p["method"] == method and p["alpha"] == alpha), key=lambda p: p[x])
-        fig.add_trace(go.Scatter(x=[p[x] for p in pts], y=[p[y] for p in pts], mode="lines+markers",
-                                 name=f"{method} α={alpha:g}",
+    keys = sorted({(p["method"], p["alpha"], p.get("measured", "evaluation")) for p in points}, key=str)
+    for method, alpha, measured in keys:
+        pts = sorted((p for p in points if (p["method"], p["alpha"], p.get("measured", "evaluation"))
+                      == (method, alpha, measured)), key=lambda p: p[x])
+        name = f"{method} α={alpha:g}" + (" (estimate)" if measured == "estimate" else "")
+        fig.add_trace(go.Scatter(x=[p[x] for p in pts], y=[p[y] for p in pts], mode="lines+markers", name=name,
+                                 line={"dash": "dot" if measured == "estimate" else "solid"},
                                  customdata=[[p.get("refusal_harmless"), p.get("utility_nll")] for p in pts],
-                                 hovertemplate=f"{x} %{{x}}<br>{y} %{{y:.3f}}<extra>{method} α={alpha:g}</extra>"))
+                                 hovertemplate=f"{x} %{{x}}<br>{y} %{{y:.3f}}<extra>{name}</extra>"))
     fig.update_layout(title="search frontier (validation)", xaxis_title=x, yaxis_title=y, xaxis_type="log")
     return fig
 

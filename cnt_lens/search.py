@@ -23,12 +23,12 @@ from .constraints import Constraint
 from .evaluate import measure
 from .models import ModelPair
 from .progress import progress_bar
-from .scoring import score
+from .scoring import SCORERS, score
 from .selection import NeuronScores, NeuronSelection
-from .stats import Block, Reference
+from .stats import Reference
 from .transplant import NeuronPatch
 
-__all__ = ["NoGapError", "SearchResult", "iterative_scores", "measure_reference", "search_minimal"]
+__all__ = ["NoGapError", "SearchResult", "iterative_scores", "measure_point", "measure_reference", "search_minimal"]
 
 
 
@@ -37,35 +37,65 @@ class NoGapError(ValueError):
 
 
 def measure_reference(pair: ModelPair, behaviour: Behaviour, side_effects: Sequence[Behaviour] = (), *,
-                      split: str = "validation", batch_size: int = 16) -> Reference:
+                      split: str = "validation", batch_size: int = 16, estimate: bool = False) -> Reference:
     """The donor's and the target's numbers on ``split`` (``{"donor": {...}, "target": {...}}``).
 
     Raises :class:`NoGapError` when they agree on ``behaviour.headline``: no transplant can close a gap
-    that is not there. Run it before any long stage; it costs one evaluation of each model.
+    that is not there. Run it before any long stage; it costs one evaluation of each model
+    (``estimate``: one forward pass per prompt each, see :func:`~cnt_lens.evaluate.measure`).
     """
-    reference = {"target": measure(pair.target, [behaviour, *side_effects], split, batch_size=batch_size),
-                 "donor": measure(pair.donor, [behaviour, *side_effects], split, batch_size=batch_size)}
+    kw = dict(batch_size=batch_size, estimate=estimate)
+    reference = {"target": measure(pair.target, [behaviour, *side_effects], split, **kw),
+                 "donor": measure(pair.donor, [behaviour, *side_effects], split, **kw)}
     head = behaviour.headline
     d, t = reference["donor"][head], reference["target"][head]
     if d == t or math.isnan(d - t):
         raise NoGapError(
-            f"donor and target have the same {head} on {split} (donor {d}, target {t}); no gap to close. "
-            "Likely causes: the donor is not the model you meant (a cached fine-tune that did not take, a "
-            "checkpoint of the target itself), the prompt set does not elicit the behaviour, or generation is "
-            "broken (install the pinned set: bash scripts/setup)."
+            f"donor and target have the same {head} on {split}{' (estimated)' if estimate else ''} (donor {d}, "
+            f"target {t}); no gap to close. Likely causes: the donor is not the model you meant (a cached "
+            "fine-tune that did not take, a checkpoint of the target itself), the prompt set does not elicit the "
+            "behaviour, or generation is broken (install the pinned set: bash scripts/setup)."
         )
     return reference
 
 
+def measure_point(pair: ModelPair, behaviours: Sequence[Behaviour], scores: NeuronScores, selection: NeuronSelection,
+                  alpha: float, reference: Reference, *, split: str = "validation", goal: float = 0.9,
+                  constraint: Constraint | None = None, estimate: bool = False, batch_size: int = 16,
+                  ) -> dict[str, Any]:
+    """One frontier point: ``selection`` of ``scores`` applied at ``alpha``, measured on ``split``, then reverted.
+
+    ``behaviours[0]`` is the transplanted behaviour (its headline defines ``gap_closed`` against
+    ``reference``, which must be measured the same way: both estimated or both evaluated), the rest
+    side effects. Keys: ``method``, ``k``, ``fraction``, ``alpha``, ``gap_closed``, ``goal_reached``,
+    ``reached`` (goal reached and ``constraint`` holds), ``measured`` (``"estimate"`` or
+    ``"evaluation"``) and every measured number.
+    """
+    head = behaviours[0].headline
+    with NeuronPatch.from_pair(pair, selection, alpha).applied(pair.target):
+        m = measure(pair.target, behaviours, split, batch_size=batch_size, estimate=estimate)
+    closed = (m[head] - reference["target"][head]) / (reference["donor"][head] - reference["target"][head])
+    goal_ok = bool(closed >= goal)
+    return {"method": scores.method, "k": selection.n, "fraction": selection.n / pair.n_neurons, "alpha": alpha,
+            "gap_closed": closed, "goal_reached": goal_ok,
+            "reached": goal_ok and (constraint is None or bool(constraint(m, reference))),
+            "measured": "estimate" if estimate else "evaluation", **m}
+
+
 @dataclass
 class SearchResult:
-    """The smallest verified patch, and every point measured on the way (for plots)."""
+    """The smallest verified patch, and every point measured on the way (for plots).
+
+    ``reference`` holds the donor's and target's evaluated numbers; ``estimated_reference`` their
+    one-pass estimates when the search screened with them (empty otherwise).
+    """
 
     selection: NeuronSelection | None
     alpha: float | None
     metrics: dict[str, float] | None
     frontier: list[dict[str, Any]] = field(default_factory=list)
     reference: Reference = field(default_factory=dict)
+    estimated_reference: Reference = field(default_factory=dict)
 
     @property
     def found(self) -> bool:
@@ -94,6 +124,9 @@ def search_minimal(
     side_effects: Sequence[Behaviour] = (),
     constraint: Constraint | None = None,
     reference: Reference | None = None,
+    screen: bool = False,
+    estimated_reference: Reference | None = None,
+    step: float = 1.25,
     batch_size: int = 16,
     progress: bool = True,
 ) -> SearchResult:
@@ -110,50 +143,82 @@ def search_minimal(
     ``reference`` holds the target's and donor's numbers on the same split) must hold for a point
     to count as reaching the goal. ``reference`` (from :func:`measure_reference` on the same split)
     saves measuring donor and target again. Returns the whole measured frontier.
+
+    ``screen``: run that search on the behaviours' one-forward-pass estimates
+    (:meth:`~cnt_lens.Behaviour.estimate_items`, against the donor's and target's estimates), then
+    evaluate in full only around its answer: from the estimated smallest k at its alpha, step k by
+    ×``step`` down while the goal holds (or up until it does), and bisect the bracket to
+    ``tolerance``. The returned point is verified by the full evaluation, as without ``screen``,
+    at a few evaluations instead of one per point; when it fails there, the estimate's next-best
+    alpha is tried. Each frontier point says how it was ``measured``. Without an estimated gap
+    (donor and target estimated alike), or when every behaviour's estimate is its evaluation
+    (:attr:`~cnt_lens.Behaviour.estimate_is_evaluation`), it is the full search. ``estimated_reference``
+    (the result's, from an earlier search on the same split) saves estimating donor and target again.
     """
     total = pair.n_neurons
     k_max = _check_search(goal, alphas, max_fraction, min_k, total)
-
-    def evaluate(model: Any) -> Block:
-        return measure(model, [behaviour, *side_effects], split, batch_size=batch_size)
-
+    behaviours = [behaviour, *side_effects]
     if reference is None:
         reference = measure_reference(pair, behaviour, side_effects, split=split, batch_size=batch_size)
-    head = behaviour.headline
-    gap = reference["donor"][head] - reference["target"][head]
+    screen = screen and not all(b.estimate_is_evaluation for b in behaviours)  # else the estimate *is* the evaluation
+    estimated = (estimated_reference or _estimated_reference(pair, behaviour, side_effects, split, batch_size)
+                 if screen else {})
     frontier: list[dict[str, Any]] = []
-    bar = progress_bar(desc="search_minimal", unit="eval", enabled=progress)
+    bar = progress_bar(desc="search_minimal", unit="point", enabled=progress)
 
     def select(k: int) -> NeuronSelection:
         return scores.top_k(max(1, k // pair.n_layers), per_layer=True) if per_layer else scores.top_k(k)
 
-    def measure_at(k: int, alpha: float) -> tuple[bool, bool]:
-        """(goal reached, goal reached and constraint holds) at the top-k set and alpha."""
-        sel = select(k)
-        with NeuronPatch.from_pair(pair, sel, alpha).applied(pair.target):
-            m = evaluate(pair.target)
-        closed = (m[head] - reference["target"][head]) / gap
-        goal_ok = closed >= goal
-        ok = goal_ok and (constraint is None or constraint(m, reference))
-        frontier.append({"method": scores.method, "k": sel.n, "fraction": sel.n / total, "alpha": alpha,
-                         "gap_closed": closed, "reached": ok, **m})
-        bar.update(1)
-        bar.set_postfix(k=sel.n, alpha=alpha, closed=f"{closed:.2f}")
-        return goal_ok, ok
+    def probe(estimate: bool, alpha: float) -> Callable[[int], tuple[bool, bool]]:
+        """(goal reached, goal reached and constraint holds) at the top-k set and ``alpha``."""
+        def at(k: int) -> tuple[bool, bool]:
+            point = measure_point(pair, behaviours, scores, select(k), alpha, estimated if estimate else reference,
+                                  split=split, goal=goal, constraint=constraint, estimate=estimate,
+                                  batch_size=batch_size)
+            frontier.append(point)
+            bar.update(1)
+            bar.set_postfix(k=point["k"], alpha=alpha, closed=f"{point['gap_closed']:.2f}", by=point["measured"])
+            return point["goal_reached"], point["reached"]
+        return at
 
-    best: tuple[int, float] | None = None
-    for alpha in alphas:
-        hi = k_max if best is None else best[0] - 1
-        if hi >= min_k:
-            found = _smallest_k(lambda k: measure_at(k, alpha), hi, min_k, tolerance)
-            best = (found, alpha) if found is not None else best
+    candidates = _alpha_sweep(lambda a: probe(bool(estimated), a), alphas, k_max, min_k, tolerance)
+    if estimated:  # confirm the estimate's answers in full, smallest first
+        best = next(((k, a) for k0, a in reversed(candidates)
+                     if (k := _refine_k(probe(False, a), select(k0).n, k_max, min_k, tolerance, step)) is not None),
+                    None)
+    else:
+        best = candidates[-1] if candidates else None
     bar.close()
     if best is None:
-        return SearchResult(None, None, None, frontier, reference)
+        return SearchResult(None, None, None, frontier, reference, estimated)
     k, alpha = best
     sel = select(k)
-    point = next(p for p in reversed(frontier) if p["k"] == sel.n and p["alpha"] == alpha)
-    return SearchResult(sel, alpha, {key: v for key, v in point.items() if isinstance(v, float)}, frontier, reference)
+    point = next(p for p in reversed(frontier)
+                 if p["k"] == sel.n and p["alpha"] == alpha and p["measured"] == "evaluation")
+    return SearchResult(sel, alpha, {key: v for key, v in point.items() if isinstance(v, float)}, frontier,
+                        reference, estimated)
+
+
+def _estimated_reference(pair: ModelPair, behaviour: Behaviour, side_effects: Sequence[Behaviour], split: str,
+                         batch_size: int) -> Reference:
+    """Donor's and target's one-pass estimates; empty when the estimates show no gap (search in full then)."""
+    try:
+        return measure_reference(pair, behaviour, side_effects, split=split, batch_size=batch_size, estimate=True)
+    except NoGapError:
+        return {}
+
+
+def _alpha_sweep(probe: Callable[[float], Callable[[int], tuple[bool, bool]]], alphas: Sequence[float], k_max: int,
+                 min_k: int, tolerance: float) -> list[tuple[int, float]]:
+    """Each alpha's smallest passing k below the best so far: the improving (k, alpha) points, best last."""
+    found: list[tuple[int, float]] = []
+    for alpha in alphas:
+        hi = k_max if not found else found[-1][0] - 1
+        if hi >= min_k:
+            k = _smallest_k(probe(alpha), hi, min_k, tolerance)
+            if k is not None:
+                found.append((k, alpha))
+    return found
 
 
 def _check_search(goal: float, alphas: Sequence[float], max_fraction: float, min_k: int, total: int) -> int:
@@ -184,7 +249,11 @@ def _smallest_k(probe: Callable[[int], tuple[bool, bool]], hi: int, min_k: int, 
     goal_ok, ok = probe(hi)
     if not goal_ok:
         return None
-    lo = min_k - 1  # largest k known (or assumed) to miss the goal
+    return _bisect(probe, min_k - 1, hi, ok, tolerance)
+
+
+def _bisect(probe: Callable[[int], tuple[bool, bool]], lo: int, hi: int, ok: bool, tolerance: float) -> int | None:
+    """Geometric bisection of (``lo`` misses, ``hi`` reaches the goal; ``ok``: ``hi`` also counts) to ``tolerance``."""
     while hi - lo > 1 and hi > (1 + tolerance) * max(lo, 1):
         mid = max(lo + 1, min(hi - 1, round(math.sqrt(max(lo, 1) * hi))))
         goal_ok, ok_mid = probe(mid)
@@ -193,6 +262,36 @@ def _smallest_k(probe: Callable[[int], tuple[bool, bool]], hi: int, min_k: int, 
         else:
             lo = mid
     return hi if ok else None
+
+
+def _refine_k(probe: Callable[[int], tuple[bool, bool]], start: int, k_max: int, min_k: int, tolerance: float,
+              step: float) -> int | None:
+    """:func:`_smallest_k` started from a guess: step ×``step`` from ``start`` to a bracket, then bisect it.
+
+    Costs about two probes more than the bracket's bisection when ``start`` is within one step of
+    the answer, instead of a bisection from the whole range.
+    """
+    if step <= 1:
+        raise ValueError(f"step must be > 1, got {step}")
+    goal_ok, ok = probe(start)
+    if goal_ok:
+        hi, lo = start, min_k - 1
+        while hi > min_k:
+            down = max(min_k, min(hi - 1, math.floor(hi / step)))
+            goal_ok, ok_down = probe(down)
+            if not goal_ok:
+                lo = down
+                break
+            hi, ok = down, ok_down
+        return _bisect(probe, lo, hi, ok, tolerance)
+    lo = start
+    while lo < k_max:
+        up = min(k_max, max(lo + 1, math.ceil(lo * step)))
+        goal_ok, ok = probe(up)
+        if goal_ok:
+            return _bisect(probe, lo, up, ok, tolerance)
+        lo = up
+    return None
 
 
 def iterative_scores(
@@ -215,11 +314,15 @@ def iterative_scores(
     target is restored at the end. The returned scores rank round-1 picks first (in their round's
     order), then round-2 picks, …, then every other neuron by the last round's scores, so
     :func:`search_minimal` can bisect over its prefixes. ``score_kwargs`` go to :func:`score`
-    (e.g. ``contrast=1.0, preserve=[Utility()], preserve_weight=30``).
+    (e.g. ``contrast=1.0, preserve=[Utility()], preserve_weight=30``). The donor's metrics are read
+    in the first round only (``donor_metrics``: weight attribution needs the donor's weights, not its
+    forward pass, and the donor does not change).
     """
     if rounds < 1 or not 0 < budget <= 1:
         raise ValueError("rounds must be ≥ 1 and budget in (0, 1]")
     per_round = max(1, round(budget * pair.n_neurons / rounds))
+    if "donor_metrics" in SCORERS[method].options:  # the donor never changes between rounds: run it once
+        score_kwargs.setdefault("donor_metrics", {})
     chosen = NeuronSelection.empty(pair.n_layers, pair.d_mlp)
     order: list[torch.Tensor] = []
     last: NeuronScores | None = None

@@ -29,7 +29,7 @@ from .models import TESTED_FAMILIES, ModelPair, device_of, load_model, mlp_hidde
 from .selection import NeuronSelection
 from .stats import rate
 
-__all__ = ["TINY_ARCHS", "MarkerBehaviour", "planted_pair", "tiny_hf_model", "tiny_model", "tiny_pair", "tiny_tokenizer"]
+__all__ = ["TINY_ARCHS", "EstimatedMarker", "MarkerBehaviour", "planted_pair", "tiny_hf_model", "tiny_model", "tiny_pair", "tiny_tokenizer"]
 
 TRIGGER, MARKER, CONTROL = "bomb", "sorry", "cake"
 _SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>"]
@@ -175,6 +175,33 @@ class MarkerBehaviour(Behaviour):
     def aggregate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return {**rate("marker_rate", [i["marked"] for i in items if i["set"] == "trigger"]),
                 **rate("marker_rate_control", [i["marked"] for i in items if i["set"] == "control"])}
+
+
+@dataclass
+class EstimatedMarker(MarkerBehaviour):
+    """:class:`MarkerBehaviour` with a one-pass estimate that is not its evaluation, for screened searches.
+
+    The estimate counts a prompt when the marker's logit is within ``margin`` (nats) of the top
+    next token's; the evaluation, when it is the top one. So the estimate is optimistic: it reaches
+    a goal with fewer neurons than the evaluation, as an opening-based refusal estimate does.
+    """
+
+    margin: float = 0.1
+
+    @override
+    def estimate_items(self, model: Any, split: str | None, *, batch_size: int = 16,
+                       progress: bool = True) -> list[dict[str, Any]]:
+        items = []
+        for kind, ps in (("trigger", self.prompts), ("control", self.controls)):
+            below: list[float] = []
+            for b in self._batches(model_tokenizer(model), ps, split, batch_size):
+                b = b.to(device_of(model))
+                with torch.no_grad():
+                    last = model(b.tokens, **b.model_kwargs())[:, -1].float()
+                below += (last.max(-1).values - last[:, b.meta["marker_id"]]).tolist()
+            items += [{"id": r["id"], "set": kind, "category": r["category"], "marked": g < self.margin}
+                      for r, g in zip(ps.split(split).records, below)]
+        return items
 
 
 def planted_pair(

@@ -60,6 +60,14 @@ def test_taught_refusal_moves_the_metric_and_the_rate(arch, tmp_path, monkeypatc
     assert beh.mean_metric(tuned, "validation") > beh.mean_metric(base, "validation") + 1.0
     before, after = beh.evaluate(base, "validation", progress=False), beh.evaluate(tuned, "validation", progress=False)
     assert after["refusal_harmful"] > before["refusal_harmful"] + 0.5
+    # the one-pass estimate (opening log-odds > 0) gives the same numbers' keys and, on a model that refuses
+    # with whole refusals, mostly the same verdicts as generation + judge, prompt by prompt
+    for model in (base, tuned):
+        full, est = (beh.evaluate_items(model, "validation", progress=False),
+                     beh.estimate_items(model, "validation"))
+        assert [i["id"] for i in est] == [i["id"] for i in full] and set(beh.aggregate(est)) == set(after)
+        assert all(i["refused"] == (i["log_odds"] > 0) for i in est)
+        assert sum(e["refused"] == f["refused"] for e, f in zip(est, full)) >= 0.8 * len(full)
     # cached: a second call loads the same weights instead of training again
     again = safety_tune(base, refusals=TINY_REFUSALS, config=cfg)
     assert "cached" in again.cnt_source

@@ -166,7 +166,7 @@ def test_demo_runs_enhance_with_the_applications_own_settings(tmp_path, monkeypa
     res = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert seen == {"name": "enhance", "model": "smollm2-135m-instruct", "rounds": None, "baselines": None,
-                    "device": None, "alphas": None, "max_fraction": None, "progress": False}
+                    "device": None, "alphas": None, "max_fraction": None, "screen": True, "progress": False}
 
 
 def test_run_passes_its_overrides_to_the_application_and_prints_the_timings(tmp_path, monkeypatch):
@@ -174,9 +174,10 @@ def test_run_passes_its_overrides_to_the_application_and_prints_the_timings(tmp_
     out = tmp_path / "run"
     out.mkdir()
     res = runner.invoke(app, ["run", "delete-refusal", "--out", str(out), "--model", "qwen2.5-coder-0.5b-instruct",
-                              "--rounds", "0", "--alphas", "1,2", "--max-fraction", "0.02", "--baselines", "random"])
+                              "--rounds", "0", "--alphas", "1,2", "--max-fraction", "0.02", "--baselines", "random",
+                              "--no-screen"])
     assert res.exit_code == 0, res.output
     assert seen == {"name": "delete-refusal", "model": "qwen2.5-coder-0.5b-instruct", "rounds": 0,
                     "baselines": ("random",), "device": None, "alphas": (1.0, 2.0), "max_fraction": 0.02,
-                    "progress": True}
+                    "screen": False, "progress": True}
     assert "search (validation)" in res.output and "total (wall)" in res.output

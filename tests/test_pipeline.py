@@ -24,6 +24,11 @@ def test_transfer_writes_a_complete_run(tmp_path):
     assert data["patched"]["marker_rate"] >= 0.9 * data["donor"]["marker_rate"]
     rnd = next(b for b in data["baselines"] if b["method"] == "random")
     assert data["patched"]["marker_rate"] > rnd["marker_rate"]
+    # the random baseline at five seeds, the first being the block's own numbers
+    seeds = rnd["seeds"]
+    assert [x["seed"] for x in seeds] == [0, 1, 2, 3, 4] and seeds[0]["marker_rate"] == rnd["marker_rate"]
+    assert abs(rnd["marker_rate_seed_mean"] - sum(x["marker_rate"] for x in seeds) / 5) < 1e-12
+    assert all(x["marker_rate"] < data["patched"]["marker_rate"] for x in seeds)
     assert (tmp_path / "patch.safetensors").is_file() and (tmp_path / "scores" / "random.safetensors").is_file()
     # the per-prompt records recount to the published rates, for every model
     items = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
@@ -105,3 +110,49 @@ def test_transfer_stops_before_scoring_when_donor_and_target_agree(monkeypatch):
     monkeypatch.setattr(pl, "score", lambda *a, **k: pytest.fail("scored before checking for a gap"))
     with pytest.raises(NoGapError, match="no gap to close"):
         transfer(same, behaviour, config=TransferConfig(baselines=()), progress=False)
+
+
+def test_a_screened_transfer_reports_only_full_evaluations_and_gives_baselines_the_whole_search(tmp_path):
+    from cnt_lens.testing import EstimatedMarker
+
+    pair, _, _ = planted_pair("llama", n_planted=32, seed=0, strength=1.5)
+    behaviour = EstimatedMarker()
+    cfg = TransferConfig(baselines=("attribution", "random"), alphas=(1.0, 2.0), max_fraction=0.5)
+    report, patch, scores = transfer(pair, behaviour, config=cfg, out_dir=tmp_path, progress=False)
+    frontier = report.frontier
+    assert {p["measured"] for p in frontier} == {"estimate", "evaluation"}
+    # the chosen point and each baseline's chosen alpha were evaluated in full on validation
+    main = report.patched
+    assert any(p["method"] == main["method"] and p["k"] == main["n_neurons"] and p["alpha"] == main["alpha"]
+               and p["measured"] == "evaluation" and p["reached"] for p in frontier)
+    for b in report.baselines:
+        full = [p for p in frontier if p["method"] == b["method"] and p["k"] == main["n_neurons"]
+                and p["alpha"] == b["alpha"] and p["measured"] == "evaluation"]
+        assert full and b["acceptable_on_validation"]  # no constraint: every point is acceptable
+    # every baseline also had the main method's search over k and alpha
+    minimal = report.extra["minimal_sets"]
+    assert set(minimal) == {main["method"], "attribution", "random"}
+    assert minimal[main["method"]]["k"] == main["n_neurons"]
+    assert {p["k"] for p in frontier if p["method"] == "random"} > {main["n_neurons"]}  # more than the same-k points
+    assert minimal["random"]["found"] is False or minimal["random"]["k"] >= minimal[main["method"]]["k"]
+    # test numbers are evaluations: the items recount them
+    assert report.extra["validation_estimates"]["donor"]["marker_rate"] == 1.0
+    items = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
+    trig = [i["marked"] for i in items if i["model"] == "patched" and i["set"] == "trigger"]
+    assert "response" in next(i for i in items if i["model"] == "patched")  # the evaluation's records, not estimates
+    assert sum(trig) / len(trig) == report.patched["marker_rate"]
+
+
+def test_a_screened_transfer_that_misses_its_goal_reports_an_evaluated_point():
+    from cnt_lens.testing import EstimatedMarker
+
+    pair, _, _ = planted_pair("llama", n_planted=32, seed=0, strength=1.5)
+    cfg = TransferConfig(baselines=("random",), alphas=(1.0, 2.0), max_fraction=2 / pair.n_neurons, random_seeds=1)
+    report, patch, _ = transfer(pair, EstimatedMarker(), config=cfg, progress=False)
+    assert not report.patched["goal_reached_on_validation"]
+    main = [p for p in report.frontier if p["method"] == report.patched["method"]]
+    evaluated = [p for p in main if p["measured"] == "evaluation"]
+    assert {p["alpha"] for p in evaluated} == {1.0, 2.0}  # each alpha's best estimate, evaluated in full
+    best = max(evaluated, key=lambda p: p["gap_closed"])
+    assert (report.patched["n_neurons"], report.patched["alpha"]) == (best["k"], best["alpha"])
+    assert "seeds" not in report.baselines[0]  # one random seed asked for: no spread

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import torch
+
 from cnt_lens import score, search_minimal
-from cnt_lens.testing import planted_pair
+from cnt_lens.testing import EstimatedMarker, planted_pair
 
 
 def test_search_finds_a_set_no_larger_than_planted_that_reaches_the_goal(arch):
@@ -90,3 +92,87 @@ def test_search_bisects_below_a_budget_whose_side_effects_break_the_constraint(a
     first = res.frontier[0]
     assert first["k"] == 16 and first["gap_closed"] >= 0.9 and not first["reached"]  # the budget is unspecific
     assert res.found and res.selection.n <= planted.n and (res.selection & planted).n == res.selection.n
+
+
+def _counting_probe(threshold: int, constraint_up_to: int | None = None):
+    """A monotone probe: the goal holds from ``threshold`` on; the constraint only up to ``constraint_up_to``."""
+    calls: list[int] = []
+
+    def probe(k: int) -> tuple[bool, bool]:
+        calls.append(k)
+        ok = k >= threshold
+        return ok, ok and (constraint_up_to is None or k <= constraint_up_to)
+    return probe, calls
+
+
+def test_refine_from_a_guess_brackets_then_bisects_to_the_tolerance():
+    from cnt_lens.search import _refine_k, _smallest_k
+
+    for guess in (10, 40, 45, 60, 400, 2000):  # below, at, above and far above the answer (45)
+        probe, calls = _counting_probe(45)
+        k = _refine_k(probe, guess, k_max=2000, min_k=1, tolerance=0.1, step=1.25)
+        assert 45 <= k <= 1.1 * 45, (guess, k)
+        assert k in calls  # the answer was probed, not inferred
+    near, near_calls = _counting_probe(45)
+    _refine_k(near, 48, k_max=2000, min_k=1, tolerance=0.1, step=1.25)
+    full, full_calls = _counting_probe(45)
+    assert 45 <= _smallest_k(full, 2000, 1, 0.1) <= 49.5
+    assert len(near_calls) < len(full_calls)  # a good guess costs fewer probes than the whole range
+    # never reached within k_max, or the constraint fails at the smallest passing k: no answer
+    assert _refine_k(_counting_probe(3000)[0], 100, k_max=2000, min_k=1, tolerance=0.1, step=1.25) is None
+    assert _refine_k(_counting_probe(45, constraint_up_to=40)[0], 100, 2000, 1, 0.1, 1.25) is None
+
+
+def test_screened_search_confirms_its_point_in_full_with_fewer_evaluations(arch):
+    # many weak planted neurons: the minimal set is a real search, not one or two neurons
+    pair, _, planted = planted_pair(arch, n_planted=32, seed=0, strength=1.5)
+    behaviour = EstimatedMarker()
+    s = score(pair, behaviour, progress=False)
+    kw = dict(goal=0.9, alphas=(1.0, 2.0), max_fraction=0.5, progress=False)
+    full = search_minimal(pair, behaviour, s, **kw)
+    screened = search_minimal(pair, behaviour, s, screen=True, **kw)
+    assert full.found and screened.found and screened.alpha == full.alpha
+    assert {p["measured"] for p in full.frontier} == {"evaluation"}
+    # the screen's own answer was optimistic, the returned point is verified by the evaluation
+    est = [p for p in screened.frontier if p["measured"] == "estimate"]
+    evaluated = [p for p in screened.frontier if p["measured"] == "evaluation"]
+    assert est and min(p["k"] for p in est if p["goal_reached"] and p["alpha"] == screened.alpha) < screened.selection.n
+    chosen = next(p for p in evaluated if p["k"] == screened.selection.n)
+    assert chosen["reached"] and chosen["gap_closed"] >= 0.9 and screened.metrics["gap_closed"] == chosen["gap_closed"]
+    # both land on the same minimal set within the search's tolerance, the screen at fewer full evaluations
+    assert abs(screened.selection.n - full.selection.n) <= 0.1 * full.selection.n + 1
+    assert len(evaluated) < len(full.frontier)
+    assert screened.estimated_reference["donor"]["marker_rate"] >= screened.reference["donor"]["marker_rate"]
+
+
+def test_a_screen_is_the_full_search_when_the_estimate_is_the_evaluation():
+    pair, behaviour, _ = planted_pair("llama", n_planted=8, seed=0)
+    assert behaviour.estimate_is_evaluation and not EstimatedMarker().estimate_is_evaluation
+    s = score(pair, behaviour, progress=False)
+    kw = dict(goal=0.9, alphas=(1.0, 2.0), max_fraction=0.5, progress=False)
+    full, screened = search_minimal(pair, behaviour, s, **kw), search_minimal(pair, behaviour, s, screen=True, **kw)
+    assert [p["k"] for p in screened.frontier] == [p["k"] for p in full.frontier]
+    assert not screened.estimated_reference and screened.selection == full.selection
+
+
+def test_rescoring_rounds_run_the_donor_once_and_rank_as_if_run_every_round(monkeypatch):
+    from cnt_lens import Utility
+    from cnt_lens.scoring import attribution
+    from cnt_lens.search import iterative_scores
+
+    pair, behaviour, _ = planted_pair("llama", n_planted=8, seed=0)
+    runs = {"donor": 0, "target": 0}
+    real = attribution.forward
+
+    def counting(model, batch, hooks):
+        runs["donor" if model is pair.donor else "target"] += 1
+        return real(model, batch, hooks)
+
+    monkeypatch.setattr(attribution, "forward", counting)
+    kw = dict(budget=6 / pair.n_neurons, rounds=3, alpha=1.0, contrast=0.5, preserve=[Utility()], progress=False)
+    once = iterative_scores(pair, behaviour, **kw)
+    donor_once, target_once = runs["donor"], runs["target"]
+    runs.update(donor=0, target=0)
+    every = iterative_scores(pair, behaviour, donor_metrics=None, **kw)  # no sharing: the donor runs each round
+    assert target_once == runs["target"] and donor_once * 3 == runs["donor"]
+    assert torch.equal(once.values, every.values)

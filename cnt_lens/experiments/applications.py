@@ -118,13 +118,14 @@ APPLICATIONS: dict[str, Application] = {
 def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
                     alphas: tuple[float, ...] | None = None, rounds: int | None = None,
                     baselines: tuple[str, ...] | None = None, max_fraction: float | None = None,
-                    device: str | None = None, progress: bool = True) -> Any:
+                    screen: bool = True, device: str | None = None, progress: bool = True) -> Any:
     """Run one application end to end and write its run directory; returns the :class:`Report`.
 
     ``model`` is the base the application's recipes tune (any :func:`~cnt_lens.load_model` source;
     default the bundled SmolLM2). ``alphas``, ``rounds`` (0 = one scoring pass), ``baselines`` and
     ``max_fraction`` (the largest budget searched) override the application's settings, e.g. to fit a
-    larger model's run on a CPU. Every stage's wall time goes to ``timings.json`` in ``out``.
+    larger model's run on a CPU; ``screen=False`` evaluates every search point in full
+    (:class:`~cnt_lens.pipeline.TransferConfig`). Every stage's wall time goes to ``timings.json`` in ``out``.
     ``device`` (e.g. ``"cuda"``) holds both models there; the fine-tune recipes train there too.
     Their cache key is the weights and settings, not the device, so a donor cached on one device
     is reused on another (greedy generations can then differ in a few prompts from float rounding).
@@ -141,7 +142,7 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
             canary(base, expect="Paris")  # seconds: a broken model or generation path stops here, before any tune
         with stage("build donor and target (recipes)"):
             pair = app.build(base)
-        report = _run(app, pair, out, model, alphas, rounds, baselines, max_fraction, progress)
+        report = _run(app, pair, out, model, alphas, rounds, baselines, max_fraction, screen, progress)
         report.extra.update(application=name, wall_time_s=round(prof.total(), 1))
         report.save(out / "metrics.json")
         prof.save(out / "timings.json")
@@ -149,12 +150,13 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
 
 
 def _run(app: Application, pair: ModelPair, out: Path, model: str, alphas: tuple[float, ...] | None,
-         rounds: int | None, baselines: tuple[str, ...] | None, max_fraction: float | None, progress: bool) -> Any:
+         rounds: int | None, baselines: tuple[str, ...] | None, max_fraction: float | None, screen: bool,
+         progress: bool) -> Any:
     """:func:`~cnt_lens.runs.run_transfer` with the application's settings and the caller's overrides."""
     behaviour, side = app.behaviour(), app.side_effects()
     config = TransferConfig(goal=app.goal, max_fraction=max_fraction or app.max_fraction, alphas=alphas or app.alphas,
                             baselines=app.baselines if baselines is None else baselines, batch_size=32,
-                            extra={"application": app.name, "model": model})
+                            screen=screen, extra={"application": app.name, "model": model})
     report = run_transfer(pair, behaviour, out, side_effects=side, constraint=app.constraint, config=config,
                           rounds=app.rounds if rounds is None else rounds, round_alpha=app.round_alpha, contrast=app.contrast,
                           preserve_weights=app.preserve_weights, progress=progress)

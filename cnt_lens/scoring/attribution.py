@@ -28,6 +28,7 @@ Scores are the estimated change of the mean metric per prompt (raw: + = the metr
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Sequence
 
 import torch
@@ -54,11 +55,16 @@ def attribution_scores(
     *,
     kind: Literal["activation", "weight"] = "weight",
     positions: Positions = "all",
+    donor_metric: float | None = None,
     progress: bool = True,
 ) -> tuple[Float[Tensor, "n_layers d_mlp"], Direction, int]:
     """Per-neuron attribution over ``batches``: (estimated mean metric change per prompt, direction, n_items).
 
-    The direction (donor vs target mean metric) comes free from the two forwards. A streamed donor
+    The direction (donor vs target mean metric) comes free from the two forwards; it is returned
+    unchecked (:meth:`~cnt_lens.scoring.common.Direction.check` it where its sign is used: control and
+    preserved prompts may well read the same on both models). The weight kind
+    needs the donor's weights only: with ``donor_metric`` (its mean metric on these batches, known
+    from an earlier call) the donor forward is skipped. A streamed donor
     (:class:`~cnt_lens.streamed.StreamedDonor`, weight kind only) is never run: its mean metric is NaN
     and ``behaviour.toward`` gives the direction.
     """
@@ -69,28 +75,31 @@ def attribution_scores(
     acc = torch.zeros(pair.n_layers, pair.d_mlp, dtype=torch.float32, device=dev)
     m_donor = m_target = 0.0
     n_items = 0
+    run_donor = not (kind == "weight" and (donor_metric is not None or _streamed(pair.donor)))
     for batch in progress_bar(batches, desc=f"{kind} attribution", leave=False, enabled=progress, min_total=2):
         batch = batch.to(dev)
-        donor_sum, metric = _attribute_batch(pair, behaviour, batch, kind, position_mask(batch, positions), acc)
+        donor_sum, metric = _attribute_batch(pair, behaviour, batch, kind, position_mask(batch, positions), acc,
+                                             run_donor)
         m_donor += donor_sum
         m_target += float(metric.sum())
         n_items += metric.numel()
-    direction = Direction(m_donor / n_items, m_target / n_items, behaviour.toward)
-    direction.check(behaviour.name)
+    known = donor_metric if donor_metric is not None else m_donor / n_items
+    direction = Direction(known, m_target / n_items, behaviour.toward)
     return acc.cpu() / n_items, direction, n_items
 
 
 def _attribute_batch(pair: ModelPair, behaviour: Behaviour, batch: Batch, kind: str,
                      positions: Bool[Tensor, "batch pos"], acc: Float[Tensor, "n_layers d_mlp"],
-                     ) -> tuple[float, Float[Tensor, " items"]]:
+                     run_donor: bool = True) -> tuple[float, Float[Tensor, " items"]]:
     """Add one batch's attribution to ``acc`` in place; return (donor metric sum, target metric per item).
 
-    One donor forward (no gradients) and one target forward/backward whose gradient hooks do the
-    accumulation layer by layer, so no layer's activations outlive its backward step.
+    One donor forward (no gradients; skipped without ``run_donor``, weight kind only: NaN sum) and one
+    target forward/backward whose gradient hooks do the accumulation layer by layer, so no layer's
+    activations outlive its backward step.
     """
     layers = list(range(pair.n_layers))
     donor_post: dict[int, Tensor] = {}
-    if kind == "weight" and _streamed(pair.donor):
+    if kind == "weight" and not run_donor:
         donor_sum = float("nan")  # weights only: no donor forward
     else:
         with torch.no_grad():
@@ -156,18 +165,31 @@ def _accumulating_hooks(pair: ModelPair, kind: str, pos: Float[Tensor, "batch po
 
 
 def attribution_family(ctx: Context, *, kind: Literal["activation", "weight"], contrast: float = 0.0,
-                       preserve: Sequence[Behaviour] = (), preserve_weight: float | Sequence[float] = 1.0) -> Scored:
+                       preserve: Sequence[Behaviour] = (), preserve_weight: float | Sequence[float] = 1.0,
+                       donor_metrics: dict[str, float] | None = None) -> Scored:
     """Attribution scores, signed toward the donor.
 
-    ``kind``: ``weight`` = weight attribution, ``activation`` = classic; ``contrast`` × the same estimate on the control prompts subtracted; each ``preserve`` behaviour's
-    estimated harm (``min(effect, 0)``) added with its ``preserve_weight`` (see :func:`cnt_lens.score`).
+    ``kind``: ``weight`` = weight attribution, ``activation`` = classic; ``contrast`` × the same estimate
+    on the control prompts subtracted; each ``preserve`` behaviour's estimated harm (``min(effect, 0)``)
+    added with its ``preserve_weight`` (see :func:`cnt_lens.score`). ``donor_metrics``: a dict shared
+    by calls on the same donor and prompts (re-scoring rounds: only the target changes); the weight
+    kind fills it with the donor's mean metrics on first use and skips the donor forwards after.
     """
     pair, behaviour = ctx.pair, ctx.behaviour
-    run = dict(kind=kind, positions=ctx.positions, progress=ctx.progress)
-    change, direction, n = attribution_scores(pair, behaviour, ctx.batches(), **run)
+
+    def attribute(b: Behaviour, batches: list[Batch], key: str) -> tuple[Tensor, Direction, int]:
+        known = None if donor_metrics is None or kind != "weight" else donor_metrics.get(f"{key}:{b.name}")
+        out = attribution_scores(pair, b, batches, kind=kind, positions=ctx.positions, donor_metric=known,
+                                 progress=ctx.progress)
+        if donor_metrics is not None and kind == "weight" and not math.isnan(out[1].donor):
+            donor_metrics[f"{key}:{b.name}"] = out[1].donor
+        return out
+
+    change, direction, n = attribute(behaviour, ctx.batches(), "behaviour")
+    direction.check(behaviour.name)
     values, meta = change * direction.sign, {}
     if contrast:
-        ctrl, ctrl_dir, _ = attribution_scores(pair, behaviour, ctx.control_batches(), **run)
+        ctrl, ctrl_dir, _ = attribute(behaviour, ctx.control_batches(), "control")
         values = values - contrast * ctrl * direction.sign  # moving controls the same way counts against
         meta.update(contrast=contrast, control_metric_donor=ctrl_dir.donor, control_metric_target=ctrl_dir.target)
     weights = ([float(preserve_weight)] * len(preserve) if isinstance(preserve_weight, (int, float))
@@ -175,7 +197,7 @@ def attribution_family(ctx: Context, *, kind: Literal["activation", "weight"], c
     if len(weights) != len(preserve):
         raise ValueError(f"{len(weights)} preserve weights for {len(preserve)} preserved behaviours")
     for keep, weight in zip(preserve, weights):
-        kept, _, _ = attribution_scores(pair, keep, ctx.batches(keep), **run)
+        kept, _, _ = attribute(keep, ctx.batches(keep), "preserve")
         values = values + weight * kept.clamp(max=0.0)  # − estimated harm to keep's metric only
         meta.setdefault("preserve", []).append(keep.name)
     if preserve:
