@@ -33,12 +33,12 @@ def stage_table(a: dict[str, Any], b: dict[str, Any], depth: int) -> str:
         label = ("  " * row["depth"] + name.rsplit(" / ", 1)[-1])[:58]
         ratio = f"{ta / tb:6.1f}" if ta is not None and tb else "     -"
         lines.append(f"{label:<58} {_s(ta):>8} {_s(tb):>8} {ratio}")
-    lines.append(f"{'total (wall)':<58} {a['total_s']:>8.0f} {b['total_s']:>8.0f} {a['total_s'] / b['total_s']:6.2f}")
+    lines.append(f"{'total (wall)':<58} {a['total_s']:>8.1f} {b['total_s']:>8.1f} {a['total_s'] / b['total_s']:6.2f}")
     return "\n".join(lines)
 
 
 def _s(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds:.0f}"
+    return "-" if seconds is None else f"{seconds:.1f}"
 
 
 def metrics_table(a: dict[str, Any], b: dict[str, Any], numbers: list[str]) -> str:
