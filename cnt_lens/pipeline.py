@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
-
-import torch
 
 from .behaviours import Behaviour, canary
 from .constraints import Constraint
@@ -131,7 +130,7 @@ class _Run:
         return search_minimal(self.pair, self.behaviour, scores, goal=cfg.goal, alphas=cfg.alphas,
                               max_fraction=cfg.max_fraction, side_effects=self.side_effects,
                               constraint=self.constraint, reference=self.reference, screen=cfg.screen,
-                              estimated_reference=self.estimated if cfg.screen and self.estimated else None,
+                              estimated_reference=self.estimated or None,
                               batch_size=cfg.batch_size, progress=self.progress)
 
 
@@ -198,10 +197,11 @@ def _baseline_alpha(run: _Run, scores: NeuronScores, k: int) -> tuple[float, boo
     """
     estimate = bool(run.estimated)
     points = [run.point(scores, k, a, estimate=estimate) for a in run.cfg.alphas]
-    alpha = run.best(points)["alpha"]
+    chosen = run.best(points)
     if estimate:
-        points.append(run.point(scores, k, alpha, estimate=False))
-    return alpha, run.ok(points[-1] if estimate else next(p for p in points if p["alpha"] == alpha)), points
+        chosen = run.point(scores, k, chosen["alpha"], estimate=False)
+        points.append(chosen)
+    return chosen["alpha"], run.ok(chosen), points
 
 
 def _baseline_minimal(run: _Run, scores: NeuronScores) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -210,9 +210,14 @@ def _baseline_minimal(run: _Run, scores: NeuronScores) -> tuple[dict[str, Any], 
     Returns a summary (``found``, ``k``, ``fraction``, ``alpha``) and the points measured.
     """
     result = run.search(scores)
-    k = result.selection.n if result.found else None
-    return ({"found": result.found, "k": k, "fraction": None if k is None else k / run.pair.n_neurons,
-             "alpha": result.alpha, "max_fraction": run.cfg.max_fraction}, result.frontier)
+    return _minimal_summary(run, result), result.frontier
+
+
+def _minimal_summary(run: _Run, result: SearchResult) -> dict[str, Any]:
+    """What ``extra.minimal_sets`` records of one method's search: found, k, fraction, alpha, max_fraction."""
+    k = result.selection.n if result.selection is not None else None
+    return {"found": result.found, "k": k, "fraction": None if k is None else k / run.pair.n_neurons,
+            "alpha": result.alpha, "max_fraction": run.cfg.max_fraction}
 
 
 def _evaluate_test(run: _Run, main: str, all_scores: dict[str, NeuronScores], k: int, chosen: dict[str, float],
@@ -253,8 +258,8 @@ def _random_seeds(run: _Run, k: int, alpha: float, first: Block) -> dict[str, An
         per_seed.append({"seed": seed, **{n: block[n] for n in numbers}})
     out: dict[str, Any] = {"seeds": per_seed}
     for n in numbers:
-        vals = torch.tensor([s[n] for s in per_seed], dtype=torch.float64)
-        out[f"{n}_seed_mean"], out[f"{n}_seed_sd"] = float(vals.mean()), float(vals.std())
+        vals = [s[n] for s in per_seed]
+        out[f"{n}_seed_mean"], out[f"{n}_seed_sd"] = statistics.mean(vals), statistics.stdev(vals)
     return out
 
 
@@ -322,9 +327,7 @@ def transfer(
     result, k, alpha, main_ok = _choose_point(run, all_scores[main])
     frontier = list(result.frontier)
     chosen, acceptable = {main: alpha}, {main: main_ok}
-    minimal = {main: {"found": result.found, "k": k if result.found else None,
-                      "fraction": k / pair.n_neurons if result.found else None,
-                      "alpha": alpha if result.found else None, "max_fraction": cfg.max_fraction}}
+    minimal = {main: _minimal_summary(run, result)}
     for method in cfg.baselines:
         _log(f"baseline {method}: alpha search at k={k}")
         with stage(f"baseline {method} (validation)"):
