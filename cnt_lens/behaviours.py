@@ -107,6 +107,10 @@ def generate(
 ) -> list[str]:
     """Greedy completions of already-formatted prompts (left-padded batches, HF ``generate``, KV cache).
 
+    Batches are formed from prompts sorted by token length (answers come back in the input order), so a
+    short prompt is not padded to a long one's width; left padding with explicit positions makes each answer its
+    prompt's own (up to float rounding).
+
     Runs a plain HF module bound to the bridge's own weight tensors (:func:`~cnt_lens.models.plain_hf_model`):
     transplants are seen, and the bridge's wrappers never touch the KV cache. With ``verify`` the first
     batch is checked against the bridge's forward pass (:func:`verify_greedy`; one extra forward), so a
@@ -119,11 +123,12 @@ def generate(
     if room < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a "
                          f"{context_length(model)}-token context")
-    out: list[str] = []
-    batches = list(chunks(prompts, batch_size))
+    order = _by_length(tok, prompts)
+    out: list[str] = [""] * len(prompts)
+    batches = list(chunks(order, batch_size))
     with stage("generate"):
-        for i, texts in enumerate(_progress(batches, len(batches), "generate", progress)):
-            b = encode(tok, list(texts), max_len=room).to(device_of(model))
+        for i, rows in enumerate(_progress(batches, len(batches), "generate", progress)):
+            b = encode(tok, [prompts[j] for j in rows], max_len=room).to(device_of(model))
             with torch.no_grad():
                 gen = plain.generate(
                     input_ids=b.tokens, attention_mask=b.attention_mask, max_new_tokens=max_new_tokens,
@@ -131,8 +136,15 @@ def generate(
                 )[:, b.tokens.shape[1]:]
             if verify and i == 0:
                 verify_greedy(model, b, gen, stop_ids=_stop_ids(tok, plain))
-            out += tok.batch_decode(gen, skip_special_tokens=True)
+            for j, text in zip(rows, tok.batch_decode(gen, skip_special_tokens=True)):
+                out[j] = text
     return out
+
+
+def _by_length(tokenizer: Any, prompts: list[str]) -> list[int]:
+    """Prompt indices from shortest to longest in tokens (stable), so a batch pads to similar lengths."""
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
+    return sorted(range(len(prompts)), key=lengths.__getitem__)
 
 
 def canary(model: Any, prompt: str = "What is the capital of France?", expect: str | None = None, *,
@@ -310,9 +322,10 @@ class Refusal(Behaviour):
     the share of greedy responses (``max_new_tokens``) that the judge
     (:func:`~cnt_lens.judge.judge_refusal`) counts as refusals, on the harmful and the harmless prompts
     of a split — an apology followed by compliance raises the metric and is not a refusal. Each rate
-    comes with its n and Wilson interval; when the harmful prompts of a split come from several
-    ``family`` values (the default test split: the bundled set and AdvBench), each family's rate is
-    reported too (``refusal_harmful_advbench``, …).
+    comes with its n and Wilson interval; when the prompts of a split come from several ``family``
+    values (the default test split: the bundled set and AdvBench), each family's rate is reported too
+    (``refusal_harmful_advbench``, …), and so is each ``role`` of the cross-distribution protocol
+    (:func:`~cnt_lens.data.cross_harmful`: ``refusal_harmful_selection``, ``…_search``, ``…_held_out``).
 
     ``response_prefix`` (e.g. ``"Answer:"``) is teacher-forced after the assistant header, before
     the lead, for models taught to open every answer with it (the NLSR attack's task): without it
@@ -392,8 +405,7 @@ class Refusal(Behaviour):
             responses = generate(model, [chat_format(tok, r["prompt"]) for r in recs],
                                  max_new_tokens=self.max_new_tokens, batch_size=batch_size, progress=progress)
             verdicts = [judge_refusal(resp) for resp in responses]
-            items += [{"id": r["id"], "set": kind, "category": r["category"], "family": r.get("family"),
-                       "prompt": r["prompt"], "response": resp, "refused": v.refused, "judge": v.reason}
+            items += [{**_item(r, kind), "response": resp, "refused": v.refused, "judge": v.reason}
                       for r, resp, v in zip(recs, responses, verdicts)]
         return items
 
@@ -412,8 +424,7 @@ class Refusal(Behaviour):
                                                                              self.control_batches)):
             recs = ps.split(split).records
             log_odds = self.metric_items(model, encode_(tok, split, batch_size))
-            items += [{"id": r["id"], "set": kind, "category": r["category"], "family": r.get("family"),
-                       "prompt": r["prompt"], "log_odds": lo, "refused": lo > 0, "judge": "estimate: opening log-odds"}
+            items += [{**_item(r, kind), "log_odds": lo, "refused": lo > 0, "judge": "estimate: opening log-odds"}
                       for r, lo in zip(recs, log_odds)]
         return items
 
@@ -423,11 +434,17 @@ class Refusal(Behaviour):
         for kind in ("harmful", "harmless"):
             sel = [i for i in items if i["set"] == kind]
             out.update(rate(f"refusal_{kind}", [i["refused"] for i in sel]))
-            families = sorted({i.get("family") for i in sel if i.get("family")})
-            if len(families) > 1:  # e.g. the bundled set and AdvBench: in- and out-of-distribution, apart
-                for fam in families:
-                    out.update(rate(f"refusal_{kind}_{fam}", [i["refused"] for i in sel if i.get("family") == fam]))
+            for field_ in ("role", "family"):  # in- and out-of-distribution apart, when a split mixes them
+                groups = sorted({i.get(field_) for i in sel if i.get(field_)})
+                for g in groups if len(groups) > 1 else ():
+                    out.update(rate(f"refusal_{kind}_{g}", [i["refused"] for i in sel if i.get(field_) == g]))
         return out
+
+
+def _item(record: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The fields every refusal item carries from its prompt record."""
+    return {"id": record["id"], "set": kind, "category": record["category"], "family": record.get("family"),
+            "role": record.get("role"), "prompt": record["prompt"]}
 
 
 def _pair_batches(tokenizer: Any, first: list[str], second: list[str], batch_size: int) -> list[Batch]:

@@ -44,6 +44,16 @@ def test_generation_matches_plain_hf_on_tiny_models(arch):
     assert all(got) and len({w for g in got for w in g.split()}) > 1  # real text, not one token repeated
 
 
+def test_length_sorted_batches_return_each_prompts_own_answer_in_input_order():
+    tok = tiny_tokenizer()
+    model = load_model(tiny_hf_model("llama", seed=3, tie_embeddings=False), tokenizer=tok)
+    words = load_prompts("harmless").split("validation").column("prompt")
+    prompts = [chat_format(tok, " ".join(words[:n])) for n in (3, 1, 5, 2, 4, 1)]  # lengths out of order
+    alone = [generate(model, [p], max_new_tokens=N_NEW, progress=False)[0] for p in prompts]
+    assert generate(model, prompts, max_new_tokens=N_NEW, batch_size=2, progress=False) == alone
+    assert len(set(alone)) > 1  # the prompts get different answers, so a reordering would show
+
+
 @pytest.mark.slow
 def test_generation_matches_plain_hf_on_smollm2(smollm2):
     from transformers import AutoModelForCausalLM
