@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from torch import Tensor
 
 from .files import atomic_dir
 from .journal import Entry, Weights, applied_patches, entries, position
@@ -71,6 +72,13 @@ def _check_alpha(alpha: Any) -> float:
     return a
 
 
+def _require_finite(flags: list[tuple[int, str, Tensor]], alpha: float) -> None:
+    """Raise naming the first (layer, role) whose written values are not all finite."""
+    if flags and not bool(torch.stack([f for _, _, f in flags]).all()):
+        layer, role = next((lay, r) for lay, r, f in flags if not bool(f))
+        raise ValueError(f"layer {layer} {role}: the transplant at alpha {alpha} gives non-finite weights")
+
+
 @dataclass
 class NeuronPatch:
     """Donor weights (and target originals) for a neuron selection; see the module docstring.
@@ -87,6 +95,7 @@ class NeuronPatch:
     alpha: float = 1.0
     meta: dict[str, Any] = field(default_factory=dict)
     _hash: str | None = field(default=None, init=False, repr=False, compare=False)
+    _index: dict[tuple[int, str], Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.alpha = _check_alpha(self.alpha)
@@ -181,24 +190,34 @@ class NeuronPatch:
                     raise IncompatibleModelsError(f"layer {layer} {role}: patch rows {tuple(t.shape[1:])}, "
                                                   f"model {tuple(expected)}")
 
+    def _indices(self, layer: int, device: torch.device) -> Tensor:
+        """The selected neurons of ``layer`` on ``device`` (cached: apply and revert run in loops)."""
+        key = (layer, str(device))
+        if key not in self._index:
+            self._index[key] = self.selection.layer_indices(layer).to(device)
+        return self._index[key]
+
     def _write(self, model: Any) -> Weights:
-        """Write the transplant; return the values it replaced. All or nothing: any error restores them."""
+        """Write the transplant; return the values it replaced. All or nothing: any error restores them.
+
+        Finiteness is checked once, after every write (one synchronisation instead of one per tensor),
+        and a non-finite result is rolled back like any other error.
+        """
         saved: Weights = {}
+        finite: list[tuple[int, str, Tensor]] = []
         try:
             with torch.no_grad():
                 for layer, roles in self.donor.items():
-                    idx = self.selection.layer_indices(layer)
                     saved[layer] = {}
                     for p in neuron_params(model, layer):
-                        i = idx.to(p.tensor.device)
+                        i = self._indices(layer, p.tensor.device)
                         current = p.tensor.index_select(p.axis, i)
                         donor = roles[p.role].to(device=p.tensor.device, dtype=p.tensor.dtype).movedim(0, p.axis)
                         new = torch.lerp(current, donor, self.alpha)
-                        if not torch.isfinite(new).all():
-                            raise ValueError(f"layer {layer} {p.role}: the transplant at alpha {self.alpha} gives "
-                                             "non-finite weights")
+                        finite.append((layer, p.role, torch.isfinite(new).all()))
                         saved[layer][p.role] = current
                         p.tensor.index_copy_(p.axis, i, new)
+                _require_finite(finite, self.alpha)
         except BaseException:
             self._restore(model, self, saved)
             raise
@@ -208,10 +227,9 @@ class NeuronPatch:
     def _restore(model: Any, patch: "NeuronPatch", saved: Weights) -> None:
         with torch.no_grad():
             for layer, roles in saved.items():
-                idx = patch.selection.layer_indices(layer)
                 for p in neuron_params(model, layer):
                     if p.role in roles:
-                        p.tensor.index_copy_(p.axis, idx.to(p.tensor.device), roles[p.role])
+                        p.tensor.index_copy_(p.axis, patch._indices(layer, p.tensor.device), roles[p.role])
 
     def apply(self, model: Any) -> Any:
         """Write the transplant into ``model`` in place (permanent until :meth:`revert`); return ``model``.
@@ -261,10 +279,9 @@ class NeuronPatch:
         self.check_fits(model)
         with torch.no_grad():
             for layer, roles in self.target.items():
-                idx = self.selection.layer_indices(layer)
                 for p in neuron_params(model, layer):
                     value = roles[p.role].to(device=p.tensor.device, dtype=p.tensor.dtype).movedim(0, p.axis)
-                    p.tensor.index_copy_(p.axis, idx.to(p.tensor.device), value)
+                    p.tensor.index_copy_(p.axis, self._indices(layer, p.tensor.device), value)
         return model
 
     # ------------------------------------------------------------------ files

@@ -143,6 +143,18 @@ def test_non_finite_donor_weights_are_refused(planted):
         NeuronPatch.from_pair(pair, sel)
 
 
+def test_a_transplant_that_overflows_is_rolled_back_whole(planted):
+    pair, _, sel = planted
+    layer = sel.indices()[-1][0]  # the last layer written: every earlier write must be undone
+    with torch.no_grad():
+        pair.donor.blocks[layer].mlp.out.original_component.weight[0, sel.layer_indices(layer)[0]] = 10.0
+    before = _weights(pair.target)
+    patch = NeuronPatch.from_pair(pair, sel, alpha=1e38)  # finite alpha and weights; 1e38 * 10 overflows float32
+    with pytest.raises(ValueError, match=rf"layer {layer} W_out: the transplant at alpha 1e\+38 gives non-finite"):
+        patch.apply(pair.target)
+    assert _same(before, _weights(pair.target)) and not applied_patches(pair.target)
+
+
 def test_the_same_patch_content_applies_once(planted, tmp_path):
     pair, _, sel = planted
     before = _weights(pair.target)
