@@ -48,6 +48,9 @@ class TransferConfig:
     #: decide search points with one-pass estimates and evaluate in full only the points that matter
     #: (:func:`~cnt_lens.search.search_minimal`'s ``screen``); ``False``: every point evaluated in full.
     screen: bool = True
+    #: an estimated point counts as reaching the goal within this much of it (gap fraction; ``search_minimal``'s
+    #: ``slack``): estimates choose where to evaluate, not the answer.
+    screen_slack: float = 0.1
     #: give every baseline the main method's search over k and alpha too (its own minimal set;
     #: ``metrics.json``'s ``extra.minimal_sets``), besides the comparison at the main method's k.
     search_baselines: bool = True
@@ -130,7 +133,7 @@ class _Run:
         return search_minimal(self.pair, self.behaviour, scores, goal=cfg.goal, alphas=cfg.alphas,
                               max_fraction=cfg.max_fraction, side_effects=self.side_effects,
                               constraint=self.constraint, reference=self.reference, screen=cfg.screen,
-                              estimated_reference=self.estimated or None,
+                              estimated_reference=self.estimated or None, slack=cfg.screen_slack,
                               batch_size=cfg.batch_size, progress=self.progress)
 
 

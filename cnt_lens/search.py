@@ -127,6 +127,7 @@ def search_minimal(
     screen: bool = False,
     estimated_reference: Reference | None = None,
     step: float = 1.25,
+    slack: float = 0.1,
     batch_size: int = 16,
     progress: bool = True,
 ) -> SearchResult:
@@ -150,13 +151,17 @@ def search_minimal(
     ×``step`` down while the goal holds (or up until it does), and bisect the bracket to
     ``tolerance``. The returned point is verified by the full evaluation, as without ``screen``,
     at a few evaluations instead of one per point; when it fails there, the estimate's next-best
-    alpha is tried. Each frontier point says how it was ``measured``. Without an estimated gap
+    alpha is tried. An estimated point counts as reaching the goal within ``slack`` of it (gap
+    fraction): the estimate only decides where to look, and one that falls a prompt short of the
+    goal at the largest k must not hide an alpha from the search. Each frontier point says how it was ``measured``. Without an estimated gap
     (donor and target estimated alike), or when every behaviour's estimate is its evaluation
     (:attr:`~cnt_lens.Behaviour.estimate_is_evaluation`), it is the full search. ``estimated_reference``
     (the result's, from an earlier search on the same split) saves estimating donor and target again.
     """
     total = pair.n_neurons
     k_max = _check_search(goal, alphas, max_fraction, min_k, total)
+    if not 0 <= slack < goal:
+        raise ValueError(f"slack is a share of the gap in [0, goal={goal}), got {slack}")
     behaviours = [behaviour, *side_effects]
     if reference is None:
         reference = measure_reference(pair, behaviour, side_effects, split=split, batch_size=batch_size)
@@ -173,8 +178,8 @@ def search_minimal(
         """(goal reached, goal reached and constraint holds) at the top-k set and ``alpha``."""
         def at(k: int) -> tuple[bool, bool]:
             point = measure_point(pair, behaviours, scores, select(k), alpha, estimated if estimate else reference,
-                                  split=split, goal=goal, constraint=constraint, estimate=estimate,
-                                  batch_size=batch_size)
+                                  split=split, goal=goal - slack if estimate else goal, constraint=constraint,
+                                  estimate=estimate, batch_size=batch_size)
             frontier.append(point)
             bar.update(1)
             bar.set_postfix(k=point["k"], alpha=alpha, closed=f"{point['gap_closed']:.2f}", by=point["measured"])

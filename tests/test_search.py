@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cnt_lens import score, search_minimal
@@ -143,6 +144,23 @@ def test_screened_search_confirms_its_point_in_full_with_fewer_evaluations(arch)
     assert abs(screened.selection.n - full.selection.n) <= 0.1 * full.selection.n + 1
     assert len(evaluated) < len(full.frontier)
     assert screened.estimated_reference["donor"]["marker_rate"] >= screened.reference["donor"]["marker_rate"]
+
+
+def test_a_screen_with_slack_looks_below_a_goal_its_estimate_misses_and_still_answers_in_full():
+    pair, _, _ = planted_pair("llama", n_planted=32, seed=0, strength=1.5)
+    behaviour = EstimatedMarker()
+    s = score(pair, behaviour, progress=False)
+    kw = dict(goal=0.9, alphas=(1.0, 2.0), max_fraction=0.5, progress=False)
+    full = search_minimal(pair, behaviour, s, **kw)
+    slack = search_minimal(pair, behaviour, s, screen=True, slack=0.3, **kw)
+    est = [p for p in slack.frontier if p["measured"] == "estimate"]
+    assert est and all(p["goal_reached"] == (p["gap_closed"] >= 0.9 - 0.3) for p in est)  # within the slack counts
+    chosen = next(p for p in slack.frontier if p["measured"] == "evaluation" and p["k"] == slack.selection.n
+                  and p["alpha"] == slack.alpha)
+    assert chosen["reached"] and chosen["gap_closed"] >= 0.9  # the answer itself meets the goal in full
+    assert slack.alpha == full.alpha and abs(slack.selection.n - full.selection.n) <= 0.1 * full.selection.n + 1
+    with pytest.raises(ValueError, match="slack"):
+        search_minimal(pair, behaviour, s, screen=True, slack=0.9, **kw)
 
 
 def test_a_screen_is_the_full_search_when_the_estimate_is_the_evaluation():

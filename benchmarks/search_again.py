@@ -1,0 +1,53 @@
+"""Choose a finished application run's point again with the current search, on the run's own saved ranking.
+
+    CNT_LENS_CACHE=... python benchmarks/search_again.py runs/demo --out runs/demo-again [--slack 0.1] [--no-screen]
+
+Rebuilds the run's pair with the application's cached recipes (``metrics.json`` names the application and
+model), loads the main ranking from ``scores/`` and the donor's and target's validation numbers from
+``metrics.json``, and runs :func:`cnt_lens.pipeline.transfer` with the application's settings, no
+baselines and one random seed: the search on validation, then target, donor and the chosen patch on test.
+So a change to the search is measured on the same neurons without re-scoring (the re-scoring rounds are
+most of a demo's scoring time). Prints the chosen point, the validation frontier the search measured,
+and the test table; ``--out`` gets the usual run files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cnt_lens import NeuronScores, load_model
+from cnt_lens.experiments.applications import APPLICATIONS
+from cnt_lens.pipeline import TransferConfig, transfer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--slack", type=float, default=TransferConfig.screen_slack)
+    ap.add_argument("--no-screen", dest="screen", action="store_false")
+    args = ap.parse_args()
+    metrics = json.loads((args.run / "metrics.json").read_text())
+    extra, cfg = metrics["extra"], metrics["extra"]["config"]
+    app = APPLICATIONS[extra["application"]]
+    pair = app.build(load_model(cfg["extra"]["model"]))
+    scores = NeuronScores.load(args.run / "scores" / f"{metrics['patched']['method']}.safetensors")
+    config = TransferConfig(goal=cfg["goal"], alphas=tuple(cfg["alphas"]), max_fraction=cfg["max_fraction"],
+                            baselines=(), batch_size=cfg["batch_size"], screen=args.screen,
+                            screen_slack=args.slack, random_seeds=1, extra={**cfg["extra"], "again_from": str(args.run)})
+    result = transfer(pair, app.behaviour(), side_effects=app.side_effects(), constraint=app.constraint,
+                      config=config, scores=scores, reference=extra["validation_reference"], out_dir=args.out,
+                      progress=False)
+    report = result.report
+    print(f"chosen: {report.patched['n_neurons']} neurons, alpha {report.patched['alpha']}; "
+          f"goal reached on validation: {report.patched['goal_reached_on_validation']}")
+    for p in report.frontier:
+        print(f"  {p['measured']:<10} k={p['k']:<5} alpha={p['alpha']:<4} gap closed {p['gap_closed']:.2f} "
+              f"harmful {p.get('refusal_harmful', float('nan')):.3f} harmless {p.get('refusal_harmless', float('nan')):.3f}")
+    print(report.table())
+
+
+if __name__ == "__main__":
+    main()
