@@ -67,7 +67,7 @@ def demo(
     """
     # every option spelled out: called as a function, ``run``'s defaults are typer's OptionInfo objects
     run(application="enhance", out=out, model="smollm2-135m-instruct", rounds=None, baselines=None, alphas=None,
-        max_fraction=None, screen=True, device=device, progress=progress)
+        max_fraction=None, screen=True, protocol="split", device=device, progress=progress)
 
 
 @app.command()
@@ -85,20 +85,24 @@ def run(
                                                  "neurons (default: the application's)."),
     screen: bool = typer.Option(True, help="Decide search points by one-pass estimates and evaluate in full only "
                                 "the points that matter (--no-screen: every point in full)."),
+    protocol: str = typer.Option("split", help="split: each prompt set's own train/validation/test; cross: neurons "
+                                 "on the bundled prompts, k and alpha on AdvBench, report on held-out framings too."),
     device: Optional[str] = typer.Option(None, help="torch device for both models, e.g. cuda (default: cpu)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Run one CNT / NLSR application end to end (see cnt_lens.experiments.applications)."""
-    from .experiments.applications import APPLICATIONS, run_application
+    from .experiments.applications import APPLICATIONS, PROTOCOLS, run_application
 
     if application not in APPLICATIONS:
         raise typer.BadParameter(f"unknown application {application!r}; one of {sorted(APPLICATIONS)}")
+    if protocol not in PROTOCOLS:
+        raise typer.BadParameter(f"unknown protocol {protocol!r}; one of {sorted(PROTOCOLS)}", param_hint="--protocol")
     chosen = None if baselines is None else _names(baselines)
     _check_methods(chosen or (), "baseline(s)", "--baselines")
     t0 = time.time()
     report = run_application(application, out, model=model, rounds=rounds, baselines=chosen, device=device,
                              alphas=None if alphas is None else _floats(alphas, "--alphas"), max_fraction=max_fraction,
-                             screen=screen, progress=progress)
+                             screen=screen, protocol=protocol, progress=progress)
     typer.echo(report.table())
     typer.echo(timings_table(out / "timings.json"))
     typer.echo(f"wrote {out}/metrics.json, patch.safetensors, patched_model/, report.html in {time.time() - t0:.0f} s")

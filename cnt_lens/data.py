@@ -40,7 +40,11 @@ __all__ = [
     "PromptSet",
     "SPLITS",
     "chat_format",
+    "ROLES",
     "combine",
+    "cross_distribution",
+    "cross_harmful",
+    "cross_harmless",
     "default_harmful",
     "encode",
     "FIELDS",
@@ -51,7 +55,8 @@ __all__ = [
 ]
 
 SPLITS = ("train", "validation", "test")
-BUNDLED = {"harmful": "prompt", "harmless": "prompt", "advbench": "prompt", "bias_pairs": "pair",
+BUNDLED = {"harmful": "prompt", "harmless": "prompt", "advbench": "prompt", "harmful_framed": "prompt",
+           "harmless_framed": "prompt", "bias_pairs": "pair",
            "bias_templates": "pair", "mc": "mc", "reference": "text", "judge_set": "judged"}
 FIELDS = {
     "prompt": ("prompt",),
@@ -191,7 +196,8 @@ def combine(name: str, *sets: PromptSet) -> PromptSet:
     records = tuple(r for ps in sets for r in ps.records)
     ids = [r["id"] for r in records]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{name}: the combined sets share ids")
+        shared = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"{name}: the combined sets share ids {shared[:5]}; give their records distinct 'id's")
     return PromptSet(name=name, kind=kinds.pop(), records=records)
 
 
@@ -203,9 +209,82 @@ def default_harmful() -> PromptSet:
     and phrased differently from any prompt the choice saw. Each record's ``family`` (``cnt_lens``,
     ``advbench``) says where it comes from; :class:`~cnt_lens.behaviours.Refusal` reports each family's rate too.
     """
-    own = load_prompts("harmful")
-    own = replace(own, records=tuple({**r, "family": r.get("family", "cnt_lens")} for r in own.records))
-    return combine("harmful+advbench_test", own, load_prompts("advbench").split("test"))
+    return combine("harmful+advbench_test", _bundled_family("harmful"), load_prompts("advbench").split("test"))
+
+
+def _bundled_family(name: str) -> PromptSet:
+    """A bundled set whose records say they are the ``cnt_lens`` family unless they name another."""
+    ps = load_prompts(name)
+    return replace(ps, records=tuple({**r, "family": r.get("family", "cnt_lens")} for r in ps.records))
+
+
+def cross_harmful(select: Sequence[str] = ("cnt_lens",), search: Sequence[str] = ("advbench",)) -> PromptSet:
+    """Every bundled harmful family, re-split by :func:`cross_distribution`.
+
+    Families: ``cnt_lens`` (the bundled set), ``advbench`` and the framed families of
+    ``harmful_framed`` (``roleplay``, ``writing`` — stories and persuasive pieces — and ``context``:
+    requests with a backstory). By default neurons are chosen on the bundled set, k and alpha on
+    AdvBench, and the framed families are held out.
+    """
+    every = combine("harmful_families", _bundled_family("harmful"), load_prompts("advbench"),
+                    load_prompts("harmful_framed"))
+    return cross_distribution(every, select=select, search=search)
+
+
+def cross_harmless(select: Sequence[str] = ("cnt_lens",), search: Sequence[str] = ("cnt_lens",)) -> PromptSet:
+    """The bundled harmless families, re-split like :func:`cross_harmful` (framed ones held out by default).
+
+    Over-refusal is measured on requests framed like the harmful ones (role-play, stories,
+    backstories), so a patch that refuses a framing rather than a harm shows up.
+    """
+    every = combine("harmless_families", _bundled_family("harmless"), load_prompts("harmless_framed"))
+    return cross_distribution(every, select=select, search=search)
+
+
+ROLES = ("selection", "search", "held_out")
+
+
+def cross_distribution(prompts: PromptSet, *, select: Sequence[str], search: Sequence[str]) -> PromptSet:
+    """``prompts`` re-split by ``family`` so that neurons, settings and the report see different families.
+
+    Each record gets a ``role`` (:data:`ROLES`) from its family and keeps only the split that role uses:
+
+    * a family in ``select`` (``role="selection"``): its train records choose the neurons and its test
+      records measure in distribution; its validation records choose k and alpha only if the family is
+      also in ``search``, and are left out otherwise;
+    * a family only in ``search`` (``role="search"``): validation records choose k and alpha, test
+      records are reported; its train records are left out (no neuron is chosen on them);
+    * every other family (``role="held_out"``): all its records go to test — phrasing that no choice saw.
+
+    :class:`~cnt_lens.behaviours.Refusal` reports each role's rate beside each family's, so the
+    in- and out-of-distribution numbers come out side by side. Raises naming the families the set
+    has when a requested family is absent, or when no family is left held out.
+
+    Example:
+        >>> ps = cross_distribution(load_prompts("harmful_framed"), select=["roleplay"], search=["writing"])
+        >>> sorted({(r["family"], r["role"], r["split"]) for r in ps if r["family"] != "writing"})[:2]
+        [('context', 'held_out', 'test'), ('roleplay', 'selection', 'test')]
+    """
+    have = sorted({r.get("family") or "" for r in prompts})
+    unknown = sorted((set(select) | set(search)) - set(have))
+    if unknown:
+        raise ValueError(f"{prompts.name}: no records of family {unknown}; its families are {have} "
+                         "(each record's 'family' field)")
+    if not set(have) - set(select) - set(search):
+        raise ValueError(f"{prompts.name}: every family ({have}) is used for selection or search; "
+                         "leave at least one out to report on")
+
+    def place(r: dict[str, Any]) -> dict[str, Any] | None:
+        fam = r.get("family") or ""
+        if fam in select:
+            keep = {"train", "test"} | ({"validation"} if fam in search else set())
+            return {**r, "role": "selection"} if r["split"] in keep else None
+        if fam in search:
+            return {**r, "role": "search"} if r["split"] != "train" else None
+        return {**r, "role": "held_out", "split": "test"}
+
+    records = tuple(x for x in map(place, prompts.records) if x is not None)
+    return replace(prompts, name=f"{prompts.name}/cross", records=records)
 
 
 def load_prompts(name: str) -> PromptSet:

@@ -128,6 +128,23 @@ def test_refusal_response_prefix_is_teacher_forced_for_the_metric_only(arch):
     assert responses[0] == responses[1] and len(set(responses[0])) > 1
 
 
+def test_refusal_rates_per_role_of_the_cross_distribution_protocol():
+    from cnt_lens import Refusal
+    from cnt_lens.data import cross_harmful
+
+    test = cross_harmful().split("test")
+    items = [{"set": "harmful", "family": r["family"], "role": r["role"], "refused": i % 4 != 0}
+             for i, r in enumerate(test.records)]
+    items += [{"set": "harmless", "family": "cnt_lens", "role": "selection", "refused": False}]
+    out = Refusal().aggregate(items)
+    for role in ("selection", "search", "held_out"):
+        flags = [i["refused"] for i in items if i["set"] == "harmful" and i["role"] == role]
+        assert out[f"refusal_harmful_{role}_n"] == len(flags) > 0
+        assert out[f"refusal_harmful_{role}"] == sum(flags) / len(flags)
+    assert out["refusal_harmful_roleplay_n"] == 24  # families still apart
+    assert "refusal_harmless_selection" not in out  # one role: nothing to set apart
+
+
 def test_refusal_rates_carry_n_interval_and_each_family():
     from cnt_lens import Refusal, wilson_interval
     from cnt_lens.data import default_harmful

@@ -166,7 +166,8 @@ def test_demo_runs_enhance_with_the_applications_own_settings(tmp_path, monkeypa
     res = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert seen == {"name": "enhance", "model": "smollm2-135m-instruct", "rounds": None, "baselines": None,
-                    "device": None, "alphas": None, "max_fraction": None, "screen": True, "progress": False}
+                    "device": None, "alphas": None, "max_fraction": None, "screen": True, "protocol": "split",
+                    "progress": False}
 
 
 def test_run_passes_its_overrides_to_the_application_and_prints_the_timings(tmp_path, monkeypatch):
@@ -175,9 +176,15 @@ def test_run_passes_its_overrides_to_the_application_and_prints_the_timings(tmp_
     out.mkdir()
     res = runner.invoke(app, ["run", "delete-refusal", "--out", str(out), "--model", "qwen2.5-coder-0.5b-instruct",
                               "--rounds", "0", "--alphas", "1,2", "--max-fraction", "0.02", "--baselines", "random",
-                              "--no-screen"])
+                              "--no-screen", "--protocol", "cross"])
     assert res.exit_code == 0, res.output
     assert seen == {"name": "delete-refusal", "model": "qwen2.5-coder-0.5b-instruct", "rounds": 0,
                     "baselines": ("random",), "device": None, "alphas": (1.0, 2.0), "max_fraction": 0.02,
-                    "screen": False, "progress": True}
+                    "screen": False, "protocol": "cross", "progress": True}
     assert "search (validation)" in res.output and "total (wall)" in res.output
+
+
+def test_run_names_the_protocols_when_given_another(tmp_path, monkeypatch):
+    _stub_application(monkeypatch)
+    res = runner.invoke(app, ["run", "enhance", "--out", str(tmp_path / "r"), "--protocol", "families"])
+    assert res.exit_code != 0 and "unknown protocol 'families'" in res.output and "cross" in res.output

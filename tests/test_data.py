@@ -41,6 +41,39 @@ def test_no_prompt_in_two_sets():
     assert harmful.isdisjoint(load_prompts("harmless").column("prompt"))
 
 
+def test_no_prompt_in_two_families():
+    from cnt_lens.data import cross_harmful, cross_harmless
+
+    harmful, harmless = cross_harmful(), cross_harmless()
+    assert len(set(harmful.column("prompt"))) == len(harmful) and len(set(harmless.column("prompt"))) == len(harmless)
+    assert set(harmful.column("prompt")).isdisjoint(harmless.column("prompt"))
+    framed = {r["family"] for r in load_prompts("harmful_framed")}
+    assert framed == {r["family"] for r in load_prompts("harmless_framed")}  # over-refusal in the same framings
+
+
+def test_cross_distribution_keeps_each_family_to_its_role():
+    from cnt_lens.data import cross_distribution, cross_harmful
+
+    every = cross_harmful(select=("cnt_lens",), search=("advbench",))
+    by_split = {s: {r["family"] for r in every.split(s)} for s in ("train", "validation", "test")}
+    assert by_split["train"] == {"cnt_lens"} and by_split["validation"] == {"advbench"}
+    assert by_split["test"] == {"cnt_lens", "advbench", "roleplay", "writing", "context"}
+    held = [r for r in every if r["role"] == "held_out"]
+    assert held and all(r["split"] == "test" for r in held)
+    framed = load_prompts("harmful_framed")
+    assert len(held) == len(framed)  # a held-out family is reported whole
+    # a selection family's validation part is used only if it also chooses k and alpha
+    own = load_prompts("harmful")
+    both = cross_distribution(framed, select=("roleplay",), search=("roleplay",))
+    assert {r["split"] for r in both if r["family"] == "roleplay"} == {r["split"] for r in framed
+                                                                        if r["family"] == "roleplay"}
+    with pytest.raises(ValueError, match=r"no records of family \['cnt_lens'\].*\['context', 'roleplay', 'writing'\]"):
+        cross_distribution(framed, select=("cnt_lens",), search=("roleplay",))
+    with pytest.raises(ValueError, match="leave at least one out"):
+        cross_distribution(framed, select=("roleplay", "writing"), search=("context",))
+    assert "family" not in own.records[0]  # the bundled file itself is untouched
+
+
 def test_split_and_empty_errors():
     ps = load_prompts("harmful")
     with pytest.raises(ValueError, match="unknown split"):

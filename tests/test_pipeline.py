@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from typer.testing import CliRunner
 
 from cnt_lens.cli import app
@@ -78,6 +79,20 @@ def test_application_table_is_consistent():
     assert realign.behaviour().response_prefix == TASK_PREFIX
     assert [b.name for b in realign.side_effects()] == ["utility", "format_task"]
     assert realign.side_effects()[1].prefix == TASK_PREFIX and 1.0 in realign.alphas
+
+
+def test_cross_protocol_re_splits_refusal_and_refuses_behaviours_without_families(tmp_path):
+    from cnt_lens.experiments.applications import APPLICATIONS, PROTOCOLS, run_application
+
+    realign = PROTOCOLS["cross"](APPLICATIONS["realign"].behaviour())
+    assert realign.response_prefix and {r["family"] for r in realign.harmful.split("validation")} == {"advbench"}
+    assert {r["role"] for r in realign.harmless.split("test")} == {"selection", "held_out"}
+    assert PROTOCOLS["split"](APPLICATIONS["enhance"].behaviour()).harmful.name == "harmful+advbench_test"
+    with pytest.raises(ValueError, match="no prompt families"):  # raised before any model is loaded
+        run_application("bias-removal", tmp_path / "b", protocol="cross")
+    with pytest.raises(ValueError, match="unknown protocol"):
+        run_application("enhance", tmp_path / "e", protocol="families")
+    assert not (tmp_path / "b").exists() and not (tmp_path / "e").exists()
 
 
 def test_rank_key_breaks_headline_ties_with_the_continuous_number():

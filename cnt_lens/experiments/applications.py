@@ -23,20 +23,20 @@ the bundled test prompts and AdvBench's, reported apart; :func:`~cnt_lens.data.d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from ..behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, Utility, canary
 from ..constraints import no_more_over_refusal, task_kept, utility_kept
-from ..data import load_prompts
+from ..data import cross_harmful, cross_harmless, load_prompts
 from ..models import BUNDLED_MODEL, ModelPair, load_model
 from ..pipeline import TransferConfig
 from ..runs import run_transfer
 from ..timing import profile, stage
 from .recipes import TASK_PREFIX, bias_tune, compliance_tune, harmful_finetune, safety_tune
 
-__all__ = ["APPLICATIONS", "Application", "run_application"]
+__all__ = ["APPLICATIONS", "PROTOCOLS", "Application", "run_application"]
 
 
 @dataclass
@@ -115,24 +115,43 @@ APPLICATIONS: dict[str, Application] = {
 }
 
 
+def _cross(behaviour: Behaviour) -> Behaviour:
+    if not isinstance(behaviour, Refusal):
+        raise ValueError(f"the cross-distribution protocol re-splits refusal prompts by family; {behaviour.name!r} "
+                         "has no prompt families (bias-removal's templates are split by template already)")
+    return replace(behaviour, harmful=cross_harmful(), harmless=cross_harmless())
+
+
+#: How an application's prompts are split between choosing neurons, choosing k and alpha, and the report.
+#: ``split``: each bundled set's own train/validation/test (AdvBench's test added to the report);
+#: ``cross``: by family (:func:`~cnt_lens.data.cross_harmful`): neurons on the bundled set, k and alpha on
+#: AdvBench, and role-play, writing and backstory framings held out for the report.
+PROTOCOLS: dict[str, Callable[[Behaviour], Behaviour]] = {"split": lambda b: b, "cross": _cross}
+
+
 def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
                     alphas: tuple[float, ...] | None = None, rounds: int | None = None,
                     baselines: tuple[str, ...] | None = None, max_fraction: float | None = None,
-                    screen: bool = True, device: str | None = None, progress: bool = True) -> Any:
+                    screen: bool = True, protocol: str = "split", device: str | None = None,
+                    progress: bool = True) -> Any:
     """Run one application end to end and write its run directory; returns the :class:`Report`.
 
     ``model`` is the base the application's recipes tune (any :func:`~cnt_lens.load_model` source;
     default the bundled SmolLM2). ``alphas``, ``rounds`` (0 = one scoring pass), ``baselines`` and
     ``max_fraction`` (the largest budget searched) override the application's settings, e.g. to fit a
     larger model's run on a CPU; ``screen=False`` evaluates every search point in full
-    (:class:`~cnt_lens.pipeline.TransferConfig`). Every stage's wall time goes to ``timings.json`` in ``out``.
+    (:class:`~cnt_lens.pipeline.TransferConfig`); ``protocol`` is one of :data:`PROTOCOLS`. Every stage's
+    wall time goes to ``timings.json`` in ``out``.
     ``device`` (e.g. ``"cuda"``) holds both models there; the fine-tune recipes train there too.
     Their cache key is the weights and settings, not the device, so a donor cached on one device
     is reused on another (greedy generations can then differ in a few prompts from float rounding).
     """
     if name not in APPLICATIONS:
         raise ValueError(f"unknown application {name!r}; one of {sorted(APPLICATIONS)}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; one of {sorted(PROTOCOLS)}")
     app = APPLICATIONS[name]
+    behaviour = PROTOCOLS[protocol](app.behaviour())  # before any loading: a wrong protocol fails in seconds
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with profile() as prof:
@@ -142,18 +161,17 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
             canary(base, expect="Paris")  # seconds: a broken model or generation path stops here, before any tune
         with stage("build donor and target (recipes)"):
             pair = app.build(base)
-        report = _run(app, pair, out, model, alphas, rounds, baselines, max_fraction, screen, progress)
-        report.extra.update(application=name, wall_time_s=round(prof.total(), 1))
+        report = _run(app, pair, behaviour, out, model, alphas, rounds, baselines, max_fraction, screen, progress)
+        report.extra.update(application=name, protocol=protocol, wall_time_s=round(prof.total(), 1))
         report.save(out / "metrics.json")
         prof.save(out / "timings.json")
     return report
 
 
-def _run(app: Application, pair: ModelPair, out: Path, model: str, alphas: tuple[float, ...] | None,
-         rounds: int | None, baselines: tuple[str, ...] | None, max_fraction: float | None, screen: bool,
-         progress: bool) -> Any:
+def _run(app: Application, pair: ModelPair, behaviour: Behaviour, out: Path, model: str,
+         alphas: tuple[float, ...] | None, rounds: int | None, baselines: tuple[str, ...] | None, max_fraction: float | None, screen: bool, progress: bool) -> Any:
     """:func:`~cnt_lens.runs.run_transfer` with the application's settings and the caller's overrides."""
-    behaviour, side = app.behaviour(), app.side_effects()
+    side = app.side_effects()
     config = TransferConfig(goal=app.goal, max_fraction=max_fraction or app.max_fraction, alphas=alphas or app.alphas,
                             baselines=app.baselines if baselines is None else baselines, batch_size=32,
                             screen=screen, extra={"application": app.name, "model": model})
