@@ -31,9 +31,9 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("--examples", type=int, default=0, help="print N held-out responses per model")
     args = ap.parse_args()
-    meta = json.loads((args.run / "metrics.json").read_text())["extra"]
-    app = APPLICATIONS[meta["application"]]
-    pair = app.build(load_model(meta.get("config", {}).get("extra", {}).get("model") or meta["model"]))
+    run_extra = json.loads((args.run / "metrics.json").read_text())["extra"]["config"]["extra"]  # TransferConfig.extra
+    app = APPLICATIONS[run_extra["application"]]
+    pair = app.build(load_model(run_extra["model"]))
     patch = NeuronPatch.load(args.run / "patch.safetensors", model=pair.target)
     behaviour = PROTOCOLS["cross"](app.behaviour())
     rates, items = {}, []

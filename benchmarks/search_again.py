@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     metrics = json.loads((args.run / "metrics.json").read_text())
     extra, cfg = metrics["extra"], metrics["extra"]["config"]
-    app = APPLICATIONS[extra["application"]]
+    app = APPLICATIONS[cfg["extra"]["application"]]
     pair = app.build(load_model(cfg["extra"]["model"]))
     scores = NeuronScores.load(args.run / "scores" / f"{metrics['patched']['method']}.safetensors")
     config = TransferConfig(goal=cfg["goal"], alphas=tuple(cfg["alphas"]), max_fraction=cfg["max_fraction"],
