@@ -153,8 +153,8 @@ def search_minimal(
     at a few evaluations instead of one per point; when it fails there, the estimate's next-best
     alpha is tried. An estimated point counts as reaching the goal within ``slack`` of it (gap
     fraction): the estimate only decides where to look, and one that falls a prompt short of the
-    goal at the largest k must not hide an alpha from the search. Each frontier point says how it was ``measured``. Without an estimated gap
-    (donor and target estimated alike), or when every behaviour's estimate is its evaluation
+    goal at the largest k must not hide an alpha from the search. Each frontier point says how it
+    was ``measured``. Without an estimated gap (donor and target estimated alike), or when every behaviour's estimate is its evaluation
     (:attr:`~cnt_lens.Behaviour.estimate_is_evaluation`), it is the full search. ``estimated_reference``
     (the result's, from an earlier search on the same split) saves estimating donor and target again.
     """
