@@ -22,8 +22,7 @@ from pathlib import Path
 from cnt_lens import NeuronPatch, load_model
 from cnt_lens.experiments.applications import APPLICATIONS, PROTOCOLS
 from cnt_lens.files import atomic_write_text
-
-GROUPS = ("selection", "search", "held_out", "cnt_lens", "advbench", "roleplay", "writing", "context")
+from cnt_lens.stats import is_companion
 
 
 def main() -> None:
@@ -53,19 +52,14 @@ def main() -> None:
 
 def _print(rates: dict, n_neurons: int) -> None:
     print(f"patch: {n_neurons} neurons")
-    for kind in ("harmful", "harmless"):
-        for group in ("", *GROUPS):
-            key = f"refusal_{kind}" + (f"_{group}" if group else "")
-            if key not in rates["target"]:
-                continue
-            cells = []
-            for name in ("target", "donor", "patched"):
-                r = rates[name]
-                lo, hi = r[f"{key}_ci95"]
-                cells.append(f"{name} {r[key]:.3f} [{lo:.2f}, {hi:.2f}]")
-            gap = rates["donor"][key] - rates["target"][key]
-            share = (rates["patched"][key] - rates["target"][key]) / gap if abs(gap) > 1e-9 else float("nan")
-            print(f"{key:<32} n={rates['target'][key + '_n']:<4} " + "  ".join(cells) + f"  share of gap {share:.2f}")
+    for key in [k for k in rates["target"] if k.startswith("refusal_") and not is_companion(k)]:
+        cells = []
+        for name in ("target", "donor", "patched"):
+            lo, hi = rates[name][f"{key}_ci95"]
+            cells.append(f"{name} {rates[name][key]:.3f} [{lo:.2f}, {hi:.2f}]")
+        gap = rates["donor"][key] - rates["target"][key]
+        share = (rates["patched"][key] - rates["target"][key]) / gap if abs(gap) > 1e-9 else float("nan")
+        print(f"{key:<32} n={rates['target'][key + '_n']:<4} " + "  ".join(cells) + f"  share of gap {share:.2f}")
 
 
 if __name__ == "__main__":

@@ -169,7 +169,8 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
 
 
 def _run(app: Application, pair: ModelPair, behaviour: Behaviour, out: Path, model: str,
-         alphas: tuple[float, ...] | None, rounds: int | None, baselines: tuple[str, ...] | None, max_fraction: float | None, screen: bool, progress: bool) -> Any:
+         alphas: tuple[float, ...] | None, rounds: int | None, baselines: tuple[str, ...] | None,
+         max_fraction: float | None, screen: bool, progress: bool) -> Any:
     """:func:`~cnt_lens.runs.run_transfer` with the application's settings and the caller's overrides."""
     side = app.side_effects()
     config = TransferConfig(goal=app.goal, max_fraction=max_fraction or app.max_fraction, alphas=alphas or app.alphas,
