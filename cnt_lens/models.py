@@ -155,9 +155,10 @@ def load_model(
         dtype: the weights' precision (fp32 by default).
         device_map: where each module of a checkpoint goes (``"auto"``, or ``{module: device}`` with
             GPUs, ``"cpu"`` or ``"disk"``), passed to ``from_pretrained``: transformers + accelerate place
-            the layers and move activations between them. Not with ``device``. A layer whose weights
-            are offloaded (kept off any device, loaded per forward) runs and is scored, but cannot be
-            patched: :class:`OffloadedWeightsError` names it.
+            the layers and move activations between them. Not with ``device``. Offloaded layers (kept
+            off any device, loaded per forward) run, are scored and are patched: a patch writes the
+            host-memory copy accelerate loads from (a disk-offloaded MLP is read into host memory
+            once, the first time its neurons are read; its files are never written).
         max_memory: per-device memory caps for ``device_map="auto"`` (``{0: "70GiB", "cpu": "200GiB"}``).
         offload_folder: where ``"disk"`` modules are stored.
         **tl_kwargs: forwarded to ``TransformerBridge.boot_transformers``.
@@ -277,16 +278,23 @@ def hf_state_dict(model: TransformerBridge) -> dict[str, Tensor]:
     These are the tensors the bridge runs on (no copies), keyed as a freshly built model of the
     same class and config expects them, e.g. for ``save_pretrained`` or a clean clone.
     """
-    hf = model.original_model
     clean: dict[str, Tensor] = {}
-    for key, value in hf.state_dict().items():
+    for key, value in model.original_model.state_dict().items():
         clean.setdefault(key.replace("._original_component", ""), value)
-    with torch.device("meta"):
-        expected = type(hf)(copy.deepcopy(hf.config)).state_dict().keys()
+    expected = _plain_keys(model)
     missing = [k for k in expected if k not in clean]
     if missing:
         raise RuntimeError(f"cannot map bridge weights back to HF names; missing {missing[:5]}")
     return {k: clean[k] for k in expected}
+
+
+def _plain_keys(model: TransformerBridge) -> tuple[str, ...]:
+    """The state-dict keys of a freshly built HF model of ``model``'s class and config (cached per model)."""
+    if "_cnt_lens_plain_keys" not in model.__dict__:
+        hf = model.original_model
+        with torch.device("meta"):
+            model.__dict__["_cnt_lens_plain_keys"] = tuple(type(hf)(copy.deepcopy(hf.config)).state_dict())
+    return model.__dict__["_cnt_lens_plain_keys"]
 
 
 def _clean(name: str) -> str:
@@ -312,7 +320,9 @@ def plain_hf_model(model: TransformerBridge) -> torch.nn.Module:
             owner, _, leaf = name.rpartition(".")
             plain.get_submodule(owner)._buffers[leaf] = buffers[name]
     plain.tie_weights()
-    left = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()] if t.is_meta]
+    offloaded = _share_dispatch(hf, plain)
+    left = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()]
+            if t.is_meta and n.rpartition(".")[0] not in offloaded]
     if left:
         raise RuntimeError(f"plain_hf_model: {type(hf).__name__} has tensors the bridge does not hold: {left[:5]}")
     for p in plain.parameters():
@@ -323,17 +333,49 @@ def plain_hf_model(model: TransformerBridge) -> torch.nn.Module:
     return plain.eval()
 
 
+def _share_dispatch(hf: torch.nn.Module, plain: torch.nn.Module) -> set[str]:
+    """Attach copies of a dispatched ``hf``'s accelerate hooks to the same-named modules of ``plain``.
+
+    Returns the names of the modules whose weights the hooks load per forward (offloaded). Each copy
+    keeps the original's ``weights_map``, so a patch written to an offloaded layer's store is what both
+    models load. No-op for a model not placed by ``device_map``.
+    """
+    if not hasattr(hf, "hf_device_map"):
+        return set()
+    from accelerate.hooks import add_hook_to_module
+
+    offloaded: set[str] = set()
+    for name, module in hf.named_modules():  # a wrapper precedes its original component: the last hook wins
+        hook = getattr(module, "_hf_hook", None)
+        if hook is None:
+            continue
+        add_hook_to_module(plain.get_submodule(_clean(name)), copy.copy(hook))
+        if any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook])):
+            offloaded.add(_clean(name))
+    return offloaded
+
+
 def fresh_hf_model(model: TransformerBridge) -> torch.nn.Module:
-    """A plain HF model (no bridge wrappers) holding a *copy* of ``model``'s current weights."""
+    """A plain HF model (no bridge wrappers) holding a *copy* of ``model``'s current weights.
+
+    Offloaded layers of a model placed by ``device_map`` are copied from their store (patches included)
+    and the copy has no accelerate hooks: every tensor is resident where its layer was placed (host
+    memory for offloaded ones).
+    """
     fresh = plain_hf_model(model)
     copies: dict[int, Tensor] = {}  # tied tensors stay tied in the copy
     with torch.no_grad():
-        for module in fresh.modules():
+        for name, module in fresh.named_modules():
             for store in (module._parameters, module._buffers):
                 for leaf, t in store.items():
                     if t is not None:
-                        c = copies.setdefault(id(t), t.detach().clone())
+                        value = _resident(module, leaf, name, pin=False) if t.is_meta else t
+                        c = copies.setdefault(id(t), value.detach().clone())
                         store[leaf] = torch.nn.Parameter(c, requires_grad=False) if isinstance(t, torch.nn.Parameter) else c
+    if hasattr(model.original_model, "hf_device_map"):
+        from accelerate.hooks import remove_hook_from_submodules
+
+        remove_hook_from_submodules(fresh)
     fresh.tie_weights()
     return fresh
 
@@ -450,7 +492,7 @@ def load_pair(donor: Any, target: Any, **kwargs: Any) -> ModelPair:
 
 
 class OffloadedWeightsError(RuntimeError):
-    """A layer's MLP weights are offloaded by accelerate (not resident), and the step needs them in place."""
+    """A layer's MLP weights are on the ``meta`` device with no accelerate offload store to read or write them."""
 
 
 class NeuronParam(NamedTuple):
@@ -459,6 +501,7 @@ class NeuronParam(NamedTuple):
     role: str  # "W_gate" | "W_in" | "b_in" | "W_out"
     tensor: Tensor
     axis: int
+    name: str = ""  # plain HF state-dict name ("model.layers.3.mlp.up_proj.weight"); "" for a view of a fused tensor
 
 
 def _mlp(model: TransformerBridge, layer: int) -> Any:
@@ -492,12 +535,10 @@ def neuron_params(model: TransformerBridge | DonorWeights, layer: int) -> list[N
 def _find_neuron_params(model: TransformerBridge, layer: int) -> list[NeuronParam]:
     mlp = _mlp(model, layer)
     d_mlp = int(model.cfg.d_mlp)
+    names = {id(m): _clean(n) for n, m in model.original_model.named_modules()}
+    keys = set(_plain_keys(model))
+    _named = lambda name: name if name in keys else ""  # noqa: E731  (phi3's halves of gate_up_proj: views, no key)
     out: list[NeuronParam] = []
-    if any(p.is_meta for p in mlp.original_component.parameters()):
-        raise OffloadedWeightsError(
-            f"layer {layer}'s MLP weights are offloaded (device_map put them on 'disk' or offloaded them to CPU; "
-            "accelerate loads them per forward pass), so they cannot be read or patched in place. Load the model "
-            "with a device_map that keeps every MLP on a device (more max_memory, or no 'disk' entries).")
     for name, role, is_input in (("gate", "W_gate", True), ("in", "W_in", True), ("out", "W_out", False)):
         proj = _projection(mlp, name)
         if proj is None:
@@ -506,12 +547,45 @@ def _find_neuron_params(model: TransformerBridge, layer: int) -> list[NeuronPara
             raise NotImplementedError(f"layer {layer}'s MLP has no '{name}' projection; unsupported MLP")
         linear_layout = isinstance(proj, torch.nn.Linear)  # weight [out_features, in_features]
         axis = (0 if linear_layout else 1) if is_input else (1 if linear_layout else 0)
-        if proj.weight.shape[axis] != d_mlp:
-            raise NotImplementedError(f"unexpected {role} shape {tuple(proj.weight.shape)} in layer {layer}")
-        out.append(NeuronParam(role, proj.weight, axis))
+        weight = _resident(proj, "weight", f"layer {layer}'s MLP")
+        if weight.shape[axis] != d_mlp:
+            raise NotImplementedError(f"unexpected {role} shape {tuple(weight.shape)} in layer {layer}")
+        out.append(NeuronParam(role, weight, axis, _named(f"{names[id(proj)]}.weight")))
         if is_input and getattr(proj, "bias", None) is not None:
-            out.append(NeuronParam("b" + role[1:], proj.bias, 0))
+            out.append(NeuronParam("b" + role[1:], _resident(proj, "bias", f"layer {layer}'s MLP"), 0,
+                                   _named(f"{names[id(proj)]}.bias")))
     return out
+
+
+def _resident(module: torch.nn.Module, name: str, where: str, *, pin: bool = True) -> Tensor:
+    """``module``'s tensor ``name``, or, when accelerate offloads it, the stored tensor it is loaded from.
+
+    An offloaded module's parameters are on the ``meta`` device between forward passes; accelerate's hook
+    reads each one from its ``weights_map`` before every forward. Tensors kept in host memory (``"cpu"``
+    offload) are returned as they are, so an in-place write is what the next forward loads. Tensors read
+    from disk are read once and kept in the store's host-memory ``state_dict``, which accelerate reads
+    before the files: the layer's MLP then costs host memory (never device memory), and the files are
+    never written. With ``pin=False`` a tensor read from disk is returned without being kept (a read,
+    not a place to write). ``where`` names the module in the error.
+    """
+    tensor = getattr(module, name)
+    if not tensor.is_meta:
+        return tensor
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", [hook]):
+        weights = getattr(h, "weights_map", None)
+        if getattr(h, "offload", False) and weights is not None:
+            store, key = getattr(weights, "dataset", weights), getattr(weights, "prefix", "") + name
+            pinned = getattr(store, "state_dict", store)
+            if isinstance(pinned, dict):
+                if key in pinned or not pin:
+                    return pinned.get(key, store[key])
+                pinned[key] = store[key].clone()
+                return pinned[key]
+    raise OffloadedWeightsError(
+        f"{where} tensor {name!r} is on the meta device and no accelerate offload store holds it, "
+        "so it cannot be read or patched. Load the model with load_model(..., device_map=...) (accelerate then "
+        "keeps offloaded weights in a store cnt_lens can write), or keep every MLP on a device.")
 
 
 def read_neurons(model: TransformerBridge | DonorWeights, layer: int, idx: Int[Tensor, " n"]) -> dict[str, Tensor]:

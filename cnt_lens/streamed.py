@@ -38,7 +38,6 @@ from .models import (
     _activation_fn,
     _mlp,
     architecture,
-    hf_state_dict,
     neuron_params,
 )
 
@@ -70,11 +69,12 @@ def _tensor_files(path: Path) -> dict[str, Path]:
 
 def _layer_names(target: TransformerBridge) -> list[list[tuple[str, str, int]]]:
     """Per layer, ``(role, HF tensor name, neuron axis)`` of every neuron tensor of ``target``'s MLP."""
-    by_ptr = {(t.data_ptr(), tuple(t.shape)): name for name, t in hf_state_dict(target).items()}
-    out = []
-    for layer in range(int(target.cfg.n_layers)):
-        out.append([(p.role, by_ptr[(p.tensor.data_ptr(), tuple(p.tensor.shape))], p.axis)
-                    for p in neuron_params(target, layer)])
+    out = [[(p.role, p.name, p.axis) for p in neuron_params(target, layer)] for layer in range(int(target.cfg.n_layers))]
+    fused = sorted({role for layer in out for role, name, _ in layer if not name})
+    if fused:
+        raise NotImplementedError(
+            f"streamed donor: the target's {', '.join(fused)} are views of a fused tensor ({architecture(target)}), "
+            "which a streamed donor cannot read one role at a time; load the donor whole with load_model")
     return out
 
 
@@ -141,7 +141,7 @@ class StreamedDonor:
                         read[name] = f.get_tensor(name).to(device=like.tensor.device, dtype=like.tensor.dtype)
         for t in read.values():
             self._count(t)
-        return [NeuronParam(role, read[name], axis) for (role, name, axis), _ in entries]
+        return [NeuronParam(role, read[name], axis, name) for (role, name, axis), _ in entries]
 
     def mlp_terms(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(donor MLP activations ``[..., d_mlp]`` for the MLP input ``x``, donor ``W_out`` ``[d_mlp, d_model]``).

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cnt_lens import NeuronPatch, NeuronSelection, export_hf, load_model, score
-from cnt_lens.models import TESTED_FAMILIES, ModelPair, UnsupportedModelError, hf_state_dict, mlp_hidden
+from cnt_lens.models import TESTED_FAMILIES, ModelPair, UnsupportedModelError, hf_state_dict, mlp_hidden, neuron_params
 from cnt_lens.testing import planted_pair, tiny_model, tiny_tokenizer
 
 D_MLP = 48
@@ -80,6 +80,11 @@ def test_a_patch_writes_exactly_the_selected_neurons_hf_entries(family):
         assert not torch.equal(expected, before[key])  # the two models differ there, so the check can fail
         assert torch.equal(value, expected), f"{key}: not exactly the donor's entries of the selected neurons"
     assert seen == {layer: set(LAYOUT[family]) for layer in range(pair.n_layers)}
+    for p in (p for layer in range(pair.n_layers) for p in neuron_params(pair.target, layer)):
+        if p.name:  # the HF name of the tensor (what a streamed donor reads)
+            assert p.tensor.data_ptr() == after[p.name].data_ptr()
+        else:  # only views of a fused tensor have none
+            assert "fused" in LAYOUT[family].values()
     patch.revert(pair.target)
     assert all(torch.equal(v, before[k]) for k, v in hf_state_dict(pair.target).items())
 

@@ -81,3 +81,10 @@ def test_streamed_donor_says_what_it_cannot_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="safetensors"):
         (tmp_path / "empty").mkdir()
         StreamedDonor(tmp_path / "empty", target=pair.target)
+
+
+def test_a_fused_gate_up_projection_is_refused_by_name(tmp_path):
+    phi3 = tiny_model("phi3")
+    export_hf(tiny_model("phi3", seed=1), tmp_path / "donor")
+    with pytest.raises(NotImplementedError, match="W_gate, W_in are views of a fused tensor"):
+        StreamedDonor(tmp_path / "donor", target=phi3)
