@@ -21,6 +21,7 @@ from .behaviours import (
     StereotypeBias,
     Utility,
     canary,
+    donor_refusal,
     generate,
     verify_greedy,
 )
@@ -83,7 +84,7 @@ __all__ = [
     "GenerationError", "IncompatibleModelsError", "ModelPair", "NeuronPatch", "NeuronScores", "NeuronSelection",
     "NoGapError", "OffloadedWeightsError", "PatchFileError", "Profile", "PromptFileError", "PromptSet", "Refusal", "Report", "SearchResult", "StereotypeBias", "StreamedDonor", "TESTED_FAMILIES",
     "UnsupportedModelError", "Utility", "Verdict", "applied_patches", "architecture", "bundled_gguf_path", "canary", "chat_format", "check_compatible", "cross_distribution", "cross_harmful", "cross_harmless", "clone_model",
-    "context_length", "describe_file", "detect_format", "encode", "export_hf", "from_advbench_csv", "from_crows_pairs", "from_jsonl", "from_stereoset",
+    "context_length", "describe_file", "donor_refusal", "detect_format", "encode", "export_hf", "from_advbench_csv", "from_crows_pairs", "from_jsonl", "from_stereoset",
     "generate", "is_refusal", "iterative_scores", "judge_accuracy", "judge_refusal", "load_model", "load_pair",
     "load_file", "load_prompts", "measure", "measure_reference", "mlp_hidden", "neuron_params", "offline_path", "plain_hf_model", "profile", "read_neurons",
     "register_format", "score", "search_minimal", "stable_split", "stage", "timings_table", "verify_greedy", "wilson_interval", "write_neurons",

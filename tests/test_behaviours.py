@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cnt_lens import Refusal, StereotypeBias, Utility, is_refusal, load_prompts
+from cnt_lens import Refusal, StereotypeBias, Utility, donor_refusal, is_refusal, load_prompts
 from cnt_lens.behaviours import sequence_logprobs
 from cnt_lens.data import chat_format, encode
 from cnt_lens.experiments.recipes import TuneConfig, safety_tune
@@ -46,6 +46,24 @@ def test_refusal_metric_is_the_exact_log_odds_of_a_refusal_opening(tiny):
         assert metric[i].item() == pytest.approx(math.log(total) - math.log1p(-total), abs=1e-3)
 
 
+def test_refusal_continuation_metric_is_the_log_probability_of_the_whole_continuation(tiny):
+    """With a continuation the metric is log p(continuation | prompt); estimates still read the opening."""
+    tok = tiny.cnt_tokenizer
+    beh = Refusal(continuation="Sorry , I cannot help with that .")
+    batch = beh.batches(tok, "validation", 4)[0]
+    with torch.no_grad():
+        metric = beh.metric(tiny(batch.tokens, **batch.model_kwargs()), batch)
+    ids = tok(beh.continuation, add_special_tokens=False)["input_ids"]
+    for i, prompt in enumerate(beh.harmful.split("validation").column("prompt")[:4]):
+        seq = torch.cat([encode(tok, [chat_format(tok, prompt)]).tokens, torch.tensor([ids])], 1)
+        with torch.no_grad():
+            logp = tiny(seq).log_softmax(-1)[0, -len(ids) - 1:-1]
+        assert metric[i].item() == pytest.approx(logp.gather(-1, torch.tensor(ids)[:, None]).sum().item(), abs=1e-3)
+    opening = Refusal()
+    assert [i["log_odds"] for i in beh.estimate_items(tiny, "validation")] == \
+        [i["log_odds"] for i in opening.estimate_items(tiny, "validation")]
+
+
 def test_refusal_openings_that_cannot_be_read_are_refused(tiny):
     with pytest.raises(ValueError, match="lead"):
         Refusal(refusal_openings=("I can help",), lead="I am").opening_tree(tiny.cnt_tokenizer)
@@ -60,6 +78,14 @@ def test_taught_refusal_moves_the_metric_and_the_rate(arch, tmp_path, monkeypatc
     assert beh.mean_metric(tuned, "validation") > beh.mean_metric(base, "validation") + 1.0
     before, after = beh.evaluate(base, "validation", progress=False), beh.evaluate(tuned, "validation", progress=False)
     assert after["refusal_harmful"] > before["refusal_harmful"] + 0.5
+    # the tuned model's own refusal, read past its opening, rises with the tune too
+    own = donor_refusal(tuned, beh, "validation", progress=False)
+    tok = base.cnt_tokenizer  # what it was taught to say, as its vocabulary writes it
+    assert own == tok.decode(tok(TINY_REFUSALS[0], add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+    with pytest.raises(ValueError, match="refused none"):
+        donor_refusal(base, beh, "validation", progress=False)
+    whole = Refusal(max_new_tokens=8, continuation=own)
+    assert whole.mean_metric(tuned, "validation") > whole.mean_metric(base, "validation") + 1.0
     # the one-pass estimate (opening log-odds > 0) gives the same numbers' keys and, on a model that refuses
     # with whole refusals, mostly the same verdicts as generation + judge, prompt by prompt
     for model in (base, tuned):
