@@ -30,6 +30,7 @@ written under ``--workdir`` (≈ 2 × the pair's size on disk).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import tempfile
 import time
@@ -139,6 +140,7 @@ def _donor_differing(target_hf: Any, fraction: float, seed: int) -> Any:
 def _placement(n_layers: int, placed: float, device: str) -> dict[str, str]:
     """A ``device_map``: the first layers on ``device``, the last ``placed`` share off it."""
     off = "cpu" if device.startswith("cuda") else "disk"
+    device = 0 if device == "cuda" else device  # accelerate names GPUs by index
     first_off = n_layers - round(placed * n_layers)
     layers = {f"model.layers.{i}": (device if i < first_off else off) for i in range(n_layers)}
     return {"model.embed_tokens": device, "model.rotary_emb": device, **layers, "model.norm": device, "lm_head": device}
@@ -174,6 +176,9 @@ def measure(size: str, args: argparse.Namespace) -> dict[str, Any]:
         export_hf(load_model(donor_hf, tokenizer=tok), Path(work.name) / "donor")
         export_hf(load_model(target_hf, tokenizer=tok), Path(work.name) / "target")
         del donor_hf, target_hf
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
         target = load_model(str(Path(work.name) / "target"), dtype=dtype,
                             device_map=_placement(n_layers, args.placed, device), offload_folder=Path(work.name) / "off")
         pair = ModelPair(donor=StreamedDonor(Path(work.name) / "donor", target=target), target=target)

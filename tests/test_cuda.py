@@ -88,3 +88,24 @@ def test_recipe_trains_on_cuda(tmp_path, monkeypatch):
                         config=TuneConfig(steps=60, batch_size=16, lr=1e-2, max_new_tokens=6))
     assert device_of(tuned).type == "cuda"
     assert beh.mean_metric(tuned, "validation") > before + 1.0
+
+
+def test_a_target_split_between_the_gpu_and_cpu_offload_scores_patches_and_generates_like_the_whole_one(tmp_path):
+    from cnt_lens import ModelPair, export_hf, generate, load_model
+
+    pair, behaviour, planted = planted_pair("llama", n_planted=6, seed=0, layers=[0, 1])
+    cpu_scores = score(pair, behaviour, "weight_attribution", progress=False)
+    placement = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
+                 "model.norm": 0, "lm_head": 0}  # layer 1 kept in host memory, loaded onto the GPU per forward
+    split = load_model(export_hf(pair.target, tmp_path / "target"), device_map=placement)
+    assert split.blocks[1].mlp.original_component.up_proj.weight.is_meta
+    spread = ModelPair(donor=pair.donor.to("cuda"), target=split)
+    torch.testing.assert_close(score(spread, behaviour, "weight_attribution", progress=False).values,
+                               cpu_scores.values, rtol=1e-3, atol=1e-5)
+    patch = NeuronPatch.from_pair(spread, planted)
+    prompts = ["the quick brown fox", "one two"]
+    before = generate(split, prompts, max_new_tokens=6, progress=False)
+    with patch.applied(split):
+        assert behaviour.evaluate(split, None, progress=False)["marker_rate"] == 1.0
+    assert generate(split, prompts, max_new_tokens=6, progress=False) == before
+    assert behaviour.evaluate(split, None, progress=False)["marker_rate"] == 0.0
