@@ -13,7 +13,8 @@ framings held out). Two rankings, one pass of weight attribution each on the sam
   donor's own most common refusal sentence (found on the same train prompts), read to its end.
 
 Each ranking's top ``k`` neurons for each of ``--ks`` are transplanted at ``--alpha`` and evaluated on
-the test split (greedy answers, the refusal judge), with the target and donor as reference. The points
+the test split (greedy answers, the refusal judge; utility NLL and MC accuracy on the reference passages), with
+the target and donor as reference (``--measure utility`` reads utility alone, without generation). The points
 are fixed before any evaluation, so nothing is chosen on test. One JSON line per model: the rates per
 role (selection / search / held_out) and per family, with n and Wilson intervals.
 """
@@ -25,7 +26,17 @@ import contextlib
 import json
 from pathlib import Path
 
-from cnt_lens import NeuronPatch, Refusal, cross_harmful, cross_harmless, donor_refusal, load_model, score
+from cnt_lens import (
+    NeuronPatch,
+    Refusal,
+    Utility,
+    cross_harmful,
+    cross_harmless,
+    donor_refusal,
+    load_model,
+    measure,
+    score,
+)
 from cnt_lens.experiments.applications import APPLICATIONS
 from cnt_lens.models import BUNDLED_MODEL
 
@@ -37,12 +48,15 @@ def main() -> None:
     ap.add_argument("--ks", default="460,1421", help="neuron budgets (comma-separated)")
     ap.add_argument("--alpha", type=float, default=4.0)
     ap.add_argument("--no-reference", action="store_true", help="skip the target's and donor's rows")
+    ap.add_argument("--measure", default="refusal,utility", help="what to evaluate: refusal, utility or both")
     ap.add_argument("--out", type=Path, default=None, help="also append the lines to this JSONL file")
     args = ap.parse_args()
     app = APPLICATIONS[args.app]
     pair = app.build(load_model(args.model))
     opening = Refusal(harmful=cross_harmful(), harmless=cross_harmless())
     own = donor_refusal(pair.donor, opening, "train", progress=False)
+    evaluated = {"refusal": opening, "utility": Utility()}
+    behaviours = [evaluated[m] for m in args.measure.split(",")]
     objectives = {"opening": opening, "continuation": Refusal(harmful=opening.harmful, harmless=opening.harmless,
                                                               continuation=own)}
 
@@ -55,7 +69,7 @@ def main() -> None:
 
     def evaluate(label: dict, model, edit=contextlib.nullcontext()) -> None:
         with edit:
-            show({**label, **opening.evaluate(model, "test", batch_size=32, progress=False)})
+            show({**label, **measure(model, behaviours, "test", batch_size=32)})
 
     if not args.no_reference:
         evaluate({"model": "target"}, pair.target)

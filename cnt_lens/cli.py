@@ -67,7 +67,7 @@ def demo(
     """
     # every option spelled out: called as a function, ``run``'s defaults are typer's OptionInfo objects
     run(application="enhance", out=out, model="smollm2-135m-instruct", rounds=None, baselines=None, alphas=None,
-        max_fraction=None, screen=True, protocol="split", device=device, progress=progress)
+        max_fraction=None, screen=True, protocol="split", objective="opening", device=device, progress=progress)
 
 
 @app.command()
@@ -87,22 +87,26 @@ def run(
                                 "the points that matter (--no-screen: every point in full)."),
     protocol: str = typer.Option("split", help="split: each prompt set's own train/validation/test; cross: neurons "
                                  "on the bundled prompts, k and alpha on AdvBench, report on held-out framings too."),
+    objective: str = typer.Option("opening", help="What refusal rankings read: opening (log-odds of a refusal "
+                                  "opening) or continuation (log p of the refusing model's own refusal sentence)."),
     device: Optional[str] = typer.Option(None, help="torch device for both models, e.g. cuda (default: cpu)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Run one CNT / NLSR application end to end (see cnt_lens.experiments.applications)."""
-    from .experiments.applications import APPLICATIONS, PROTOCOLS, run_application
+    from .experiments.applications import APPLICATIONS, OBJECTIVES, PROTOCOLS, run_application
 
     if application not in APPLICATIONS:
         raise typer.BadParameter(f"unknown application {application!r}; one of {sorted(APPLICATIONS)}")
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"unknown protocol {protocol!r}; one of {sorted(PROTOCOLS)}", param_hint="--protocol")
+    if objective not in OBJECTIVES:
+        raise typer.BadParameter(f"unknown objective {objective!r}; one of {sorted(OBJECTIVES)}", param_hint="--objective")
     chosen = None if baselines is None else _names(baselines)
     _check_methods(chosen or (), "baseline(s)", "--baselines")
     t0 = time.time()
     report = run_application(application, out, model=model, rounds=rounds, baselines=chosen, device=device,
                              alphas=None if alphas is None else _floats(alphas, "--alphas"), max_fraction=max_fraction,
-                             screen=screen, protocol=protocol, progress=progress)
+                             screen=screen, protocol=protocol, objective=objective, progress=progress)
     typer.echo(report.table())
     typer.echo(timings_table(out / "timings.json"))
     typer.echo(f"wrote {out}/metrics.json, patch.safetensors, patched_model/, report.html in {time.time() - t0:.0f} s")

@@ -167,7 +167,7 @@ def test_demo_runs_enhance_with_the_applications_own_settings(tmp_path, monkeypa
     assert res.exit_code == 0, res.output
     assert seen == {"name": "enhance", "model": "smollm2-135m-instruct", "rounds": None, "baselines": None,
                     "device": None, "alphas": None, "max_fraction": None, "screen": True, "protocol": "split",
-                    "progress": False}
+                    "objective": "opening", "progress": False}
 
 
 def test_run_passes_its_overrides_to_the_application_and_prints_the_timings(tmp_path, monkeypatch):
@@ -176,11 +176,11 @@ def test_run_passes_its_overrides_to_the_application_and_prints_the_timings(tmp_
     out.mkdir()
     res = runner.invoke(app, ["run", "delete-refusal", "--out", str(out), "--model", "qwen2.5-coder-0.5b-instruct",
                               "--rounds", "0", "--alphas", "1,2", "--max-fraction", "0.02", "--baselines", "random",
-                              "--no-screen", "--protocol", "cross"])
+                              "--no-screen", "--protocol", "cross", "--objective", "continuation"])
     assert res.exit_code == 0, res.output
     assert seen == {"name": "delete-refusal", "model": "qwen2.5-coder-0.5b-instruct", "rounds": 0,
                     "baselines": ("random",), "device": None, "alphas": (1.0, 2.0), "max_fraction": 0.02,
-                    "screen": False, "protocol": "cross", "progress": True}
+                    "screen": False, "protocol": "cross", "objective": "continuation", "progress": True}
     assert "search (validation)" in res.output and "total (wall)" in res.output
 
 
@@ -188,3 +188,5 @@ def test_run_names_the_protocols_when_given_another(tmp_path, monkeypatch):
     _stub_application(monkeypatch)
     res = runner.invoke(app, ["run", "enhance", "--out", str(tmp_path / "r"), "--protocol", "families"])
     assert res.exit_code != 0 and "unknown protocol 'families'" in res.output and "cross" in res.output
+    res = runner.invoke(app, ["run", "enhance", "--out", str(tmp_path / "r"), "--objective", "ending"])
+    assert res.exit_code != 0 and "unknown objective 'ending'" in res.output and "continuation" in res.output

@@ -92,6 +92,10 @@ def test_cross_protocol_re_splits_refusal_and_refuses_behaviours_without_familie
         run_application("bias-removal", tmp_path / "b", protocol="cross")
     with pytest.raises(ValueError, match="unknown protocol"):
         run_application("enhance", tmp_path / "e", protocol="families")
+    with pytest.raises(ValueError, match="reads a refusal; 'bias-removal' transfers 'stereotype_bias'"):
+        run_application("bias-removal", tmp_path / "b", objective="continuation")
+    with pytest.raises(ValueError, match="unknown objective"):
+        run_application("enhance", tmp_path / "e", objective="ending")
     assert not (tmp_path / "b").exists() and not (tmp_path / "e").exists()
 
 

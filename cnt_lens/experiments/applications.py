@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from ..behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, Utility, canary
+from ..behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, Utility, canary, donor_refusal
 from ..constraints import no_more_over_refusal, task_kept, utility_kept
 from ..data import cross_harmful, cross_harmless, load_prompts
 from ..models import BUNDLED_MODEL, ModelPair, load_model
@@ -60,6 +60,7 @@ class Application:
     baselines: tuple[str, ...] = ("attribution", "activation_contrast", "wanda", "snip", "weight_diff",
                                   "nlsr_drift", "random")
     notes: dict[str, Any] = field(default_factory=dict)
+    refuser: str = "donor"  # which model of the pair refuses: donor (function addition) or target (deletion)
 
 
 def _pair_enhance(base: Any) -> ModelPair:
@@ -95,10 +96,10 @@ APPLICATIONS: dict[str, Application] = {
     "enhance": Application("enhance", _pair_enhance, lambda: Refusal(), lambda: [Utility()],
                            no_more_over_refusal, preserve_weights=(10.0,), contrast=0.5),
     "disalign": Application("disalign", _pair_disalign, lambda: Refusal(), lambda: [Utility()],
-                            utility_kept, contrast=0.0, rounds=4),
+                            utility_kept, contrast=0.0, rounds=4, refuser="target"),
     # for models that refuse on their own (not the bundled SmolLM2, which refuses nothing)
     "delete-refusal": Application("delete-refusal", _pair_delete, lambda: Refusal(), lambda: [Utility()],
-                                  utility_kept, contrast=0.0, rounds=4),
+                                  utility_kept, contrast=0.0, rounds=4, refuser="target"),
     # the attacked model opens every answer with the task's prefix: read refusal after it, and keep the task.
     # Refusal and the prefix compete for the first answer token, so the task is preserved with the utility's
     # weight (RESULTS.md, "Realign: the benign task was what stopped a smaller set").
@@ -129,18 +130,32 @@ def _cross(behaviour: Behaviour) -> Behaviour:
 PROTOCOLS: dict[str, Callable[[Behaviour], Behaviour]] = {"split": lambda b: b, "cross": _cross}
 
 
+def _own_refusal(behaviour: Behaviour, refusing: Any) -> Behaviour:
+    return replace(behaviour, continuation=donor_refusal(refusing, behaviour, "train", progress=False))
+
+
+#: What the neuron rankings read of refusal. ``opening``: the log-odds that the answer opens with a refusal
+#: (:class:`~cnt_lens.Refusal`'s default); ``continuation``: the log-probability of the refusing model's own
+#: most common refusal sentence (the donor's for addition, the target's for deletion), read to its end
+#: (:func:`~cnt_lens.donor_refusal` on the train prompts). Each maps (behaviour, refusing model) to the
+#: behaviour the run scores with.
+OBJECTIVES: dict[str, Callable[[Behaviour, Any], Behaviour]] = {
+    "opening": lambda b, refusing: b, "continuation": _own_refusal}
+
+
 def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
                     alphas: tuple[float, ...] | None = None, rounds: int | None = None,
                     baselines: tuple[str, ...] | None = None, max_fraction: float | None = None,
-                    screen: bool = True, protocol: str = "split", device: str | None = None,
-                    progress: bool = True) -> Any:
+                    screen: bool = True, protocol: str = "split", objective: str = "opening",
+                    device: str | None = None, progress: bool = True) -> Any:
     """Run one application end to end and write its run directory; returns the :class:`Report`.
 
     ``model`` is the base the application's recipes tune (any :func:`~cnt_lens.load_model` source;
     default the bundled SmolLM2). ``alphas``, ``rounds`` (0 = one scoring pass), ``baselines`` and
     ``max_fraction`` (the largest budget searched) override the application's settings, e.g. to fit a
     larger model's run on a CPU; ``screen=False`` evaluates every search point in full
-    (:class:`~cnt_lens.pipeline.TransferConfig`); ``protocol`` is one of :data:`PROTOCOLS`. Every stage's
+    (:class:`~cnt_lens.pipeline.TransferConfig`); ``protocol`` is one of :data:`PROTOCOLS` and
+    ``objective`` one of :data:`OBJECTIVES` (refusal applications only). Every stage's
     wall time goes to ``timings.json`` in ``out``.
     ``device`` (e.g. ``"cuda"``) holds both models there; the fine-tune recipes train there too.
     Their cache key is the weights and settings, not the device, so a donor cached on one device
@@ -150,8 +165,12 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
         raise ValueError(f"unknown application {name!r}; one of {sorted(APPLICATIONS)}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; one of {sorted(PROTOCOLS)}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; one of {sorted(OBJECTIVES)}")
     app = APPLICATIONS[name]
     behaviour = PROTOCOLS[protocol](app.behaviour())  # before any loading: a wrong protocol fails in seconds
+    if objective != "opening" and not isinstance(behaviour, Refusal):
+        raise ValueError(f"objective {objective!r} reads a refusal; {name!r} transfers {behaviour.name!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with profile() as prof:
@@ -161,8 +180,11 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
             canary(base, expect="Paris")  # seconds: a broken model or generation path stops here, before any tune
         with stage("build donor and target (recipes)"):
             pair = app.build(base)
+        with stage("objective"):
+            behaviour = OBJECTIVES[objective](behaviour, getattr(pair, app.refuser))
         report = _run(app, pair, behaviour, out, model, alphas, rounds, baselines, max_fraction, screen, progress)
-        report.extra.update(application=name, protocol=protocol, wall_time_s=round(prof.total(), 1))
+        report.extra.update(application=name, protocol=protocol, objective=objective,
+                            continuation=getattr(behaviour, "continuation", ""), wall_time_s=round(prof.total(), 1))
         report.save(out / "metrics.json")
         prof.save(out / "timings.json")
     return report
