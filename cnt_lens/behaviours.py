@@ -15,7 +15,6 @@ Every behaviour offers
 from __future__ import annotations
 
 import abc
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +25,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from .data import Batch, PromptSet, _max_len, chat_format, chunks, default_harmful, encode, load_prompts
-from .judge import REFUSAL_OPENINGS, judge_refusal
+from .judge import _SENTENCE, REFUSAL_OPENINGS, judge_refusal
 from .models import context_length, device_of, model_tokenizer, plain_hf_model
 from .progress import progress_bar
 from .stats import rate
@@ -478,7 +477,7 @@ def donor_refusal(model: Any, behaviour: Refusal, split: str | None = "train", *
     prompts = [chat_format(tok, p) for p in behaviour.harmful.split(split).column("prompt")]
     answers = generate(model, prompts, max_new_tokens=behaviour.max_new_tokens, batch_size=batch_size,
                        progress=progress)
-    firsts = [re.split(r"(?<=[.!?])\s", a.strip(), maxsplit=1)[0] for a in answers if judge_refusal(a).refused]
+    firsts = [_SENTENCE.split(a.strip(), maxsplit=1)[0] for a in answers if judge_refusal(a).refused]
     if not firsts:
         raise ValueError(f"donor_refusal: {getattr(model, 'cnt_source', 'the model')} refused none of the "
                          f"{len(prompts)} harmful prompts of split {split!r}; it has no refusal to read")

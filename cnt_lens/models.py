@@ -369,8 +369,10 @@ def fresh_hf_model(model: TransformerBridge) -> torch.nn.Module:
             for store in (module._parameters, module._buffers):
                 for leaf, t in store.items():
                     if t is not None:
-                        value = _resident(module, leaf, name, pin=False) if t.is_meta else t
-                        c = copies.setdefault(id(t), value.detach().clone())
+                        if id(t) not in copies:  # a tied tensor is copied once
+                            value = _resident(module, leaf, name, pin=False) if t.is_meta else t
+                            copies[id(t)] = value.detach().clone()
+                        c = copies[id(t)]
                         store[leaf] = torch.nn.Parameter(c, requires_grad=False) if isinstance(t, torch.nn.Parameter) else c
     if hasattr(model.original_model, "hf_device_map"):
         from accelerate.hooks import remove_hook_from_submodules
@@ -535,8 +537,9 @@ def neuron_params(model: TransformerBridge | DonorWeights, layer: int) -> list[N
 def _find_neuron_params(model: TransformerBridge, layer: int) -> list[NeuronParam]:
     mlp = _mlp(model, layer)
     d_mlp = int(model.cfg.d_mlp)
-    names = {id(m): _clean(n) for n, m in model.original_model.named_modules()}
-    keys = set(_plain_keys(model))
+    if "_cnt_lens_module_names" not in model.__dict__:  # once per model, not once per layer
+        model.__dict__["_cnt_lens_module_names"] = {id(m): _clean(n) for n, m in model.original_model.named_modules()}
+    names, keys = model.__dict__["_cnt_lens_module_names"], set(_plain_keys(model))
     _named = lambda name: name if name in keys else ""  # noqa: E731  (phi3's halves of gate_up_proj: views, no key)
     out: list[NeuronParam] = []
     for name, role, is_input in (("gate", "W_gate", True), ("in", "W_in", True), ("out", "W_out", False)):
