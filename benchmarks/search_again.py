@@ -4,7 +4,7 @@
 
 Rebuilds the run's pair with the application's cached recipes (``metrics.json`` names the application and
 model), loads the main ranking from ``scores/`` and the donor's and target's validation numbers from
-``metrics.json``, and runs :func:`cnt_lens.pipeline.transfer` with the application's settings, no
+``metrics.json``, takes the run's prompt protocol and objective (``--protocol``, ``--objective``), and runs :func:`cnt_lens.pipeline.transfer` with the application's settings, no
 baselines and one random seed: the search on validation, then target, donor and the chosen patch on test.
 So a change to the search is measured on the same neurons without re-scoring (the re-scoring rounds are
 most of a demo's scoring time). Prints the chosen point, the validation frontier the search measured,
@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from cnt_lens import NeuronScores, load_model
-from cnt_lens.experiments.applications import APPLICATIONS
+from cnt_lens.experiments.applications import APPLICATIONS, PROTOCOLS
 from cnt_lens.pipeline import TransferConfig, transfer
 
 
@@ -37,7 +38,10 @@ def main() -> None:
     config = TransferConfig(goal=cfg["goal"], alphas=tuple(cfg["alphas"]), max_fraction=cfg["max_fraction"],
                             baselines=(), batch_size=cfg["batch_size"], screen=args.screen,
                             screen_slack=args.slack, random_seeds=1, extra={**cfg["extra"], "again_from": str(args.run)})
-    result = transfer(pair, app.behaviour(), side_effects=app.side_effects(), constraint=app.constraint,
+    behaviour = PROTOCOLS[extra.get("protocol", "split")](app.behaviour())  # the run's prompts and roles
+    if extra.get("continuation"):  # and what its ranking read (``--objective continuation``)
+        behaviour = replace(behaviour, continuation=extra["continuation"])
+    result = transfer(pair, behaviour, side_effects=app.side_effects(), constraint=app.constraint,
                       config=config, scores=scores, reference=extra["validation_reference"], out_dir=args.out,
                       progress=False)
     report = result.report

@@ -172,9 +172,10 @@ def _choose_point(run: _Run, main: NeuronScores) -> tuple[SearchResult, int, flo
         _log(f"minimal set: {k} neurons ({k / run.pair.n_neurons:.2%}), alpha {alpha}")
         return result, k, alpha, True
     best = _best_evaluated(run, main, result.frontier)
-    k, alpha = best["k"], best["alpha"]
-    _log(f"goal not reached within {cfg.max_fraction:.1%}; best acceptable point: {k} neurons, alpha {alpha}")
-    return result, k, alpha, run.ok(best)
+    k, alpha, ok = best["k"], best["alpha"], run.ok(best)
+    _log(f"goal not reached within {cfg.max_fraction:.1%}; " + ("best acceptable point" if ok else
+         "no point met the constraint, the best of them") + f": {k} neurons, alpha {alpha}")
+    return result, k, alpha, ok
 
 
 def _best_evaluated(run: _Run, scores: NeuronScores, points: list[dict[str, Any]]) -> dict[str, Any]:

@@ -135,8 +135,13 @@ def behaviour_shift(report: Report, metrics: Sequence[str] | None = None) -> go.
     return fig
 
 
-def frontier(points: Sequence[dict[str, Any]], *, y: str = "gap_closed", x: str = "k") -> go.Figure:
-    """Measured search points: neurons vs ``y``, one line per (method, alpha); one-pass estimates dotted."""
+def frontier(points: Sequence[dict[str, Any]], *, y: str = "gap_closed", x: str = "k",
+             references: dict[str, float] | None = None, title: str = "search frontier (validation)") -> go.Figure:
+    """Measured points: neurons vs ``y``, one line per (method, alpha); one-pass estimates dotted.
+
+    ``references`` draws a dashed horizontal line per named level (e.g. ``{"donor": 0.96}``: the level a
+    transplant has to reach) on the same ``y`` scale.
+    """
     fig = go.Figure()
     keys = sorted({(p["method"], p["alpha"], p.get("measured", "evaluation")) for p in points}, key=str)
     for method, alpha, measured in keys:
@@ -147,7 +152,10 @@ def frontier(points: Sequence[dict[str, Any]], *, y: str = "gap_closed", x: str 
                                  line={"dash": "dot" if measured == "estimate" else "solid"},
                                  customdata=[[p.get("refusal_harmless"), p.get("utility_nll")] for p in pts],
                                  hovertemplate=f"{x} %{{x}}<br>{y} %{{y:.3f}}<extra>{name}</extra>"))
-    fig.update_layout(title="search frontier (validation)", xaxis_title=x, yaxis_title=y, xaxis_type="log")
+    for label, level in (references or {}).items():
+        fig.add_hline(y=level, line_dash="dash", line_color="grey", annotation_text=f"{label} {level:.2f}",
+                      annotation_position="top left")
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, xaxis_type="log")
     return fig
 
 

@@ -84,6 +84,8 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
                  behaviour: Any = None, n_cards: int = 4) -> Path:
     """Write ``run_dir/report.html`` from ``metrics.json``, ``patch.safetensors``, ``scores/`` and ``cards.json``.
 
+    A ``budget_curves.json`` beside them (``benchmarks/budget_curves.py``: test rates of each ranking over
+    budgets, with reference levels) is drawn too, by :func:`~cnt_lens.plots.frontier`.
     With ``pair`` and ``behaviour``, the cards of the ``n_cards`` top selected neurons are computed
     and saved to ``cards.json`` first, so a later rebuild (``cnt-lens report``) needs no models.
     """
@@ -100,7 +102,11 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
         figures.append(layer_profile(sel, scores[method]))
     figures.append(behaviour_shift(report))
     if report.frontier:
-        figures.append(frontier(report.frontier))
+        goal = report.extra.get("config", {}).get("goal")
+        figures.append(frontier(report.frontier, references={"donor": 1.0, **({"goal": goal} if goal else {})}))
+    curves_path = run / "budget_curves.json"
+    if curves_path.is_file():  # written by benchmarks/budget_curves.py: each ranking's test rates over budgets
+        figures.append(frontier(**json.loads(curves_path.read_text())))
     cards_path = run / "cards.json"
     if pair is not None and behaviour is not None and sel is not None and method in scores:
         ranked = scores[method].ranked().masked_fill(~sel.mask, float("-inf"))

@@ -153,8 +153,10 @@ def search_minimal(
     at a few evaluations instead of one per point; when it fails there, the estimate's next-best
     alpha is tried. An estimated point counts as reaching the goal within ``slack`` of it (gap
     fraction): the estimate only decides where to look, and one that falls a prompt short of the
-    goal at the largest k must not hide an alpha from the search. Each frontier point says how it
-    was ``measured``. Without an estimated gap (donor and target estimated alike), or when every behaviour's estimate is its evaluation
+    goal at the largest k must not hide an alpha from the search. When the estimate reaches the goal
+    at no alpha, the search runs in full: an estimate that misreads the patched models (one reading a
+    refusal's opening, for neurons ranked on its whole sentence) must not end the search unlooked.
+    Each frontier point says how it was ``measured``. Without an estimated gap (donor and target estimated alike), or when every behaviour's estimate is its evaluation
     (:attr:`~cnt_lens.Behaviour.estimate_is_evaluation`), it is the full search. ``estimated_reference``
     (the result's, from an earlier search on the same split) saves estimating donor and target again.
     """
@@ -187,7 +189,10 @@ def search_minimal(
         return at
 
     candidates = _alpha_sweep(lambda a: probe(bool(estimated), a), alphas, k_max, min_k, tolerance)
-    if estimated:  # confirm the estimate's answers in full, smallest first
+    screened = bool(estimated) and bool(candidates)
+    if estimated and not candidates:  # the estimate reached the goal nowhere: it cannot say where to look
+        candidates = _alpha_sweep(lambda a: probe(False, a), alphas, k_max, min_k, tolerance)
+    if screened:  # confirm the estimate's answers in full, smallest first
         best = next(((k, a) for k0, a in reversed(candidates)
                      if (k := _refine_k(probe(False, a), select(k0).n, k_max, min_k, tolerance, step)) is not None),
                     None)

@@ -181,9 +181,12 @@ class MarkerBehaviour(Behaviour):
 class EstimatedMarker(MarkerBehaviour):
     """:class:`MarkerBehaviour` with a one-pass estimate that is not its evaluation, for screened searches.
 
-    The estimate counts a prompt when the marker's logit is within ``margin`` (nats) of the top
-    next token's; the evaluation, when it is the top one. So the estimate is optimistic: it reaches
-    a goal with fewer neurons than the evaluation, as an opening-based refusal estimate does.
+    The estimate counts a prompt when the marker's logit is within ``margin`` (nats) of the best
+    other next token's; the evaluation, when it is the top one. With ``margin > 0`` the estimate is
+    optimistic: it reaches a goal with fewer neurons than the evaluation, as an opening-based refusal
+    estimate does. With ``margin < 0`` it is pessimistic (the marker must lead by ``-margin``): it can
+    miss every patched model the evaluation counts, as an estimate reading another part of the
+    behaviour than the ranking did.
     """
 
     margin: float = 0.1
@@ -198,7 +201,9 @@ class EstimatedMarker(MarkerBehaviour):
                 b = b.to(device_of(model))
                 with torch.no_grad():
                     last = model(b.tokens, **b.model_kwargs())[:, -1].float()
-                below += (last.max(-1).values - last[:, b.meta["marker_id"]]).tolist()
+                marker = last[:, b.meta["marker_id"]].clone()
+                last[:, b.meta["marker_id"]] = float("-inf")
+                below += (last.max(-1).values - marker).tolist()  # the best other token's lead
             items += [{"id": r["id"], "set": kind, "category": r["category"], "marked": g < self.margin}
                       for r, g in zip(ps.split(split).records, below)]
         return items

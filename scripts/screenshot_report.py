@@ -1,12 +1,14 @@
-"""Screenshots of a run's report in headless Chromium: its top and its first neuron card.
+"""Screenshots of a run's report in headless Chromium: its top, its first neuron card, its budget curves.
 
 Run from the repository root after a run (``cnt-lens transfer … --out runs/transfer``)::
 
-    .venv/bin/python scripts/screenshot_report.py runs/transfer assets/
+    .venv/bin/python scripts/screenshot_report.py runs/transfer assets/ [report_top report_card budget_curves]
 
-writes ``report_top.png`` (metrics table and example responses) and ``report_card.png`` (the first
-neuron card of ``cards.json``, drawn alone, as the report draws it). Needs ``chromium`` on PATH
-(``bash scripts/setup --browser``). Every host is unresolvable for the browser: nothing is fetched.
+writes ``report_top.png`` (metrics table and example responses), ``report_card.png`` (the first neuron
+card of ``cards.json``, drawn alone, as the report draws it) and ``budget_curves.png`` (the run's
+``budget_curves.json`` from ``benchmarks/budget_curves.py``, drawn alone) — those named, or all three.
+Needs ``chromium`` on PATH (``bash scripts/setup --browser``). Every host is unresolvable for the browser:
+nothing is fetched.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from cnt_lens.inspector import card_figure
+from cnt_lens.plots import frontier
 
 
 def shoot(page: Path, png: Path, size: str) -> None:
@@ -34,21 +37,38 @@ def shoot(page: Path, png: Path, size: str) -> None:
     print(f"wrote {png} ({png.stat().st_size:,} bytes)")
 
 
-def main(run_dir: str, out_dir: str) -> None:
-    """Write both screenshots of ``run_dir``'s report into ``out_dir``."""
+SHOTS = ("report_top", "report_card", "budget_curves")
+
+
+def main(run_dir: str, out_dir: str, *names: str) -> None:
+    """Write the screenshots ``names`` (default: all of :data:`SHOTS`) of ``run_dir``'s report into ``out_dir``."""
     run, out = Path(run_dir), Path(out_dir)
+    names = names or SHOTS
+    unknown = sorted(set(names) - set(SHOTS))
+    if unknown:
+        sys.exit(f"unknown screenshot {unknown}; one of {list(SHOTS)}")
     out.mkdir(parents=True, exist_ok=True)
-    shoot(run / "report.html", out / "report_top.png", "1280,1500")
-    cards = json.loads((run / "cards.json").read_text())
-    if not cards:
-        sys.exit(f"{run / 'cards.json'} holds no neuron cards")
+    if "report_top" in names:
+        shoot(run / "report.html", out / "report_top.png", "1280,1500")
+    figures = {}
+    if "report_card" in names:
+        cards = json.loads((run / "cards.json").read_text())
+        if not cards:
+            sys.exit(f"{run / 'cards.json'} holds no neuron cards")
+        figures["report_card"] = card_figure(cards[0])
+    if "budget_curves" in names:
+        curves = run / "budget_curves.json"
+        if not curves.is_file():
+            sys.exit(f"{curves} is missing: run `python benchmarks/budget_curves.py {run}` first")
+        figures["budget_curves"] = frontier(**json.loads(curves.read_text()))
     with tempfile.TemporaryDirectory() as tmp:
-        page = Path(tmp) / "card.html"
-        page.write_text(card_figure(cards[0]).to_html(full_html=True, include_plotlyjs="inline"), encoding="utf-8")
-        shoot(page, out / "report_card.png", "1280,900")
+        for name, fig in figures.items():
+            page = Path(tmp) / f"{name}.html"
+            page.write_text(fig.to_html(full_html=True, include_plotlyjs="inline"), encoding="utf-8")
+            shoot(page, out / f"{name}.png", "1280,900")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) < 3:
         sys.exit(__doc__)
     main(*sys.argv[1:])

@@ -63,6 +63,15 @@ def test_frontier_lines_per_method_and_alpha():
     pts = [{"method": "m", "alpha": a, "k": k, "gap_closed": k * a / 10} for a in (1.0, 2.0) for k in (4, 1, 2)]
     fig = frontier(pts)
     assert len(fig.data) == 2 and list(fig.data[0].x) == [1, 2, 4]
+    assert not fig.layout.shapes
+
+
+def test_frontier_draws_each_reference_level_as_a_line():
+    pts = [{"method": "m", "alpha": 4.0, "k": k, "refusal": k / 8} for k in (1, 2, 4)]
+    fig = frontier(pts, y="refusal", references={"donor": 0.9, "target": 0.05}, title="held out")
+    assert [(s.y0, s.y1) for s in fig.layout.shapes] == [(0.9, 0.9), (0.05, 0.05)]
+    assert [a.text for a in fig.layout.annotations] == ["donor 0.90", "target 0.05"]
+    assert fig.layout.title.text == "held out" and fig.layout.yaxis.title.text == "refusal"
 
 
 def test_behaviour_shift_puts_rates_and_other_numbers_on_their_own_axes():

@@ -34,6 +34,17 @@ def test_report_is_self_contained(run_dir):
     assert (run_dir / "cards.json").is_file()
 
 
+def test_report_draws_budget_curves_when_the_run_has_them(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    measured = [p for p in json.loads((run / "frontier.json").read_text()) if p.get("measured") != "estimate"]
+    curves = {"points": measured, "y": "gap_closed", "references": {"donor": 1.0}, "title": "curves of this run"}
+    (run / "budget_curves.json").write_text(json.dumps(curves))
+    page = write_report(run).read_text()
+    assert page.count('class="plotly-graph-div"') == 7  # one more than the run alone
+    assert "curves of this run" in page
+
+
 def test_report_shows_the_same_prompts_answered_by_each_model(run_dir):
     page = (run_dir / "report.html").read_text()
     table = page[page.index('<table class="examples">'):]

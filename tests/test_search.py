@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import pytest
 import torch
 
@@ -194,3 +197,29 @@ def test_rescoring_rounds_run_the_donor_once_and_rank_as_if_run_every_round(monk
     every = iterative_scores(pair, behaviour, donor_metrics=None, **kw)  # no sharing: the donor runs each round
     assert target_once == runs["target"] and donor_once * 3 == runs["donor"]
     assert torch.equal(once.values, every.values)
+
+
+@dataclass
+class _BlindEstimate(EstimatedMarker):
+    """An estimate that sees the donor's function and no patched model's: it misreads every transplant."""
+
+    donor: Any = None
+
+    def estimate_items(self, model, split, *, batch_size=16, progress=True):
+        items = super().estimate_items(model, split, batch_size=batch_size, progress=progress)
+        return [{**i, "marked": i["marked"] and model is self.donor} for i in items]
+
+
+def test_a_screen_whose_estimate_reaches_the_goal_nowhere_searches_in_full():
+    pair, _, _ = planted_pair("llama", n_planted=32, seed=0, strength=1.5)
+    behaviour = _BlindEstimate(donor=pair.donor)
+    s = score(pair, behaviour, progress=False)
+    kw = dict(goal=0.9, alphas=(1.0, 2.0), max_fraction=0.5, progress=False)
+    full = search_minimal(pair, behaviour, s, **kw)
+    screened = search_minimal(pair, behaviour, s, screen=True, **kw)
+    est = [p for p in screened.frontier if p["measured"] == "estimate"]
+    assert screened.estimated_reference["donor"]["marker_rate"] > 0 and est
+    assert not any(p["goal_reached"] for p in est)  # the screen found nothing ...
+    assert full.found and screened.found  # ... and the search still answers, as the full search does
+    assert screened.selection == full.selection and screened.alpha == full.alpha
+    assert [p["k"] for p in screened.frontier if p["measured"] == "evaluation"] == [p["k"] for p in full.frontier]
