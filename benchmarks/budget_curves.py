@@ -58,6 +58,12 @@ def labelled(run: Path, points: list[dict]) -> list[dict]:
     return [{**p, "method": f"{p['method']} ({objective})"} for p in points if p["method"] not in ("target", "donor")]
 
 
+def read_points(run: Path) -> list[dict]:
+    """The points ``run/budget_curves.jsonl`` holds (none before a first sweep)."""
+    lines = run / "budget_curves.jsonl"
+    return [json.loads(x) for x in lines.read_text().splitlines()] if lines.is_file() else []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path)
@@ -80,16 +86,23 @@ def main() -> None:
         raise SystemExit(f"--methods {unknown}: {args.run / 'scores'} holds {[f.stem for f in saved]}")
     score_files = [f for f in saved if f.stem in wanted]
     chosen = alphas_of(metrics, [f.stem for f in score_files])
-    pair = app.build(load_model(run_extra["model"]))
     behaviours = [held_out(PROTOCOLS["cross"](app.behaviour())), Utility()]
     lines = args.run / "budget_curves.jsonl"
-    done = [json.loads(x) for x in lines.read_text().splitlines()] if lines.is_file() else []
+    done = read_points(args.run)
     seen = {(p["method"], p["k"], p["alpha"]) for p in done}
+    built: list = []
 
-    def record(point: dict, model, edit=contextlib.nullcontext()) -> None:
+    def pair():
+        """The run's pair, built (recipes, cached-donor check) only when a point is still to measure."""
+        if not built:
+            built.append(app.build(load_model(run_extra["model"])))
+        return built[0]
+
+    def record(point: dict, model, patch=None) -> None:
         if (point["method"], point["k"], point["alpha"]) in seen:
             return
-        with edit:
+        model = getattr(pair(), model)
+        with patch(model) if patch else contextlib.nullcontext():
             got = measure(model, behaviours, "test", batch_size=args.batch_size)
         row = {**point, **got}
         done.append(row)
@@ -99,17 +112,15 @@ def main() -> None:
               f"{row[Y]:.3f} (n={row[Y + '_n']}), harmless {row['refusal_harmless']:.3f}, "
               f"NLL {row['utility_nll']:.3f}", flush=True)
 
-    record({"method": "target", "k": 0, "alpha": 0.0}, pair.target)
-    record({"method": "donor", "k": 0, "alpha": 0.0}, pair.donor)
-    total = pair.target.cfg.n_layers * pair.target.cfg.d_mlp
+    record({"method": "target", "k": 0, "alpha": 0.0}, "target")
+    record({"method": "donor", "k": 0, "alpha": 0.0}, "donor")
     for path in score_files:
         scores = NeuronScores.load(path)
         alpha = args.alpha if args.alpha is not None else chosen[path.stem]
         for fraction in (float(x) for x in args.fractions.split(",")):
-            k = round(fraction * total)
-            patch = NeuronPatch.from_pair(pair, scores.top_k(k), alpha=alpha)
-            record({"method": path.stem, "k": k, "fraction": fraction, "alpha": alpha}, pair.target,
-                   patch.applied(pair.target))
+            k = round(fraction * scores.values.numel())
+            record({"method": path.stem, "k": k, "fraction": fraction, "alpha": alpha}, "target",
+                   lambda m, top=scores.top_k(k), a=alpha: NeuronPatch.from_pair(pair(), top, alpha=a).applied(m))
     ref = {p["method"]: p[Y] for p in done if p["method"] in ("target", "donor")}
     ref["0.9 of the gap"] = ref["target"] + 0.9 * (ref["donor"] - ref["target"])  # the level the goal asks for
     points = labelled(args.run, done)
@@ -117,7 +128,7 @@ def main() -> None:
         same = json.loads((other / "metrics.json").read_text())["extra"]["config"]["extra"]
         if same != run_extra:
             raise SystemExit(f"--merge {other}: its pair is {same}, this run's {run_extra}; curves must share a pair")
-        points += labelled(other, [json.loads(x) for x in (other / "budget_curves.jsonl").read_text().splitlines()])
+        points += labelled(other, read_points(other))
     curves = {"points": points, "y": Y, "references": ref,
               "title": "refusal on held-out prompt families (test) vs transplanted neurons"}
     atomic_write_text(args.run / "budget_curves.json", json.dumps(curves, default=float))

@@ -538,8 +538,9 @@ def _find_neuron_params(model: TransformerBridge, layer: int) -> list[NeuronPara
     mlp = _mlp(model, layer)
     d_mlp = int(model.cfg.d_mlp)
     if "_cnt_lens_module_names" not in model.__dict__:  # once per model, not once per layer
-        model.__dict__["_cnt_lens_module_names"] = {id(m): _clean(n) for n, m in model.original_model.named_modules()}
-    names, keys = model.__dict__["_cnt_lens_module_names"], set(_plain_keys(model))
+        model.__dict__["_cnt_lens_module_names"] = ({id(m): _clean(n) for n, m in model.original_model.named_modules()},
+                                                   frozenset(_plain_keys(model)))
+    names, keys = model.__dict__["_cnt_lens_module_names"]
     _named = lambda name: name if name in keys else ""  # noqa: E731  (phi3's halves of gate_up_proj: views, no key)
     out: list[NeuronParam] = []
     for name, role, is_input in (("gate", "W_gate", True), ("in", "W_in", True), ("out", "W_out", False)):
