@@ -224,7 +224,7 @@ class Behaviour(abc.ABC):
 
     def estimate_items(self, model: Any, split: str | None, *, batch_size: int = 16,
                        progress: bool = True) -> list[dict[str, Any]]:
-        """:meth:`evaluate_items` estimated from one forward pass per prompt: no generation.
+        """:meth:`evaluate_items` estimated more cheaply (one forward pass, or a short greedy opening).
 
         Same records and keys, so :meth:`aggregate` and every constraint read them unchanged;
         searches decide their points with it and confirm the few that matter with
@@ -332,7 +332,7 @@ class Refusal(Behaviour):
     ``continuation`` (e.g. the donor's own refusal, :func:`donor_refusal`) makes the metric read past
     the opening: the log-probability of the whole continuation, teacher-forced after the prompt
     (``log p(I'm sorry, but I can't help with that.)``, nats), so a neuron that raises the apology and
-    not the decline scores for half of it. Screened search estimates still read the opening log-odds.
+    not the decline scores for half of it.
 
     ``response_prefix`` (e.g. ``"Answer:"``) is teacher-forced after the assistant header, before
     the lead, for models taught to open every answer with it (the NLSR attack's task): without it
@@ -347,6 +347,8 @@ class Refusal(Behaviour):
     refusal_openings: tuple[str, ...] = REFUSAL_OPENINGS
     lead: str = "I'm"
     max_new_tokens: int = 48
+    #: tokens of the greedy answer that the screened search's estimate judges (:meth:`estimate_items`)
+    estimate_tokens: int = 12
     response_prefix: str = ""
     continuation: str = ""
     toward: float | None = None
@@ -366,15 +368,13 @@ class Refusal(Behaviour):
             self._trees[key] = OpeningTree.build(tokenizer, self.refusal_openings, self.lead, space)
         return self._trees[key]
 
-    def _encode(self, tokenizer: Any, ps: PromptSet, split: str | None, batch_size: int, *,
-                opening: bool = False) -> list[Batch]:
+    def _encode(self, tokenizer: Any, ps: PromptSet, split: str | None, batch_size: int) -> list[Batch]:
         """Prompts followed by the teacher-forced tail the metric reads.
 
-        The tail is the lead (opening log-odds) or, with :attr:`continuation` and not ``opening``, the
-        continuation's tokens.
+        The tail is the lead (opening log-odds) or, with :attr:`continuation`, the continuation's tokens.
         """
         texts = [chat_format(tokenizer, p) + self.response_prefix for p in ps.split(split).column("prompt")]
-        if self.continuation and not opening:
+        if self.continuation:
             tail = torch.tensor(tokenizer(self.continuation, add_special_tokens=False)["input_ids"], dtype=torch.long)
             meta: dict[str, Any] = {"continuation_ids": tail}
         else:
@@ -421,33 +421,35 @@ class Refusal(Behaviour):
     @override
     def evaluate_items(self, model: Any, split: str | None, *, batch_size: int = 16,
                        progress: bool = True) -> list[dict[str, Any]]:
+        return self._judged(model, split, self.max_new_tokens, batch_size, progress)
+
+    @override
+    def estimate_items(self, model: Any, split: str | None, *, batch_size: int = 16,
+                       progress: bool = True) -> list[dict[str, Any]]:
+        """Refused = the judge's verdict on the greedy answer's first :attr:`estimate_tokens` tokens, per prompt.
+
+        The same greedy decoding as the evaluation, cut short (``estimate_tokens`` of ``max_new_tokens``),
+        so what decides it is what the model actually writes first, not how likely a fixed opening
+        is: a patched model whose likeliest first word is "I" at 45% and that goes on to "I can't help"
+        is read as refusing. It cannot see compliance that follows the cut (an apology, then "However,
+        here is…"), so it errs towards refusal there: use it to decide between candidates, and the
+        evaluation to report them.
+        """
+        return self._judged(model, split, min(self.estimate_tokens, self.max_new_tokens), batch_size, progress,
+                            label=f"estimate, first {min(self.estimate_tokens, self.max_new_tokens)} tokens: ")
+
+    def _judged(self, model: Any, split: str | None, max_new_tokens: int, batch_size: int, progress: bool,
+                label: str = "") -> list[dict[str, Any]]:
+        """Greedy answers of ``max_new_tokens`` to the harmful then the harmless prompts of ``split``, judged."""
         tok = model_tokenizer(model)
         items = []
         for kind, ps in (("harmful", self.harmful), ("harmless", self.harmless)):
             recs = ps.split(split).records
             responses = generate(model, [chat_format(tok, r["prompt"]) for r in recs],
-                                 max_new_tokens=self.max_new_tokens, batch_size=batch_size, progress=progress)
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
             verdicts = [judge_refusal(resp) for resp in responses]
-            items += [{**_item(r, kind), "response": resp, "refused": v.refused, "judge": v.reason}
+            items += [{**_item(r, kind), "response": resp, "refused": v.refused, "judge": label + v.reason}
                       for r, resp, v in zip(recs, responses, verdicts)]
-        return items
-
-    @override
-    def estimate_items(self, model: Any, split: str | None, *, batch_size: int = 16,
-                       progress: bool = True) -> list[dict[str, Any]]:
-        """Refused = the answer more likely than not opens with a refusal (:meth:`metric` > 0), per prompt.
-
-        One forward pass per prompt instead of ``max_new_tokens`` generated tokens. It reads the
-        opening only, so it counts an apology followed by compliance as a refusal where the judge
-        does not: use it to decide between candidates, and the evaluation to report them.
-        """
-        tok = model_tokenizer(model)
-        items = []
-        for kind, ps in (("harmful", self.harmful), ("harmless", self.harmless)):
-            recs = ps.split(split).records
-            log_odds = self.metric_items(model, self._encode(tok, ps, split, batch_size, opening=True))
-            items += [{**_item(r, kind), "log_odds": lo, "refused": lo > 0, "judge": "estimate: opening log-odds"}
-                      for r, lo in zip(recs, log_odds)]
         return items
 
     @override

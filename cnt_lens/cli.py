@@ -83,12 +83,14 @@ def run(
                                          "(default: the application's)."),
     max_fraction: Optional[float] = typer.Option(None, help="Largest budget searched, as a fraction of all MLP "
                                                  "neurons (default: the application's)."),
-    screen: bool = typer.Option(True, help="Decide search points by one-pass estimates and evaluate in full only "
+    screen: bool = typer.Option(True, help="Decide search points by cheap estimates and evaluate in full only "
                                 "the points that matter (--no-screen: every point in full)."),
     protocol: str = typer.Option("split", help="split: each prompt set's own train/validation/test; cross: neurons "
                                  "on the bundled prompts, k and alpha on AdvBench, report on held-out framings too."),
     objective: str = typer.Option("opening", help="What refusal rankings read: opening (log-odds of a refusal "
                                   "opening) or continuation (log p of the refusing model's own refusal sentence)."),
+    random_seeds: Optional[int] = typer.Option(None, min=1, help="Seeds of the random baseline evaluated on test "
+                                               "(default: 5)."),
     device: Optional[str] = typer.Option(None, help="torch device for both models, e.g. cuda (default: cpu)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -106,7 +108,8 @@ def run(
     t0 = time.time()
     report = run_application(application, out, model=model, rounds=rounds, baselines=chosen, device=device,
                              alphas=None if alphas is None else _floats(alphas, "--alphas"), max_fraction=max_fraction,
-                             screen=screen, protocol=protocol, objective=objective, progress=progress)
+                             screen=screen, protocol=protocol, objective=objective, random_seeds=random_seeds,
+                             progress=progress)
     typer.echo(report.table())
     typer.echo(timings_table(out / "timings.json"))
     typer.echo(f"wrote {out}/metrics.json, patch.safetensors, patched_model/, report.html in {time.time() - t0:.0f} s")
@@ -238,7 +241,7 @@ def transfer(
     device: Optional[str] = DEVICE,
     dtype: str = DTYPE,
     batch_size: int = typer.Option(16, help="Prompts per evaluation batch."),
-    screen: bool = typer.Option(True, help="Decide search points by one-pass estimates and evaluate in full only "
+    screen: bool = typer.Option(True, help="Decide search points by cheap estimates and evaluate in full only "
                                 "the points that matter (--no-screen: every point in full)."),
     overwrite: bool = typer.Option(False, help="Write into a non-empty --out."),
     progress: bool = PROGRESS,

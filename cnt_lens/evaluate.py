@@ -30,8 +30,8 @@ def measure(model: Any, behaviours: Sequence[Behaviour], split: str | None, *, b
 
     With ``items`` (a list), the per-prompt records the numbers were computed from (responses,
     refusal flags, pair gaps, …) are appended to it, each with its ``behaviour``. With ``estimate``,
-    the numbers are each behaviour's one-forward-pass estimate (:meth:`~cnt_lens.Behaviour.estimate_items`:
-    same keys, no generation), for deciding between candidates, not for reporting.
+    the numbers are each behaviour's cheap estimate (:meth:`~cnt_lens.Behaviour.estimate_items`: same keys;
+    for refusal a short greedy opening, judged), for deciding between candidates, not for reporting.
     """
     out: Block = {}
     for b in behaviours:

@@ -45,7 +45,7 @@ class TransferConfig:
     score_batch_size: int = 8
     positions: Any = "all"
     seed: int = 0
-    #: decide search points with one-pass estimates and evaluate in full only the points that matter
+    #: decide search points with cheap estimates and evaluate in full only the points that matter
     #: (:func:`~cnt_lens.search.search_minimal`'s ``screen``); ``False``: every point evaluated in full.
     screen: bool = True
     #: an estimated point counts as reaching the goal within this much of it (gap fraction; ``search_minimal``'s
@@ -102,7 +102,7 @@ class _Run:
     cfg: TransferConfig
     reference: Reference
     progress: bool
-    estimated: Reference = field(default_factory=dict)  # donor and target, one-pass estimates (validation)
+    estimated: Reference = field(default_factory=dict)  # donor and target, cheap estimates (validation)
 
     def ref(self, point: Block) -> Reference:
         """The reference ``point`` was measured against: estimates for an estimated point."""
@@ -301,7 +301,7 @@ def transfer(
     (e.g. harmless refusal no higher than the donor's). Baselines get the same neuron budget as the
     found patch and the same alpha choice on validation, and (``config.search_baselines``) the main
     method's whole search for their own minimal set (``report.extra["minimal_sets"]``). With
-    ``config.screen`` (default) search points are decided by one-pass estimates and only the points that
+    ``config.screen`` (default) search points are decided by cheap estimates and only the points that
     matter are evaluated in full (:func:`~cnt_lens.search.search_minimal`); every number reported is a
     full evaluation. Returns a :class:`TransferResult` (report,
     patch, scores by method); ``scores`` (e.g. from :func:`~cnt_lens.search.iterative_scores`)

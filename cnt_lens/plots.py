@@ -137,7 +137,7 @@ def behaviour_shift(report: Report, metrics: Sequence[str] | None = None) -> go.
 
 def frontier(points: Sequence[dict[str, Any]], *, y: str = "gap_closed", x: str = "k",
              references: dict[str, float] | None = None, title: str = "search frontier (validation)") -> go.Figure:
-    """Measured points: neurons vs ``y``, one line per (method, alpha); one-pass estimates dotted.
+    """Measured points: neurons vs ``y``, one line per (method, alpha); estimates dotted.
 
     ``references`` draws a dashed horizontal line per named level (e.g. ``{"donor": 0.96}``: the level a
     transplant has to reach) on the same ``y`` scale.
@@ -155,7 +155,7 @@ def frontier(points: Sequence[dict[str, Any]], *, y: str = "gap_closed", x: str 
     for label, level in (references or {}).items():
         fig.add_hline(y=level, line_dash="dash", line_color="grey", annotation_text=f"{label} {level:.2f}",
                       annotation_position="top left")
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, xaxis_type="log")
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, xaxis_type="log", showlegend=True)  # one line too
     return fig
 
 

@@ -42,7 +42,7 @@ def measure_reference(pair: ModelPair, behaviour: Behaviour, side_effects: Seque
 
     Raises :class:`NoGapError` when they agree on ``behaviour.headline``: no transplant can close a gap
     that is not there. Run it before any long stage; it costs one evaluation of each model
-    (``estimate``: one forward pass per prompt each, see :func:`~cnt_lens.evaluate.measure`).
+    (``estimate``: each behaviour's cheap estimate, see :func:`~cnt_lens.evaluate.measure`).
     """
     kw = dict(batch_size=batch_size, estimate=estimate)
     reference = {"target": measure(pair.target, [behaviour, *side_effects], split, **kw),
@@ -87,7 +87,7 @@ class SearchResult:
     """The smallest verified patch, and every point measured on the way (for plots).
 
     ``reference`` holds the donor's and target's evaluated numbers; ``estimated_reference`` their
-    one-pass estimates when the search screened with them (empty otherwise).
+    cheap estimates when the search screened with them (empty otherwise).
     """
 
     selection: NeuronSelection | None
@@ -145,7 +145,7 @@ def search_minimal(
     to count as reaching the goal. ``reference`` (from :func:`measure_reference` on the same split)
     saves measuring donor and target again. Returns the whole measured frontier.
 
-    ``screen``: run that search on the behaviours' one-forward-pass estimates
+    ``screen``: run that search on the behaviours' cheap estimates
     (:meth:`~cnt_lens.Behaviour.estimate_items`, against the donor's and target's estimates), then
     evaluate in full only around its answer: from the estimated smallest k at its alpha, step k by
     ×``step`` down while the goal holds (or up until it does), and bisect the bracket to
@@ -211,7 +211,7 @@ def search_minimal(
 
 def _estimated_reference(pair: ModelPair, behaviour: Behaviour, side_effects: Sequence[Behaviour], split: str,
                          batch_size: int) -> Reference:
-    """Donor's and target's one-pass estimates; empty when the estimates show no gap (search in full then)."""
+    """Donor's and target's cheap estimates; empty when the estimates show no gap (search in full then)."""
     try:
         return measure_reference(pair, behaviour, side_effects, split=split, batch_size=batch_size, estimate=True)
     except NoGapError:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cnt_lens import Refusal, StereotypeBias, Utility, donor_refusal, is_refusal, load_prompts
+from cnt_lens import Refusal, StereotypeBias, Utility, donor_refusal, is_refusal, judge_refusal, load_prompts
 from cnt_lens.behaviours import sequence_logprobs
 from cnt_lens.data import chat_format, encode
 from cnt_lens.experiments.recipes import TuneConfig, safety_tune
@@ -47,7 +47,7 @@ def test_refusal_metric_is_the_exact_log_odds_of_a_refusal_opening(tiny):
 
 
 def test_refusal_continuation_metric_is_the_log_probability_of_the_whole_continuation(tiny):
-    """With a continuation the metric is log p(continuation | prompt); estimates still read the opening."""
+    """With a continuation the metric is log p(continuation | prompt); the estimate does not depend on it."""
     tok = tiny.cnt_tokenizer
     beh = Refusal(continuation="Sorry , I cannot help with that .")
     batch = beh.batches(tok, "validation", 4)[0]
@@ -60,8 +60,8 @@ def test_refusal_continuation_metric_is_the_log_probability_of_the_whole_continu
             logp = tiny(seq).log_softmax(-1)[0, -len(ids) - 1:-1]
         assert metric[i].item() == pytest.approx(logp.gather(-1, torch.tensor(ids)[:, None]).sum().item(), abs=1e-3)
     opening = Refusal()
-    assert [i["log_odds"] for i in beh.estimate_items(tiny, "validation")] == \
-        [i["log_odds"] for i in opening.estimate_items(tiny, "validation")]
+    assert beh.estimate_items(tiny, "validation", progress=False) == \
+        opening.estimate_items(tiny, "validation", progress=False)
 
 
 def test_refusal_openings_that_cannot_be_read_are_refused(tiny):
@@ -86,13 +86,15 @@ def test_taught_refusal_moves_the_metric_and_the_rate(arch, tmp_path, monkeypatc
         donor_refusal(base, beh, "validation", progress=False)
     whole = Refusal(max_new_tokens=8, continuation=own)
     assert whole.mean_metric(tuned, "validation") > whole.mean_metric(base, "validation") + 1.0
-    # the one-pass estimate (opening log-odds > 0) gives the same numbers' keys and, on a model that refuses
-    # with whole refusals, mostly the same verdicts as generation + judge, prompt by prompt
+    # the estimate judges the same greedy answer cut short: the same numbers' keys, each answer the start of
+    # the evaluation's, and on a model that refuses with whole refusals mostly the same verdicts
+    short = Refusal(max_new_tokens=8, estimate_tokens=4)
     for model in (base, tuned):
-        full, est = (beh.evaluate_items(model, "validation", progress=False),
-                     beh.estimate_items(model, "validation"))
-        assert [i["id"] for i in est] == [i["id"] for i in full] and set(beh.aggregate(est)) == set(after)
-        assert all(i["refused"] == (i["log_odds"] > 0) for i in est)
+        full, est = (short.evaluate_items(model, "validation", progress=False),
+                     short.estimate_items(model, "validation", progress=False))
+        assert [i["id"] for i in est] == [i["id"] for i in full] and set(short.aggregate(est)) == set(after)
+        assert all(f["response"].startswith(e["response"]) for e, f in zip(est, full))
+        assert all(e["refused"] == judge_refusal(e["response"]).refused for e in est)
         assert sum(e["refused"] == f["refused"] for e, f in zip(est, full)) >= 0.8 * len(full)
     # cached: a second call loads the same weights instead of training again
     again = safety_tune(base, refusals=TINY_REFUSALS, config=cfg)

@@ -176,11 +176,13 @@ def test_run_passes_its_overrides_to_the_application_and_prints_the_timings(tmp_
     out.mkdir()
     res = runner.invoke(app, ["run", "delete-refusal", "--out", str(out), "--model", "qwen2.5-coder-0.5b-instruct",
                               "--rounds", "0", "--alphas", "1,2", "--max-fraction", "0.02", "--baselines", "random",
-                              "--no-screen", "--protocol", "cross", "--objective", "continuation"])
+                              "--no-screen", "--protocol", "cross", "--objective", "continuation",
+                              "--random-seeds", "2"])
     assert res.exit_code == 0, res.output
     assert seen == {"name": "delete-refusal", "model": "qwen2.5-coder-0.5b-instruct", "rounds": 0,
                     "baselines": ("random",), "device": None, "alphas": (1.0, 2.0), "max_fraction": 0.02,
-                    "screen": False, "protocol": "cross", "objective": "continuation", "progress": True}
+                    "screen": False, "protocol": "cross", "objective": "continuation", "random_seeds": 2,
+                    "progress": True}
     assert "search (validation)" in res.output and "total (wall)" in res.output
 
 
@@ -190,3 +192,5 @@ def test_run_names_the_protocols_when_given_another(tmp_path, monkeypatch):
     assert res.exit_code != 0 and "unknown protocol 'families'" in res.output and "cross" in res.output
     res = runner.invoke(app, ["run", "enhance", "--out", str(tmp_path / "r"), "--objective", "ending"])
     assert res.exit_code != 0 and "unknown objective 'ending'" in res.output and "continuation" in res.output
+    res = runner.invoke(app, ["run", "enhance", "--out", str(tmp_path / "r"), "--random-seeds", "0"])
+    assert res.exit_code != 0 and "--random-seeds" in res.output

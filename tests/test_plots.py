@@ -72,6 +72,7 @@ def test_frontier_draws_each_reference_level_as_a_line():
     assert [(s.y0, s.y1) for s in fig.layout.shapes] == [(0.9, 0.9), (0.05, 0.05)]
     assert [a.text for a in fig.layout.annotations] == ["donor 0.90", "target 0.05"]
     assert fig.layout.title.text == "held out" and fig.layout.yaxis.title.text == "refusal"
+    assert fig.layout.showlegend and fig.data[0].name == "m α=4"  # a single line still names its method
 
 
 def test_behaviour_shift_puts_rates_and_other_numbers_on_their_own_axes():
