@@ -67,7 +67,8 @@ def demo(
     """
     # every option spelled out: called as a function, ``run``'s defaults are typer's OptionInfo objects
     run(application="enhance", out=out, model="smollm2-135m-instruct", rounds=None, baselines=None, alphas=None,
-        max_fraction=None, screen=True, protocol="split", objective="opening", device=device, progress=progress)
+        max_fraction=None, screen=True, protocol="split", objective="opening", random_seeds=None, device=device,
+        progress=progress)
 
 
 @app.command()

@@ -167,7 +167,7 @@ def test_demo_runs_enhance_with_the_applications_own_settings(tmp_path, monkeypa
     assert res.exit_code == 0, res.output
     assert seen == {"name": "enhance", "model": "smollm2-135m-instruct", "rounds": None, "baselines": None,
                     "device": None, "alphas": None, "max_fraction": None, "screen": True, "protocol": "split",
-                    "objective": "opening", "progress": False}
+                    "objective": "opening", "random_seeds": None, "progress": False}
 
 
 def test_run_passes_its_overrides_to_the_application_and_prints_the_timings(tmp_path, monkeypatch):
