@@ -358,6 +358,9 @@ class Refusal(Behaviour):
     def __post_init__(self) -> None:
         self.harmful.require_nonempty()
         self.harmless.require_nonempty()
+        if not (isinstance(self.estimate_tokens, int) and self.estimate_tokens >= 1):
+            raise ValueError(f"Refusal.estimate_tokens is how many greedy tokens the estimate judges: an int >= 1, "
+                             f"got {self.estimate_tokens!r}")
         self._trees: dict[int, OpeningTree] = {}
 
     def opening_tree(self, tokenizer: Any) -> OpeningTree:
@@ -431,9 +434,9 @@ class Refusal(Behaviour):
         The same greedy decoding as the evaluation, cut short (``estimate_tokens`` of ``max_new_tokens``),
         so what decides it is what the model actually writes first, not how likely a fixed opening
         is: a patched model whose likeliest first word is "I" at 45% and that goes on to "I can't help"
-        is read as refusing. It cannot see compliance that follows the cut (an apology, then "However,
-        here is…"), so it errs towards refusal there: use it to decide between candidates, and the
-        evaluation to report them.
+        is read as refusing. It cannot see what follows the cut: compliance after an apology ("However,
+        here is…") reads as a refusal, and an apology whose decline comes later as none. Use it to
+        decide between candidates, and the evaluation to report them.
         """
         return self._judged(model, split, min(self.estimate_tokens, self.max_new_tokens), batch_size, progress,
                             label=f"estimate, first {min(self.estimate_tokens, self.max_new_tokens)} tokens: ")

@@ -67,6 +67,8 @@ def test_refusal_continuation_metric_is_the_log_probability_of_the_whole_continu
 def test_refusal_openings_that_cannot_be_read_are_refused(tiny):
     with pytest.raises(ValueError, match="lead"):
         Refusal(refusal_openings=("I can help",), lead="I am").opening_tree(tiny.cnt_tokenizer)
+    with pytest.raises(ValueError, match="estimate_tokens"):
+        Refusal(estimate_tokens=0)
 
 
 def test_taught_refusal_moves_the_metric_and_the_rate(arch, tmp_path, monkeypatch):
