@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -90,13 +91,11 @@ def main() -> None:
     lines = args.run / "budget_curves.jsonl"
     done = read_points(args.run)
     seen = {(p["method"], p["k"], p["alpha"]) for p in done}
-    built: list = []
 
+    @functools.cache
     def pair():
         """The run's pair, built (recipes, cached-donor check) only when a point is still to measure."""
-        if not built:
-            built.append(app.build(load_model(run_extra["model"])))
-        return built[0]
+        return app.build(load_model(run_extra["model"]))
 
     def record(point: dict, model, patch=None) -> None:
         if (point["method"], point["k"], point["alpha"]) in seen:

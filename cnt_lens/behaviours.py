@@ -438,8 +438,8 @@ class Refusal(Behaviour):
         here is…") reads as a refusal, and an apology whose decline comes later as none. Use it to
         decide between candidates, and the evaluation to report them.
         """
-        return self._judged(model, split, min(self.estimate_tokens, self.max_new_tokens), batch_size, progress,
-                            label=f"estimate, first {min(self.estimate_tokens, self.max_new_tokens)} tokens: ")
+        n = min(self.estimate_tokens, self.max_new_tokens)
+        return self._judged(model, split, n, batch_size, progress, label=f"estimate, first {n} tokens: ")
 
     def _judged(self, model: Any, split: str | None, max_new_tokens: int, batch_size: int, progress: bool,
                 label: str = "") -> list[dict[str, Any]]:

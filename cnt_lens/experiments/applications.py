@@ -197,10 +197,10 @@ def _run(app: Application, pair: ModelPair, behaviour: Behaviour, out: Path, mod
          max_fraction: float | None, screen: bool, random_seeds: int | None, progress: bool) -> Any:
     """:func:`~cnt_lens.runs.run_transfer` with the application's settings and the caller's overrides."""
     side = app.side_effects()
-    seeds = {} if random_seeds is None else {"random_seeds": random_seeds}
     config = TransferConfig(goal=app.goal, max_fraction=max_fraction or app.max_fraction, alphas=alphas or app.alphas,
                             baselines=app.baselines if baselines is None else baselines, batch_size=32,
-                            screen=screen, extra={"application": app.name, "model": model}, **seeds)
+                            screen=screen, extra={"application": app.name, "model": model},
+                            random_seeds=TransferConfig.random_seeds if random_seeds is None else random_seeds)
     report = run_transfer(pair, behaviour, out, side_effects=side, constraint=app.constraint, config=config,
                           rounds=app.rounds if rounds is None else rounds, round_alpha=app.round_alpha, contrast=app.contrast,
                           preserve_weights=app.preserve_weights, progress=progress)
