@@ -67,8 +67,8 @@ def demo(
     """
     # every option spelled out: called as a function, ``run``'s defaults are typer's OptionInfo objects
     run(application="enhance", out=out, model="smollm2-135m-instruct", rounds=None, baselines=None, alphas=None,
-        max_fraction=None, screen=True, protocol="split", objective="opening", random_seeds=None, device=device,
-        progress=progress)
+        max_fraction=None, screen=True, protocol="split", objective="opening", random_seeds=None,
+        search_baselines=True, device=device, progress=progress)
 
 
 @app.command()
@@ -92,6 +92,9 @@ def run(
                                   "opening) or continuation (log p of the refusing model's own refusal sentence)."),
     random_seeds: Optional[int] = typer.Option(None, min=1, help="Seeds of the random baseline evaluated on test "
                                                "(default: 5)."),
+    search_baselines: bool = typer.Option(True, help="Give every baseline the main method's own search over k and "
+                                          "alpha as well (--no-search-baselines: each baseline only picks alpha at the "
+                                          "main method's k)."),
     device: Optional[str] = typer.Option(None, help="torch device for both models, e.g. cuda (default: cpu)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -110,7 +113,7 @@ def run(
     report = run_application(application, out, model=model, rounds=rounds, baselines=chosen, device=device,
                              alphas=None if alphas is None else _floats(alphas, "--alphas"), max_fraction=max_fraction,
                              screen=screen, protocol=protocol, objective=objective, random_seeds=random_seeds,
-                             progress=progress)
+                             search_baselines=search_baselines, progress=progress)
     typer.echo(report.table())
     typer.echo(timings_table(out / "timings.json"))
     typer.echo(f"wrote {out}/metrics.json, patch.safetensors, patched_model/, report.html in {time.time() - t0:.0f} s")

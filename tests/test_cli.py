@@ -167,7 +167,8 @@ def test_demo_runs_enhance_with_the_applications_own_settings(tmp_path, monkeypa
     assert res.exit_code == 0, res.output
     assert seen == {"name": "enhance", "model": "smollm2-135m-instruct", "rounds": None, "baselines": None,
                     "device": None, "alphas": None, "max_fraction": None, "screen": True, "protocol": "split",
-                    "objective": "opening", "random_seeds": None, "progress": False}
+                    "objective": "opening", "random_seeds": None, "search_baselines": True,
+                    "progress": False}
 
 
 def test_run_passes_its_overrides_to_the_application_and_prints_the_timings(tmp_path, monkeypatch):
@@ -177,12 +178,12 @@ def test_run_passes_its_overrides_to_the_application_and_prints_the_timings(tmp_
     res = runner.invoke(app, ["run", "delete-refusal", "--out", str(out), "--model", "qwen2.5-coder-0.5b-instruct",
                               "--rounds", "0", "--alphas", "1,2", "--max-fraction", "0.02", "--baselines", "random",
                               "--no-screen", "--protocol", "cross", "--objective", "continuation",
-                              "--random-seeds", "2"])
+                              "--random-seeds", "2", "--no-search-baselines"])
     assert res.exit_code == 0, res.output
     assert seen == {"name": "delete-refusal", "model": "qwen2.5-coder-0.5b-instruct", "rounds": 0,
                     "baselines": ("random",), "device": None, "alphas": (1.0, 2.0), "max_fraction": 0.02,
                     "screen": False, "protocol": "cross", "objective": "continuation", "random_seeds": 2,
-                    "progress": True}
+                    "search_baselines": False, "progress": True}
     assert "search (validation)" in res.output and "total (wall)" in res.output
 
 

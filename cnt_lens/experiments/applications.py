@@ -147,7 +147,8 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
                     alphas: tuple[float, ...] | None = None, rounds: int | None = None,
                     baselines: tuple[str, ...] | None = None, max_fraction: float | None = None,
                     screen: bool = True, protocol: str = "split", objective: str = "opening",
-                    random_seeds: int | None = None, device: str | None = None, progress: bool = True) -> Any:
+                    random_seeds: int | None = None, search_baselines: bool = True, device: str | None = None,
+                    progress: bool = True) -> Any:
     """Run one application end to end and write its run directory; returns the :class:`Report`.
 
     ``model`` is the base the application's recipes tune (any :func:`~cnt_lens.load_model` source;
@@ -156,7 +157,8 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
     larger model's run on a CPU; ``screen=False`` evaluates every search point in full
     (:class:`~cnt_lens.pipeline.TransferConfig`); ``protocol`` is one of :data:`PROTOCOLS` and
     ``objective`` one of :data:`OBJECTIVES` (refusal applications only); ``random_seeds`` overrides
-    :attr:`~cnt_lens.pipeline.TransferConfig.random_seeds` (each seed is one more test evaluation). Every stage's
+    :attr:`~cnt_lens.pipeline.TransferConfig.random_seeds` (each seed is one more test evaluation); ``search_baselines=False`` gives each baseline only the alpha
+    search at the main method's k (:attr:`~cnt_lens.pipeline.TransferConfig.search_baselines`). Every stage's
     wall time goes to ``timings.json`` in ``out``.
     ``device`` (e.g. ``"cuda"``) holds both models there; the fine-tune recipes train there too.
     Their cache key is the weights and settings, not the device, so a donor cached on one device
@@ -184,7 +186,7 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
         with stage("objective"):
             behaviour = OBJECTIVES[objective](behaviour, getattr(pair, app.refuser))
         report = _run(app, pair, behaviour, out, model, alphas, rounds, baselines, max_fraction, screen, random_seeds,
-                      progress)
+                      search_baselines, progress)
         report.extra.update(application=name, protocol=protocol, objective=objective,
                             continuation=getattr(behaviour, "continuation", ""), wall_time_s=round(prof.total(), 1))
         report.save(out / "metrics.json")
@@ -194,12 +196,14 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
 
 def _run(app: Application, pair: ModelPair, behaviour: Behaviour, out: Path, model: str,
          alphas: tuple[float, ...] | None, rounds: int | None, baselines: tuple[str, ...] | None,
-         max_fraction: float | None, screen: bool, random_seeds: int | None, progress: bool) -> Any:
+         max_fraction: float | None, screen: bool, random_seeds: int | None, search_baselines: bool,
+         progress: bool) -> Any:
     """:func:`~cnt_lens.runs.run_transfer` with the application's settings and the caller's overrides."""
     side = app.side_effects()
     config = TransferConfig(goal=app.goal, max_fraction=max_fraction or app.max_fraction, alphas=alphas or app.alphas,
                             baselines=app.baselines if baselines is None else baselines, batch_size=32,
-                            screen=screen, extra={"application": app.name, "model": model},
+                            screen=screen, search_baselines=search_baselines,
+                            extra={"application": app.name, "model": model},
                             random_seeds=TransferConfig.random_seeds if random_seeds is None else random_seeds)
     report = run_transfer(pair, behaviour, out, side_effects=side, constraint=app.constraint, config=config,
                           rounds=app.rounds if rounds is None else rounds, round_alpha=app.round_alpha, contrast=app.contrast,
