@@ -72,6 +72,7 @@ from .models import (
     write_neurons,
 )
 from .offline import OFFLINE_MODELS, offline_path
+from .resume import resumable, weights_digest
 from .scoring import METHODS, BehaviourSignalError, score
 from .search import NoGapError, SearchResult, iterative_scores, measure_reference, search_minimal
 from .selection import NeuronScores, NeuronSelection
@@ -87,6 +88,7 @@ __all__ = [
     "context_length", "describe_file", "donor_refusal", "detect_format", "encode", "export_hf", "from_advbench_csv", "from_crows_pairs", "from_jsonl", "from_stereoset",
     "generate", "is_refusal", "iterative_scores", "judge_accuracy", "judge_refusal", "load_model", "load_pair",
     "load_file", "load_prompts", "measure", "measure_reference", "mlp_hidden", "neuron_params", "offline_path", "plain_hf_model", "profile", "read_neurons",
-    "register_format", "score", "search_minimal", "stable_split", "stage", "timings_table", "verify_greedy", "wilson_interval", "write_neurons",
+    "register_format", "resumable", "score", "search_minimal", "stable_split", "stage", "timings_table", "verify_greedy", "weights_digest", "wilson_interval",
+    "write_neurons",
 ]
 __version__ = "0.1.0"

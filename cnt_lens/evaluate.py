@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from .behaviours import Behaviour
 from .files import atomic_write_text
+from .resume import recall_records
 from .stats import Block, format_rate, is_companion, wilson_interval
 from .timing import stage
 
@@ -32,12 +33,14 @@ def measure(model: Any, behaviours: Sequence[Behaviour], split: str | None, *, b
     refusal flags, pair gaps, …) are appended to it, each with its ``behaviour``. With ``estimate``,
     the numbers are each behaviour's cheap estimate (:meth:`~cnt_lens.Behaviour.estimate_items`: same keys;
     for refusal a short greedy opening, judged), for deciding between candidates, not for reporting.
+    Inside :func:`~cnt_lens.resume.resumable` each behaviour's records are remembered and reused.
     """
     out: Block = {}
     for b in behaviours:
         with stage(f"{'estimate' if estimate else 'evaluate'} {b.name}"):
             run = b.estimate_items if estimate else b.evaluate_items
-            recs = run(model, split, batch_size=batch_size, progress=progress)
+            recs = recall_records(model, b, split, estimate=estimate, batch_size=batch_size,
+                                  compute=lambda: run(model, split, batch_size=batch_size, progress=progress))
         out.update(b.aggregate(recs))
         if items is not None:
             items += [{"behaviour": b.name, **r} for r in recs]

@@ -44,6 +44,7 @@ __all__ = [
     "bundled_gguf_path",
     "check_compatible",
     "clone_model",
+    "library_versions",
     "context_length",
     "fresh_hf_model",
     "plain_hf_model",
@@ -247,6 +248,14 @@ def package_version(package: str, default: str = "?") -> str:
         return version(package)
     except PackageNotFoundError:
         return default
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a model's numerics depend on: torch, transformers, transformer-lens."""
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "transformer_lens": package_version("transformer-lens")}
 
 
 def _check_dense_mlp(bridge: TransformerBridge) -> None:

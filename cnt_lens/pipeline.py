@@ -7,6 +7,7 @@ numbers reported are measured on **test**, which nothing before has seen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import statistics
@@ -20,6 +21,7 @@ from .constraints import Constraint
 from .evaluate import Report, measure
 from .files import atomic_write_text
 from .models import ModelPair
+from .resume import resumable
 from .scoring import SCORERS, score
 from .search import SearchResult, measure_point, measure_reference, search_minimal
 from .selection import NeuronScores
@@ -308,7 +310,10 @@ def transfer(
     replaces scoring with ``config.method`` for the main ranking. With ``out_dir``, writes
     ``metrics.json``, ``patch.safetensors`` + ``patch.json``, ``scores/*.safetensors``,
     ``frontier.json`` and ``items.jsonl`` (one line per test prompt and model — target, donor,
-    patched — with its response and verdict: what the rates in ``metrics.json`` were counted from).
+    patched — with its response and verdict: what the rates in ``metrics.json`` were counted from), and
+    remembers every evaluation and scoring pass in ``out_dir/resume`` as it finishes
+    (:func:`~cnt_lens.resume.resumable`): the same call again, after a kill or with one more baseline,
+    recomputes only what it has not done.
 
     Stages: score (train) → choose the point (validation) → each baseline's alpha at the same k and
     its own minimal set (validation) → evaluate (test, once) → write. Before any scoring, both models pass
@@ -316,6 +321,14 @@ def transfer(
     (:func:`~cnt_lens.search.measure_reference`, or ``reference`` when the caller measured it): a run
     that cannot succeed stops in seconds.
     """
+    with resumable(out_dir) if out_dir is not None else contextlib.nullcontext():
+        return _transfer(pair, behaviour, side_effects, constraint, config, scores, reference, out_dir, progress)
+
+
+def _transfer(pair: ModelPair, behaviour: Behaviour, side_effects: Sequence[Behaviour], constraint: Constraint | None,
+              config: TransferConfig, scores: NeuronScores | None, reference: Reference | None,
+              out_dir: str | Path | None, progress: bool) -> TransferResult:
+    """The stages of :func:`transfer`."""
     cfg = config
     t0 = time.time()
     if reference is None:

@@ -7,7 +7,9 @@ A run directory holds ``metrics.json`` (the :class:`~cnt_lens.evaluate.Report`),
 ``scores/``, ``frontier.json``, ``items.jsonl``, ``timings.json`` (where the time went, per stage:
 :mod:`cnt_lens.timing`), ``data.json`` (which prompt files were read: path,
 sha256, format and the split of every record), ``patched_model/`` (a standard HF checkpoint of the
-target with the patch applied) and ``report.html``.
+target with the patch applied), ``report.html`` and ``resume/`` (every evaluation and scoring pass,
+remembered as it finishes: :mod:`cnt_lens.resume`; the same command again continues an interrupted
+run, and a finished one rerun with another baseline computes only that baseline).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .files import atomic_write_text
 from .models import ModelPair, device_of
 from .pipeline import TransferConfig, transfer
 from .report import write_report
+from .resume import resumable
 from .search import iterative_scores, measure_reference
 from .timing import profile, stage
 from .transplant import export_hf
@@ -64,7 +67,7 @@ def run_transfer(
     weights = list(preserve_weights) if preserve_weights is not None else [10.0] * len(side_effects)
     if len(weights) != len(side_effects):
         raise ValueError(f"{len(weights)} preserve weights for {len(side_effects)} side effects")
-    with profile() as prof:
+    with profile() as prof, resumable(out):
         report, patch, all_scores = _transfer_stages(pair, behaviour, out, side_effects, constraint, config, rounds,
                                                      round_alpha, contrast, weights, progress)
         report.extra.update(wall_time_s=round(prof.total(), 1), device=str(device_of(pair.target)),

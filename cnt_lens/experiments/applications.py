@@ -32,6 +32,7 @@ from ..constraints import no_more_over_refusal, task_kept, utility_kept
 from ..data import cross_harmful, cross_harmless, load_prompts
 from ..models import BUNDLED_MODEL, ModelPair, load_model
 from ..pipeline import TransferConfig
+from ..resume import resumable
 from ..runs import run_transfer
 from ..timing import profile, stage
 from .recipes import TASK_PREFIX, bias_tune, compliance_tune, harmful_finetune, safety_tune
@@ -159,7 +160,8 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
     ``objective`` one of :data:`OBJECTIVES` (refusal applications only); ``random_seeds`` overrides
     :attr:`~cnt_lens.pipeline.TransferConfig.random_seeds` (each seed is one more test evaluation); ``search_baselines=False`` gives each baseline only the alpha
     search at the main method's k (:attr:`~cnt_lens.pipeline.TransferConfig.search_baselines`). Every stage's
-    wall time goes to ``timings.json`` in ``out``.
+    wall time goes to ``timings.json`` in ``out``, and every evaluation and scoring pass to ``out/resume``
+    (:mod:`cnt_lens.resume`): the same call again continues a run that was stopped.
     ``device`` (e.g. ``"cuda"``) holds both models there; the fine-tune recipes train there too.
     Their cache key is the weights and settings, not the device, so a donor cached on one device
     is reused on another (greedy generations can then differ in a few prompts from float rounding).
@@ -176,7 +178,7 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
         raise ValueError(f"objective {objective!r} reads a refusal; {name!r} transfers {behaviour.name!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with profile() as prof:
+    with profile() as prof, resumable(out):
         with stage("load model"):
             base = load_model(model, device=device)
         with stage("canary"):

@@ -35,6 +35,7 @@ from ..evaluate import measure
 from ..files import atomic_write, cache_dir
 from ..judge import is_refusal
 from ..models import clone_model, device_of, hf_state_dict, model_tokenizer
+from ..models import library_versions as model_versions  # the recipe's version is added
 from ..progress import progress_bar
 from ..stats import is_companion
 from ..timing import stage
@@ -77,13 +78,8 @@ def _fingerprint(model: Any) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries whose numerics a cached tune depends on (part of every cache key)."""
-    from importlib.metadata import version
-
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "transformer_lens": version("transformer-lens"), "recipe": str(RECIPE_VERSION)}
+    """Versions of the libraries whose numerics a cached tune depends on, and the recipes' (part of every cache key)."""
+    return {**model_versions(), "recipe": str(RECIPE_VERSION)}
 
 
 def _key(kind: str, model: Any, data: dict[str, Any], cfg: TuneConfig) -> str:

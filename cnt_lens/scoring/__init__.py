@@ -13,6 +13,7 @@ import torch
 
 from ..behaviours import Behaviour
 from ..models import ModelPair, _streamed, model_tokenizer
+from ..resume import recall_scores
 from ..selection import NeuronScores
 from .attribution import attribution_family
 from .baselines import contrast_family, importance_family, random_family, weight_rule_family
@@ -84,6 +85,7 @@ def score(
     the last ``k``. Scores are accumulated in fp32 whatever the models' dtype.
 
     Raises :class:`BehaviourSignalError` when the metric is NaN or identical on donor and target.
+    Inside :func:`~cnt_lens.resume.resumable` the scores are remembered and reused.
 
     Example:
         >>> from cnt_lens.testing import planted_pair
@@ -102,6 +104,16 @@ def score(
         if not _streamed(pair.donor):  # a streamed donor reads its tensors onto the target's device
             pair.donor.to(device)
         pair.target.to(device)
+    settings = {"method": method, "split": split, "batch_size": batch_size, "positions": positions,
+                "options": {k: v for k, v in options.items() if k != "donor_metrics"}}  # a cache: no effect on scores
+    return recall_scores([pair.target, pair.donor], behaviour, settings,
+                         lambda: _score(pair, behaviour, method, split, batch_size, positions, progress, options))
+
+
+def _score(pair: ModelPair, behaviour: Behaviour, method: str, split: str | None, batch_size: int,
+           positions: Positions, progress: bool, options: dict[str, Any]) -> NeuronScores:
+    """One scoring pass of :func:`score` (arguments checked, models placed)."""
+    spec = SCORERS[method]
     ctx = Context(pair, behaviour, model_tokenizer(pair.target), split, batch_size, positions, progress)
     out = spec.family(ctx, **spec.fixed, **options)
     meta: dict[str, Any] = {"split": split, "positions": positions, **out.meta}

@@ -1,0 +1,187 @@
+"""Work a run has finished, kept in its directory, so that the same command run again continues.
+
+Inside ``with resumable(out):`` every evaluation (:func:`~cnt_lens.evaluate.measure`, one entry per
+model state, behaviour and split) and every scoring pass (:func:`~cnt_lens.scoring.score`) is looked
+up before it is computed and written down as soon as it is: a run killed after two hours and started
+again with the same command redoes none of those two hours, and a finished run rerun with one more
+baseline computes only that baseline. Outside such a block nothing is remembered.
+
+A result is found again only when everything it depends on is the same:
+
+- each model's weights, by :func:`weights_digest` taken the first time the model is seen unpatched
+  (a model first seen with patches applied is not remembered), its device (greedy decoding can
+  differ between devices in a few prompts), and the patches applied to it, by their content hashes
+  in order (:mod:`cnt_lens.journal`);
+- the behaviour, by its full ``repr`` (prompts with their splits, judge settings, continuation);
+- the split, batch size, estimate or evaluation (scores: method, options, positions), and the
+  versions of torch, transformers and transformer-lens.
+
+Anything else is computed afresh; to recompute everything, delete ``{out}/resume/``. Files:
+``resume/measured.jsonl`` (one JSON line per result, appended and synced; a line cut short by a
+kill is ignored when read) and ``resume/scores/{key}.safetensors`` (written atomically).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from .journal import entries
+from .models import device_of, library_versions
+from .selection import NeuronScores
+
+__all__ = ["active_directory", "recall_records", "recall_scores", "resumable", "weights_digest"]
+
+log = logging.getLogger(__name__)
+
+_ACTIVE: contextvars.ContextVar["_Store | None"] = contextvars.ContextVar("cnt_lens_resume", default=None)
+
+
+def weights_digest(model: Any) -> str:
+    """sha1 of every parameter's row sums (float64) and names: any changed weight changes it.
+
+    Reads each tensor once on its own device and moves only the row sums to the host, so it costs
+    about one pass over the weights; unlike a strided sample it sees a change to a single neuron.
+    """
+    h = hashlib.sha1()
+    for name, p in sorted(model.original_model.state_dict().items()):
+        rows = p.detach().reshape(-1, p.shape[-1]) if p.dim() else p.detach().reshape(1, 1)
+        sums = torch.cat([c.sum(-1, dtype=torch.float64) for c in rows.split(8192)])
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(sums.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Store:
+    """One run directory's remembered results (``{out}/resume``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.records: dict[str, list[dict[str, Any]]] = {}
+        self.digests: dict[int, str] = {}
+        self.reused = 0
+        path = root / "measured.jsonl"
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+                    entry = json.loads(line)
+                    self.records[entry["key"]] = entry["records"]
+
+    def model_state(self, model: Any) -> str | None:
+        """The model's weights digest, device and applied patches' hashes; ``None`` when it cannot be known."""
+        digest = self.digests.get(id(model))
+        if digest is None:
+            if entries(model) or not hasattr(model, "original_model"):
+                return None  # first seen patched (its unpatched weights unknown), or not a loaded model
+            digest = self.digests[id(model)] = weights_digest(model)
+        return "+".join([digest, str(device_of(model)), *(e.key for e in entries(model))])
+
+    def key(self, kind: str, models: Sequence[Any], settings: dict[str, Any]) -> str | None:
+        """sha1 of what a result depends on; ``None`` when a model's state cannot be known."""
+        states = [self.model_state(m) for m in models]
+        if None in states:
+            return None
+        blob = json.dumps({"kind": kind, "models": states, "settings": settings, "versions": library_versions()},
+                          sort_keys=True, default=_describe)
+        return hashlib.sha1(blob.encode()).hexdigest()
+
+    def add_records(self, key: str, records: list[dict[str, Any]]) -> None:
+        """Append one result to ``measured.jsonl`` and sync it (a kill leaves at most one cut line)."""
+        try:
+            line = json.dumps({"key": key, "records": records}, default=float)
+        except (TypeError, ValueError) as err:
+            log.warning("not remembered (records are not JSON: %s)", err)
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "measured.jsonl", "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records[key] = json.loads(line)["records"]
+
+
+@contextlib.contextmanager
+def resumable(directory: str | Path) -> Iterator[Path]:
+    """Remember evaluations and scores under ``{directory}/resume`` for the block; yields that folder.
+
+    Nested blocks on the same directory share one store. Example::
+
+        with resumable("runs/mine"):
+            report = transfer(pair, Refusal(), side_effects=[Utility()])  # a rerun reuses every result
+    """
+    root = Path(directory) / "resume"
+    current = _ACTIVE.get()
+    if current is not None and current.root == root:
+        yield root
+        return
+    store = _Store(root)
+    if store.records:
+        log.info("resuming: %d remembered results in %s", len(store.records), root)
+    token = _ACTIVE.set(store)
+    try:
+        yield root
+    finally:
+        _ACTIVE.reset(token)
+        if store.reused:
+            log.info("reused %d remembered results from %s", store.reused, root)
+
+
+def active_directory() -> Path | None:
+    """The ``resume`` folder results are remembered in now, or ``None`` outside :func:`resumable`."""
+    store = _ACTIVE.get()
+    return None if store is None else store.root
+
+
+def recall_records(model: Any, behaviour: Any, split: str | None, *, estimate: bool, batch_size: int,
+                   compute: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """``compute()`` (a behaviour's per-prompt records for ``model``), or the remembered records of the same call."""
+    store = _ACTIVE.get()
+    key = store and store.key("records", [model], {"behaviour": behaviour, "split": split,
+                                                   "estimate": estimate, "batch_size": batch_size})
+    if store is None or key is None:
+        return compute()
+    if key in store.records:
+        store.reused += 1
+        return [dict(r) for r in store.records[key]]
+    records = compute()
+    store.add_records(key, records)
+    return records
+
+
+def recall_scores(models: Sequence[Any], behaviour: Any, settings: dict[str, Any],
+                  compute: Callable[[], NeuronScores]) -> NeuronScores:
+    """``compute()`` (one scoring pass over ``models``), or the remembered scores of the same pass.
+
+    ``settings`` may hold tensors, selections and behaviours: they are keyed by content.
+    """
+    store = _ACTIVE.get()
+    key = store and store.key("scores", models, {"behaviour": behaviour, **settings})
+    if store is None or key is None:
+        return compute()
+    path = store.root / "scores" / f"{key}.safetensors"
+    if path.is_file():
+        with contextlib.suppress(ValueError):  # a damaged file is computed again
+            scores = NeuronScores.load(path)
+            store.reused += 1
+            return scores
+    scores = compute()
+    scores.save(path)
+    return scores
+
+
+def _describe(value: Any) -> str:
+    """A key's text for what JSON cannot hold: tensors (and selections' masks) by content, the rest by ``repr``."""
+    value = getattr(value, "mask", value)
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        return f"tensor{tuple(t.shape)}{t.dtype}:{hashlib.sha1(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()}"
+    return repr(value)

@@ -1,0 +1,151 @@
+"""A run remembers its evaluations and scores in its directory: a rerun continues, and never reuses the wrong result."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+import torch
+
+import cnt_lens.scoring as scoring
+from cnt_lens import NeuronPatch, measure, score
+from cnt_lens.models import read_neurons, write_neurons
+from cnt_lens.pipeline import TransferConfig, transfer
+from cnt_lens.resume import active_directory, resumable, weights_digest
+from cnt_lens.testing import EstimatedMarker, planted_pair
+
+CFG = TransferConfig(baselines=("attribution", "random"), alphas=(1.0, 2.0), max_fraction=0.5, random_seeds=2)
+
+
+class Stop(Exception):
+    """Stands for a kill in the middle of a run."""
+
+
+def _counting(monkeypatch, behaviour, stop_after: int | None = None) -> collections.Counter:
+    """Count the behaviour's evaluations and estimates and the scoring passes; raise :class:`Stop` past ``stop_after``."""
+    calls: collections.Counter = collections.Counter()
+    cls = type(behaviour)
+    for name in ("evaluate_items", "estimate_items"):
+        def wrapped(self, *args, _original=getattr(cls, name), _name=name, **kwargs):
+            if stop_after is not None and calls["evaluate_items"] + calls["estimate_items"] >= stop_after:
+                raise Stop
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(cls, name, wrapped)
+    original_score = scoring._score
+
+    def counted(*args, **kwargs):
+        calls["score"] += 1
+        return original_score(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "_score", counted)
+    return calls
+
+
+def _numbers(report) -> dict:
+    out = report.to_dict()
+    out["extra"] = {k: v for k, v in out["extra"].items() if k != "wall_time_s"}
+    return out
+
+
+def test_a_rerun_of_a_finished_transfer_computes_nothing_and_reports_the_same(tmp_path, monkeypatch):
+    pair, _, _ = planted_pair("llama", n_planted=8, seed=2)
+    behaviour = EstimatedMarker()
+    calls = _counting(monkeypatch, behaviour)
+    first = transfer(pair, behaviour, config=CFG, out_dir=tmp_path, progress=False).report
+    assert calls["evaluate_items"] and calls["estimate_items"] and calls["score"] == 4  # 3 methods + 1 more seed
+    calls.clear()
+    again = transfer(pair, behaviour, config=CFG, out_dir=tmp_path, progress=False).report
+    assert sum(calls.values()) == 0
+    assert _numbers(again) == _numbers(first)
+    # one more baseline: only its scoring and its own points are computed
+    more = TransferConfig(**{**vars(CFG), "baselines": ("attribution", "random", "weight_diff")})
+    third = transfer(pair, behaviour, config=more, out_dir=tmp_path, progress=False).report
+    assert calls["score"] == 1 and calls["evaluate_items"] >= 1
+    assert third.baselines[:2] == first.baselines and third.patched == first.patched
+
+
+def test_an_interrupted_transfer_continues_where_it_stopped_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    pair, _, _ = planted_pair("llama", n_planted=8, seed=2)
+    behaviour = EstimatedMarker()
+    calls = _counting(monkeypatch, behaviour)
+    cfg = TransferConfig(baselines=("random",), alphas=(1.0, 2.0), max_fraction=0.5, random_seeds=2)
+    whole = transfer(pair, behaviour, config=cfg, out_dir=tmp_path / "whole", progress=False).report
+    total = calls["evaluate_items"] + calls["estimate_items"]
+    monkeypatch.undo()
+
+    calls = _counting(monkeypatch, behaviour, stop_after=total // 2)
+    with pytest.raises(Stop):
+        transfer(pair, behaviour, config=cfg, out_dir=tmp_path / "cut", progress=False)
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    done = calls["evaluate_items"] + calls["estimate_items"]
+    assert done == total // 2
+    monkeypatch.undo()
+
+    calls = _counting(monkeypatch, behaviour)
+    resumed = transfer(pair, behaviour, config=cfg, out_dir=tmp_path / "cut", progress=False).report
+    assert calls["evaluate_items"] + calls["estimate_items"] == total - done
+    assert _numbers(resumed) == _numbers(whole)
+    assert (tmp_path / "cut" / "items.jsonl").read_text() == (tmp_path / "whole" / "items.jsonl").read_text()
+
+
+def test_results_are_keyed_by_the_models_weights_and_patches(tmp_path, monkeypatch):
+    pair, behaviour, planted = planted_pair("llama", n_planted=8, seed=2)
+    calls = _counting(monkeypatch, behaviour)
+    patch = NeuronPatch.from_pair(pair, planted, 1.0)
+    with resumable(tmp_path) as folder:
+        assert active_directory() == folder == tmp_path / "resume"
+        plain = measure(pair.target, [behaviour], "validation")
+        with patch.applied(pair.target):
+            patched = measure(pair.target, [behaviour], "validation")
+        assert measure(pair.target, [behaviour], "validation") == plain
+        assert calls["evaluate_items"] == 2 and patched != plain  # the patched model is measured, not recalled
+        with patch.applied(pair.target):
+            assert measure(pair.target, [behaviour], "validation") == patched
+        assert calls["evaluate_items"] == 2
+        measure(pair.target, [behaviour], "validation", batch_size=3)  # another batch size is another result
+        assert calls["evaluate_items"] == 3
+    assert active_directory() is None
+    measure(pair.target, [behaviour], "validation")  # outside the block: computed
+    assert calls["evaluate_items"] == 4
+    # a model first seen with a patch applied is never remembered: its unpatched weights are unknown
+    other, behaviour2, planted2 = planted_pair("llama", n_planted=8, seed=3)
+    with resumable(tmp_path), NeuronPatch.from_pair(other, planted2, 1.0).applied(other.target):
+        measure(other.target, [behaviour2], "validation")
+        measure(other.target, [behaviour2], "validation")
+    assert calls["evaluate_items"] == 6
+
+
+def test_one_changed_weight_changes_the_digest_and_the_scores_are_recomputed(tmp_path, monkeypatch):
+    pair, behaviour, planted = planted_pair("llama", n_planted=8, seed=2)
+    calls = _counting(monkeypatch, behaviour)
+    before = weights_digest(pair.target)
+    assert weights_digest(pair.target) == before
+    with resumable(tmp_path):
+        first = score(pair, behaviour, "attribution", progress=False)
+        assert torch.equal(score(pair, behaviour, "attribution", progress=False).values, first.values)
+        assert calls["score"] == 1
+    layer, neuron = planted.mask.nonzero()[0].tolist()
+    row = read_neurons(pair.target, layer, torch.tensor([neuron]))
+    write_neurons(pair.target, layer, torch.tensor([neuron]), {**row, "W_out": row["W_out"] * 1.5})
+    assert weights_digest(pair.target) != before
+    with resumable(tmp_path):  # a new store: the model is digested afresh
+        changed = score(pair, behaviour, "attribution", progress=False)
+    assert calls["score"] == 2 and not torch.equal(changed.values, first.values)
+
+
+def test_a_line_cut_short_by_a_kill_is_computed_again(tmp_path, monkeypatch):
+    pair, behaviour, _ = planted_pair("llama", n_planted=8, seed=2)
+    calls = _counting(monkeypatch, behaviour)
+    with resumable(tmp_path):
+        a = measure(pair.target, [behaviour], "validation")
+        b = measure(pair.donor, [behaviour], "validation")
+    log = tmp_path / "resume" / "measured.jsonl"
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["records"] for line in lines)
+    log.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # the kill came while writing the donor's
+    with resumable(tmp_path):
+        assert measure(pair.target, [behaviour], "validation") == a
+        assert measure(pair.donor, [behaviour], "validation") == b
+    assert calls["evaluate_items"] == 3
