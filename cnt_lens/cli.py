@@ -214,8 +214,8 @@ def _check_methods(names: tuple[str, ...], what: str, hint: str) -> None:
 
 def _fresh_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise typer.BadParameter(f"{out} exists and is not empty; choose a new directory or pass --overwrite",
-                                 param_hint="--out")
+        raise typer.BadParameter(f"{out} exists and is not empty; choose a new directory or pass --overwrite to write "
+                                 "into it (a run stopped there continues from its resume/ folder)", param_hint="--out")
 
 
 # --------------------------------------------------------------------------- any pair
@@ -247,7 +247,8 @@ def transfer(
     batch_size: int = typer.Option(16, help="Prompts per evaluation batch."),
     screen: bool = typer.Option(True, help="Decide search points by cheap estimates and evaluate in full only "
                                 "the points that matter (--no-screen: every point in full)."),
-    overwrite: bool = typer.Option(False, help="Write into a non-empty --out."),
+    overwrite: bool = typer.Option(False, help="Write into a non-empty --out; a run stopped there continues, "
+                                   "reusing every result its resume/ folder holds."),
     progress: bool = PROGRESS,
 ) -> None:
     """Transfer a behaviour from any donor into any compatible target.

@@ -96,6 +96,18 @@ def test_transfer_command_on_two_checkpoint_directories(tmp_path):
     assert 0.8 * timings["total_s"] <= top <= timings["total_s"]
     assert "search (validation)" in res.output and "total (wall)" in res.output
     assert 'id="timings"' in (out / "report.html").read_text()
+    # into the same directory: refused without --overwrite, which continues from out/resume (here: computes nothing)
+    command = ["transfer", "--donor", str(donor_dir), "--target", str(target_dir), "--behaviour", "bias", "--pairs",
+               str(pairs), "--budget", "0.2", "--goal", "0.8", "--alphas", "1,2", "--baselines", "weight_diff,random",
+               "--out", str(out), "--no-progress"]
+    refused = runner.invoke(app, command)
+    assert refused.exit_code != 0 and "resume/" in refused.output
+    again = runner.invoke(app, [*command, "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert "resuming:" in again.output and "reused" in again.output
+    rerun = json.loads((out / "metrics.json").read_text())
+    assert (rerun["patched"], rerun["baselines"], rerun["frontier"]) == (patched, metrics["baselines"],
+                                                                         metrics["frontier"])
 
 
 def test_score_and_measure_take_the_same_data_options(tmp_path):
