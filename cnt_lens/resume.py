@@ -94,19 +94,24 @@ class _Store:
                           sort_keys=True, default=_describe)
         return hashlib.sha1(blob.encode()).hexdigest()
 
-    def add_records(self, key: str, records: list[dict[str, Any]]) -> None:
-        """Append one result to ``measured.jsonl`` and sync it (a kill leaves at most one cut line)."""
+    def add_records(self, key: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Append one result to ``measured.jsonl`` and sync it (a kill leaves at most one cut line).
+
+        Returns the records as they will be read back (through JSON), so that a run and its resumed
+        rerun aggregate the same values; ``records`` themselves when they are not JSON.
+        """
         try:
             line = json.dumps({"key": key, "records": records}, default=float)
         except (TypeError, ValueError) as err:
             log.warning("not remembered (records are not JSON: %s)", err)
-            return
+            return records
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / "measured.jsonl", "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.records[key] = json.loads(line)["records"]
+        return [dict(r) for r in self.records[key]]
 
 
 @contextlib.contextmanager
@@ -152,9 +157,7 @@ def recall_records(model: Any, behaviour: Any, split: str | None, *, estimate: b
     if key in store.records:
         store.reused += 1
         return [dict(r) for r in store.records[key]]
-    records = compute()
-    store.add_records(key, records)
-    return records
+    return store.add_records(key, compute())
 
 
 def recall_scores(models: Sequence[Any], behaviour: Any, settings: dict[str, Any],
