@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .journal import entries
-from .models import device_of, library_versions
+from .models import device_of, hf_state_dict, library_versions
 from .selection import NeuronScores
 
 __all__ = ["active_directory", "recall_records", "recall_scores", "resumable", "weights_digest"]
@@ -46,17 +46,16 @@ _ACTIVE: contextvars.ContextVar["_Store | None"] = contextvars.ContextVar("cnt_l
 
 
 def weights_digest(model: Any) -> str:
-    """sha1 of every parameter's row sums (float64) and names: any changed weight changes it.
+    """sha1 of every weight's row sums (float64), under its plain HF name: any changed weight changes it.
 
-    Reads each tensor once on its own device and moves only the row sums to the host, so it costs
-    about one pass over the weights; unlike a strided sample it sees a change to a single neuron.
+    Sums each tensor on its own device, a few thousand rows at a time, and moves only the sums to the
+    host: about one pass over the weights, and unlike a strided sample it sees a change to a single neuron.
     """
     h = hashlib.sha1()
-    for name, p in sorted(model.original_model.state_dict().items()):
+    for name, p in sorted(hf_state_dict(model).items()):
         rows = p.detach().reshape(-1, p.shape[-1]) if p.dim() else p.detach().reshape(1, 1)
-        sums = torch.cat([c.sum(-1, dtype=torch.float64) for c in rows.split(8192)])
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
+        sums = torch.cat([c.double().sum(-1) for c in rows.split(8192)])
+        h.update(f"{name}{tuple(p.shape)}".encode())
         h.update(sums.cpu().numpy().tobytes())
     return h.hexdigest()
 
