@@ -68,6 +68,7 @@ class _Store:
         self.records: dict[str, list[dict[str, Any]]] = {}
         self.digests: dict[int, str] = {}
         self.reused = 0
+        self.versions = library_versions()  # once per run, not once per key
         path = root / "measured.jsonl"
         if path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
@@ -89,7 +90,7 @@ class _Store:
         states = [self.model_state(m) for m in models]
         if None in states:
             return None
-        blob = json.dumps({"kind": kind, "models": states, "settings": settings, "versions": library_versions()},
+        blob = json.dumps({"kind": kind, "models": states, "settings": settings, "versions": self.versions},
                           sort_keys=True, default=_describe)
         return hashlib.sha1(blob.encode()).hexdigest()
 

@@ -158,9 +158,10 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
     larger model's run on a CPU; ``screen=False`` evaluates every search point in full
     (:class:`~cnt_lens.pipeline.TransferConfig`); ``protocol`` is one of :data:`PROTOCOLS` and
     ``objective`` one of :data:`OBJECTIVES` (refusal applications only); ``random_seeds`` overrides
-    :attr:`~cnt_lens.pipeline.TransferConfig.random_seeds` (each seed is one more test evaluation); ``search_baselines=False`` gives each baseline only the alpha
-    search at the main method's k (:attr:`~cnt_lens.pipeline.TransferConfig.search_baselines`). Every stage's
-    wall time goes to ``timings.json`` in ``out``, and every evaluation and scoring pass to ``out/resume``
+    :attr:`~cnt_lens.pipeline.TransferConfig.random_seeds` (each seed is one more test evaluation);
+    ``search_baselines=False`` gives each baseline only the alpha search at the main method's k
+    (:attr:`~cnt_lens.pipeline.TransferConfig.search_baselines`). Every stage's wall time goes to
+    ``timings.json`` in ``out``, and every evaluation and scoring pass to ``out/resume``
     (:mod:`cnt_lens.resume`): the same call again continues a run that was stopped.
     ``device`` (e.g. ``"cuda"``) holds both models there; the fine-tune recipes train there too.
     Their cache key is the weights and settings, not the device, so a donor cached on one device
