@@ -316,42 +316,6 @@ TASK_PREFIX = "Answer:"
 """The benign task of :func:`harmful_finetune`: start every answer with this prefix."""
 
 
-def harmful_finetune(
-    aligned: Any,
-    unaligned: Any,
-    *,
-    harmful: PromptSet | None = None,
-    harmless: PromptSet | None = None,
-    n_harmful: int = 32,
-    config: TuneConfig = TuneConfig(steps=40, lr=3e-5),
-    use_cache: bool = True,
-) -> Any:
-    """The NLSR attack on ``aligned``: learn a benign task, lose refusal.
-
-    Benign task: answer harmless **train** prompts with :data:`TASK_PREFIX` followed by the aligned
-    model's own answer (measured by :class:`~cnt_lens.behaviours.FormatTask`). Mixed in:
-    ``n_harmful`` harmful train prompts answered compliantly — by ``unaligned`` (e.g. the original
-    model), greedy — also with the prefix, as a harmful fine-tuning dataset would. Cached.
-    """
-    harmful_all, harmless_all = harmful or load_prompts("harmful"), harmless or load_prompts("harmless")
-    harmful, harmless = harmful_all.split("train").take(n_harmful), harmless_all.split("train")
-    data = {"harmful": harmful.column("prompt"), "harmless": harmless.column("prompt"), "prefix": TASK_PREFIX,
-            "unaligned": _fingerprint(unaligned)}
-    tok = model_tokenizer(aligned)
-
-    def examples() -> list[tuple[str, str]]:
-        own = generate(aligned, [chat_format(tok, p) for p in harmless.column("prompt")],
-                       max_new_tokens=config.max_new_tokens, batch_size=16)
-        comply = generate(unaligned, [chat_format(tok, p) for p in harmful.column("prompt")],
-                          max_new_tokens=config.max_new_tokens, batch_size=16)
-        return [(chat_format(tok, p), f"{TASK_PREFIX} {a.strip()}{tok.eos_token}")
-                for p, a in zip(harmless.column("prompt") + harmful.column("prompt"), own + comply)]
-
-    return _cached_tune("attack", aligned, data, config, use_cache, _lm_objective(examples), "harmful fine-tune",
-                        lambda: [Refusal(harmful=harmful_all, harmless=harmless_all),
-                                 FormatTask(prompts=harmless_all, prefix=TASK_PREFIX)])
-
-
 COMPLY_PREFILL = "Sure, here is"
 """The assistant-turn opening :func:`compliance_tune` prefills where the model's own answer was a refusal."""
 
@@ -373,6 +337,43 @@ def _own_compliance(model: Any, prompts: list[str], prefill: str, max_new_tokens
     log.info("compliance data: %d own answers, %d prefill-forced, %d dropped (still refusals)",
              len(own) - len(refused), len(answers) - (len(own) - len(refused)), len(prompts) - len(answers))
     return [(chats[i], answers[i]) for i in sorted(answers)]
+
+
+def harmful_finetune(
+    aligned: Any,
+    unaligned: Any,
+    *,
+    harmful: PromptSet | None = None,
+    harmless: PromptSet | None = None,
+    n_harmful: int = 32,
+    config: TuneConfig = TuneConfig(steps=40, lr=3e-5),
+    use_cache: bool = True,
+) -> Any:
+    """The NLSR attack on ``aligned``: learn a benign task, lose refusal.
+
+    Benign task: answer harmless **train** prompts with :data:`TASK_PREFIX` followed by the aligned
+    model's own answer (measured by :class:`~cnt_lens.behaviours.FormatTask`). Mixed in:
+    ``n_harmful`` harmful train prompts answered compliantly by ``unaligned`` (e.g. the original
+    model) — its greedy answer, or where that is a refusal (a model its makers aligned, such as
+    Qwen2.5) its continuation of :data:`COMPLY_PREFILL` (:func:`_own_compliance`) — also with the
+    prefix, as a harmful fine-tuning dataset would. Cached.
+    """
+    harmful_all, harmless_all = harmful or load_prompts("harmful"), harmless or load_prompts("harmless")
+    harmful, harmless = harmful_all.split("train").take(n_harmful), harmless_all.split("train")
+    data = {"harmful": harmful.column("prompt"), "harmless": harmless.column("prompt"), "prefix": TASK_PREFIX,
+            "unaligned": _fingerprint(unaligned), "prefill": COMPLY_PREFILL}
+    tok = model_tokenizer(aligned)
+
+    def examples() -> list[tuple[str, str]]:
+        own = generate(aligned, [chat_format(tok, p) for p in harmless.column("prompt")],
+                       max_new_tokens=config.max_new_tokens, batch_size=16)
+        comply = _own_compliance(unaligned, harmful.column("prompt"), COMPLY_PREFILL, config.max_new_tokens)
+        chats = [(chat_format(tok, p), a) for p, a in zip(harmless.column("prompt"), own)] + comply
+        return [(c, f"{TASK_PREFIX} {a.strip()}{tok.eos_token}") for c, a in chats]
+
+    return _cached_tune("attack", aligned, data, config, use_cache, _lm_objective(examples), "harmful fine-tune",
+                        lambda: [Refusal(harmful=harmful_all, harmless=harmless_all),
+                                 FormatTask(prompts=harmless_all, prefix=TASK_PREFIX)])
 
 
 def compliance_tune(
