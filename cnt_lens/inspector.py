@@ -1,12 +1,14 @@
 """Interactive neuron inspection: what one neuron does in donor and target, and how it differs.
 
-:func:`neuron_stats` gathers the data (plain tensors and lists, easy to test and to reuse);
+:func:`neuron_stats` gathers the data (plain tensors and lists, easy to test and to reuse; :func:`neurons_stats`
+for several neurons in one pass);
 :func:`neuron_card` draws it; :func:`inspect` puts a clickable score heatmap in a notebook that
 opens the card of the clicked neuron (a static heatmap plus the top neuron's card elsewhere).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import plotly.graph_objects as go
@@ -18,7 +20,7 @@ from .models import ModelPair, device_of, hook_name, model_tokenizer, neuron_par
 from .plots import selection_heatmap
 from .selection import NeuronScores, NeuronSelection
 
-__all__ = ["card_figure", "inspect", "neuron_card", "neuron_stats"]
+__all__ = ["card_figure", "inspect", "neuron_card", "neuron_stats", "neurons_stats"]
 
 
 def _in_context(tok: Any, ids: list[int], peak: int, before: int = 24, after: int = 6) -> str:
@@ -43,24 +45,35 @@ def _template_span(seqs: list[list[int]]) -> tuple[int, int]:
     return pre, suf
 
 
-def _activations(model: Any, batches: list, layer: int,
-                 neuron: int) -> tuple[list[list[int]], list[torch.Tensor], list[float]]:
-    """One neuron over a prompt set: each prompt's real token ids, its activations there, and at its last token."""
+def _activations(model: Any, batches: list, neurons: list[tuple[int, int]]) -> tuple[list[list[int]], list[list[torch.Tensor]],
+                                                                      list[list[float]]]:
+    """Some neurons over a prompt set, in one forward pass per batch that stops after the deepest of their layers.
+
+    Returns each prompt's real token ids, and per neuron (in the order of ``neurons``, (layer, index)
+    pairs) each prompt's activations and its activation at the last token.
+    """
+    layers = sorted({layer for layer, _ in neurons})
+    stop = layers[-1] + 1 if layers[-1] + 1 < model.cfg.n_layers else None  # no later block, no unembedding
+    cols = {layer: [n for lay, n in neurons if lay == layer] for layer in layers}
     seqs: list[list[int]] = []
-    acts: list[torch.Tensor] = []
-    last: list[float] = []
+    acts: list[list[torch.Tensor]] = [[] for _ in neurons]
+    last: list[list[float]] = [[] for _ in neurons]
     for b in batches:
         b = b.to(device_of(model))
-        store: dict[str, torch.Tensor] = {}
+        store: dict[int, torch.Tensor] = {}
+
+        def keep(x: torch.Tensor, hook: Any, layer: int) -> None:
+            store[layer] = x[..., cols[layer]].detach().float().cpu()  # [batch, pos, neurons of this layer]
+
         with torch.no_grad():
-            model.run_with_hooks(b.tokens, fwd_hooks=[(hook_name(layer, "hook_post"),
-                                                       lambda x, hook: store.__setitem__("a", x[..., neuron].detach()))],
-                                 **b.model_kwargs())
-        a, mask = store["a"].float().cpu(), b.attention_mask.bool().cpu()
-        last += a[:, -1].tolist()  # left padding: the last column is every prompt's last token
-        for row in range(a.shape[0]):
-            seqs.append(b.tokens[row].cpu()[mask[row]].tolist())
-            acts.append(a[row][mask[row]])
+            model.run_with_hooks(b.tokens, fwd_hooks=[(hook_name(layer, "hook_post"), partial(keep, layer=layer))
+                                                      for layer in layers], stop_at_layer=stop, **b.model_kwargs())
+        mask = b.attention_mask.bool().cpu()
+        seqs += [b.tokens[row].cpu()[mask[row]].tolist() for row in range(mask.shape[0])]
+        for j, (layer, n) in enumerate(neurons):
+            a = store[layer][..., cols[layer].index(n)]  # [batch, pos]
+            last[j] += a[:, -1].tolist()  # left padding: the last column is every prompt's last token
+            acts[j] += [a[row][mask[row]] for row in range(a.shape[0])]
     return seqs, acts, last
 
 
@@ -112,42 +125,56 @@ def neuron_stats(pair: ModelPair, layer: int, neuron: int, behaviour: Behaviour,
     the chat template's tokens, which every prompt shares: a neuron can fire there on every prompt
     and be silent on the user's words), ``logit_lens[model]`` (promoted / suppressed tokens), and
     ``weight_diff[role]`` (relative L2 change and cosine between donor and target weights).
+    Several neurons: :func:`neurons_stats`, one forward pass for all of them.
     """
-    if not (0 <= layer < pair.n_layers and 0 <= neuron < pair.d_mlp):
-        raise IndexError(f"neuron ({layer}, {neuron}) outside [{pair.n_layers}, {pair.d_mlp}]")
+    return neurons_stats(pair, [(layer, neuron)], behaviour, split=split, batch_size=batch_size, top_n=top_n)[0]
+
+
+def neurons_stats(pair: ModelPair, neurons: list[tuple[int, int]], behaviour: Behaviour, *,
+                  split: str | None = "test", batch_size: int = 16, top_n: int = 8) -> list[dict[str, Any]]:
+    """:func:`neuron_stats` of each (layer, index) in ``neurons``, from one pass of each model over each prompt set."""
+    for layer, neuron in neurons:
+        if not (0 <= layer < pair.n_layers and 0 <= neuron < pair.d_mlp):
+            raise IndexError(f"neuron ({layer}, {neuron}) outside [{pair.n_layers}, {pair.d_mlp}]")
     tok = pair.tokenizer
     sets = {"behaviour": behaviour.batches(tok, split, batch_size)}
     try:
         sets["control"] = behaviour.control_batches(tok, split, batch_size)
     except NotImplementedError:
         pass
-    stats: dict[str, Any] = {"layer": layer, "neuron": neuron, "behaviour": behaviour.name,
-                             "activations": {}, "last_token": {}, "top_prompts": {}, "template_max": {}, "logit_lens": {},
-                             "weight_diff": {}}
+    stats = [{"layer": layer, "neuron": neuron, "behaviour": behaviour.name, "activations": {}, "last_token": {},
+              "top_prompts": {}, "template_max": {}, "logit_lens": {}, "weight_diff": {}} for layer, neuron in neurons]
     for name, model in (("donor", pair.donor), ("target", pair.target)):
-        raw = {set_name: _activations(model, batches, layer, neuron) for set_name, batches in sets.items()}
+        raw = {set_name: _activations(model, batches, neurons) for set_name, batches in sets.items()}
         # the template is what every prompt of every set shares (a set's own shared ending, e.g. a trigger, is not)
         span = _template_span([ids for seqs, _, _ in raw.values() for ids in seqs])
-        stats["activations"][name], stats["last_token"][name] = {}, {}
-        prompts: list[dict[str, Any]] = []
-        template_max = []
-        for set_name, (seqs, acts, last) in raw.items():
-            vals, per_prompt, t_max = _on_user_words(seqs, acts, span, tok)
-            template_max.append(t_max)
-            stats["activations"][name][set_name] = vals
-            stats["last_token"][name][set_name] = last
-            prompts += [{**p, "set": set_name} for p in per_prompt]
-        stats["top_prompts"][name] = sorted(prompts, key=lambda p: -p["max_activation"])[:top_n]
-        stats["template_max"][name] = max(template_max)
-        stats["logit_lens"][name] = _logit_lens(model, layer, neuron, top_n)
+        for j, ((layer, neuron), st) in enumerate(zip(neurons, stats)):
+            st["activations"][name], st["last_token"][name] = {}, {}
+            prompts: list[dict[str, Any]] = []
+            template_max = []
+            for set_name, (seqs, acts, last) in raw.items():
+                vals, per_prompt, t_max = _on_user_words(seqs, acts[j], span, tok)
+                template_max.append(t_max)
+                st["activations"][name][set_name] = vals
+                st["last_token"][name][set_name] = last[j]
+                prompts += [{**p, "set": set_name} for p in per_prompt]
+            st["top_prompts"][name] = sorted(prompts, key=lambda p: -p["max_activation"])[:top_n]
+            st["template_max"][name] = max(template_max)
+            st["logit_lens"][name] = _logit_lens(model, layer, neuron, top_n)
+    for (layer, neuron), st in zip(neurons, stats):
+        st["weight_diff"] = _weight_diff(pair, layer, neuron)
+    return stats
+
+
+def _weight_diff(pair: ModelPair, layer: int, neuron: int) -> dict[str, dict[str, float]]:
+    """Per weight role of the neuron: relative L2 change from target to donor, and their cosine."""
+    out = {}
     for pd, pt in zip(neuron_params(pair.donor, layer), neuron_params(pair.target, layer)):
         wd = pd.tensor.detach().float().select(pd.axis, neuron).flatten()
         wt = pt.tensor.detach().float().select(pt.axis, neuron).flatten()
-        stats["weight_diff"][pd.role] = {
-            "relative_change": float((wd - wt).norm() / wt.norm().clamp(min=1e-12)),
-            "cosine": float(torch.nn.functional.cosine_similarity(wd, wt, dim=0)),
-        }
-    return stats
+        out[pd.role] = {"relative_change": float((wd - wt).norm() / wt.norm().clamp(min=1e-12)),
+                        "cosine": float(torch.nn.functional.cosine_similarity(wd, wt, dim=0))}
+    return out
 
 
 def neuron_card(pair: ModelPair, layer: int, neuron: int, behaviour: Behaviour, **kwargs: Any) -> go.Figure:

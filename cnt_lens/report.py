@@ -10,7 +10,7 @@ from typing import Any
 
 from .evaluate import Report
 from .files import atomic_write_text
-from .inspector import card_figure, neuron_stats
+from .inspector import card_figure, neurons_stats
 from .plots import behaviour_shift, frontier, layer_profile, transfer_figure
 from .selection import NeuronScores
 from .stats import format_rate
@@ -111,7 +111,7 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
     if pair is not None and behaviour is not None and sel is not None and method in scores:
         ranked = scores[method].ranked().masked_fill(~sel.mask, float("-inf"))
         top = ranked.flatten().topk(min(n_cards, sel.n)).indices.tolist()
-        cards = [neuron_stats(pair, i // sel.shape[1], i % sel.shape[1], behaviour, split="test") for i in top]
+        cards = neurons_stats(pair, [(i // sel.shape[1], i % sel.shape[1]) for i in top], behaviour, split="test")
         atomic_write_text(cards_path, json.dumps(cards))
     else:
         cards = json.loads(cards_path.read_text()) if cards_path.is_file() else []

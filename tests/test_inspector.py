@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import torch
+
 from cnt_lens import score
-from cnt_lens.inspector import best_in_bin, inspect, neuron_card, neuron_stats
+from cnt_lens.inspector import best_in_bin, inspect, neuron_card, neuron_stats, neurons_stats
 from cnt_lens.testing import MARKER, TRIGGER
 
 
@@ -25,6 +27,26 @@ def test_planted_neuron_fires_on_trigger_in_donor_only(planted):
     # its output row writes the marker: the logit lens shows it first
     assert s["logit_lens"]["donor"]["promoted"][0][0].strip() == MARKER
     assert s["weight_diff"]["W_in"]["relative_change"] > 0 and s["weight_diff"]["W_out"]["relative_change"] == 0
+
+
+def test_several_neurons_in_one_pass_match_one_at_a_time(planted):
+    pair, behaviour, sel = planted
+    layer, neuron = sel.indices()[0]
+    other = (layer + 1) % pair.n_layers
+    # the planted neuron, a second neuron of its layer and one of another layer, in an order that is not sorted
+    neurons = [(other, 3), (layer, neuron), (layer, (neuron + 5) % pair.d_mlp)]
+    together = neurons_stats(pair, neurons, behaviour, split="test")
+    assert [(s["layer"], s["neuron"]) for s in together] == neurons
+    for (lay, n), s in zip(neurons, together):
+        assert s == neuron_stats(pair, lay, n, behaviour, split="test")
+    # the pass stops after the deepest layer asked for; the activations are those of a whole forward pass
+    b = behaviour.batches(pair.tokenizer, "test", 16)[0]
+    _, cache = pair.donor.run_with_cache(b.tokens, **b.model_kwargs())
+    whole = cache[f"blocks.{layer}.mlp.hook_post"][:, -1, neuron]
+    assert torch.allclose(torch.tensor(together[1]["last_token"]["donor"]["behaviour"][:len(whole)]), whole.float(),
+                          atol=1e-5)
+    # different neurons give different data: the stats are not one neuron's copied
+    assert together[0]["last_token"] != together[1]["last_token"] != together[2]["last_token"]
 
 
 def test_card_and_static_inspect(planted):
