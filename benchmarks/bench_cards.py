@@ -3,10 +3,10 @@
     python benchmarks/bench_cards.py [--cards 4] [--split test] [--repeats 2]
 
 Prints the seconds of ``neuron_stats`` called once per neuron and of ``neurons_stats`` for all of
-them (each model's forward pass over each prompt set shared, stopped after the deepest layer asked
-for), their ratio, and whether the two give
-the same data. Both models are the bundled SmolLM2 loaded twice: a card's cost is forward passes,
-which do not depend on the weights. Neurons are drawn at random (seed 0) over every layer.
+them (each model's forward pass over each prompt set shared; both stop after the deepest layer asked
+for), their ratio, and whether the two give the same data. Both models are the bundled SmolLM2 loaded
+twice: a card's cost is forward passes, which do not depend on the weights. Neurons are drawn at
+random (seed 0) over every layer.
 """
 
 from __future__ import annotations
