@@ -317,7 +317,7 @@ TASK_PREFIX = "Answer:"
 
 
 COMPLY_PREFILL = "Sure, here is"
-"""The assistant-turn opening :func:`compliance_tune` prefills where the model's own answer was a refusal."""
+"""The assistant-turn opening prefilled where a model's own answer was a refusal (:func:`compliance_tune`, :func:`harmful_finetune`)."""
 
 
 def _own_compliance(model: Any, prompts: list[str], prefill: str, max_new_tokens: int) -> list[tuple[str, str]]:
