@@ -45,8 +45,11 @@ def _template_span(seqs: list[list[int]]) -> tuple[int, int]:
     return pre, suf
 
 
-def _activations(model: Any, batches: list, neurons: list[tuple[int, int]]) -> tuple[list[list[int]], list[list[torch.Tensor]],
-                                                                      list[list[float]]]:
+Activations = tuple[list[list[int]], list[list[torch.Tensor]], list[list[float]]]
+"""Token ids per prompt; per neuron, activations per prompt and the activation at each prompt's last token."""
+
+
+def _activations(model: Any, batches: list, neurons: list[tuple[int, int]]) -> Activations:
     """Some neurons over a prompt set, in one forward pass per batch that stops after the deepest of their layers.
 
     Returns each prompt's real token ids, and per neuron (in the order of ``neurons``, (layer, index)
