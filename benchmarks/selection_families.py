@@ -1,7 +1,7 @@
 """Does choosing neurons on more than one prompt family carry the donor's refusal further out of distribution?
 
     CNT_LENS_CACHE=... python benchmarks/selection_families.py [--ks 461,922] [--alpha 4] [--per-family 96]
-        [--rankings bundled,pooled,worst_family] [--out selection_families.jsonl]
+        [--rankings bundled,pooled,worst_family] [--held-out roleplay,writing,context] [--out selection_families.jsonl]
 
 The enhance application's pair (SmolLM2 ← its cached safety tune); every ranking is one pass of weight
 attribution on the log-probability of the donor's own refusal sentence (``--objective continuation``),
@@ -12,12 +12,17 @@ the prompts the neurons are scored on:
 * ``pooled``: those and the first ``--per-family`` train prompts of AdvBench, scored together (one mean);
 * ``worst_family``: each family scored alone, each score divided by that family's donor–target metric
   gap, and a neuron's score the *smaller* of the two — it ranks high only if copying it moves both
-  families toward the donor.
+  families toward the donor;
+* ``framed``: the bundled train prompts pooled with the train prompts of every framed family *not* in
+  ``--held-out`` (leave-one-framing-out: ``--held-out writing`` scores on role-play and backstory requests);
+* ``balanced``: the same families each scored alone, and a neuron's score the mean of the families' scores
+  (each family weighs the same, however many prompts it has).
 
 Each ranking's top ``k`` for each of ``--ks`` is transplanted at ``--alpha`` and evaluated on the
-cross-distribution protocol's held-out families only (role-play, writing, backstory: no ranking saw them)
-with their harmless twins for over-refusal, and utility NLL; target and donor the same way. Points are
-fixed before any evaluation; nothing is chosen from them. One JSON line per model and point.
+``--held-out`` framed families only (all their prompts; by default all three, role-play, writing and
+backstory, which no ranking but ``framed`` sees) with their harmless twins for over-refusal, and utility
+NLL; target and donor the same way. Points are fixed before any evaluation; nothing is chosen from them.
+One JSON line per model and point.
 """
 
 from __future__ import annotations
@@ -39,11 +44,14 @@ from cnt_lens import (
     cross_harmless,
     donor_refusal,
     load_model,
+    load_prompts,
     measure,
     score,
 )
 from cnt_lens.experiments.applications import APPLICATIONS
 from cnt_lens.models import BUNDLED_MODEL
+
+FRAMINGS = ("roleplay", "writing", "context")
 
 
 def family_train(behaviour: Refusal, family: str, n: int | None) -> Refusal:
@@ -60,6 +68,38 @@ def worst_family(scores: list[NeuronScores]) -> NeuronScores:
                         {"families": [s.meta.get("family") for s in scores], "gaps": gaps})
 
 
+def family_scores(pair, behaviour: Refusal, family: str, records=None) -> NeuronScores:
+    """One weight-attribution pass of ``behaviour`` (on ``records`` when given), labelled with ``family``."""
+    if records is not None:
+        behaviour = replace(behaviour, harmful=replace(behaviour.harmful, name=family, records=tuple(records)))
+    s = score(pair, behaviour, "weight_attribution", split="train", progress=False)
+    s.meta["family"] = family
+    return s
+
+
+def ranking(name: str, pair, objective: Refusal, per_family: dict[str, Refusal], held: list[str]) -> NeuronScores:
+    """The ranking ``name`` (see the module docstring) of the pair's neurons."""
+    bundled = per_family["cnt_lens"]
+    framed = load_prompts("harmful_framed").filter(lambda r: r["family"] not in held and r["split"] == "train",
+                                                   "framed_train")
+    if name == "bundled":
+        return family_scores(pair, bundled, "cnt_lens")
+    if name == "pooled":
+        return family_scores(pair, objective, "pooled", bundled.harmful.records + per_family["advbench"].harmful.records)
+    if name == "worst_family":
+        return worst_family([family_scores(pair, b, f) for f, b in per_family.items()])
+    if name == "framed":
+        return family_scores(pair, objective, "framed", bundled.harmful.records + framed.records)
+    if name == "balanced":
+        parts = [family_scores(pair, bundled, "cnt_lens")] + [
+            family_scores(pair, objective, f, [r for r in framed if r["family"] == f])
+            for f in sorted({r["family"] for r in framed})]
+        values = torch.stack([s.values for s in parts]).mean(dim=0)
+        return NeuronScores(values, "balanced", parts[0].behaviour, sum(s.n_prompts for s in parts),
+                            {"families": [s.meta["family"] for s in parts]})
+    raise ValueError(f"unknown ranking {name!r}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=BUNDLED_MODEL)
@@ -67,6 +107,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=4.0)
     ap.add_argument("--per-family", type=int, default=96, help="AdvBench train prompts scored (bundled: all 96)")
     ap.add_argument("--rankings", default="bundled,pooled,worst_family")
+    ap.add_argument("--held-out", default=",".join(FRAMINGS), help="framed families evaluated (and not scored on)")
     ap.add_argument("--no-reference", action="store_true", help="skip the target's and donor's rows")
     ap.add_argument("--out", type=Path, default=None, help="also append the lines to this JSONL file")
     args = ap.parse_args()
@@ -74,7 +115,11 @@ def main() -> None:
     both = Refusal(harmful=cross_harmful(select=("cnt_lens", "advbench")), harmless=cross_harmless())
     own = donor_refusal(pair.donor, family_train(both, "cnt_lens", None), "train", progress=False)
     objective = replace(both, continuation=own)
-    keep = lambda r: r["role"] == "held_out"  # noqa: E731
+    held = args.held_out.split(",")
+    unknown = sorted(set(held) - set(FRAMINGS))
+    if unknown:
+        ap.error(f"--held-out: unknown framed families {unknown}; they are {list(FRAMINGS)}")
+    keep = lambda r: r["family"] in held  # noqa: E731  (the cross protocol puts every framed prompt in test)
     held_out = replace(both, harmful=both.harmful.filter(keep, "held_out"),
                        harmless=both.harmless.filter(keep, "held_out"))
     behaviours = [held_out, Utility()]
@@ -96,26 +141,11 @@ def main() -> None:
     per_family = {f: family_train(objective, f, None if f == "cnt_lens" else args.per_family)
                   for f in ("cnt_lens", "advbench")}
 
-    def one(behaviour: Refusal, family: str) -> NeuronScores:
-        s = score(pair, behaviour, "weight_attribution", split="train", progress=False)
-        s.meta["family"] = family
-        return s
-
-    def ranking(name: str) -> NeuronScores:
-        if name == "bundled":
-            return one(per_family["cnt_lens"], "cnt_lens")
-        if name == "pooled":
-            pooled = per_family["cnt_lens"].harmful.records + per_family["advbench"].harmful.records
-            return one(replace(objective, harmful=replace(objective.harmful, name="pooled", records=pooled)), "pooled")
-        if name == "worst_family":
-            return worst_family([one(b, f) for f, b in per_family.items()])
-        raise ValueError(f"unknown ranking {name!r}")
-
     for name in args.rankings.split(","):
-        scores = ranking(name)
+        scores = ranking(name, pair, objective, per_family, held)
         for k in (int(x) for x in args.ks.split(",")):
             patch = NeuronPatch.from_pair(pair, scores.top_k(k), alpha=args.alpha)
-            evaluate({"model": "patched", "ranking": name, "k": k, "alpha": args.alpha,
+            evaluate({"model": "patched", "ranking": name, "held_out": held, "k": k, "alpha": args.alpha,
                       "per_layer": patch.selection.per_layer()}, pair.target, patch.applied(pair.target))
 
 
