@@ -30,7 +30,7 @@ from pathlib import Path
 
 from cnt_lens import NeuronPatch, NeuronScores, Utility, load_model, measure
 from cnt_lens.experiments.applications import APPLICATIONS, PROTOCOLS
-from cnt_lens.files import atomic_write_text
+from cnt_lens.files import append_jsonl, atomic_write_text
 from cnt_lens.report import write_report
 
 Y = "refusal_harmful"  # the held-out families only are evaluated, so the plain rate is theirs
@@ -105,8 +105,7 @@ def main() -> None:
             got = measure(model, behaviours, "test", batch_size=args.batch_size)
         row = {**point, **got}
         done.append(row)
-        with lines.open("a") as f:
-            f.write(json.dumps(row, default=float) + "\n")
+        append_jsonl(lines, row)
         print(f"{point['method']:>32} k={point['k']:>5} α={point['alpha']:g}: held-out refusal "
               f"{row[Y]:.3f} (n={row[Y + '_n']}), harmless {row['refusal_harmless']:.3f}, "
               f"NLL {row['utility_nll']:.3f}", flush=True)

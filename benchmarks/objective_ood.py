@@ -38,6 +38,7 @@ from cnt_lens import (
     score,
 )
 from cnt_lens.experiments.applications import APPLICATIONS
+from cnt_lens.files import append_jsonl
 from cnt_lens.models import BUNDLED_MODEL
 
 
@@ -61,11 +62,8 @@ def main() -> None:
                                                               continuation=own)}
 
     def show(row: dict) -> None:
-        line = json.dumps({"app": args.app, "donor_refusal": own, **row})
-        print(line, flush=True)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(line + "\n")
+        row = {"app": args.app, "donor_refusal": own, **row}
+        print(append_jsonl(args.out, row) if args.out else json.dumps(row, default=float), flush=True)
 
     def evaluate(label: dict, model, edit=contextlib.nullcontext()) -> None:
         with edit:

@@ -49,6 +49,7 @@ from cnt_lens import (
     score,
 )
 from cnt_lens.experiments.applications import APPLICATIONS
+from cnt_lens.files import append_jsonl
 from cnt_lens.models import BUNDLED_MODEL
 
 FRAMINGS = ("roleplay", "writing", "context")
@@ -125,11 +126,8 @@ def main() -> None:
     behaviours = [held_out, Utility()]
 
     def show(row: dict) -> None:
-        line = json.dumps({"donor_refusal": own, **row})
-        print(line, flush=True)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(line + "\n")
+        row = {"donor_refusal": own, **row}
+        print(append_jsonl(args.out, row) if args.out else json.dumps(row, default=float), flush=True)
 
     def evaluate(label: dict, model, edit=contextlib.nullcontext()) -> None:
         with edit:

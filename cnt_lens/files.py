@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
-__all__ = ["atomic_dir", "atomic_write", "atomic_write_text", "cache_dir", "sha256_file"]
+__all__ = ["append_jsonl", "atomic_dir", "atomic_write", "atomic_write_text", "cache_dir", "sha256_file"]
 
 
 def cache_dir() -> Path:
@@ -53,6 +54,23 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """:func:`atomic_write` of a UTF-8 text."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def append_jsonl(path: str | Path, row: Any) -> str:
+    """Append ``row`` to ``path`` as one JSON line and sync it; returns the line.
+
+    For logs that grow one result at a time (the one kind of file not replaced whole): a kill leaves
+    every earlier line intact and at most the last one cut short, which readers skip. Values JSON
+    cannot hold natively (tensors, numpy scalars) go through ``float``.
+    """
+    line = json.dumps(row, default=float)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return line
 
 
 @contextlib.contextmanager

@@ -28,12 +28,12 @@ import contextvars
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .files import append_jsonl
 from .journal import entries
 from .models import device_of, hf_state_dict, library_versions
 from .selection import NeuronScores
@@ -101,15 +101,10 @@ class _Store:
         rerun aggregate the same values; ``records`` themselves when they are not JSON.
         """
         try:
-            line = json.dumps({"key": key, "records": records}, default=float)
+            line = append_jsonl(self.root / "measured.jsonl", {"key": key, "records": records})
         except (TypeError, ValueError) as err:
             log.warning("not remembered (records are not JSON: %s)", err)
             return records
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "measured.jsonl", "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
         self.records[key] = json.loads(line)["records"]
         return [dict(r) for r in self.records[key]]
 

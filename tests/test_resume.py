@@ -10,6 +10,7 @@ import torch
 
 import cnt_lens.scoring as scoring
 from cnt_lens import NeuronPatch, measure, score
+from cnt_lens.files import append_jsonl
 from cnt_lens.models import read_neurons, write_neurons
 from cnt_lens.pipeline import TransferConfig, transfer
 from cnt_lens.resume import active_directory, resumable, weights_digest
@@ -149,3 +150,13 @@ def test_a_line_cut_short_by_a_kill_is_computed_again(tmp_path, monkeypatch):
         assert measure(pair.target, [behaviour], "validation") == a
         assert measure(pair.donor, [behaviour], "validation") == b
     assert calls["evaluate_items"] == 3
+
+
+def test_append_jsonl_adds_one_line_per_row_and_writes_nothing_for_a_row_json_cannot_hold(tmp_path):
+    log = tmp_path / "deeper" / "points.jsonl"
+    first = append_jsonl(log, {"k": 3, "rate": torch.tensor(0.5)})  # a tensor scalar goes through float
+    append_jsonl(log, {"k": 4})
+    with pytest.raises(TypeError):
+        append_jsonl(log, {"k": object()})
+    assert [json.loads(x) for x in log.read_text().splitlines()] == [{"k": 3, "rate": 0.5}, {"k": 4}]
+    assert json.loads(first) == {"k": 3, "rate": 0.5}
