@@ -125,13 +125,11 @@ def main() -> None:
                        harmless=both.harmless.filter(keep, "held_out"))
     behaviours = [held_out, Utility()]
 
-    def show(row: dict) -> None:
-        row = {"donor_refusal": own, **row}
-        print(append_jsonl(args.out, row) if args.out else json.dumps(row, default=float), flush=True)
-
     def evaluate(label: dict, model, edit=contextlib.nullcontext()) -> None:
+        """Measure ``model`` (inside ``edit``) and print the row (appended to ``--out`` when given)."""
         with edit:
-            show({**label, **measure(model, behaviours, "test", batch_size=32)})
+            row = {"donor_refusal": own, **label, **measure(model, behaviours, "test", batch_size=32)}
+        print(append_jsonl(args.out, row) if args.out else json.dumps(row, default=float), flush=True)
 
     if not args.no_reference:
         evaluate({"model": "target"}, pair.target)
