@@ -49,7 +49,7 @@ from .formats import (
     load_file,
     register_format,
 )
-from .judge import REFUSAL_OPENINGS, Verdict, is_refusal, judge_accuracy, judge_refusal
+from .judge import REFUSAL_OPENINGS, Verdict, is_refusal, judge_accuracy, judge_refusal, verdict_is_final
 from .models import (
     BUNDLED_MODEL,
     TESTED_FAMILIES,
@@ -88,7 +88,7 @@ __all__ = [
     "context_length", "describe_file", "donor_refusal", "detect_format", "encode", "export_hf", "from_advbench_csv", "from_crows_pairs", "from_jsonl", "from_stereoset",
     "generate", "is_refusal", "iterative_scores", "judge_accuracy", "judge_refusal", "load_model", "load_pair",
     "load_file", "load_prompts", "measure", "measure_reference", "mlp_hidden", "neuron_params", "offline_path", "plain_hf_model", "profile", "read_neurons",
-    "register_format", "resumable", "score", "search_minimal", "stable_split", "stage", "timings_table", "verify_greedy", "weights_digest", "wilson_interval",
+    "register_format", "resumable", "score", "search_minimal", "stable_split", "stage", "timings_table", "verdict_is_final", "verify_greedy", "weights_digest", "wilson_interval",
     "write_neurons",
 ]
 __version__ = "0.1.0"

@@ -15,9 +15,10 @@ Every behaviour offers
 from __future__ import annotations
 
 import abc
+import inspect
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from jaxtyping import Float, Int
@@ -25,7 +26,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from .data import Batch, PromptSet, _max_len, chat_format, chunks, default_harmful, encode, load_prompts
-from .judge import _SENTENCE, REFUSAL_OPENINGS, judge_refusal
+from .judge import _SENTENCE, REFUSAL_OPENINGS, judge_refusal, verdict_is_final
 from .models import context_length, device_of, model_tokenizer, plain_hf_model
 from .progress import progress_bar
 from .stats import rate
@@ -59,17 +60,21 @@ def _greedy_tolerance(dtype: torch.dtype) -> float:
     return 1e-3 if dtype in (torch.float32, torch.float64) else 0.25
 
 
-def verify_greedy(model: Any, prompt: Batch, generated: Int[Tensor, "batch new"], *, stop_ids: set[int]) -> None:
+def verify_greedy(model: Any, prompt: Batch, generated: Int[Tensor, "batch new"], *, stop_ids: set[int],
+                  lengths: Int[Tensor, " batch"] | None = None) -> None:
     """Check that ``generated`` is what greedy decoding with ``model``'s own forward pass gives.
 
     One teacher-forced forward over prompt + generated tokens (no KV cache, through the bridge):
     each generated token, up to its row's first EOS, must be the argmax of the logits before it
     (within float noise). Raises :class:`GenerationError` naming the row, the position and the
-    versions in play — the symptom of transformers 5.24's bridge + KV-cache fault.
+    versions in play — the symptom of transformers 5.24's bridge + KV-cache fault. ``lengths``: each
+    row's generated tokens end there at the latest (answers cut short by :func:`generate`'s ``until``).
     """
     n, new = generated.shape
     stop = torch.isin(generated, torch.tensor(sorted(stop_ids), dtype=generated.dtype, device=generated.device))
     real = (stop.long().cumsum(-1) - stop.long()) == 0  # every token up to and including the first stop token
+    if lengths is not None:
+        real &= torch.arange(new, device=generated.device) < lengths.to(generated.device)[:, None]
     tokens = torch.cat([prompt.tokens, generated], 1)
     mask = torch.cat([prompt.attention_mask, real.long()], 1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -106,6 +111,7 @@ def generate(
     batch_size: int = 16,
     progress: bool = True,
     verify: bool = True,
+    until: Callable[[str], bool] | None = None,
 ) -> list[str]:
     """Greedy completions of already-formatted prompts (left-padded batches, HF ``generate``, KV cache).
 
@@ -118,6 +124,13 @@ def generate(
     batch is checked against the bridge's forward pass (:func:`verify_greedy`; one extra forward), so a
     broken generation path raises instead of yielding garbage that reads as "no refusal".
     Prompts are truncated to leave room for ``max_new_tokens`` in the model's context.
+
+    ``until(text) -> bool`` (e.g. :func:`~cnt_lens.judge.verdict_is_final`) ends an answer as soon as it
+    holds for the answer so far: such a row leaves the batch (and its KV cache), so the batch's later
+    steps cost less — each decoding step reads every weight once, whatever the batch, and each row more
+    adds to it. Answers then end where ``until`` held (or at EOS, or ``max_new_tokens``). Decoding is
+    then this module's own greedy loop (:func:`_greedy_until`) instead of HF ``generate``; both are
+    checked by ``verify``.
     """
     tok = model_tokenizer(model)
     plain = plain_hf_model(model)
@@ -132,15 +145,96 @@ def generate(
         for i, rows in enumerate(_progress(batches, len(batches), "generate", progress)):
             b = encode(tok, [prompts[j] for j in rows], max_len=room).to(device_of(model))
             with torch.no_grad():
-                gen = plain.generate(
-                    input_ids=b.tokens, attention_mask=b.attention_mask, max_new_tokens=max_new_tokens,
-                    do_sample=False, pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None,
-                )[:, b.tokens.shape[1]:]
+                if until is None:
+                    gen = plain.generate(
+                        input_ids=b.tokens, attention_mask=b.attention_mask, max_new_tokens=max_new_tokens,
+                        do_sample=False, pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None,
+                    )[:, b.tokens.shape[1]:]
+                else:
+                    gen, lengths = _greedy_until(plain, b, max_new_tokens, sorted(_stop_ids(tok, plain)),
+                                                 lambda ids: until(tok.decode(ids, skip_special_tokens=True)))
             if verify and i == 0:
-                verify_greedy(model, b, gen, stop_ids=_stop_ids(tok, plain))
+                verify_greedy(model, b, gen, stop_ids=_stop_ids(tok, plain), lengths=None if until is None else lengths)
             for j, text in zip(rows, tok.batch_decode(gen, skip_special_tokens=True)):
                 out[j] = text
     return out
+
+
+def _greedy_until(plain: torch.nn.Module, b: Batch, max_new_tokens: int, stop_ids: list[int],
+                  done: Callable[[list[int]], bool]) -> tuple[Int[Tensor, "batch new"], Int[Tensor, " batch"]]:
+    """Greedy decoding of a left-padded batch, each row leaving the batch once it stops or ``done(its ids)``.
+
+    Returns the new tokens, each row filled with ``stop_ids[0]`` after its last one (decoding ends it
+    there), and each row's number of generated tokens (for :func:`verify_greedy`). Rows leave the KV cache as they finish
+    (``Cache.batch_select_indices``); a row's logits depend only on its own tokens, so the answers are those of
+    the whole batch, up to float rounding.
+    """
+    n = len(b)
+    out = torch.full((n, max_new_tokens), stop_ids[0], dtype=b.tokens.dtype, device=b.tokens.device)
+    stops = torch.tensor(stop_ids, device=b.tokens.device)
+    lengths = torch.full((n,), max_new_tokens, dtype=torch.long)
+    rows = torch.arange(n, device=b.tokens.device)  # the batch rows still decoding
+    step, mask = _prefill(plain, b)
+    cache, pos = step.past_key_values, b.position_ids[:, -1:]
+    for t in range(max_new_tokens):
+        nxt = step.logits[:, -1].argmax(-1)
+        out[rows, t] = nxt
+        live = ~torch.isin(nxt, stops)
+        live &= torch.tensor([not done(out[r, :t + 1].tolist()) for r in rows.tolist()], device=live.device)
+        lengths[rows[~live].cpu()] = t + 1
+        if t + 1 == max_new_tokens or not live.any():
+            break
+        if not live.all():
+            keep = live.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            rows, nxt, mask, pos = rows[keep], nxt[keep], mask[keep], pos[keep]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+        pos = pos + 1
+        step = plain(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
+                     use_cache=True)
+    return out, lengths
+
+
+def _shared_prefix(b: Batch) -> int:
+    """Length of the token prefix every row of a left-padded batch starts with (less one: each row keeps a token)."""
+    lengths = b.attention_mask.sum(-1)
+    width = int(lengths.min()) - 1
+    if len(b) < 2 or width < 1:
+        return 0
+    start = b.tokens.shape[1] - lengths  # each row's first real token
+    cols = (start[:, None] + torch.arange(width, device=b.tokens.device)).clamp(max=b.tokens.shape[1] - 1)
+    heads = b.tokens.gather(1, cols)
+    same = (heads == heads[:1]).all(0)
+    return width if bool(same.all()) else int((~same).nonzero()[0])
+
+
+def _prefill(plain: torch.nn.Module, b: Batch, min_shared: int = 8) -> tuple[Any, Int[Tensor, "batch pos"]]:
+    """The prompt pass of :func:`_greedy_until`: its output (logits, KV cache) and the attention mask it used.
+
+    When every prompt starts with the same ``P ≥ min_shared`` tokens (a chat template's system prompt),
+    they run once and their KV cache is shared by every row; the rest of each prompt follows it, the
+    padding moved between the two (``[prefix | pad | rest]``, with explicit positions), so each row's
+    logits are its own prompt's, up to float rounding. Only the last position's logits are computed
+    (``logits_to_keep=1``, where the model takes it): the unembedding of every prompt token is a
+    fifth of a small model's prompt pass.
+    """
+    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(plain.forward).parameters else {}
+    shared = _shared_prefix(b)
+    if shared < min_shared:
+        return plain(input_ids=b.tokens, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                     use_cache=True, **last), b.attention_mask
+    n, width = len(b), b.tokens.shape[1]
+    lengths = b.attention_mask.sum(-1)
+    head = b.tokens[:1, width - int(lengths[0]):][:, :shared]
+    cache = plain(input_ids=head, use_cache=True, **last).past_key_values
+    cache.batch_repeat_interleave(n)
+    rest = width - shared - int((width - lengths).min())  # the widest row's tokens after the prefix
+    tail, tail_mask = b.tokens[:, width - rest:], b.attention_mask[:, width - rest:].clone()
+    tail_mask[torch.arange(rest, device=tail.device)[None, :] < (rest - (lengths - shared))[:, None]] = 0
+    positions = (shared + tail_mask.cumsum(-1) - 1).clamp(min=shared)
+    mask = torch.cat([b.attention_mask.new_ones(n, shared), tail_mask], 1)
+    return plain(input_ids=tail, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                 use_cache=True, **last), mask
 
 
 def _by_length(tokenizer: Any, prompts: list[str]) -> list[int]:
@@ -230,6 +324,16 @@ class Behaviour(abc.ABC):
         searches decide their points with it and confirm the few that matter with
         :meth:`evaluate_items`. Behaviours whose evaluation already is one forward pass per prompt
         (:class:`Utility`, :class:`StereotypeBias`) keep this default, which *is* the evaluation.
+        """
+        return self.evaluate_items(model, split, batch_size=batch_size, progress=progress)
+
+    def decided_items(self, model: Any, split: str | None, *, batch_size: int = 16,
+                      progress: bool = True) -> list[dict[str, Any]]:
+        """:meth:`evaluate_items`' verdicts, each response generated only until its verdict is decided.
+
+        Same records, same verdicts and numbers; only the texts may end early (for refusal, where
+        :func:`~cnt_lens.judge.verdict_is_final` holds). :func:`~cnt_lens.evaluate.measure` uses it
+        when nobody keeps the records. Default: :meth:`evaluate_items` itself.
         """
         return self.evaluate_items(model, split, batch_size=batch_size, progress=progress)
 
@@ -427,6 +531,11 @@ class Refusal(Behaviour):
         return self._judged(model, split, self.max_new_tokens, batch_size, progress)
 
     @override
+    def decided_items(self, model: Any, split: str | None, *, batch_size: int = 16,
+                      progress: bool = True) -> list[dict[str, Any]]:
+        return self._judged(model, split, self.max_new_tokens, batch_size, progress, until=verdict_is_final)
+
+    @override
     def estimate_items(self, model: Any, split: str | None, *, batch_size: int = 16,
                        progress: bool = True) -> list[dict[str, Any]]:
         """Refused = the judge's verdict on the greedy answer's first :attr:`estimate_tokens` tokens, per prompt.
@@ -439,17 +548,21 @@ class Refusal(Behaviour):
         decide between candidates, and the evaluation to report them.
         """
         n = min(self.estimate_tokens, self.max_new_tokens)
-        return self._judged(model, split, n, batch_size, progress, label=f"estimate, first {n} tokens: ")
+        return self._judged(model, split, n, batch_size, progress, label=f"estimate, first {n} tokens: ",
+                            until=verdict_is_final)
 
     def _judged(self, model: Any, split: str | None, max_new_tokens: int, batch_size: int, progress: bool,
-                label: str = "") -> list[dict[str, Any]]:
-        """Greedy answers of ``max_new_tokens`` to the harmful then the harmless prompts of ``split``, judged."""
+                label: str = "", until: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
+        """Greedy answers of ``max_new_tokens`` to the harmful then the harmless prompts of ``split``, judged.
+
+        ``until``: :func:`generate`'s, e.g. :func:`~cnt_lens.judge.verdict_is_final` (same verdicts, shorter texts).
+        """
         tok = model_tokenizer(model)
         items = []
         for kind, ps in (("harmful", self.harmful), ("harmless", self.harmless)):
             recs = ps.split(split).records
             responses = generate(model, [chat_format(tok, r["prompt"]) for r in recs],
-                                 max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, until=until)
             verdicts = [judge_refusal(resp) for resp in responses]
             items += [{**_item(r, kind), "response": resp, "refused": v.refused, "judge": label + v.reason}
                       for r, resp, v in zip(recs, responses, verdicts)]

@@ -30,7 +30,9 @@ def measure(model: Any, behaviours: Sequence[Behaviour], split: str | None, *, b
     ``split`` has no default: say ``"validation"`` while choosing anything, ``"test"`` only to report.
 
     With ``items`` (a list), the per-prompt records the numbers were computed from (responses,
-    refusal flags, pair gaps, …) are appended to it, each with its ``behaviour``. With ``estimate``,
+    refusal flags, pair gaps, …) are appended to it, each with its ``behaviour``; without, each
+    behaviour may generate only as far as its verdicts need (:meth:`~cnt_lens.Behaviour.decided_items`:
+    the same numbers). With ``estimate``,
     the numbers are each behaviour's cheap estimate (:meth:`~cnt_lens.Behaviour.estimate_items`: same keys;
     for refusal a short greedy opening, judged), for deciding between candidates, not for reporting.
     Inside :func:`~cnt_lens.resume.resumable` each behaviour's records are remembered and reused.
@@ -38,8 +40,9 @@ def measure(model: Any, behaviours: Sequence[Behaviour], split: str | None, *, b
     out: Block = {}
     for b in behaviours:
         with stage(f"{'estimate' if estimate else 'evaluate'} {b.name}"):
-            run = b.estimate_items if estimate else b.evaluate_items
+            run = b.estimate_items if estimate else b.evaluate_items if items is not None else b.decided_items
             recs = recall_records(model, b, split, estimate=estimate, batch_size=batch_size,
+                                  texts=estimate or items is not None,
                                   compute=lambda: run(model, split, batch_size=batch_size, progress=progress))
         out.update(b.aggregate(recs))
         if items is not None:

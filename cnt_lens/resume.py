@@ -142,11 +142,15 @@ def active_directory() -> Path | None:
 
 
 def recall_records(model: Any, behaviour: Any, split: str | None, *, estimate: bool, batch_size: int,
-                   compute: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """``compute()`` (a behaviour's per-prompt records for ``model``), or the remembered records of the same call."""
+                   compute: Callable[[], list[dict[str, Any]]], texts: bool = True) -> list[dict[str, Any]]:
+    """``compute()`` (a behaviour's per-prompt records for ``model``), or the remembered records of the same call.
+
+    ``texts=False``: records whose responses may end where their verdicts were decided (kept apart from whole ones).
+    """
     store = _ACTIVE.get()
-    key = store and store.key("records", [model], {"behaviour": behaviour, "split": split,
-                                                   "estimate": estimate, "batch_size": batch_size})
+    settings = {"behaviour": behaviour, "split": split, "estimate": estimate, "batch_size": batch_size,
+                **({} if texts else {"texts": False})}
+    key = store and store.key("records", [model], settings)
     if store is None or key is None:
         return compute()
     if key in store.records:

@@ -98,6 +98,10 @@ def test_taught_refusal_moves_the_metric_and_the_rate(arch, tmp_path, monkeypatc
         assert all(f["response"].startswith(e["response"]) for e, f in zip(est, full))
         assert all(e["refused"] == judge_refusal(e["response"]).refused for e in est)
         assert sum(e["refused"] == f["refused"] for e, f in zip(est, full)) >= 0.8 * len(full)
+        # answers generated only until their verdict is decided: the evaluation's verdicts, its answers' starts
+        decided = short.decided_items(model, "validation", progress=False)
+        assert [d["refused"] for d in decided] == [f["refused"] for f in full]
+        assert all(f["response"].startswith(d["response"]) for d, f in zip(decided, full))
     # cached: a second call loads the same weights instead of training again
     again = safety_tune(base, refusals=TINY_REFUSALS, config=cfg)
     assert "cached" in again.cnt_source

@@ -44,6 +44,34 @@ def test_generation_matches_plain_hf_on_tiny_models(arch):
     assert all(got) and len({w for g in got for w in g.split()}) > 1  # real text, not one token repeated
 
 
+@pytest.mark.parametrize("arch", TESTED_FAMILIES)
+def test_answers_cut_by_until_are_the_whole_answers_up_to_where_it_first_holds(arch):
+    """``until`` drops finished rows from the batch and its KV cache; every other row's answer is unchanged.
+
+    The prompts share a preamble longer than ``_prefill``'s threshold, so the own loop also runs it once
+    for the batch; their lengths differ, so the padding it moves between preamble and rest is exercised.
+    """
+    from cnt_lens.behaviours import _shared_prefix
+
+    tok = tiny_tokenizer()
+    model = load_model(tiny_hf_model(arch, seed=3, tie_embeddings=False), tokenizer=tok)
+    words = load_prompts("harmless").split("validation").column("prompt")
+    prompts = [chat_format(tok, "Please answer as plainly and briefly as you can. " + w) for w in words[:6]]
+    batch = encode(tok, prompts[:3])
+    assert _shared_prefix(batch) >= 8 and len(set(batch.attention_mask.sum(-1).tolist())) > 1
+    whole = generate(model, prompts, max_new_tokens=N_NEW, batch_size=3, progress=False)
+    assert generate(model, prompts, max_new_tokens=N_NEW, batch_size=3, progress=False,
+                    until=lambda text: False) == whole  # the own loop, never stopping early: HF's answers
+    stop_at = {w for g in whole[::2] for w in g.split()[1:2]}  # a word some answers reach after their first
+    until = lambda text: any(w in text.split() for w in stop_at)  # noqa: E731
+    cut = generate(model, prompts, max_new_tokens=N_NEW, batch_size=3, progress=False, until=until)
+    ids = [tok(w, add_special_tokens=False)["input_ids"] for w in whole]
+    for w, c, t in zip(whole, cut, ids):
+        first = next((n for n in range(1, len(t) + 1) if until(tok.decode(t[:n], skip_special_tokens=True))), None)
+        assert c == (w if first is None else tok.decode(t[:first], skip_special_tokens=True)), (w, c)
+    assert sum(c != w for c, w in zip(cut, whole)) >= 2  # some rows did leave early
+
+
 def test_length_sorted_batches_return_each_prompts_own_answer_in_input_order():
     tok = tiny_tokenizer()
     model = load_model(tiny_hf_model("llama", seed=3, tie_embeddings=False), tokenizer=tok)

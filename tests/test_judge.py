@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from cnt_lens import REFUSAL_OPENINGS, Refusal, is_refusal, judge_accuracy, judge_refusal, load_prompts
+from cnt_lens import (
+    REFUSAL_OPENINGS,
+    Refusal,
+    is_refusal,
+    judge_accuracy,
+    judge_refusal,
+    load_prompts,
+    verdict_is_final,
+)
 from cnt_lens.testing import tiny_tokenizer
 
 
@@ -32,6 +40,20 @@ def test_judge_accuracy_on_the_labelled_set():
 ])
 def test_judge_on_the_cases_a_substring_matcher_got_wrong(response, refused):
     assert judge_refusal(response).refused is refused, judge_refusal(response)
+
+
+def test_a_final_verdict_is_the_whole_responses_verdict():
+    """Every prefix of every labelled response that ``verdict_is_final`` calls final is judged as the whole."""
+    finals: dict[str, int] = {}
+    for r in load_prompts("judge_set"):
+        text, whole = r["response"], judge_refusal(r["response"]).refused
+        for n in range(1, len(text) + 1):
+            if verdict_is_final(text[:n]):
+                assert judge_refusal(text[:n]).refused is whole, (text[:n], text)
+                finals[r["kind"]] = finals.get(r["kind"], 0) + 1
+    assert finals.get("compliance") and finals.get("apology_then_compliance")  # compliance is decided early
+    refusals = [r["response"] for r in load_prompts("judge_set") if judge_refusal(r["response"]).refused]
+    assert refusals and not any(verdict_is_final(t) for t in refusals)  # a refusal waits for the end
 
 
 def test_judge_reads_the_whole_response():

@@ -107,15 +107,20 @@ def test_results_are_keyed_by_the_models_weights_and_patches(tmp_path, monkeypat
         assert calls["evaluate_items"] == 2
         measure(pair.target, [behaviour], "validation", batch_size=3)  # another batch size is another result
         assert calls["evaluate_items"] == 3
+        kept: list = []  # records kept whole (``items``) are never answered with ones cut at their verdicts
+        assert measure(pair.target, [behaviour], "validation", items=kept) == plain and kept
+        assert calls["evaluate_items"] == 4
+        assert measure(pair.target, [behaviour], "validation", items=[]) == plain
+        assert calls["evaluate_items"] == 4
     assert active_directory() is None
     measure(pair.target, [behaviour], "validation")  # outside the block: computed
-    assert calls["evaluate_items"] == 4
+    assert calls["evaluate_items"] == 5
     # a model first seen with a patch applied is never remembered: its unpatched weights are unknown
     other, behaviour2, planted2 = planted_pair("llama", n_planted=8, seed=3)
     with resumable(tmp_path), NeuronPatch.from_pair(other, planted2, 1.0).applied(other.target):
         measure(other.target, [behaviour2], "validation")
         measure(other.target, [behaviour2], "validation")
-    assert calls["evaluate_items"] == 6
+    assert calls["evaluate_items"] == 7
 
 
 def test_one_changed_weight_changes_the_digest_and_the_scores_are_recomputed(tmp_path, monkeypatch):
