@@ -165,9 +165,9 @@ def _greedy_until(plain: torch.nn.Module, b: Batch, max_new_tokens: int, stop_id
     """Greedy decoding of a left-padded batch, each row leaving the batch once it stops or ``done(its ids)``.
 
     Returns the new tokens, each row filled with ``stop_ids[0]`` after its last one (decoding ends it
-    there), and each row's number of generated tokens (for :func:`verify_greedy`). Rows leave the KV cache as they finish
-    (``Cache.batch_select_indices``); a row's logits depend only on its own tokens, so the answers are those of
-    the whole batch, up to float rounding.
+    there), and each row's number of generated tokens (for :func:`verify_greedy`). Rows leave the KV
+    cache as they finish (``Cache.batch_select_indices``); a row's logits depend only on its own tokens,
+    so the answers are those of the whole batch, up to float rounding.
     """
     n = len(b)
     out = torch.full((n, max_new_tokens), stop_ids[0], dtype=b.tokens.dtype, device=b.tokens.device)
@@ -180,7 +180,8 @@ def _greedy_until(plain: torch.nn.Module, b: Batch, max_new_tokens: int, stop_id
         nxt = step.logits[:, -1].argmax(-1)
         out[rows, t] = nxt
         live = ~torch.isin(nxt, stops)
-        live &= torch.tensor([not done(out[r, :t + 1].tolist()) for r in rows.tolist()], device=live.device)
+        so_far = out[rows, :t + 1].tolist()  # one copy to the host per step, not one per row
+        live &= torch.tensor([not done(ids) for ids in so_far], device=live.device)
         lengths[rows[~live].cpu()] = t + 1
         if t + 1 == max_new_tokens or not live.any():
             break
