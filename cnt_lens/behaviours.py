@@ -139,6 +139,7 @@ def generate(
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a "
                          f"{context_length(model)}-token context")
     order = _by_length(tok, prompts)
+    stop_ids = _stop_ids(tok, plain)
     out: list[str] = [""] * len(prompts)
     batches = list(chunks(order, batch_size))
     with stage("generate"):
@@ -150,11 +151,12 @@ def generate(
                         input_ids=b.tokens, attention_mask=b.attention_mask, max_new_tokens=max_new_tokens,
                         do_sample=False, pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None,
                     )[:, b.tokens.shape[1]:]
+                    lengths = None  # every row runs to its first stop token
                 else:
-                    gen, lengths = _greedy_until(plain, b, max_new_tokens, sorted(_stop_ids(tok, plain)),
+                    gen, lengths = _greedy_until(plain, b, max_new_tokens, sorted(stop_ids),
                                                  lambda ids: until(tok.decode(ids, skip_special_tokens=True)))
             if verify and i == 0:
-                verify_greedy(model, b, gen, stop_ids=_stop_ids(tok, plain), lengths=None if until is None else lengths)
+                verify_greedy(model, b, gen, stop_ids=stop_ids, lengths=lengths)
             for j, text in zip(rows, tok.batch_decode(gen, skip_special_tokens=True)):
                 out[j] = text
     return out
@@ -229,7 +231,7 @@ def _prefill(plain: torch.nn.Module, b: Batch, min_shared: int = 8) -> tuple[Any
     head = b.tokens[:1, width - int(lengths[0]):][:, :shared]
     cache = plain(input_ids=head, use_cache=True, **last).past_key_values
     cache.batch_repeat_interleave(n)
-    rest = width - shared - int((width - lengths).min())  # the widest row's tokens after the prefix
+    rest = int(lengths.max()) - shared  # the longest prompt's tokens after the prefix
     tail, tail_mask = b.tokens[:, width - rest:], b.attention_mask[:, width - rest:].clone()
     tail_mask[torch.arange(rest, device=tail.device)[None, :] < (rest - (lengths - shared))[:, None]] = 0
     positions = (shared + tail_mask.cumsum(-1) - 1).clamp(min=shared)
