@@ -4,7 +4,8 @@
 
 Prints, from one run on the same model and batch:
   * attribution time ÷ the plain-torch floor (one donor forward + one target forward and backward
-    to the input embeddings, no hooks), for both attribution kinds;
+    to the input embeddings, no hooks, the same positions unembedded), for both attribution kinds;
+  * weight attribution unembedding every position ÷ only the metric's (``Behaviour.logits_to_keep``);
   * exact weight-patching time per neuron ÷ attribution time per neuron;
   * apply + revert time of a 1% patch (vs a ~15-20 s reload);
   * peak RSS of attribution with N and 10N prompts (memory must stay flat: batches are summed).
@@ -18,6 +19,7 @@ import resource
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -59,18 +61,21 @@ def speed(args: argparse.Namespace) -> None:
     pair, beh = _setup(args.prompts, args.device)
     batches = beh.batches(pair.tokenizer, None, args.batch)
 
-    def floor() -> None:
+    def floor() -> None:  # unembedding only the positions the metric reads, as the scorers do
         for b in batches:
             b = b.to(args.device)
+            keep = beh.logits_to_keep(b)
             with torch.no_grad():
-                pair.donor(b.tokens, **b.model_kwargs())
+                pair.donor(b.tokens, logits_to_keep=keep, **b.model_kwargs())
             emb = pair.target.original_model.get_input_embeddings()(b.tokens).detach().requires_grad_(True)
             out = pair.target.original_model(inputs_embeds=emb, attention_mask=b.attention_mask,
-                                             position_ids=b.position_ids).logits
+                                             position_ids=b.position_ids, logits_to_keep=keep).logits
             beh.metric(out, b).sum().backward()
 
     t_floor = _time(floor)
     t_attr = {k: _time(lambda k=k: attribution_scores(pair, beh, batches, kind=k, progress=False)) for k in ("activation", "weight")}
+    with mock.patch.object(type(beh), "logits_to_keep", lambda self, batch: 0):  # every position unembedded
+        t_every = _time(lambda: attribution_scores(pair, beh, batches, kind="weight", progress=False))
     n_exact = args.exact_neurons
     groups = torch.zeros(n_exact, pair.n_layers, pair.d_mlp, dtype=torch.bool)
     groups[torch.arange(n_exact), torch.arange(n_exact) % pair.n_layers, torch.arange(n_exact)] = True
@@ -86,6 +91,7 @@ def speed(args: argparse.Namespace) -> None:
         "attribution_s": round(t_attr["activation"], 3), "attribution_over_floor": round(t_attr["activation"] / t_floor, 3),
         "weight_attribution_s": round(t_attr["weight"], 3),
         "weight_attribution_over_floor": round(t_attr["weight"] / t_floor, 3),
+        "weight_attribution_every_position_over_kept": round(t_every / t_attr["weight"], 3),
         "exact_patching_s_per_neuron": round(t_exact / n_exact, 4),
         "exact_per_neuron_over_attribution_per_neuron": round((t_exact / n_exact) / per_neuron_attr, 1),
         "apply_plus_revert_1pct_ms": round(1000 * t_patch, 2),

@@ -15,7 +15,6 @@ Every behaviour offers
 from __future__ import annotations
 
 import abc
-import inspect
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -27,7 +26,7 @@ from typing_extensions import override
 
 from .data import Batch, PromptSet, _max_len, chat_format, chunks, default_harmful, encode, load_prompts
 from .judge import _SENTENCE, REFUSAL_OPENINGS, judge_refusal, verdict_is_final
-from .models import context_length, device_of, model_tokenizer, plain_hf_model
+from .models import context_length, device_of, logits_of, model_tokenizer, plain_hf_model, takes_logits_to_keep
 from .progress import progress_bar
 from .stats import rate
 from .timing import stage
@@ -221,7 +220,7 @@ def _prefill(plain: torch.nn.Module, b: Batch, min_shared: int = 8) -> tuple[Any
     (``logits_to_keep=1``, where the model takes it): the unembedding of every prompt token is a
     fifth of a small model's prompt pass.
     """
-    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(plain.forward).parameters else {}
+    last = {"logits_to_keep": 1} if takes_logits_to_keep(plain) else {}
     shared = _shared_prefix(b)
     if shared < min_shared:
         return plain(input_ids=b.tokens, attention_mask=b.attention_mask, position_ids=b.position_ids,
@@ -308,7 +307,19 @@ class Behaviour(abc.ABC):
 
     @abc.abstractmethod
     def metric(self, logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, " items"]:
-        """Differentiable behaviour number per item (higher = more of the behaviour), from full logits."""
+        """Differentiable behaviour number per item (higher = more of the behaviour).
+
+        ``logits`` hold at least the last :meth:`logits_to_keep` positions of ``batch`` (all of them
+        when it is 0); index them from the end.
+        """
+
+    def logits_to_keep(self, batch: Batch) -> int:
+        """How many of ``batch``'s last positions :meth:`metric` reads logits at (0: every position).
+
+        Forward passes that feed :meth:`metric` unembed only those (:func:`~cnt_lens.models.logits_of`).
+        Default 0; a subclass that reads a few answer positions returns their exact count.
+        """
+        return 0
 
     def control_batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
         """Control prompts (e.g. harmless requests) for contrast scores; behaviours without any raise."""
@@ -351,7 +362,8 @@ class Behaviour(abc.ABC):
         for b in batches:
             b = b.to(device_of(model))
             with torch.no_grad():
-                out += self.metric(model(b.tokens, **b.model_kwargs()), b).float().tolist()
+                logits = logits_of(model, b.tokens, b.model_kwargs(), keep=self.logits_to_keep(b))
+                out += self.metric(logits, b).float().tolist()
         return out
 
     @abc.abstractmethod
@@ -509,6 +521,11 @@ class Refusal(Behaviour):
     @override
     def control_batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
         return self._encode(tokenizer, self.harmless, split, batch_size)
+
+    @override
+    def logits_to_keep(self, batch: Batch) -> int:
+        # the teacher-forced tail and the position before it
+        return len(batch.meta["continuation_ids" if "continuation_ids" in batch.meta else "lead_ids"]) + 1
 
     @override
     def metric(self, logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, " batch"]:
@@ -719,7 +736,7 @@ class Utility(Behaviour):
         for chunk in chunks(list(mcs), batch_size):
             b = encode(tok, [chat_format(tok, _mc_text(r)) for r in chunk]).to(dev)
             with torch.no_grad():
-                last = model(b.tokens, **b.model_kwargs())[:, -1]
+                last = logits_of(model, b.tokens, b.model_kwargs(), keep=1)[:, -1]
             scores = torch.stack([last[:, ids].max(-1).values for ids in letter_ids], -1)
             for r, pred in zip(chunk, scores.argmax(-1).tolist()):
                 items.append({"id": r["id"], "category": r["category"], "kind": "mc", "correct": pred == r["answer"]})
@@ -753,6 +770,10 @@ class FormatTask(Behaviour):
         first = tokenizer(self.prefix, add_special_tokens=False)["input_ids"][0]
         texts = [chat_format(tokenizer, p) for p in self.prompts.split(split).column("prompt")]
         return [encode(tokenizer, list(c), meta={"prefix_id": first}) for c in chunks(texts, batch_size)]
+
+    @override
+    def logits_to_keep(self, batch: Batch) -> int:
+        return 1
 
     @override
     def metric(self, logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, " batch"]:

@@ -18,6 +18,7 @@ orientation). ``b_out`` is shared by all neurons of a layer and is never transpl
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ __all__ = [
     "hf_state_dict",
     "load_model",
     "load_pair",
+    "logits_of",
+    "takes_logits_to_keep",
     "mlp_hidden",
     "neuron_params",
     "read_neurons",
@@ -677,4 +680,27 @@ def context_length(model: TransformerBridge) -> int:
 
 def device_of(model: TransformerBridge) -> torch.device:
     return next(model.parameters()).device
+
+
+def takes_logits_to_keep(model: Any) -> bool:
+    """Whether the HF forward under ``model`` (a bridge or a plain HF module) can unembed only the last positions."""
+    hf = getattr(model, "original_model", model)
+    return "logits_to_keep" in inspect.signature(hf.forward).parameters
+
+
+def logits_of(model: Any, tokens: Int[Tensor, "batch pos"], kwargs: dict[str, Any], hooks: Iterable[Any] = (),
+              keep: int = 0) -> Float[Tensor, "batch kept vocab"]:
+    """``model``'s logits on ``tokens`` (``kwargs``: attention mask, positions), with TransformerLens forward hooks.
+
+    ``keep > 0``: only the last ``keep`` positions are unembedded (``kept = keep``), where the HF model
+    takes ``logits_to_keep``; otherwise, and with ``keep = 0``, every position (``kept = pos``). The
+    unembedding of every position is about a fifth of a small model's forward and backward pass, and a
+    metric that reads the answer's first tokens needs a handful. Readers index from the end, so they
+    read the same numbers either way.
+    """
+    extra = {"logits_to_keep": keep} if keep > 0 and takes_logits_to_keep(model) else {}
+    hooks = list(hooks)
+    if hooks:
+        return model.run_with_hooks(tokens, fwd_hooks=hooks, **kwargs, **extra)
+    return model(tokens, **kwargs, **extra)
 

@@ -151,6 +151,10 @@ class MarkerBehaviour(Behaviour):
         return self._batches(tokenizer, self.controls, split, batch_size)
 
     @override
+    def logits_to_keep(self, batch: Batch) -> int:
+        return 1
+
+    @override
     def metric(self, logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, " batch"]:
         return logits[:, -1].float().log_softmax(-1)[:, batch.meta["marker_id"]]
 

@@ -5,10 +5,20 @@ import math
 import pytest
 import torch
 
-from cnt_lens import Refusal, StereotypeBias, Utility, donor_refusal, is_refusal, judge_refusal, load_prompts
+from cnt_lens import (
+    FormatTask,
+    Refusal,
+    StereotypeBias,
+    Utility,
+    donor_refusal,
+    is_refusal,
+    judge_refusal,
+    load_prompts,
+)
 from cnt_lens.behaviours import sequence_logprobs
 from cnt_lens.data import chat_format, encode
 from cnt_lens.experiments.recipes import TuneConfig, safety_tune
+from cnt_lens.models import logits_of, takes_logits_to_keep
 from cnt_lens.testing import tiny_model
 
 TINY_REFUSALS = ("Sorry , I cannot help with that .",)
@@ -62,6 +72,43 @@ def test_refusal_continuation_metric_is_the_log_probability_of_the_whole_continu
     opening = Refusal()
     assert beh.estimate_items(tiny, "validation", progress=False) == \
         opening.estimate_items(tiny, "validation", progress=False)
+
+
+def _metric_or_none(behaviour, logits, batch):
+    try:
+        return behaviour.metric(logits, batch)
+    except (IndexError, RuntimeError, ValueError):
+        return None
+
+
+@pytest.mark.parametrize("behaviour", [Refusal(), Refusal(continuation=TINY_REFUSALS[0]), FormatTask(prefix="Answer")],
+                         ids=["opening", "continuation", "format"])
+def test_a_metric_reads_exactly_the_last_logits_it_keeps(tiny, behaviour):
+    """Unembedding only ``logits_to_keep`` positions gives the metric of every position's logits; one fewer does not."""
+    tok = tiny.cnt_tokenizer
+    assert takes_logits_to_keep(tiny)
+    for b in behaviour.batches(tok, "validation", 4)[:2]:
+        keep = behaviour.logits_to_keep(b)
+        with torch.no_grad():
+            every = tiny(b.tokens, **b.model_kwargs())
+            kept = logits_of(tiny, b.tokens, b.model_kwargs(), keep=keep)
+        assert 0 < keep < every.shape[1] and kept.shape == (len(b), keep, every.shape[-1])
+        torch.testing.assert_close(behaviour.metric(kept, b), behaviour.metric(every, b))
+        fewer = _metric_or_none(behaviour, kept[:, 1:], b)
+        assert fewer is None or not torch.allclose(fewer, behaviour.metric(every, b))
+
+
+def test_logits_of_unembeds_every_position_for_a_model_that_cannot_keep_fewer(tiny):
+    class Plain(torch.nn.Module):  # an HF-style forward without ``logits_to_keep``
+        def forward(self, tokens, attention_mask=None, position_ids=None):
+            return tiny(tokens, attention_mask=attention_mask, position_ids=position_ids)
+
+    plain = Plain()
+    b = Refusal().batches(tiny.cnt_tokenizer, "validation", 4)[0]
+    assert not takes_logits_to_keep(plain)
+    with torch.no_grad():
+        out = logits_of(plain, b.tokens, b.model_kwargs(), keep=3)
+        torch.testing.assert_close(out, tiny(b.tokens, **b.model_kwargs()))
 
 
 def test_refusal_openings_that_cannot_be_read_are_refused(tiny):

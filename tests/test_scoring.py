@@ -32,6 +32,34 @@ def test_weight_attribution_sees_output_rewiring_that_activation_attribution_can
     assert sum(activation) / len(activation) < 0.8 and min(activation) < 0.6
 
 
+@pytest.mark.parametrize("method", ["weight_attribution", "attribution", "snip", "wanda", "activation_contrast"])
+def test_scores_read_the_same_numbers_from_only_the_logits_the_metric_keeps(planted, method, monkeypatch):
+    """Forward passes unembed only the positions read (the metric's last one; one where only activations are read):
+    every score is what unembedding all positions gives."""
+    import cnt_lens.models
+    import cnt_lens.scoring.baselines
+    import cnt_lens.scoring.common
+
+    pair, behaviour, _ = planted
+    widths: list[int] = []
+    every = False
+
+    def spy(model, tokens, kwargs, hooks=(), keep=0):
+        out = cnt_lens.models.logits_of(model, tokens, kwargs, hooks, keep=0 if every else keep)
+        widths.append(out.shape[1])
+        return out
+
+    monkeypatch.setattr(cnt_lens.scoring.common, "logits_of", spy)
+    monkeypatch.setattr(cnt_lens.scoring.baselines, "logits_of", spy)
+    kept = score(pair, behaviour, method, progress=False).values
+    assert widths and set(widths) == {1}
+    widths.clear()
+    every = True
+    all_positions = score(pair, behaviour, method, progress=False).values
+    assert min(widths) > 1
+    torch.testing.assert_close(kept, all_positions, rtol=1e-4, atol=1e-6)
+
+
 def test_exact_patching_agrees_in_sign_with_attribution(planted):
     pair, behaviour, sel = planted
     for a, e in (("attribution", "activation_patching"), ("weight_attribution", "weight_patching")):

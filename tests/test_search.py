@@ -185,9 +185,9 @@ def test_rescoring_rounds_run_the_donor_once_and_rank_as_if_run_every_round(monk
     runs = {"donor": 0, "target": 0}
     real = attribution.forward
 
-    def counting(model, batch, hooks):
+    def counting(model, batch, behaviour, hooks=()):
         runs["donor" if model is pair.donor else "target"] += 1
-        return real(model, batch, hooks)
+        return real(model, batch, behaviour, hooks)
 
     monkeypatch.setattr(attribution, "forward", counting)
     kw = dict(budget=6 / pair.n_neurons, rounds=3, alpha=1.0, contrast=0.5, preserve=[Utility()], progress=False)

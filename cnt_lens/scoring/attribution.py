@@ -104,14 +104,14 @@ def _attribute_batch(pair: ModelPair, behaviour: Behaviour, batch: Batch, kind: 
     else:
         with torch.no_grad():
             hooks = capture(layers, "hook_post", donor_post) if kind == "activation" else []
-            donor_sum = float(behaviour.metric(forward(pair.donor, batch, hooks), batch).float().sum())
+            donor_sum = float(behaviour.metric(forward(pair.donor, batch, behaviour, hooks), batch).float().sum())
     xs: dict[int, Tensor] = {}
     hooks_t: list[Hook] = [("hook_embed", _embed_requires_grad)]
     if kind == "weight":
         hooks_t += capture(layers, "hook_in", xs)
     hooks_t += _accumulating_hooks(pair, kind, positions.unsqueeze(-1).float(), acc, donor_post, xs)
     with torch.enable_grad():
-        metric = behaviour.metric(forward(pair.target, batch, hooks_t), batch).float()
+        metric = behaviour.metric(forward(pair.target, batch, behaviour, hooks_t), batch).float()
         metric.sum().backward()
     return donor_sum, metric.detach()
 

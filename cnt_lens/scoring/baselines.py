@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..behaviours import Behaviour
 from ..data import Batch
-from ..models import ModelPair, device_of, neuron_params
+from ..models import ModelPair, device_of, logits_of, neuron_params
 from .common import Direction, capture, forward, measure_direction, require_batches
 from .registry import Context, Scored
 
@@ -65,8 +65,8 @@ def activation_contrast(model: Any, behaviour_batches: list[Batch], control_batc
         for b in batches:
             b = b.to(device_of(model))
             posts: dict[int, Tensor] = {}
-            with torch.no_grad():
-                forward(model, b, capture(list(range(n_layers)), "hook_post", posts))
+            with torch.no_grad():  # activations only: one position's logits is the least a forward computes
+                logits_of(model, b.tokens, b.model_kwargs(), capture(list(range(n_layers)), "hook_post", posts), keep=1)
             m = b.attention_mask.float()[..., None]
             total = total + torch.stack([(posts[layer].float() * m).sum((0, 1)) for layer in range(n_layers)])
             count += float(m.sum())
@@ -84,8 +84,9 @@ def wanda(model: Any, batches: list[Batch], n_layers: int) -> Float[Tensor, "n_l
         b = b.to(device_of(model))
         xs: dict[int, Tensor] = {}
         posts: dict[int, Tensor] = {}
-        with torch.no_grad():
-            forward(model, b, capture(layers, "hook_in", xs) + capture(layers, "hook_post", posts))
+        with torch.no_grad():  # activations only
+            logits_of(model, b.tokens, b.model_kwargs(), capture(layers, "hook_in", xs) + capture(layers, "hook_post", posts),
+                      keep=1)
         m = b.attention_mask.float()[..., None]
         for layer in layers:
             sq_x[layer] = sq_x.get(layer, 0) + (xs[layer].float() ** 2 * m).sum((0, 1))
@@ -115,7 +116,7 @@ def snip(model: Any, behaviour: Behaviour, batches: list[Batch], n_layers: int) 
         for b in batches:
             b = b.to(device_of(model))
             with torch.enable_grad():
-                behaviour.metric(forward(model, b), b).float().sum().backward()
+                behaviour.metric(forward(model, b, behaviour), b).float().sum().backward()
         out = []
         for layer in range(n_layers):
             s = 0

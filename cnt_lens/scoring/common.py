@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..behaviours import Behaviour
 from ..data import Batch
-from ..models import ModelPair, device_of, hook_name
+from ..models import ModelPair, device_of, hook_name, logits_of
 
 Positions = Union[Literal["all"], int]
 """Which token positions a scorer patches / sums over: every real token (``"all"``, the default,
@@ -37,9 +37,13 @@ def position_mask(batch: Batch, positions: Positions) -> Bool[Tensor, "batch pos
     return mask & last
 
 
-def forward(model: Any, batch: Batch, hooks: list[Hook] = ()) -> Float[Tensor, "batch pos vocab"]:
-    """Logits of ``model`` on ``batch`` with forward hooks (TransformerLens ``(tensor, hook)`` style)."""
-    return model.run_with_hooks(batch.tokens, fwd_hooks=list(hooks), **batch.model_kwargs())
+def forward(model: Any, batch: Batch, behaviour: Behaviour, hooks: list[Hook] = ()) -> Float[Tensor, "batch kept vocab"]:
+    """The logits ``behaviour.metric`` reads of ``model`` on ``batch``, with TransformerLens ``(tensor, hook)`` hooks.
+
+    Only the last :meth:`~cnt_lens.Behaviour.logits_to_keep` positions are unembedded
+    (:func:`~cnt_lens.models.logits_of`).
+    """
+    return logits_of(model, batch.tokens, batch.model_kwargs(), hooks, keep=behaviour.logits_to_keep(batch))
 
 
 @dataclass
@@ -89,7 +93,7 @@ def measure_direction(pair: ModelPair, behaviour: Behaviour, batches: list[Batch
         for b in batches:
             b = b.to(device_of(model))
             with torch.no_grad():
-                m = behaviour.metric(model(b.tokens, **b.model_kwargs()), b).float()
+                m = behaviour.metric(forward(model, b, behaviour), b).float()
             total, n = total + float(m.sum()), n + m.numel()
         sums.append(total / max(n, 1))
     d = Direction(*sums, behaviour.toward)

@@ -112,8 +112,8 @@ def patching_effects(
             pos = position_mask(batch, positions)
             donor_post: dict[int, Tensor] = {}
             hooks = capture(layers_needed, "hook_post", donor_post) if mode == "activation" else []
-            m_donor += float(behaviour.metric(forward(pair.donor, batch, hooks), batch).float().sum())
-            clean = behaviour.metric(forward(pair.target, batch), batch).float()
+            m_donor += float(behaviour.metric(forward(pair.donor, batch, behaviour, hooks), batch).float().sum())
+            clean = behaviour.metric(forward(pair.target, batch, behaviour), batch).float()
             m_target += float(clean.sum())
             n_items += clean.numel()
             for lo in range(0, groups.shape[0], groups_per_pass):
@@ -121,7 +121,7 @@ def patching_effects(
                 chunk = groups_dev[idx.to(dev)]
                 rows = len(batch)
                 hooks = _patch_hooks(pair, chunk, rows, pos, mode, donor_post)
-                logits = forward(pair.target, batch.repeat(len(idx)), hooks)
+                logits = forward(pair.target, batch.repeat(len(idx)), behaviour, hooks)
                 # Metrics may pair rows inside a batch (stereotype vs anti), so take them per replica.
                 patched = torch.stack([behaviour.metric(chunk_logits, batch).float()
                                        for chunk_logits in logits.split(rows)])
