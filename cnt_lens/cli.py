@@ -57,18 +57,25 @@ class _StderrHandler(logging.StreamHandler):
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Run directory to write."),
+    baselines: str = typer.Option("random", help="Baselines to compare with: comma-separated, none, or all (the "
+                                  "seven of `cnt-lens run enhance`, each also given the main method's own search)."),
     device: Optional[str] = typer.Option(None, help="torch device for both models, e.g. cuda (default: cpu)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """The main job: transfer refusal into the bundled SmolLM2 with a minimal neuron set.
 
-    The donor is the cached safety tune of the same model; the baselines run at the same budget
-    (= ``cnt-lens run enhance``).
+    The donor is the cached safety tune of the same model. The patch — ranking, search and test numbers —
+    is the one ``cnt-lens run enhance`` finds; the demo compares it with the random baseline at the same
+    budget and alpha (five seeds) by default, and with all seven baselines, each with its own search
+    (= ``cnt-lens run enhance``, several times longer), with ``--baselines all``.
     """
+    chosen = None if baselines.strip().lower() == "all" else _names(baselines)
+    _check_methods(chosen or (), "baseline(s)", "--baselines")
     # every option spelled out: called as a function, ``run``'s defaults are typer's OptionInfo objects
-    run(application="enhance", out=out, model="smollm2-135m-instruct", rounds=None, baselines=None, alphas=None,
-        max_fraction=None, screen=True, protocol="split", objective="opening", random_seeds=None,
-        search_baselines=True, device=device, progress=progress)
+    run(application="enhance", out=out, model="smollm2-135m-instruct", rounds=None,
+        baselines=None if chosen is None else ",".join(chosen) or "none", alphas=None, max_fraction=None, screen=True,
+        protocol="split", objective="opening", random_seeds=None, search_baselines=chosen is None, device=device,
+        progress=progress)
 
 
 @app.command()

@@ -173,14 +173,31 @@ def _stub_application(monkeypatch) -> dict:
     return seen
 
 
-def test_demo_runs_enhance_with_the_applications_own_settings(tmp_path, monkeypatch):
+def test_demo_runs_enhance_against_the_random_baseline(tmp_path, monkeypatch):
     seen = _stub_application(monkeypatch)
     res = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--no-progress"])
     assert res.exit_code == 0, res.output
-    assert seen == {"name": "enhance", "model": "smollm2-135m-instruct", "rounds": None, "baselines": None,
+    assert seen == {"name": "enhance", "model": "smollm2-135m-instruct", "rounds": None, "baselines": ("random",),
                     "device": None, "alphas": None, "max_fraction": None, "screen": True, "protocol": "split",
-                    "objective": "opening", "random_seeds": None, "search_baselines": True,
+                    "objective": "opening", "random_seeds": None, "search_baselines": False,
                     "progress": False}
+
+
+def test_demo_with_all_baselines_is_run_enhance(tmp_path, monkeypatch):
+    seen = _stub_application(monkeypatch)
+    res = runner.invoke(app, ["demo", "--baselines", "all", "--out", str(tmp_path / "demo"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    demo_args = dict(seen)
+    seen.clear()
+    res = runner.invoke(app, ["run", "enhance", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert demo_args == seen
+
+
+def test_demo_refuses_an_unknown_baseline_before_loading(tmp_path, monkeypatch):
+    seen = _stub_application(monkeypatch)
+    res = runner.invoke(app, ["demo", "--baselines", "random,nope", "--out", str(tmp_path / "demo")])
+    assert res.exit_code != 0 and "nope" in res.output and not seen
 
 
 def test_run_passes_its_overrides_to_the_application_and_prints_the_timings(tmp_path, monkeypatch):
