@@ -148,7 +148,7 @@ def search_minimal(
     ``screen``: run that search on the behaviours' cheap estimates
     (:meth:`~cnt_lens.Behaviour.estimate_items`, against the donor's and target's estimates), then
     evaluate in full only around its answer: from the estimated smallest k at its alpha, step k by
-    ×``step`` down while the goal holds (or up until it does), and bisect the bracket to
+    ×``step`` down while the goal holds (or up once, then to the largest k), and bisect the bracket to
     ``tolerance``. The returned point is verified by the full evaluation, as without ``screen``,
     at a few evaluations instead of one per point; when it fails there, the estimate's next-best
     alpha is tried. An estimated point counts as reaching the goal within ``slack`` of it (gap
@@ -278,8 +278,11 @@ def _refine_k(probe: Callable[[int], tuple[bool, bool]], start: int, k_max: int,
               step: float) -> int | None:
     """:func:`_smallest_k` started from a guess: step ×``step`` from ``start`` to a bracket, then bisect it.
 
-    Costs about two probes more than the bracket's bisection when ``start`` is within one step of
-    the answer, instead of a bisection from the whole range.
+    Down, it steps while the goal holds. Up, it tries one step and then ``k_max`` at once: the goal
+    is monotone in k, so a miss at ``k_max`` ends the search at this alpha (an estimate that hopes
+    too much, or an alpha that never reaches the goal, costs three probes instead of a climb of
+    ×``step`` steps to ``k_max``). Costs about two probes more than the bracket's bisection when
+    ``start`` is within one step of the answer, instead of a bisection from the whole range.
     """
     if step <= 1:
         raise ValueError(f"step must be > 1, got {step}")
@@ -294,13 +297,13 @@ def _refine_k(probe: Callable[[int], tuple[bool, bool]], start: int, k_max: int,
                 break
             hi, ok = down, ok_down
         return _bisect(probe, lo, hi, ok, tolerance)
-    lo = start
-    while lo < k_max:
-        up = min(k_max, max(lo + 1, math.ceil(lo * step)))
-        goal_ok, ok = probe(up)
+    up = min(k_max, max(start + 1, math.ceil(start * step)))
+    for lo, hi in ((start, up), (up, k_max)):  # one step up, then the top
+        if hi <= lo:
+            break
+        goal_ok, ok = probe(hi)
         if goal_ok:
-            return _bisect(probe, lo, up, ok, tolerance)
-        lo = up
+            return _bisect(probe, lo, hi, ok, tolerance)
     return None
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +126,22 @@ def test_refine_from_a_guess_brackets_then_bisects_to_the_tolerance():
     # never reached within k_max, or the constraint fails at the smallest passing k: no answer
     assert _refine_k(_counting_probe(3000)[0], 100, k_max=2000, min_k=1, tolerance=0.1, step=1.25) is None
     assert _refine_k(_counting_probe(45, constraint_up_to=40)[0], 100, 2000, 1, 0.1, 1.25) is None
+
+
+def test_refine_upward_tries_one_step_then_the_largest_k():
+    """A guess below the answer: one ×step probe, then k_max; a goal missed at k_max ends it in three probes."""
+    from cnt_lens.search import _refine_k
+
+    hopeless, calls = _counting_probe(3000)
+    assert _refine_k(hopeless, 100, k_max=2000, min_k=1, tolerance=0.1, step=1.25) is None
+    assert calls == [100, 125, 2000]
+    far, calls = _counting_probe(1500)
+    k = _refine_k(far, 100, k_max=2000, min_k=1, tolerance=0.1, step=1.25)
+    assert 1500 <= k <= 1.1 * 1500 and k in calls
+    # three probes to bracket (100, 125, 2000), then a geometric bisection of (125, 2000] to 10%
+    assert calls[:3] == [100, 125, 2000] and len(calls) <= 3 + math.ceil(math.log2(math.log(2000 / 125) / math.log(1.1)))
+    assert _refine_k(_counting_probe(1)[0], 2000, k_max=2000, min_k=1, tolerance=0.1, step=1.25) == 1
+    assert _refine_k(_counting_probe(2001)[0], 2000, k_max=2000, min_k=1, tolerance=0.1, step=1.25) is None
 
 
 def test_screened_search_confirms_its_point_in_full_with_fewer_evaluations(arch):
