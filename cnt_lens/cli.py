@@ -69,8 +69,7 @@ def demo(
     budget and alpha (five seeds) by default, and with all seven baselines, each with its own search
     (= ``cnt-lens run enhance``, several times longer), with ``--baselines all``.
     """
-    chosen = None if baselines.strip().lower() == "all" else _names(baselines)
-    _check_methods(chosen or (), "baseline(s)", "--baselines")
+    chosen = None if baselines.strip().lower() == "all" else _names(baselines)  # ``run`` checks the names
     # every option spelled out: called as a function, ``run``'s defaults are typer's OptionInfo objects
     run(application="enhance", out=out, model="smollm2-135m-instruct", rounds=None,
         baselines=None if chosen is None else ",".join(chosen) or "none", alphas=None, max_fraction=None, screen=True,

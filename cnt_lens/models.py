@@ -18,6 +18,7 @@ orientation). ``b_out`` is shared by all neurons of a layer and is never transpl
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import os
@@ -684,8 +685,13 @@ def device_of(model: TransformerBridge) -> torch.device:
 
 def takes_logits_to_keep(model: Any) -> bool:
     """Whether the HF forward under ``model`` (a bridge or a plain HF module) can unembed only the last positions."""
-    hf = getattr(model, "original_model", model)
-    return "logits_to_keep" in inspect.signature(hf.forward).parameters
+    return _forward_takes_logits_to_keep(type(getattr(model, "original_model", model)))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    """Per model class, once: the signature is read at every scoring batch otherwise."""
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def logits_of(model: Any, tokens: Int[Tensor, "batch pos"], kwargs: dict[str, Any], hooks: Iterable[Any] = (),
