@@ -19,26 +19,35 @@ A result is found again only when everything it depends on is the same:
 Anything else is computed afresh; to recompute everything, delete ``{out}/resume/``. Files:
 ``resume/measured.jsonl`` (one JSON line per result, appended and synced; a line cut short by a
 kill is ignored when read) and ``resume/scores/{key}.safetensors`` (written atomically).
+
+Evaluations of an *unpatched* model — the donor's and the target's numbers, which every run of a
+pair measures again on the same prompts — are also kept across runs, in ``$CNT_LENS_CACHE/measured/``
+(one file per result, written atomically), keyed as above and by the digest of cnt_lens's own
+source and prompt files (:func:`code_digest`): a run of the same pair reuses them; any change to
+the code, the models, the prompts or the library versions measures them again. ``CNT_LENS_SHARED=0``
+turns that cache off (a benchmark timing a first run).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .files import append_jsonl
+from .files import append_jsonl, atomic_write_text, cache_dir
 from .journal import entries
 from .models import device_of, hf_state_dict, library_versions
 from .selection import NeuronScores
 
-__all__ = ["active_directory", "recall_records", "recall_scores", "resumable", "weights_digest"]
+__all__ = ["active_directory", "code_digest", "recall_records", "recall_scores", "resumable", "weights_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,25 @@ def weights_digest(model: Any) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha1 of cnt_lens's own source and data files (``*.py``, prompts): what a cross-run result also depends on."""
+    root = Path(__file__).parent
+    h = hashlib.sha1()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _shared_path(key: str) -> Path | None:
+    """Where the cross-run cache keeps the result of ``key`` (an unpatched model's); ``None`` when it is off."""
+    if os.environ.get("CNT_LENS_SHARED", "1") == "0":
+        return None
+    name = hashlib.sha1(f"{key}:{code_digest()}".encode()).hexdigest()
+    return cache_dir() / "measured" / f"{name}.json"
+
+
 class _Store:
     """One run directory's remembered results (``{out}/resume``)."""
 
@@ -68,6 +96,7 @@ class _Store:
         self.records: dict[str, list[dict[str, Any]]] = {}
         self.digests: dict[int, str] = {}
         self.reused = 0
+        self.shared = 0  # results reused from the cross-run cache
         self.versions = library_versions()  # once per run, not once per key
         path = root / "measured.jsonl"
         if path.is_file():
@@ -133,6 +162,8 @@ def resumable(directory: str | Path) -> Iterator[Path]:
         _ACTIVE.reset(token)
         if store.reused:
             log.info("reused %d remembered results from %s", store.reused, root)
+        if store.shared:
+            log.info("reused %d donor/target evaluations from %s", store.shared, cache_dir() / "measured")
 
 
 def active_directory() -> Path | None:
@@ -156,7 +187,17 @@ def recall_records(model: Any, behaviour: Any, split: str | None, *, estimate: b
     if key in store.records:
         store.reused += 1
         return [dict(r) for r in store.records[key]]
-    return store.add_records(key, compute())
+    shared = None if entries(model) else _shared_path(key)  # an unpatched model's: kept across runs too
+    if shared is not None and shared.is_file():
+        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError, OSError):
+            records = json.loads(shared.read_text(encoding="utf-8"))["records"]
+            store.shared += 1
+            return store.add_records(key, records)
+    records = store.add_records(key, compute())
+    if shared is not None:
+        with contextlib.suppress(OSError, TypeError, ValueError):  # a cache that cannot be written is no error
+            atomic_write_text(shared, json.dumps({"key": key, "records": records}))
+    return records
 
 
 def recall_scores(models: Sequence[Any], behaviour: Any, settings: dict[str, Any],

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -68,17 +68,16 @@ def measure_point(pair: ModelPair, behaviours: Sequence[Behaviour], scores: Neur
     ``behaviours[0]`` is the transplanted behaviour (its headline defines ``gap_closed`` against
     ``reference``, which must be measured the same way: both estimated or both evaluated), the rest
     side effects. Keys: ``method``, ``k``, ``fraction``, ``alpha``, ``gap_closed``, ``goal_reached``,
-    ``reached`` (goal reached and ``constraint`` holds), ``measured`` (``"estimate"`` or
-    ``"evaluation"``) and every measured number.
+    ``acceptable`` (``constraint`` holds), ``reached`` (goal reached and acceptable), ``measured``
+    (``"estimate"`` or ``"evaluation"``) and every measured number.
     """
     head = behaviours[0].headline
     with NeuronPatch.from_pair(pair, selection, alpha).applied(pair.target):
         m = measure(pair.target, behaviours, split, batch_size=batch_size, estimate=estimate)
     closed = (m[head] - reference["target"][head]) / (reference["donor"][head] - reference["target"][head])
-    goal_ok = bool(closed >= goal)
+    goal_ok, ok = bool(closed >= goal), constraint is None or bool(constraint(m, reference))
     return {"method": scores.method, "k": selection.n, "fraction": selection.n / pair.n_neurons, "alpha": alpha,
-            "gap_closed": closed, "goal_reached": goal_ok,
-            "reached": goal_ok and (constraint is None or bool(constraint(m, reference))),
+            "gap_closed": closed, "goal_reached": goal_ok, "acceptable": ok, "reached": goal_ok and ok,
             "measured": "estimate" if estimate else "evaluation", **m}
 
 
@@ -131,39 +130,41 @@ def search_minimal(
     batch_size: int = 16,
     progress: bool = True,
 ) -> SearchResult:
-    """Smallest top-k set of ``scores`` (and the alpha in ``alphas``) that closes ``goal`` of the gap.
+    """Smallest top-k set of ``scores`` (and the alpha in ``alphas``) that closes ``goal`` of the gap acceptably.
 
-    For each alpha, the top ``max_fraction`` of neurons is tried first; if it reaches the goal,
-    bisection over k (on a geometric scale, stopping when the bracket is within ``tolerance``)
-    finds the smallest k that does, and that k counts if it also meets ``constraint``. The
-    bisection follows the goal alone: side effects (harmless refusal, NLL) grow with k, so a
-    constraint can fail at the largest k and hold at the smallest one that reaches the goal.
-    Alphas after the first only search below the best k so far.
-    ``side_effects`` (e.g. :class:`~cnt_lens.Utility`) are evaluated at every point too, and
-    ``constraint(metrics, reference) -> bool`` (e.g. harmless refusal no higher than the donor's;
-    ``reference`` holds the target's and donor's numbers on the same split) must hold for a point
-    to count as reaching the goal. ``reference`` (from :func:`measure_reference` on the same split)
-    saves measuring donor and target again. Returns the whole measured frontier.
+    A point is acceptable when ``constraint(metrics, reference) -> bool`` holds (e.g. harmless refusal
+    no higher than the donor's, utility NLL kept; ``reference`` holds the target's and donor's numbers
+    on the same split, from :func:`measure_reference`, measured here when not given). Both the goal
+    and the side effects grow with k, so at each alpha one geometric bisection over k (stopping when
+    the bracket is within ``tolerance``) keeps a lower end that is acceptable and short of the goal
+    and an upper end that is not: it ends at the smallest k reaching the goal when that k is
+    acceptable (a constraint failing at the largest k may hold there), and otherwise at the
+    constraint's boundary, the largest acceptable k — the best acceptable point of that alpha, which
+    is on the returned frontier when no alpha reaches the goal. The first alpha bisects the whole
+    range (up to ``max_fraction`` of the neurons); each later one starts from the answer before it
+    (steps of ×``step`` to a bracket, then bisection) and, once some alpha has reached the goal, only
+    looks below its k. ``side_effects`` (e.g. :class:`~cnt_lens.Utility`) are evaluated at every
+    point. Returns the whole measured frontier; ``found`` says whether the goal was reached.
 
     ``screen``: run that search on the behaviours' cheap estimates
     (:meth:`~cnt_lens.Behaviour.estimate_items`, against the donor's and target's estimates), then
-    evaluate in full only around its answer: from the estimated smallest k at its alpha, step k by
-    ×``step`` down while the goal holds (or up once, then to the largest k), and bisect the bracket to
-    ``tolerance``. The returned point is verified by the full evaluation, as without ``screen``,
-    at a few evaluations instead of one per point; when it fails there, the estimate's next-best
-    alpha is tried. An estimated point counts as reaching the goal within ``slack`` of it (gap
-    fraction): the estimate only decides where to look, and one that falls a prompt short of the
-    goal at the largest k must not hide an alpha from the search. When the estimate reaches the goal
-    at no alpha, the search runs in full: an estimate that misreads the patched models (one reading a
-    refusal's opening, for neurons ranked on its whole sentence) must not end the search unlooked.
-    Each frontier point says how it was ``measured``. Without an estimated gap (donor and target estimated alike), or when every behaviour's estimate is its evaluation
-    (:attr:`~cnt_lens.Behaviour.estimate_is_evaluation`), it is the full search. ``estimated_reference``
-    (the result's, from an earlier search on the same split) saves estimating donor and target again.
+    evaluate in full only around its answers: from an estimated answer, step k by ×``step`` to a
+    bracket and bisect it to ``tolerance``. Goal-reaching answers are confirmed smallest first; when
+    the estimate reached the goal at no alpha, only the alpha whose acceptable answer closed the most
+    of the estimated gap is refined in full, to its constraint boundary. An estimated point counts as
+    reaching the goal within ``slack`` of it (gap fraction): the estimate only decides where to look.
+    When the estimate finds nothing acceptable, it cannot say where to look and the search runs in
+    full; when it reached the goal nowhere and the refinement in full reaches it (an estimate reading a
+    refusal's opening, for neurons ranked on its whole sentence), the other alphas are searched in full
+    below that k. The estimate's own bisection stops within one ×``step`` (or ``tolerance``, when
+    wider). Each frontier point says how it was ``measured``.
+    Without an estimated gap (donor and target estimated alike), or when every behaviour's estimate
+    is its evaluation (:attr:`~cnt_lens.Behaviour.estimate_is_evaluation`), it is the full search.
+    ``estimated_reference`` (the result's, from an earlier search on the same split) saves estimating
+    donor and target again.
     """
     total = pair.n_neurons
-    k_max = _check_search(goal, alphas, max_fraction, min_k, total)
-    if not 0 <= slack < goal:
-        raise ValueError(f"slack is a share of the gap in [0, goal={goal}), got {slack}")
+    k_max = _check_search(goal, alphas, max_fraction, min_k, total, slack)
     behaviours = [behaviour, *side_effects]
     if reference is None:
         reference = measure_reference(pair, behaviour, side_effects, split=split, batch_size=batch_size)
@@ -176,8 +177,8 @@ def search_minimal(
     def select(k: int) -> NeuronSelection:
         return scores.top_k(max(1, k // pair.n_layers), per_layer=True) if per_layer else scores.top_k(k)
 
-    def probe(estimate: bool, alpha: float) -> Callable[[int], tuple[bool, bool]]:
-        """(goal reached, goal reached and constraint holds) at the top-k set and ``alpha``."""
+    def probe(estimate: bool, alpha: float) -> Probe:
+        """(goal reached, constraint holds) at the top-k set and ``alpha``, estimated or evaluated in full."""
         def at(k: int) -> tuple[bool, bool]:
             point = measure_point(pair, behaviours, scores, select(k), alpha, estimated if estimate else reference,
                                   split=split, goal=goal - slack if estimate else goal, constraint=constraint,
@@ -185,27 +186,33 @@ def search_minimal(
             frontier.append(point)
             bar.update(1)
             bar.set_postfix(k=point["k"], alpha=alpha, closed=f"{point['gap_closed']:.2f}", by=point["measured"])
-            return point["goal_reached"], point["reached"]
+            return point["goal_reached"], point["acceptable"]
         return at
 
-    candidates = _alpha_sweep(lambda a: probe(bool(estimated), a), alphas, k_max, min_k, tolerance)
-    screened = bool(estimated) and bool(candidates)
-    if estimated and not candidates:  # the estimate reached the goal nowhere: it cannot say where to look
-        candidates = _alpha_sweep(lambda a: probe(False, a), alphas, k_max, min_k, tolerance)
-    if screened:  # confirm the estimate's answers in full, smallest first
-        best = next(((k, a) for k0, a in reversed(candidates)
-                     if (k := _refine_k(probe(False, a), select(k0).n, k_max, min_k, tolerance, step)) is not None),
-                    None)
+    def full_sweep(start: _Candidate | None = None) -> _Candidate | None:
+        found = _alpha_sweep(lambda a: probe(False, a), alphas, k_max, min_k, tolerance, step, start)
+        return found[-1] if found and found[-1].found else None
+
+    if not estimated:
+        best = full_sweep()
     else:
-        best = candidates[-1] if candidates else None
+        # the estimate's answers only need to be within one ×step of the truth: the full refinement brackets
+        # them in steps of that size anyway
+        candidates = _alpha_sweep(lambda a: probe(True, a), alphas, k_max, min_k, max(tolerance, step - 1), step)
+        if not candidates:  # nothing acceptable by estimate, even at the smallest k: it cannot say where to look
+            best = full_sweep()
+        else:
+            best = _confirm(candidates, lambda c: probe(False, c.alpha), select, frontier, k_max, min_k,
+                            tolerance, step)
+            if best is not None and not any(c.found for c in candidates):
+                best = full_sweep(best)  # the evaluation reached a goal the estimate missed: the other alphas too
     bar.close()
     if best is None:
         return SearchResult(None, None, None, frontier, reference, estimated)
-    k, alpha = best
-    sel = select(k)
+    sel = select(best.k)
     point = next(p for p in reversed(frontier)
-                 if p["k"] == sel.n and p["alpha"] == alpha and p["measured"] == "evaluation")
-    return SearchResult(sel, alpha, {key: v for key, v in point.items() if isinstance(v, float)}, frontier,
+                 if p["k"] == sel.n and p["alpha"] == best.alpha and p["measured"] == "evaluation")
+    return SearchResult(sel, best.alpha, {key: v for key, v in point.items() if isinstance(v, float)}, frontier,
                         reference, estimated)
 
 
@@ -218,23 +225,82 @@ def _estimated_reference(pair: ModelPair, behaviour: Behaviour, side_effects: Se
         return {}
 
 
-def _alpha_sweep(probe: Callable[[float], Callable[[int], tuple[bool, bool]]], alphas: Sequence[float], k_max: int,
-                 min_k: int, tolerance: float) -> list[tuple[int, float]]:
-    """Each alpha's smallest passing k below the best so far: the improving (k, alpha) points, best last."""
-    found: list[tuple[int, float]] = []
+#: ``probe(k) -> (goal reached, constraint holds)`` at the top-k set (one alpha, one way of measuring)
+Probe = Callable[[int], tuple[bool, bool]]
+
+
+class _Answer(NamedTuple):
+    """One alpha's answer: the smallest k reaching the goal acceptably (``found``), or else the largest acceptable k."""
+
+    k: int
+    found: bool
+
+
+class _Candidate(NamedTuple):
+    k: int
+    alpha: float
+    found: bool
+
+
+def _short(goal_ok: bool, ok: bool) -> bool:
+    """Acceptable and short of the goal: the answer lies at a larger k."""
+    return ok and not goal_ok
+
+
+def _alpha_sweep(probe: Callable[[float], Probe], alphas: Sequence[float], k_max: int, min_k: int, tolerance: float,
+                 step: float, start: _Candidate | None = None) -> list[_Candidate]:
+    """Each alpha's answer, in order: the improving goal-reaching points (best last), after the acceptable-only ones.
+
+    Once some alpha reaches the goal, later alphas only look below its k; until then each alpha's answer
+    is its largest acceptable k. An alpha after the first starts from the answer before it (side effects
+    and the goal move together with alpha, so the next answer is usually a step away) instead of
+    bisecting the whole range again. ``start``: a goal-reaching answer already known (its alpha is skipped).
+    """
+    out: list[_Candidate] = [start] if start is not None else []
     for alpha in alphas:
-        hi = k_max if not found else found[-1][0] - 1
-        if hi >= min_k:
-            k = _smallest_k(probe(alpha), hi, min_k, tolerance)
-            if k is not None:
-                found.append((k, alpha))
-    return found
+        if start is not None and alpha == start.alpha:
+            continue
+        done = next((c for c in reversed(out) if c.found), None)
+        hi = k_max if done is None else done.k - 1
+        if hi < min_k:
+            continue
+        ans = (_from_top(probe(alpha), hi, min_k, tolerance) if not out
+               else _refine_k(probe(alpha), min(out[-1].k, hi), hi, min_k, tolerance, step))
+        if ans is not None and (ans.found or done is None):
+            out.append(_Candidate(ans.k, alpha, ans.found))
+    return out
 
 
-def _check_search(goal: float, alphas: Sequence[float], max_fraction: float, min_k: int, total: int) -> int:
+def _confirm(candidates: list[_Candidate], probe: Callable[[_Candidate], Probe], select: Callable[[int], Any],
+             frontier: list[dict[str, Any]], k_max: int, min_k: int, tolerance: float,
+             step: float) -> _Candidate | None:
+    """Evaluate the screen's candidates in full, refining each from its estimated k; the first that reaches the goal.
+
+    Goal-reaching candidates go first, smallest k first. When the estimate reached the goal nowhere, only the
+    acceptable candidate with the largest estimated gap closed is refined in full (to the constraint's
+    boundary, where the best acceptable point lies): one alpha's few evaluations, not every alpha's.
+    """
+    goal = [c for c in reversed(candidates) if c.found]
+    if not goal:
+        def estimated_gap(c: _Candidate) -> float:
+            n = select(c.k).n
+            return next(p["gap_closed"] for p in reversed(frontier)
+                        if p["k"] == n and p["alpha"] == c.alpha and p["measured"] == "estimate")
+        goal = [max(candidates, key=estimated_gap)]
+    for c in goal:
+        ans = _refine_k(probe(c), select(c.k).n, k_max, min_k, tolerance, step)
+        if ans is not None and ans.found:
+            return _Candidate(ans.k, c.alpha, True)
+    return None
+
+
+def _check_search(goal: float, alphas: Sequence[float], max_fraction: float, min_k: int, total: int,
+                  slack: float = 0.0) -> int:
     """Validate :func:`search_minimal`'s settings; return the largest k it may try."""
     if not (isinstance(goal, (int, float)) and 0 < goal <= 1.5):
         raise ValueError(f"goal is a fraction of the donor–target gap in (0, 1.5], got {goal}")
+    if not 0 <= slack < goal:
+        raise ValueError(f"slack is a share of the gap in [0, goal={goal}), got {slack}")
     if not alphas:
         raise ValueError("alphas is empty")
     bad = [a for a in alphas if not (isinstance(a, (int, float)) and math.isfinite(a) and a > 0)]
@@ -249,62 +315,69 @@ def _check_search(goal: float, alphas: Sequence[float], max_fraction: float, min
     return k_max
 
 
-def _smallest_k(probe: Callable[[int], tuple[bool, bool]], hi: int, min_k: int, tolerance: float) -> int | None:
-    """Smallest k ≤ ``hi`` (within ``tolerance``) whose probe reaches the goal, if it also counts; else None.
+def _from_top(probe: Probe, hi: int, min_k: int, tolerance: float) -> _Answer | None:
+    """One alpha's answer in ``[min_k, hi]`` by a geometric bisection from the whole range.
 
-    ``probe(k)`` returns (goal reached, goal reached and constraint holds). Bisection (geometric)
-    follows the goal alone, which is monotone in k; side effects grow with k, so a constraint that
-    fails at the largest k may hold at the smallest k that reaches the goal.
+    The bisection keeps ``lo`` acceptable and short of the goal and ``hi`` not: ``hi`` either reaches
+    the goal acceptably or breaks the constraint. Both the goal and the side effects grow with k, so it
+    ends at the smallest k reaching the goal when that k is acceptable (a constraint that fails at the
+    largest k may hold there), and otherwise at the constraint's boundary, the best acceptable point.
     """
     goal_ok, ok = probe(hi)
-    if not goal_ok:
-        return None
-    return _bisect(probe, min_k - 1, hi, ok, tolerance)
+    if _short(goal_ok, ok):
+        return _Answer(hi, False)
+    return _bisect(probe, min_k - 1, hi, goal_ok and ok, min_k, tolerance)
 
 
-def _bisect(probe: Callable[[int], tuple[bool, bool]], lo: int, hi: int, ok: bool, tolerance: float) -> int | None:
-    """Geometric bisection of (``lo`` misses, ``hi`` reaches the goal; ``ok``: ``hi`` also counts) to ``tolerance``."""
+def _bisect(probe: Probe, lo: int, hi: int, found: bool, min_k: int, tolerance: float) -> _Answer | None:
+    """Geometric bisection of (``lo`` short, ``hi`` not; ``found``: ``hi`` reaches the goal acceptably) to ``tolerance``.
+
+    ``lo = min_k - 1`` stands for the unpatched target, acceptable and short of the goal by definition.
+    """
     while hi - lo > 1 and hi > (1 + tolerance) * max(lo, 1):
         mid = max(lo + 1, min(hi - 1, round(math.sqrt(max(lo, 1) * hi))))
-        goal_ok, ok_mid = probe(mid)
-        if goal_ok:
-            hi, ok = mid, ok_mid
-        else:
+        goal_ok, ok = probe(mid)
+        if _short(goal_ok, ok):
             lo = mid
-    return hi if ok else None
+        else:
+            hi, found = mid, goal_ok and ok
+    if found:
+        return _Answer(hi, True)
+    return _Answer(lo, False) if lo >= min_k else None
 
 
-def _refine_k(probe: Callable[[int], tuple[bool, bool]], start: int, k_max: int, min_k: int, tolerance: float,
-              step: float) -> int | None:
-    """:func:`_smallest_k` started from a guess: step ×``step`` from ``start`` to a bracket, then bisect it.
+def _refine_k(probe: Probe, start: int, k_max: int, min_k: int, tolerance: float, step: float) -> _Answer | None:
+    """:func:`_from_top` started from a guess: step ×``step`` from ``start`` to a bracket, then bisect it.
 
-    Down, it steps while the goal holds. Up, it tries one step and then ``k_max`` at once: the goal
-    is monotone in k, so a miss at ``k_max`` ends the search at this alpha (an estimate that hopes
-    too much, or an alpha that never reaches the goal, costs three probes instead of a climb of
-    ×``step`` steps to ``k_max``). Costs about two probes more than the bracket's bisection when
-    ``start`` is within one step of the answer, instead of a bisection from the whole range.
+    Down, it steps while the point is not short of the goal (it reaches it, or breaks the constraint).
+    Up, it tries one step and then ``k_max`` at once: short of the goal and acceptable at ``k_max`` ends
+    the search at this alpha with ``k_max`` (an estimate that hopes too much, or an alpha that never
+    reaches the goal, costs three probes instead of a climb of ×``step`` steps). Costs about two probes
+    more than the bracket's bisection when ``start`` is within one step of the answer, instead of a
+    bisection of the whole range.
     """
     if step <= 1:
         raise ValueError(f"step must be > 1, got {step}")
     goal_ok, ok = probe(start)
-    if goal_ok:
-        hi, lo = start, min_k - 1
+    if not _short(goal_ok, ok):
+        hi, found, lo = start, goal_ok and ok, min_k - 1
         while hi > min_k:
             down = max(min_k, min(hi - 1, math.floor(hi / step)))
-            goal_ok, ok_down = probe(down)
-            if not goal_ok:
+            goal_ok, ok = probe(down)
+            if _short(goal_ok, ok):
                 lo = down
                 break
-            hi, ok = down, ok_down
-        return _bisect(probe, lo, hi, ok, tolerance)
-    up = min(k_max, max(start + 1, math.ceil(start * step)))
-    for lo, hi in ((start, up), (up, k_max)):  # one step up, then the top
+            hi, found = down, goal_ok and ok
+        return _bisect(probe, lo, hi, found, min_k, tolerance)
+    lo = start
+    for hi in (min(k_max, max(start + 1, math.ceil(start * step))), k_max):  # one step up, then the top
         if hi <= lo:
             break
         goal_ok, ok = probe(hi)
-        if goal_ok:
-            return _bisect(probe, lo, hi, ok, tolerance)
-    return None
+        if not _short(goal_ok, ok):
+            return _bisect(probe, lo, hi, goal_ok and ok, min_k, tolerance)
+        lo = hi
+    return _Answer(lo, False)
 
 
 def iterative_scores(

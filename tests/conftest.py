@@ -29,6 +29,12 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_cross_run_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test measures its donor and target itself (tests of the cross-run cache turn it on)."""
+    monkeypatch.setenv("CNT_LENS_SHARED", "0")
+
+
 @pytest.fixture(params=["llama", "gpt2"])
 def arch(request: pytest.FixtureRequest) -> str:
     return request.param

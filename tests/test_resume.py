@@ -67,6 +67,35 @@ def test_a_rerun_of_a_finished_transfer_computes_nothing_and_reports_the_same(tm
     assert third.baselines[:2] == first.baselines and third.patched == first.patched
 
 
+def test_a_new_run_of_the_same_pair_reuses_only_the_donors_and_targets_evaluations(tmp_path, monkeypatch):
+    from cnt_lens.resume import code_digest
+
+    monkeypatch.setenv("CNT_LENS_SHARED", "1")
+    monkeypatch.setenv("CNT_LENS_CACHE", str(tmp_path / "cache"))
+    pair, _, _ = planted_pair("llama", n_planted=8, seed=2)
+    behaviour = EstimatedMarker()
+    calls = _counting(monkeypatch, behaviour)
+    first = transfer(pair, behaviour, config=CFG, out_dir=tmp_path / "a", progress=False).report
+    total = calls["evaluate_items"] + calls["estimate_items"]
+    kept = list((tmp_path / "cache" / "measured").glob("*.json"))
+    # donor and target: validation and test evaluated, validation estimated (the screen's reference)
+    assert len(kept) == 6
+    calls.clear()
+    second = transfer(pair, behaviour, config=CFG, out_dir=tmp_path / "b", progress=False).report
+    assert calls["evaluate_items"] + calls["estimate_items"] == total - len(kept)  # every patched point again
+    assert _numbers(second) == _numbers(first)
+    # another code revision measures them again
+    monkeypatch.setattr("cnt_lens.resume.code_digest", lambda: code_digest() + "x")
+    calls.clear()
+    transfer(pair, behaviour, config=CFG, out_dir=tmp_path / "c", progress=False)
+    assert calls["evaluate_items"] + calls["estimate_items"] == total
+    # with the cache off, everything is measured again
+    monkeypatch.setenv("CNT_LENS_SHARED", "0")
+    calls.clear()
+    transfer(pair, behaviour, config=CFG, out_dir=tmp_path / "d", progress=False)
+    assert calls["evaluate_items"] + calls["estimate_items"] == total
+
+
 def test_an_interrupted_transfer_continues_where_it_stopped_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
     pair, _, _ = planted_pair("llama", n_planted=8, seed=2)
     behaviour = EstimatedMarker()

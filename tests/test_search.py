@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cnt_lens import score, search_minimal
+from cnt_lens.search import measure_point
 from cnt_lens.testing import EstimatedMarker, planted_pair
 
 
@@ -63,17 +64,16 @@ def test_per_layer_search_returns_a_per_layer_selection():
     assert any(p["k"] == res.selection.n and p["reached"] for p in res.frontier)
 
 
-def test_search_bisects_below_a_budget_whose_side_effects_break_the_constraint(arch):
-    """Side effects grow with k: a constraint failing at the full budget can hold at the minimal set."""
-    import torch
+def _unspecific_pair(arch: str):
+    """A planted pair whose donor has 8 more marker-writing neurons that fire on the control word too.
 
-    from cnt_lens import NeuronScores
+    Copying those is an unspecific side effect, like refusing harmless prompts. Returns the pair, the
+    behaviour, the planted selection and the unspecific neurons' flat indices.
+    """
     from cnt_lens.models import read_neurons, write_neurons
     from cnt_lens.testing import CONTROL
 
     pair, behaviour, planted = planted_pair(arch, n_planted=8, seed=0)
-    # 8 more donor neurons write the marker too, but fire on the control word: an unspecific
-    # side effect (like refusing harmless prompts) that copying them would bring along
     emb = pair.donor.original_model.get_input_embeddings().weight.detach()
     ctrl = emb[pair.tokenizer.convert_tokens_to_ids(CONTROL)]
     layer0, n0 = planted.mask.nonzero()[0].tolist()
@@ -88,6 +88,14 @@ def test_search_bisects_below_a_budget_whose_side_effects_break_the_constraint(a
                 if role in vals:
                     vals[role][:] = ctrl / ctrl.norm() * 2.0
             write_neurons(pair.donor, layer, idx, vals)
+    return pair, behaviour, planted, noisy
+
+
+def test_search_bisects_below_a_budget_whose_side_effects_break_the_constraint(arch):
+    """Side effects grow with k: a constraint failing at the full budget can hold at the minimal set."""
+    from cnt_lens import NeuronScores
+
+    pair, behaviour, planted, noisy = _unspecific_pair(arch)
     values = planted.mask.float() * 2
     values.view(-1)[noisy] = 1.0  # planted first, then the unspecific neurons
     ranking = NeuronScores(values, "handmade")
@@ -99,33 +107,63 @@ def test_search_bisects_below_a_budget_whose_side_effects_break_the_constraint(a
     assert res.found and res.selection.n <= planted.n and (res.selection & planted).n == res.selection.n
 
 
+def test_out_of_reach_goal_ends_at_the_constraints_boundary():
+    """No acceptable point reaches the goal: the search ends at the largest acceptable k, evaluated."""
+    from cnt_lens import NeuronScores
+
+    pair, behaviour, planted, noisy = _unspecific_pair("gpt2")
+    # two planted neurons, then the unspecific ones, then the other planted ones: every set that reaches
+    # the goal carries unspecific neurons along, and the constraint breaks before the goal is reached
+    first, rest = planted.mask.flatten().nonzero().squeeze(1).split([2, 6])
+    values = torch.zeros(pair.n_neurons)
+    values[first], values[noisy], values[rest] = 3.0, 2.0, 1.0
+    ranking = NeuronScores(values.view(pair.n_layers, pair.d_mlp), "handmade")
+    specific = lambda m, ref: m["marker_rate_control"] <= ref["target"]["marker_rate_control"]  # noqa: E731
+    res = search_minimal(pair, behaviour, ranking, goal=0.9, alphas=(1.0,), max_fraction=16 / pair.n_neurons,
+                         constraint=specific, progress=False)
+    assert not res.found and not any(p["reached"] for p in res.frontier)
+    assert any(p["goal_reached"] for p in res.frontier)  # the goal is there, only not acceptably
+    # every k measured directly: the acceptable ones are a prefix, and the search's best is its end
+    every = [measure_point(pair, [behaviour], ranking, ranking.top_k(k), 1.0, res.reference, constraint=specific)
+             for k in range(1, 17)]
+    boundary = max(k for k, p in enumerate(every, 1) if p["acceptable"])
+    assert all(p["acceptable"] for p in every[:boundary]) and every[boundary - 1]["gap_closed"] > 0
+    best = max((p for p in res.frontier if p["acceptable"]), key=lambda p: p["gap_closed"])
+    assert best["k"] == boundary and any(p["k"] == boundary + 1 and not p["acceptable"] for p in res.frontier)
+    assert len(res.frontier) < 16
+
+
 def _counting_probe(threshold: int, constraint_up_to: int | None = None):
     """A monotone probe: the goal holds from ``threshold`` on; the constraint only up to ``constraint_up_to``."""
     calls: list[int] = []
 
     def probe(k: int) -> tuple[bool, bool]:
         calls.append(k)
-        ok = k >= threshold
-        return ok, ok and (constraint_up_to is None or k <= constraint_up_to)
+        return k >= threshold, constraint_up_to is None or k <= constraint_up_to
     return probe, calls
 
 
 def test_refine_from_a_guess_brackets_then_bisects_to_the_tolerance():
-    from cnt_lens.search import _refine_k, _smallest_k
+    from cnt_lens.search import _from_top, _refine_k
 
     for guess in (10, 40, 45, 60, 400, 2000):  # below, at, above and far above the answer (45)
         probe, calls = _counting_probe(45)
-        k = _refine_k(probe, guess, k_max=2000, min_k=1, tolerance=0.1, step=1.25)
-        assert 45 <= k <= 1.1 * 45, (guess, k)
+        k, found = _refine_k(probe, guess, k_max=2000, min_k=1, tolerance=0.1, step=1.25)
+        assert found and 45 <= k <= 1.1 * 45, (guess, k)
         assert k in calls  # the answer was probed, not inferred
     near, near_calls = _counting_probe(45)
     _refine_k(near, 48, k_max=2000, min_k=1, tolerance=0.1, step=1.25)
     full, full_calls = _counting_probe(45)
-    assert 45 <= _smallest_k(full, 2000, 1, 0.1) <= 49.5
+    k, found = _from_top(full, 2000, 1, 0.1)
+    assert found and 45 <= k <= 49.5
     assert len(near_calls) < len(full_calls)  # a good guess costs fewer probes than the whole range
-    # never reached within k_max, or the constraint fails at the smallest passing k: no answer
-    assert _refine_k(_counting_probe(3000)[0], 100, k_max=2000, min_k=1, tolerance=0.1, step=1.25) is None
-    assert _refine_k(_counting_probe(45, constraint_up_to=40)[0], 100, 2000, 1, 0.1, 1.25) is None
+    # never reached within k_max: the answer is k_max itself, acceptable and short of the goal
+    assert _refine_k(_counting_probe(3000)[0], 100, k_max=2000, min_k=1, tolerance=0.1, step=1.25) == (2000, False)
+    # the constraint fails below the smallest passing k: the answer is the constraint's boundary
+    for guess in (10, 100, 2000):
+        probe, calls = _counting_probe(45, constraint_up_to=40)
+        k, found = _refine_k(probe, guess, 2000, 1, 0.1, 1.25)
+        assert not found and 40 / 1.1 <= k <= 40 and k in calls, (guess, k)
 
 
 def test_refine_upward_tries_one_step_then_the_largest_k():
@@ -133,15 +171,17 @@ def test_refine_upward_tries_one_step_then_the_largest_k():
     from cnt_lens.search import _refine_k
 
     hopeless, calls = _counting_probe(3000)
-    assert _refine_k(hopeless, 100, k_max=2000, min_k=1, tolerance=0.1, step=1.25) is None
+    assert _refine_k(hopeless, 100, k_max=2000, min_k=1, tolerance=0.1, step=1.25) == (2000, False)
     assert calls == [100, 125, 2000]
     far, calls = _counting_probe(1500)
-    k = _refine_k(far, 100, k_max=2000, min_k=1, tolerance=0.1, step=1.25)
-    assert 1500 <= k <= 1.1 * 1500 and k in calls
+    k, found = _refine_k(far, 100, k_max=2000, min_k=1, tolerance=0.1, step=1.25)
+    assert found and 1500 <= k <= 1.1 * 1500 and k in calls
     # three probes to bracket (100, 125, 2000), then a geometric bisection of (125, 2000] to 10%
     assert calls[:3] == [100, 125, 2000] and len(calls) <= 3 + math.ceil(math.log2(math.log(2000 / 125) / math.log(1.1)))
-    assert _refine_k(_counting_probe(1)[0], 2000, k_max=2000, min_k=1, tolerance=0.1, step=1.25) == 1
-    assert _refine_k(_counting_probe(2001)[0], 2000, k_max=2000, min_k=1, tolerance=0.1, step=1.25) is None
+    assert _refine_k(_counting_probe(1)[0], 2000, k_max=2000, min_k=1, tolerance=0.1, step=1.25) == (1, True)
+    assert _refine_k(_counting_probe(2001)[0], 2000, k_max=2000, min_k=1, tolerance=0.1, step=1.25) == (2000, False)
+    # nothing acceptable at any k: no answer
+    assert _refine_k(_counting_probe(45, constraint_up_to=0)[0], 100, 2000, 1, 0.1, 1.25) is None
 
 
 def test_screened_search_confirms_its_point_in_full_with_fewer_evaluations(arch):
@@ -238,5 +278,38 @@ def test_a_screen_whose_estimate_reaches_the_goal_nowhere_searches_in_full():
     assert screened.estimated_reference["donor"]["marker_rate"] > 0 and est
     assert not any(p["goal_reached"] for p in est)  # the screen found nothing ...
     assert full.found and screened.found  # ... and the search still answers, as the full search does
-    assert screened.selection == full.selection and screened.alpha == full.alpha
-    assert [p["k"] for p in screened.frontier if p["measured"] == "evaluation"] == [p["k"] for p in full.frontier]
+    assert screened.alpha == full.alpha and abs(screened.selection.n - full.selection.n) <= 0.1 * full.selection.n + 1
+    # its acceptable answer, refined in full, reached the goal the estimate missed; then the other alpha in full
+    evaluated = [p for p in screened.frontier if p["measured"] == "evaluation"]
+    assert evaluated[0]["goal_reached"] and {p["alpha"] for p in evaluated} == {1.0, 2.0}
+    chosen = next(p for p in evaluated if p["k"] == screened.selection.n and p["alpha"] == screened.alpha)
+    assert chosen["reached"]
+
+
+def test_alpha_sweep_answers_each_alpha_from_the_one_before():
+    """Out of reach: each alpha's largest acceptable k; reachable: the smallest goal k, later alphas below it."""
+    from cnt_lens.search import _alpha_sweep
+
+    def sweep(table: dict[float, tuple[int, int]]):
+        calls: dict[float, list[int]] = {}
+
+        def probe(alpha: float):
+            goal_from, ok_up_to = table[alpha]
+
+            def at(k: int) -> tuple[bool, bool]:
+                calls.setdefault(alpha, []).append(k)
+                return k >= goal_from, k <= ok_up_to
+            return at
+        return _alpha_sweep(probe, list(table), k_max=2000, min_k=1, tolerance=0.1, step=1.25), calls
+
+    # side effects grow with alpha: the boundary moves down, and no alpha reaches the goal acceptably
+    table = {2.0: (3000, 800), 4.0: (1500, 600), 6.0: (900, 450)}
+    answers, calls = sweep(table)
+    assert [(c.alpha, c.found) for c in answers] == [(2.0, False), (4.0, False), (6.0, False)]
+    for c in answers:
+        assert table[c.alpha][1] / 1.1 <= c.k <= table[c.alpha][1] and c.k in calls[c.alpha]
+    assert len(calls[4.0]) < len(calls[2.0]) and len(calls[6.0]) < len(calls[2.0])  # warm starts are cheaper
+    # the goal within the boundary at alpha 4: found there, and alpha 6 only looks below it
+    answers, calls = sweep({2.0: (3000, 800), 4.0: (400, 600), 6.0: (300, 250)})
+    assert [(c.alpha, c.found) for c in answers] == [(2.0, False), (4.0, True)]
+    assert 400 <= answers[-1].k <= 440 and max(calls[6.0]) < answers[-1].k
