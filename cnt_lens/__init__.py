@@ -73,7 +73,7 @@ from .models import (
     write_neurons,
 )
 from .offline import OFFLINE_MODELS, offline_path
-from .resume import resumable, weights_digest
+from .resume import code_digest, resumable, weights_digest
 from .scoring import METHODS, BehaviourSignalError, score
 from .search import NoGapError, SearchResult, iterative_scores, measure_reference, search_minimal
 from .selection import NeuronScores, NeuronSelection
@@ -85,7 +85,7 @@ __all__ = [
     "BUNDLED_MODEL", "DonorForwardError", "DonorWeights", "FORMATS", "METHODS", "OFFLINE_MODELS", "REFUSAL_OPENINGS", "Batch", "Behaviour", "BehaviourSignalError", "FormatTask",
     "GenerationError", "IncompatibleModelsError", "ModelPair", "NeuronPatch", "NeuronScores", "NeuronSelection",
     "NoGapError", "OffloadedWeightsError", "PatchFileError", "Profile", "PromptFileError", "PromptSet", "Refusal", "Report", "SearchResult", "StereotypeBias", "StreamedDonor", "TESTED_FAMILIES",
-    "UnsupportedModelError", "Utility", "Verdict", "applied_patches", "architecture", "bundled_gguf_path", "canary", "chat_format", "check_compatible", "cross_distribution", "cross_harmful", "cross_harmless", "clone_model",
+    "UnsupportedModelError", "Utility", "Verdict", "applied_patches", "architecture", "bundled_gguf_path", "canary", "chat_format", "check_compatible", "code_digest", "cross_distribution", "cross_harmful", "cross_harmless", "clone_model",
     "context_length", "describe_file", "donor_refusal", "detect_format", "encode", "export_hf", "from_advbench_csv", "from_crows_pairs", "from_jsonl", "from_stereoset",
     "generate", "is_refusal", "iterative_scores", "judge_accuracy", "judge_refusal", "load_model", "load_pair", "logits_of",
     "load_file", "load_prompts", "measure", "measure_reference", "mlp_hidden", "neuron_params", "offline_path", "plain_hf_model", "profile", "read_neurons",
