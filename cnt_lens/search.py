@@ -237,6 +237,8 @@ class _Answer(NamedTuple):
 
 
 class _Candidate(NamedTuple):
+    """An alpha's answer in a sweep (see :class:`_Answer`), with its alpha."""
+
     k: int
     alpha: float
     found: bool
@@ -280,14 +282,14 @@ def _confirm(candidates: list[_Candidate], probe: Callable[[_Candidate], Probe],
     acceptable candidate with the largest estimated gap closed is refined in full (to the constraint's
     boundary, where the best acceptable point lies): one alpha's few evaluations, not every alpha's.
     """
-    goal = [c for c in reversed(candidates) if c.found]
-    if not goal:
+    order = [c for c in reversed(candidates) if c.found]
+    if not order:
         def estimated_gap(c: _Candidate) -> float:
             n = select(c.k).n
             return next(p["gap_closed"] for p in reversed(frontier)
                         if p["k"] == n and p["alpha"] == c.alpha and p["measured"] == "estimate")
-        goal = [max(candidates, key=estimated_gap)]
-    for c in goal:
+        order = [max(candidates, key=estimated_gap)]
+    for c in order:
         ans = _refine_k(probe(c), select(c.k).n, k_max, min_k, tolerance, step)
         if ans is not None and ans.found:
             return _Candidate(ans.k, c.alpha, True)

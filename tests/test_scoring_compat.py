@@ -61,9 +61,15 @@ def test_every_method_reproduces_its_pinned_scores(arch):
     assert set(now) == {k for k in pinned if k.startswith(f"{arch}/")}
     for key, values in now.items():
         ref = pinned[key]
-        assert torch.equal(values.isnan(), ref.isnan()), key
         scale = float(ref.nan_to_num().abs().max()) or 1.0
-        torch.testing.assert_close(values.nan_to_num(), ref.nan_to_num(), atol=1e-5 * scale, rtol=1e-4, msg=key)
+        close = dict(atol=1e-5 * scale, rtol=1e-4)
+        gone, came = values.isnan() & ~ref.isnan(), ref.isnan() & ~values.isnan()
+        # a set difference (NaN: excluded as a top utility neuron) may swap neurons whose utility importance ties
+        # within float rounding (identical neurons of a tiny model); then their scores tie too, and nothing else moves
+        assert gone.sum() == came.sum() <= 2, key
+        torch.testing.assert_close(values[came].sort().values, ref[gone].sort().values, **close, msg=key)
+        both = ~(values.isnan() | ref.isnan())
+        torch.testing.assert_close(values[both], ref[both], **close, msg=key)
 
 
 if __name__ == "__main__":
