@@ -111,7 +111,8 @@ class _Run:
         return self.estimated if point.get("measured") == "estimate" else self.reference
 
     def ok(self, point: Block) -> bool:
-        return self.constraint is None or self.constraint(point, self.ref(point))
+        """Whether the constraint held at ``point`` (as :func:`~cnt_lens.search.measure_point` recorded it)."""
+        return point["acceptable"]
 
     def better(self, point: Block) -> tuple[float, float]:
         return rank_key(point, self.ref(point), self.behaviour)
