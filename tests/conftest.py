@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import pytest
 import torch
 
@@ -30,9 +32,15 @@ def _seed() -> None:
 
 
 @pytest.fixture(autouse=True)
-def _no_cross_run_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test measures its donor and target itself (tests of the cross-run cache turn it on)."""
-    monkeypatch.setenv("CNT_LENS_SHARED", "0")
+def _no_cross_run_cache() -> Iterator[None]:
+    """Each test measures its donor and target itself (tests of the cross-run cache turn it on).
+
+    Its own ``MonkeyPatch``, not the test's: a test that calls ``monkeypatch.undo()`` must not switch on the
+    machine's cross-run cache (``~/.cache/cnt_lens/measured``), whose contents depend on earlier runs.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CNT_LENS_SHARED", "0")
+        yield
 
 
 @pytest.fixture(params=["llama", "gpt2"])
