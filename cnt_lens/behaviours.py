@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from typing_extensions import override
 
@@ -60,7 +60,7 @@ def _greedy_tolerance(dtype: torch.dtype) -> float:
 
 
 def verify_greedy(model: Any, prompt: Batch, generated: Int[Tensor, "batch new"], *, stop_ids: set[int],
-                  lengths: Int[Tensor, " batch"] | None = None) -> None:
+                  lengths: Int[Tensor, " batch"] | None = None, rows: int | None = 4) -> None:
     """Check that ``generated`` is what greedy decoding with ``model``'s own forward pass gives.
 
     One teacher-forced forward over prompt + generated tokens (no KV cache, through the bridge):
@@ -68,30 +68,59 @@ def verify_greedy(model: Any, prompt: Batch, generated: Int[Tensor, "batch new"]
     (within float noise). Raises :class:`GenerationError` naming the row, the position and the
     versions in play — the symptom of transformers 5.24's bridge + KV-cache fault. ``lengths``: each
     row's generated tokens end there at the latest (answers cut short by :func:`generate`'s ``until``).
+
+    ``rows``: how many rows are checked (``None``: all). The ones where a fault of the cached path
+    shows are taken (:func:`_rows_to_verify`): the most and the least left-padded prompt and the
+    longest and the shortest answer (a row that stayed in the batch after others left it, and one
+    that left first). Only the generated positions are unembedded, so the check costs a few rows'
+    forward pass instead of the whole batch's at every position.
     """
     n, new = generated.shape
     stop = torch.isin(generated, torch.tensor(sorted(stop_ids), dtype=generated.dtype, device=generated.device))
     real = (stop.long().cumsum(-1) - stop.long()) == 0  # every token up to and including the first stop token
     if lengths is not None:
         real &= torch.arange(new, device=generated.device) < lengths.to(generated.device)[:, None]
-    tokens = torch.cat([prompt.tokens, generated], 1)
-    mask = torch.cat([prompt.attention_mask, real.long()], 1)
+    pick = _rows_to_verify(prompt.attention_mask, real, rows)
+    prompt_tokens, prompt_mask, generated, real = (prompt.tokens[pick], prompt.attention_mask[pick],
+                                                    generated[pick], real[pick])
+    tokens = torch.cat([prompt_tokens, generated], 1)
+    mask = torch.cat([prompt_mask, real.long()], 1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        logits = model(tokens, attention_mask=mask, position_ids=positions)[:, -new - 1:-1].float()
+        logits = logits_of(model, tokens, {"attention_mask": mask, "position_ids": positions},
+                           keep=new + 1)[:, -new - 1:-1].float()
     best = logits.max(-1).values
     chosen = logits.gather(-1, generated.unsqueeze(-1)).squeeze(-1)
     bad = real & (chosen < best - _greedy_tolerance(next(model.parameters()).dtype))
     if bad.any():
-        row, pos = (int(v) for v in bad.nonzero()[0])
+        i, pos = (int(v) for v in bad.nonzero()[0])
         import transformers
 
         raise GenerationError(
-            f"greedy generation disagrees with the model's forward pass (row {row}, new token {pos}: generated "
-            f"{int(generated[row, pos])}, forward's argmax {int(logits[row, pos].argmax())}). The KV-cached path "
+            f"greedy generation disagrees with the model's forward pass (row {int(pick[i])}, new token {pos}: "
+            f"generated {int(generated[i, pos])}, forward's argmax {int(logits[i, pos].argmax())}). The KV-cached path "
             f"is broken under transformers {transformers.__version__}; install the pinned set "
             "(bash scripts/setup, constraints.txt) and see README, 'Generation'."
         )
+
+
+def _rows_to_verify(prompt_mask: Int[Tensor, "batch pos"], real: Bool[Tensor, "batch new"],
+                    rows: int | None) -> Int[Tensor, " picked"]:
+    """Up to ``rows`` batch rows for :func:`verify_greedy` (sorted, distinct; every row when ``None`` or enough).
+
+    First the most and the least left-padded prompt (padding and positions), then the longest and the
+    shortest answer (the KV cache after other rows left the batch, and a row that left it), then
+    evenly spaced rows.
+    """
+    n = prompt_mask.shape[0]
+    if rows is None or rows >= n:
+        return torch.arange(n, device=prompt_mask.device)
+    if rows < 1:
+        raise ValueError(f"verify_greedy checks at least one row, got rows={rows}")
+    width, answer = prompt_mask.sum(-1), real.sum(-1)
+    first = [width.argmin(), width.argmax(), answer.argmax(), answer.argmin()]
+    order = [int(i) for i in first] + torch.linspace(0, n - 1, rows).round().long().tolist()
+    return torch.tensor(sorted(list(dict.fromkeys(order))[:rows]), device=prompt_mask.device)
 
 
 def _stop_ids(tokenizer: Any, hf_model: Any) -> set[int]:
@@ -112,7 +141,7 @@ def generate(
     verify: bool = True,
     until: Callable[[str], bool] | None = None,
 ) -> list[str]:
-    """Greedy completions of already-formatted prompts (left-padded batches, HF ``generate``, KV cache).
+    """Greedy completions of already-formatted prompts (left-padded batches, KV cache, rows leave when done).
 
     Batches are formed from prompts sorted by token length (answers come back in the input order), so a
     short prompt is not padded to a long one's width; left padding with explicit positions makes each answer its
@@ -120,16 +149,17 @@ def generate(
 
     Runs a plain HF module bound to the bridge's own weight tensors (:func:`~cnt_lens.models.plain_hf_model`):
     transplants are seen, and the bridge's wrappers never touch the KV cache. With ``verify`` the first
-    batch is checked against the bridge's forward pass (:func:`verify_greedy`; one extra forward), so a
+    batch is checked against the bridge's forward pass (:func:`verify_greedy`; one extra forward of a few of its
+    rows), so a
     broken generation path raises instead of yielding garbage that reads as "no refusal".
     Prompts are truncated to leave room for ``max_new_tokens`` in the model's context.
 
-    ``until(text) -> bool`` (e.g. :func:`~cnt_lens.judge.verdict_is_final`) ends an answer as soon as it
-    holds for the answer so far: such a row leaves the batch (and its KV cache), so the batch's later
-    steps cost less — each decoding step reads every weight once, whatever the batch, and each row more
-    adds to it. Answers then end where ``until`` held (or at EOS, or ``max_new_tokens``). Decoding is
-    then this module's own greedy loop (:func:`_greedy_until`) instead of HF ``generate``; both are
-    checked by ``verify``.
+    Decoding is this module's own greedy loop (:func:`_greedy_until`), which gives HF ``generate``'s greedy
+    answers (``tests/test_generation.py``, every tested family) at less cost: a row that has stopped leaves
+    the batch and its KV cache (HF ``generate`` computes it to the end of the batch's longest answer), and a
+    chat template's system prompt, shared by every row, is run once per batch. ``until(text) -> bool``
+    (e.g. :func:`~cnt_lens.judge.verdict_is_final`) also ends an answer as soon as it holds for the answer
+    so far; answers then end where ``until`` held (or at EOS, or ``max_new_tokens``).
     """
     tok = model_tokenizer(model)
     plain = plain_hf_model(model)
@@ -141,28 +171,23 @@ def generate(
     stop_ids = _stop_ids(tok, plain)
     out: list[str] = [""] * len(prompts)
     batches = list(chunks(order, batch_size))
+    done = None if until is None else (lambda ids: until(tok.decode(ids, skip_special_tokens=True)))
     with stage("generate"):
         for i, rows in enumerate(_progress(batches, len(batches), "generate", progress)):
             b = encode(tok, [prompts[j] for j in rows], max_len=room).to(device_of(model))
             with torch.no_grad():
-                if until is None:
-                    gen = plain.generate(
-                        input_ids=b.tokens, attention_mask=b.attention_mask, max_new_tokens=max_new_tokens,
-                        do_sample=False, pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None,
-                    )[:, b.tokens.shape[1]:]
-                    lengths = None  # every row runs to its first stop token
-                else:
-                    gen, lengths = _greedy_until(plain, b, max_new_tokens, sorted(stop_ids),
-                                                 lambda ids: until(tok.decode(ids, skip_special_tokens=True)))
+                gen, lengths = _greedy_until(plain, b, max_new_tokens, sorted(stop_ids), done)
             if verify and i == 0:
-                verify_greedy(model, b, gen, stop_ids=stop_ids, lengths=lengths)
+                with stage("verify"):
+                    verify_greedy(model, b, gen, stop_ids=stop_ids, lengths=lengths)
             for j, text in zip(rows, tok.batch_decode(gen, skip_special_tokens=True)):
                 out[j] = text
     return out
 
 
 def _greedy_until(plain: torch.nn.Module, b: Batch, max_new_tokens: int, stop_ids: list[int],
-                  done: Callable[[list[int]], bool]) -> tuple[Int[Tensor, "batch new"], Int[Tensor, " batch"]]:
+                  done: Callable[[list[int]], bool] | None = None,
+                  ) -> tuple[Int[Tensor, "batch new"], Int[Tensor, " batch"]]:
     """Greedy decoding of a left-padded batch, each row leaving the batch once it stops or ``done(its ids)``.
 
     Returns the new tokens, each row filled with ``stop_ids[0]`` after its last one (decoding ends it
@@ -181,8 +206,9 @@ def _greedy_until(plain: torch.nn.Module, b: Batch, max_new_tokens: int, stop_id
         nxt = step.logits[:, -1].argmax(-1)
         out[rows, t] = nxt
         live = ~torch.isin(nxt, stops)
-        so_far = out[rows, :t + 1].tolist()  # one copy to the host per step, not one per row
-        live &= torch.tensor([not done(ids) for ids in so_far], device=live.device)
+        if done is not None:
+            so_far = out[rows, :t + 1].tolist()  # one copy to the host per step, not one per row
+            live &= torch.tensor([not done(ids) for ids in so_far], device=live.device)
         lengths[rows[~live].cpu()] = t + 1
         if t + 1 == max_new_tokens or not live.any():
             break

@@ -106,24 +106,64 @@ def test_broken_generation_raises_instead_of_reading_as_garbage(monkeypatch):
     model = tiny_model("llama", seed=3)
     tok = tiny_tokenizer()
     dash = tok.convert_tokens_to_ids("-")
-    real = bh.plain_hf_model
+    honest = bh._greedy_until
 
-    def broken(m):
-        plain = real(m)
-        honest = plain.generate
-
-        def generate_dashes(**kwargs):
-            out = honest(**kwargs)
-            out[:, kwargs["input_ids"].shape[1] + 1:] = dash
-            return out
-
-        plain.generate = generate_dashes
-        return plain
+    def dashes(*args, **kwargs):
+        out, lengths = honest(*args, **kwargs)
+        out[:, 1:] = dash
+        return out, lengths
 
     prompts = _prompts(tok, 4)
     assert generate(model, prompts, max_new_tokens=8, progress=False)  # fine before the fault
-    monkeypatch.setattr(bh, "plain_hf_model", broken)
+    monkeypatch.setattr(bh, "_greedy_until", dashes)
     with pytest.raises(GenerationError, match="disagrees with the model's forward pass"):
         generate(model, prompts, max_new_tokens=8, progress=False)
     with pytest.raises(GenerationError):
         canary(model)
+
+
+@pytest.mark.parametrize("target", ["most padded", "least padded"])
+def test_a_fault_in_one_row_is_caught_by_the_rows_the_check_reads(monkeypatch, target):
+    """``verify_greedy`` reads a few rows of a batch; a fault in the most or least left-padded one alone still raises."""
+    import cnt_lens.behaviours as bh
+    from cnt_lens import GenerationError
+    from cnt_lens.testing import tiny_model
+
+    model = tiny_model("llama", seed=3)
+    tok = tiny_tokenizer()
+    dash = tok.convert_tokens_to_ids("-")
+    honest = bh._greedy_until
+
+    def one_bad_row(plain, b, *args, **kwargs):
+        out, lengths = honest(plain, b, *args, **kwargs)
+        widths = b.attention_mask.sum(-1)
+        out[int(widths.argmin() if target == "most padded" else widths.argmax()), 1:] = dash
+        return out, lengths
+
+    words = load_prompts("harmless").split("validation").column("prompt")[:8]
+    prompts = [chat_format(tok, w * (1 + i % 3)) for i, w in enumerate(words)]  # widths differ within the batch
+    assert len(set(encode(tok, prompts).attention_mask.sum(-1).tolist())) > 4
+    monkeypatch.setattr(bh, "_greedy_until", one_bad_row)
+    with pytest.raises(GenerationError, match="disagrees with the model's forward pass"):
+        generate(model, prompts, max_new_tokens=8, batch_size=8, progress=False)
+
+
+def test_the_check_reads_the_padding_and_answer_length_extremes():
+    from cnt_lens.behaviours import _rows_to_verify
+
+    mask = torch.ones(10, 7, dtype=torch.long)
+    for row, pad in enumerate([3, 1, 0, 2, 4, 0, 1, 2, 5, 1]):
+        mask[row, :pad] = 0
+    real = torch.zeros(10, 6, dtype=torch.bool)
+    for row, n in enumerate([2, 6, 3, 3, 4, 5, 1, 2, 3, 4]):
+        real[row, :n] = True
+    for rows in (1, 2, 4, 6):
+        pick = _rows_to_verify(mask, real, rows).tolist()
+        assert pick == sorted(set(pick)) and len(pick) == rows
+        extremes = [int(mask.sum(-1).argmin()), int(mask.sum(-1).argmax()), int(real.sum(-1).argmax()),
+                    int(real.sum(-1).argmin())]
+        assert set(extremes[:rows]) <= set(pick)
+    assert _rows_to_verify(mask, real, None).tolist() == list(range(10))
+    assert _rows_to_verify(mask, real, 20).tolist() == list(range(10))
+    with pytest.raises(ValueError, match="at least one row"):
+        _rows_to_verify(mask, real, 0)
