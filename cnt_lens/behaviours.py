@@ -149,9 +149,8 @@ def generate(
 
     Runs a plain HF module bound to the bridge's own weight tensors (:func:`~cnt_lens.models.plain_hf_model`):
     transplants are seen, and the bridge's wrappers never touch the KV cache. With ``verify`` the first
-    batch is checked against the bridge's forward pass (:func:`verify_greedy`; one extra forward of a few of its
-    rows), so a
-    broken generation path raises instead of yielding garbage that reads as "no refusal".
+    batch is checked against the bridge's forward pass (:func:`verify_greedy`; one extra forward of a few of
+    its rows), so a broken generation path raises instead of yielding garbage that reads as "no refusal".
     Prompts are truncated to leave room for ``max_new_tokens`` in the model's context.
 
     Decoding is this module's own greedy loop (:func:`_greedy_until`), which gives HF ``generate``'s greedy
