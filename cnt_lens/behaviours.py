@@ -75,7 +75,7 @@ def verify_greedy(model: Any, prompt: Batch, generated: Int[Tensor, "batch new"]
     that left first). Only the generated positions are unembedded, so the check costs a few rows'
     forward pass instead of the whole batch's at every position.
     """
-    n, new = generated.shape
+    new = generated.shape[1]
     stop = torch.isin(generated, torch.tensor(sorted(stop_ids), dtype=generated.dtype, device=generated.device))
     real = (stop.long().cumsum(-1) - stop.long()) == 0  # every token up to and including the first stop token
     if lengths is not None:
