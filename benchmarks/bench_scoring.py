@@ -6,6 +6,8 @@ Prints, from one run on the same model and batch:
   * attribution time ÷ the plain-torch floor (one donor forward + one target forward and backward
     to the input embeddings, no hooks, the same positions unembedded), for both attribution kinds;
   * weight attribution unembedding every position ÷ only the metric's (``Behaviour.logits_to_keep``);
+  * weight attribution running every row's chat-template prefix ÷ running it once per batch (the
+    default; the floor runs every row's, so weight attribution can be below 1× of it);
   * exact weight-patching time per neuron ÷ attribution time per neuron;
   * apply + revert time of a 1% patch (vs a ~15-20 s reload);
   * peak RSS of attribution with N and 10N prompts (memory must stay flat: batches are summed).
@@ -55,7 +57,7 @@ def _time(fn, repeats: int = 3) -> float:
 
 def speed(args: argparse.Namespace) -> None:
     from cnt_lens import NeuronPatch, NeuronScores
-    from cnt_lens.scoring import patching_effects
+    from cnt_lens.scoring import attribution, patching_effects
     from cnt_lens.scoring.attribution import attribution_scores
 
     pair, beh = _setup(args.prompts, args.device)
@@ -76,6 +78,8 @@ def speed(args: argparse.Namespace) -> None:
     t_attr = {k: _time(lambda k=k: attribution_scores(pair, beh, batches, kind=k, progress=False)) for k in ("activation", "weight")}
     with mock.patch.object(type(beh), "logits_to_keep", lambda self, batch: 0):  # every position unembedded
         t_every = _time(lambda: attribution_scores(pair, beh, batches, kind="weight", progress=False))
+    with mock.patch.object(attribution, "split_shared_prefix", lambda *a, **k: None):  # every row's prefix run
+        t_unshared = _time(lambda: attribution_scores(pair, beh, batches, kind="weight", progress=False))
     n_exact = args.exact_neurons
     groups = torch.zeros(n_exact, pair.n_layers, pair.d_mlp, dtype=torch.bool)
     groups[torch.arange(n_exact), torch.arange(n_exact) % pair.n_layers, torch.arange(n_exact)] = True
@@ -92,6 +96,7 @@ def speed(args: argparse.Namespace) -> None:
         "weight_attribution_s": round(t_attr["weight"], 3),
         "weight_attribution_over_floor": round(t_attr["weight"] / t_floor, 3),
         "weight_attribution_every_position_over_kept": round(t_every / t_attr["weight"], 3),
+        "weight_attribution_prefix_per_row_over_once": round(t_unshared / t_attr["weight"], 3),
         "exact_patching_s_per_neuron": round(t_exact / n_exact, 4),
         "exact_per_neuron_over_attribution_per_neuron": round((t_exact / n_exact) / per_neuron_attr, 1),
         "apply_plus_revert_1pct_ms": round(1000 * t_patch, 2),

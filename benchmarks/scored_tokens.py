@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from cnt_lens import BUNDLED_MODEL, Refusal, load_model
-from cnt_lens.behaviours import _shared_prefix
+from cnt_lens.data import shared_prefix_length
 from cnt_lens.models import model_tokenizer
 
 
@@ -30,8 +30,8 @@ def main() -> None:
     for name, batches in sets.items():
         real = sum(int(b.attention_mask.sum()) for b in batches)
         width = sum(b.tokens.numel() for b in batches)
-        shared = sum(_shared_prefix(b) * len(b) for b in batches)
-        once = sum(_shared_prefix(b) * (len(b) - 1) for b in batches)
+        shared = sum(shared_prefix_length(b) * len(b) for b in batches)
+        once = sum(shared_prefix_length(b) * (len(b) - 1) for b in batches)
         print(f"{name}: {len(batches)} batches, {real} real tokens, padding {1 - real / width:.0%} of the width, "
               f"shared prefix {shared / real:.0%} of the real tokens (run once per batch: {once / real:.0%} fewer)")
 

@@ -28,12 +28,14 @@ from .behaviours import (
 from .data import (
     Batch,
     PromptSet,
+    SharedPrefix,
     chat_format,
     cross_distribution,
     cross_harmful,
     cross_harmless,
     encode,
     load_prompts,
+    split_shared_prefix,
     stable_split,
 )
 from .evaluate import Report, measure, wilson_interval
@@ -84,12 +86,12 @@ from .transplant import NeuronPatch, PatchFileError, applied_patches, export_hf
 __all__ = [
     "BUNDLED_MODEL", "DonorForwardError", "DonorWeights", "FORMATS", "METHODS", "OFFLINE_MODELS", "REFUSAL_OPENINGS", "Batch", "Behaviour", "BehaviourSignalError", "FormatTask",
     "GenerationError", "IncompatibleModelsError", "ModelPair", "NeuronPatch", "NeuronScores", "NeuronSelection",
-    "NoGapError", "OffloadedWeightsError", "PatchFileError", "Profile", "PromptFileError", "PromptSet", "Refusal", "Report", "SearchResult", "StereotypeBias", "StreamedDonor", "TESTED_FAMILIES",
+    "NoGapError", "OffloadedWeightsError", "PatchFileError", "Profile", "PromptFileError", "PromptSet", "Refusal", "Report", "SearchResult", "SharedPrefix", "StereotypeBias", "StreamedDonor", "TESTED_FAMILIES",
     "UnsupportedModelError", "Utility", "Verdict", "applied_patches", "architecture", "bundled_gguf_path", "canary", "chat_format", "check_compatible", "code_digest", "cross_distribution", "cross_harmful", "cross_harmless", "clone_model",
     "context_length", "describe_file", "donor_refusal", "detect_format", "encode", "export_hf", "from_advbench_csv", "from_crows_pairs", "from_jsonl", "from_stereoset",
     "generate", "is_refusal", "iterative_scores", "judge_accuracy", "judge_refusal", "load_model", "load_pair", "logits_of",
     "load_file", "load_prompts", "measure", "measure_reference", "mlp_hidden", "neuron_params", "offline_path", "plain_hf_model", "profile", "read_neurons",
-    "register_format", "resumable", "score", "search_minimal", "stable_split", "stage", "timings_table", "verdict_is_final", "verify_greedy", "weights_digest", "wilson_interval",
+    "register_format", "resumable", "score", "search_minimal", "split_shared_prefix", "stable_split", "stage", "timings_table", "verdict_is_final", "verify_greedy", "weights_digest", "wilson_interval",
     "write_neurons",
 ]
 __version__ = "0.1.0"

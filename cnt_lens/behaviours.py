@@ -24,7 +24,17 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from typing_extensions import override
 
-from .data import Batch, PromptSet, _max_len, chat_format, chunks, default_harmful, encode, load_prompts
+from .data import (
+    Batch,
+    PromptSet,
+    _max_len,
+    chat_format,
+    chunks,
+    default_harmful,
+    encode,
+    load_prompts,
+    split_shared_prefix,
+)
 from .judge import _SENTENCE, REFUSAL_OPENINGS, judge_refusal, verdict_is_final
 from .models import context_length, device_of, logits_of, model_tokenizer, plain_hf_model, takes_logits_to_keep
 from .progress import progress_bar
@@ -222,46 +232,24 @@ def _greedy_until(plain: torch.nn.Module, b: Batch, max_new_tokens: int, stop_id
     return out, lengths
 
 
-def _shared_prefix(b: Batch) -> int:
-    """Length of the token prefix every row of a left-padded batch starts with (less one: each row keeps a token)."""
-    lengths = b.attention_mask.sum(-1)
-    width = int(lengths.min()) - 1
-    if len(b) < 2 or width < 1:
-        return 0
-    start = b.tokens.shape[1] - lengths  # each row's first real token
-    cols = (start[:, None] + torch.arange(width, device=b.tokens.device)).clamp(max=b.tokens.shape[1] - 1)
-    heads = b.tokens.gather(1, cols)
-    same = (heads == heads[:1]).all(0)
-    return width if bool(same.all()) else int((~same).nonzero()[0])
-
-
 def _prefill(plain: torch.nn.Module, b: Batch, min_shared: int = 8) -> tuple[Any, Int[Tensor, "batch pos"]]:
     """The prompt pass of :func:`_greedy_until`: its output (logits, KV cache) and the attention mask it used.
 
     When every prompt starts with the same ``P ≥ min_shared`` tokens (a chat template's system prompt),
-    they run once and their KV cache is shared by every row; the rest of each prompt follows it, the
-    padding moved between the two (``[prefix | pad | rest]``, with explicit positions), so each row's
-    logits are its own prompt's, up to float rounding. Only the last position's logits are computed
-    (``logits_to_keep=1``, where the model takes it): the unembedding of every prompt token is a
+    they run once and their KV cache is shared by every row (:func:`~cnt_lens.data.split_shared_prefix`),
+    so each row's logits are its own prompt's, up to float rounding. Only the last position's logits are
+    computed (``logits_to_keep=1``, where the model takes it): the unembedding of every prompt token is a
     fifth of a small model's prompt pass.
     """
     last = {"logits_to_keep": 1} if takes_logits_to_keep(plain) else {}
-    shared = _shared_prefix(b)
-    if shared < min_shared:
+    split = split_shared_prefix(b, min_shared)
+    if split is None:
         return plain(input_ids=b.tokens, attention_mask=b.attention_mask, position_ids=b.position_ids,
                      use_cache=True, **last), b.attention_mask
-    n, width = len(b), b.tokens.shape[1]
-    lengths = b.attention_mask.sum(-1)
-    head = b.tokens[:1, width - int(lengths[0]):][:, :shared]
-    cache = plain(input_ids=head, use_cache=True, **last).past_key_values
-    cache.batch_repeat_interleave(n)
-    rest = int(lengths.max()) - shared  # the longest prompt's tokens after the prefix
-    tail, tail_mask = b.tokens[:, width - rest:], b.attention_mask[:, width - rest:].clone()
-    tail_mask[torch.arange(rest, device=tail.device)[None, :] < (rest - (lengths - shared))[:, None]] = 0
-    positions = (shared + tail_mask.cumsum(-1) - 1).clamp(min=shared)
-    mask = torch.cat([b.attention_mask.new_ones(n, shared), tail_mask], 1)
-    return plain(input_ids=tail, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                 use_cache=True, **last), mask
+    cache = plain(input_ids=split.head, use_cache=True, **last).past_key_values
+    cache.batch_repeat_interleave(len(b))
+    return plain(input_ids=split.tail, attention_mask=split.mask, position_ids=split.positions,
+                 past_key_values=cache, use_cache=True, **last), split.mask
 
 
 def _by_length(tokenizer: Any, prompts: list[str]) -> list[int]:

@@ -350,6 +350,69 @@ class Batch:
         return {"attention_mask": self.attention_mask, "position_ids": self.position_ids}
 
 
+@dataclass
+class SharedPrefix:
+    """A left-padded batch as the prefix every row shares, run once, and each row's rest after it.
+
+    Layout ``[prefix | pad | rest]``: the padding moves between the two, positions stay each row's own
+    (``positions`` counts on from the prefix), so a model that runs ``head`` once (batch 1), repeats its
+    KV cache over the rows and runs ``tail`` with ``mask`` gives every row its own prompt's logits at the
+    ``tail`` positions, up to float rounding. Logits read from the end are the full batch's last ones.
+    """
+
+    head: Int[Tensor, "1 shared"]
+    tail: Int[Tensor, "batch rest"]
+    tail_mask: Int[Tensor, "batch rest"]
+    mask: Int[Tensor, "batch shared_plus_rest"]
+    positions: Int[Tensor, "batch rest"]
+
+    @property
+    def width(self) -> int:
+        """Number of prefix tokens (run once)."""
+        return int(self.head.shape[1])
+
+
+def shared_prefix_length(b: Batch) -> int:
+    """Length of the token prefix every row of a left-padded batch starts with (less one: each row keeps a token)."""
+    lengths = b.attention_mask.sum(-1)
+    width = int(lengths.min()) - 1
+    if len(b) < 2 or width < 1:
+        return 0
+    start = b.tokens.shape[1] - lengths  # each row's first real token
+    cols = (start[:, None] + torch.arange(width, device=b.tokens.device)).clamp(max=b.tokens.shape[1] - 1)
+    heads = b.tokens.gather(1, cols)
+    same = (heads == heads[:1]).all(0)
+    return width if bool(same.all()) else int((~same).nonzero()[0])
+
+
+def split_shared_prefix(b: Batch, min_shared: int = 8) -> SharedPrefix | None:
+    """``b`` as a :class:`SharedPrefix`, or ``None`` when its rows share fewer than ``min_shared`` leading tokens.
+
+    A chat template's system prompt is the usual shared prefix: running it once per batch instead of
+    once per row saves that share of every pass over the batch.
+
+    Example:
+        >>> from cnt_lens.testing import tiny_tokenizer
+        >>> b = encode(tiny_tokenizer(), ["you are a helpful model . tell me a story",
+        ...                               "you are a helpful model . what is this"])
+        >>> s = split_shared_prefix(b, min_shared=4)
+        >>> s.width, tuple(s.tail.shape), s.positions.tolist()  # row 2 is a token shorter: padded after the prefix
+        (6, (2, 4), [[6, 7, 8, 9], [6, 6, 7, 8]])
+    """
+    shared = shared_prefix_length(b)
+    if shared < min_shared:
+        return None
+    n, width = len(b), b.tokens.shape[1]
+    lengths = b.attention_mask.sum(-1)
+    head = b.tokens[:1, width - int(lengths[0]):][:, :shared]
+    rest = int(lengths.max()) - shared  # the longest prompt's tokens after the prefix
+    tail, tail_mask = b.tokens[:, width - rest:], b.attention_mask[:, width - rest:].clone()
+    tail_mask[torch.arange(rest, device=tail.device)[None, :] < (rest - (lengths - shared))[:, None]] = 0
+    positions = (shared + tail_mask.cumsum(-1) - 1).clamp(min=shared)
+    mask = torch.cat([b.attention_mask.new_ones(n, shared), tail_mask], 1)
+    return SharedPrefix(head, tail, tail_mask, mask, positions)
+
+
 def _max_len(tokenizer: Any, max_len: int | None) -> int | None:
     """``max_len``, else the context of the model the tokenizer was loaded with, else its own limit."""
     if max_len is not None:

@@ -704,6 +704,20 @@ def logits_of(model: Any, tokens: Int[Tensor, "batch pos"], kwargs: dict[str, An
     metric that reads the answer's first tokens needs a handful. Readers index from the end, so they
     read the same numbers either way.
     """
+    return _run(model, tokens, kwargs, hooks, keep)
+
+
+def logits_and_cache(model: Any, tokens: Int[Tensor, "batch pos"], kwargs: dict[str, Any], hooks: Iterable[Any] = (),
+                     keep: int = 0) -> tuple[Float[Tensor, "batch kept vocab"], Any]:
+    """:func:`logits_of` and the HF KV cache after ``tokens`` (to run more tokens on, as ``past_key_values``).
+
+    With gradients on, the cache's keys and values stay in the autograd graph.
+    """
+    return _run(model, tokens, {**kwargs, "return_type": "logits_and_cache", "use_cache": True}, hooks, keep)
+
+
+def _run(model: Any, tokens: Tensor, kwargs: dict[str, Any], hooks: Iterable[Any], keep: int) -> Any:
+    """The bridge's forward on ``tokens`` with TransformerLens hooks, unembedding the last ``keep`` positions."""
     extra = {"logits_to_keep": keep} if keep > 0 and takes_logits_to_keep(model) else {}
     hooks = list(hooks)
     if hooks:

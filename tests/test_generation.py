@@ -51,14 +51,14 @@ def test_answers_cut_by_until_are_the_whole_answers_up_to_where_it_first_holds(a
     The prompts share a preamble longer than ``_prefill``'s threshold, so the own loop also runs it once
     for the batch; their lengths differ, so the padding it moves between preamble and rest is exercised.
     """
-    from cnt_lens.behaviours import _shared_prefix
+    from cnt_lens.data import shared_prefix_length
 
     tok = tiny_tokenizer()
     model = load_model(tiny_hf_model(arch, seed=3, tie_embeddings=False), tokenizer=tok)
     words = load_prompts("harmless").split("validation").column("prompt")
     prompts = [chat_format(tok, "Please answer as plainly and briefly as you can. " + w) for w in words[:6]]
     batch = encode(tok, prompts[:3])
-    assert _shared_prefix(batch) >= 8 and len(set(batch.attention_mask.sum(-1).tolist())) > 1
+    assert shared_prefix_length(batch) >= 8 and len(set(batch.attention_mask.sum(-1).tolist())) > 1
     whole = generate(model, prompts, max_new_tokens=N_NEW, batch_size=3, progress=False)
     assert generate(model, prompts, max_new_tokens=N_NEW, batch_size=3, progress=False,
                     until=lambda text: False) == whole  # the own loop, never stopping early: HF's answers

@@ -55,6 +55,24 @@ def test_weight_attribution_finds_the_changed_neurons(smol_pair):
     assert (s.values[~changed.mask] == 0).all() and (s.values[changed.mask] != 0).any()
 
 
+def test_scores_with_the_chat_template_run_once_per_batch_equal_every_row_run_in_full(smol_pair, monkeypatch):
+    """SmolLM2's system prompt is about half of every scored prompt: run once per batch, it leaves the scores
+    as they are (and the bridge's KV-cache path passes the check that guards it)."""
+    import cnt_lens.scoring.attribution as attribution
+
+    smol_pair, changed = smol_pair
+    beh = Refusal(harmful=load_prompts("harmful").take(8), harmless=load_prompts("harmless").take(8))
+    batch = beh.batches(smol_pair.tokenizer, None, 8)[0]
+    split = attribution.split_shared_prefix(batch)
+    assert split is not None and split.width >= batch.tokens.shape[1] // 3
+    assert attribution._prefix_pass_agrees(clone_model(smol_pair.target), beh, batch, split)
+    once = score(smol_pair, beh, "weight_attribution", split=None, progress=False).values
+    monkeypatch.setattr(attribution, "split_shared_prefix", lambda *a, **k: None)
+    every_row = score(smol_pair, beh, "weight_attribution", split=None, progress=False).values
+    torch.testing.assert_close(once, every_row, rtol=1e-4, atol=1e-9)
+    assert (once[changed.mask] != 0).any()
+
+
 def test_export_of_patched_model_reloads_with_same_logits(smol_pair, tmp_path):
     smol_pair, changed = smol_pair
     from transformers import AutoModelForCausalLM, AutoTokenizer

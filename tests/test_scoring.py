@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from cnt_lens import METHODS, BehaviourSignalError, NeuronPatch, NeuronSelection, Utility, score
+from cnt_lens.data import PromptSet
 from cnt_lens.models import ModelPair, clone_model
 from cnt_lens.scoring import patching_effects
 from cnt_lens.testing import CONTROL, MarkerBehaviour, planted_pair
@@ -224,3 +227,62 @@ def test_toward_fixes_the_direction_the_metric_would_infer(arch):
     assert flipped.meta["toward"] == -1.0 and flipped.top_k(planted.n).overlap(planted) == 0.0
     behaviour.toward = 1.0
     torch.testing.assert_close(score(pair, behaviour, progress=False).values, inferred.values)
+
+
+PREAMBLE = "You are a careful assistant; answer every question plainly and briefly."
+
+
+def _preambled(behaviour: MarkerBehaviour) -> MarkerBehaviour:
+    """``behaviour`` with every prompt behind the same long preamble, as a chat template's system prompt."""
+    def lead(ps):
+        return PromptSet(ps.name, ps.kind, tuple({**r, "prompt": f"{PREAMBLE} {r['prompt']}"} for r in ps.records))
+
+    return replace(behaviour, prompts=lead(behaviour.prompts), controls=lead(behaviour.controls))
+
+
+def _unshared(monkeypatch) -> None:
+    import cnt_lens.scoring.attribution as attribution
+
+    monkeypatch.setattr(attribution, "split_shared_prefix", lambda *a, **k: None)
+
+
+def test_a_shared_prompt_prefix_runs_once_and_the_scores_stay_the_same(arch, monkeypatch):
+    """Weight attribution runs the prefix every prompt shares once per batch (one row), the rest after it:
+    the scores are those of running every row in full, and the planted neurons still come first."""
+    import cnt_lens.scoring.attribution as attribution
+
+    pair, behaviour, planted = planted_pair(arch, n_planted=6, seed=0)
+    behaviour = _preambled(behaviour)
+    batch = behaviour.batches(pair.tokenizer, "train", 8)[0]
+    shared = attribution.split_shared_prefix(batch)
+    assert shared is not None and shared.width >= 8 and shared.tail.shape[1] < batch.tokens.shape[1]
+    passes: list[tuple[int, int]] = []
+    real = attribution._split_logits
+
+    def spy(model, b, behaviour, split, *hooks):
+        passes.append((int(split.head.shape[0]), int(split.tail.shape[1])))
+        return real(model, b, behaviour, split, *hooks)
+
+    monkeypatch.setattr(attribution, "_split_logits", spy)
+    once = score(pair, behaviour, progress=False)
+    assert passes and all(rows == 1 and rest < batch.tokens.shape[1] for rows, rest in passes)
+    _unshared(monkeypatch)
+    every_row = score(pair, behaviour, progress=False)
+    torch.testing.assert_close(once.values, every_row.values, rtol=1e-4, atol=1e-7)
+    assert once.top_k(planted.n).overlap(planted) >= 0.95
+
+
+def test_scoring_falls_back_to_the_plain_pass_where_the_prefix_pass_disagrees(arch, monkeypatch, caplog):
+    """A KV-cache path that gives other logits (as a library release once did) is caught on the first batch:
+    a warning, and the scores of the plain pass."""
+    import cnt_lens.scoring.attribution as attribution
+
+    pair, behaviour, _ = planted_pair(arch, n_planted=6, seed=1)
+    behaviour = _preambled(behaviour)
+    real = attribution._split_logits
+    monkeypatch.setattr(attribution, "_split_logits", lambda *a: real(*a).flip(0))  # rows' answers swapped
+    with caplog.at_level("WARNING", logger="cnt_lens.scoring.attribution"):
+        checked = score(pair, behaviour, progress=False)
+    assert "scoring without it" in caplog.text
+    _unshared(monkeypatch)
+    torch.testing.assert_close(checked.values, score(pair, behaviour, progress=False).values, rtol=0, atol=0)

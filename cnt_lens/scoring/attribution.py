@@ -28,7 +28,9 @@ Scores are the estimated change of the mean metric per prompt (raw: + = the metr
 
 from __future__ import annotations
 
+import logging
 import math
+import weakref
 from typing import Any, Literal, Sequence
 
 import torch
@@ -36,11 +38,13 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..behaviours import Behaviour
-from ..data import Batch
-from ..models import ModelPair, _streamed, device_of, hook_name, mlp_hidden, w_out
+from ..data import Batch, SharedPrefix, split_shared_prefix
+from ..models import ModelPair, _streamed, device_of, hook_name, logits_and_cache, logits_of, mlp_hidden, w_out
 from ..progress import progress_bar
 from .common import Direction, Hook, Positions, capture, forward, position_mask, require_batches
 from .registry import Context, Scored
+
+log = logging.getLogger(__name__)
 
 
 def _embed_requires_grad(x: Tensor, hook: Any) -> Tensor:
@@ -67,6 +71,12 @@ def attribution_scores(
     from an earlier call) the donor forward is skipped. A streamed donor
     (:class:`~cnt_lens.streamed.StreamedDonor`, weight kind only) is never run: its mean metric is NaN
     and ``behaviour.toward`` gives the direction.
+
+    The weight kind over every position runs a prefix that every prompt of a batch shares (a chat
+    template's system prompt) once per batch, its gradient summed over the rows
+    (:func:`~cnt_lens.data.split_shared_prefix`): the same scores up to float rounding, at the cost of
+    the rows' own tokens. The first such batch of a call is checked against a plain forward pass
+    (:func:`_prefix_pass_agrees`); where the model's KV-cache path disagrees, the call scores without it.
     """
     require_batches(batches, "scored")
     if kind not in ("activation", "weight"):
@@ -76,10 +86,17 @@ def attribution_scores(
     m_donor = m_target = 0.0
     n_items = 0
     run_donor = not (kind == "weight" and (donor_metric is not None or _streamed(pair.donor)))
+    share = kind == "weight" and positions == "all"  # a shared prefix once per batch
     for batch in progress_bar(batches, desc=f"{kind} attribution", leave=False, enabled=progress, min_total=2):
         batch = batch.to(dev)
+        keep = behaviour.logits_to_keep(batch)
+        split = split_shared_prefix(batch) if share and keep > 0 else None
+        if split is not None and keep > split.tail.shape[1]:
+            split = None  # the metric reads into the prefix
+        if split is not None and not _prefix_pass_agrees(pair.target, behaviour, batch, split):
+            share, split = False, None
         donor_sum, metric = _attribute_batch(pair, behaviour, batch, kind, position_mask(batch, positions), acc,
-                                             run_donor)
+                                             run_donor, split)
         m_donor += donor_sum
         m_target += float(metric.sum())
         n_items += metric.numel()
@@ -90,12 +107,14 @@ def attribution_scores(
 
 def _attribute_batch(pair: ModelPair, behaviour: Behaviour, batch: Batch, kind: str,
                      positions: Bool[Tensor, "batch pos"], acc: Float[Tensor, "n_layers d_mlp"],
-                     run_donor: bool = True) -> tuple[float, Float[Tensor, " items"]]:
+                     run_donor: bool = True, split: SharedPrefix | None = None) -> tuple[float, Float[Tensor, " items"]]:
     """Add one batch's attribution to ``acc`` in place; return (donor metric sum, target metric per item).
 
     One donor forward (no gradients; skipped without ``run_donor``, weight kind only: NaN sum) and one
     target forward/backward whose gradient hooks do the accumulation layer by layer, so no layer's
-    activations outlive its backward step.
+    activations outlive its backward step. With ``split`` (weight kind, every position) each forward is
+    two passes, the shared prefix's (one row) and the rest's (:func:`_split_logits`); the prefix's hooks
+    see the gradient summed over the rows, which is its contribution to every row at once.
     """
     layers = list(range(pair.n_layers))
     donor_post: dict[int, Tensor] = {}
@@ -104,16 +123,66 @@ def _attribute_batch(pair: ModelPair, behaviour: Behaviour, batch: Batch, kind: 
     else:
         with torch.no_grad():
             hooks = capture(layers, "hook_post", donor_post) if kind == "activation" else []
-            donor_sum = float(behaviour.metric(forward(pair.donor, batch, behaviour, hooks), batch).float().sum())
-    xs: dict[int, Tensor] = {}
-    hooks_t: list[Hook] = [("hook_embed", _embed_requires_grad)]
-    if kind == "weight":
-        hooks_t += capture(layers, "hook_in", xs)
-    hooks_t += _accumulating_hooks(pair, kind, positions.unsqueeze(-1).float(), acc, donor_post, xs)
+            logits = (forward(pair.donor, batch, behaviour, hooks) if split is None
+                      else _split_logits(pair.donor, batch, behaviour, split))
+            donor_sum = float(behaviour.metric(logits, batch).float().sum())
+
+    def target_hooks(pos: Float[Tensor, "rows pos 1"]) -> list[Hook]:
+        xs: dict[int, Tensor] = {}  # one store per pass: the prefix's and the rest's hooks fire apart
+        hooks_t: list[Hook] = [("hook_embed", _embed_requires_grad)]
+        if kind == "weight":
+            hooks_t += capture(layers, "hook_in", xs)
+        return hooks_t + _accumulating_hooks(pair, kind, pos, acc, donor_post, xs)
+
     with torch.enable_grad():
-        metric = behaviour.metric(forward(pair.target, batch, behaviour, hooks_t), batch).float()
+        if split is None:
+            logits = forward(pair.target, batch, behaviour, target_hooks(positions.unsqueeze(-1).float()))
+        else:
+            logits = _split_logits(pair.target, batch, behaviour, split,
+                                   target_hooks(split.head.new_ones(1, split.width, 1).float()),
+                                   target_hooks(split.tail_mask.unsqueeze(-1).float()))
+        metric = behaviour.metric(logits, batch).float()
         metric.sum().backward()
     return donor_sum, metric.detach()
+
+
+def _split_logits(model: Any, batch: Batch, behaviour: Behaviour, split: SharedPrefix, head_hooks: list[Hook] = (),
+                  tail_hooks: list[Hook] = ()) -> Float[Tensor, "batch kept vocab"]:
+    """``forward(model, batch, behaviour)``'s logits from the prefix pass (one row, KV cache kept) and the rest's.
+
+    The prefix's cache is repeated over the rows (differentiably: its gradient is the rows' sum) and
+    the rest runs on it with the moved padding and each row's own positions.
+    """
+    _, cache = logits_and_cache(model, split.head, {}, head_hooks, keep=1)
+    cache.batch_repeat_interleave(len(batch))
+    kwargs = {"attention_mask": split.mask, "position_ids": split.positions, "past_key_values": cache}
+    return logits_of(model, split.tail, kwargs, tail_hooks, keep=behaviour.logits_to_keep(batch))
+
+
+_PREFIX_PASS_CHECKED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+def _prefix_pass_agrees(model: Any, behaviour: Behaviour, batch: Batch, split: SharedPrefix) -> bool:
+    """Whether the two-pass forward gives the plain forward's metric on ``batch`` (warns where it does not).
+
+    Checked on the first such batch ``model`` is scored on, then remembered for the model object (a
+    patch changes its weights, not its code path). A KV-cache path can break with a library release
+    (transformers 5.24 did, through the bridge); the scores then come from the plain pass, which costs
+    the shared prefix's share of the time again.
+    """
+    if model in _PREFIX_PASS_CHECKED:
+        return _PREFIX_PASS_CHECKED[model]
+    with torch.no_grad():
+        logits = forward(model, batch, behaviour)
+        plain = behaviour.metric(logits, batch).float()
+        two = behaviour.metric(_split_logits(model, batch, behaviour, split), batch).float()
+    gap = float((plain - two).abs().max())
+    rel = 1e-3 if logits.dtype in (torch.float32, torch.float64) else 5e-2  # half precision: its own rounding
+    _PREFIX_PASS_CHECKED[model] = ok = gap <= rel * max(1.0, float(plain.abs().max()))
+    if not ok:
+        log.warning("scoring: running the shared prompt prefix once gives a metric %.3g away from the plain forward "
+                    "pass (the model's KV-cache path); scoring without it", gap)
+    return ok
 
 
 def _donor_terms(donor: Any, layer: int, x: Float[Tensor, "batch pos d_model"],
