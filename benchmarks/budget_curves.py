@@ -53,10 +53,17 @@ def alphas_of(metrics: dict, names: list[str]) -> dict[str, float]:
     return {n: baselines.get(n, float(metrics["patched"]["alpha"])) for n in names}
 
 
+def objective_of(run: Path, method: str) -> str:
+    """The objective ``method``'s saved ranking was scored on: its own metadata's, else the run's."""
+    path = run / "scores" / f"{method}.safetensors"
+    own = NeuronScores.load(path).meta.get("objective") if path.is_file() else None
+    return own or json.loads((run / "metrics.json").read_text())["extra"].get("objective", "opening")
+
+
 def labelled(run: Path, points: list[dict]) -> list[dict]:
-    """``points`` of ``run`` less the reference models, each method named with the objective its run ranked on."""
-    objective = json.loads((run / "metrics.json").read_text())["extra"].get("objective", "opening")
-    return [{**p, "method": f"{p['method']} ({objective})"} for p in points if p["method"] not in ("target", "donor")]
+    """``points`` of ``run`` less the reference models, each method named with the objective it was ranked on."""
+    return [{**p, "method": f"{p['method']} ({objective_of(run, p['method'])})"} for p in points
+            if p["method"] not in ("target", "donor")]
 
 
 def read_points(run: Path) -> list[dict]:

@@ -1,7 +1,8 @@
 """Does ranking neurons on the donor's whole refusal carry further out of distribution than ranking on its opening?
 
     CNT_LENS_CACHE=... python benchmarks/objective_ood.py [--app enhance] [--ks 460,1421] [--alpha 4]
-        [--no-reference] [--out objective_ood.jsonl]
+        [--objectives opening,continuation] [--rounds 8 --round-alpha 4] [--no-reference]
+        [--out objective_ood.jsonl]
 
 Builds the application's pair with its cached recipes and takes the cross-distribution prompts
 (:func:`cnt_lens.cross_harmful` / :func:`cnt_lens.cross_harmless`: neurons chosen on the bundled set's
@@ -11,6 +12,10 @@ framings held out). Two rankings, one pass of weight attribution each on the sam
 * ``opening``: :class:`cnt_lens.Refusal`'s default metric, the log-odds that the answer opens with a refusal;
 * ``continuation``: ``Refusal(continuation=donor_refusal(donor, ...))``, the log-probability of the
   donor's own most common refusal sentence (found on the same train prompts), read to its end.
+
+With ``--rounds R`` each ranking is instead chosen in ``R`` re-scoring rounds
+(:func:`cnt_lens.iterative_scores`: each round scores on the target as patched by the earlier rounds at
+``--round-alpha``), over a budget of the largest of ``--ks``.
 
 Each ranking's top ``k`` neurons for each of ``--ks`` are transplanted at ``--alpha`` and evaluated on
 the test split (greedy answers, the refusal judge; utility NLL and MC accuracy on the reference passages), with
@@ -33,6 +38,7 @@ from cnt_lens import (
     cross_harmful,
     cross_harmless,
     donor_refusal,
+    iterative_scores,
     load_model,
     measure,
     score,
@@ -48,6 +54,9 @@ def main() -> None:
     ap.add_argument("--model", default=BUNDLED_MODEL)
     ap.add_argument("--ks", default="460,1421", help="neuron budgets (comma-separated)")
     ap.add_argument("--alpha", type=float, default=4.0)
+    ap.add_argument("--objectives", default="opening,continuation", help="rankings to build (comma-separated)")
+    ap.add_argument("--rounds", type=int, default=0, help="re-scoring rounds (0: one pass of weight attribution)")
+    ap.add_argument("--round-alpha", type=float, default=4.0, help="scale the rounds apply their picks at")
     ap.add_argument("--no-reference", action="store_true", help="skip the target's and donor's rows")
     ap.add_argument("--measure", default="refusal,utility", help="what to evaluate: refusal, utility or both")
     ap.add_argument("--out", type=Path, default=None, help="also append the lines to this JSONL file")
@@ -72,12 +81,19 @@ def main() -> None:
     if not args.no_reference:
         evaluate({"model": "target"}, pair.target)
         evaluate({"model": "donor"}, pair.donor)
-    for name, behaviour in objectives.items():
-        scores = score(pair, behaviour, "weight_attribution", split="train", progress=False)
-        for k in (int(x) for x in args.ks.split(",")):
+    ks = [int(x) for x in args.ks.split(",")]
+    for name in args.objectives.split(","):
+        behaviour = objectives[name]
+        if args.rounds:
+            scores = iterative_scores(pair, behaviour, budget=max(ks) / pair.n_neurons, rounds=args.rounds,
+                                      alpha=args.round_alpha, progress=False)
+        else:
+            scores = score(pair, behaviour, "weight_attribution", split="train", progress=False)
+        for k in ks:
             patch = NeuronPatch.from_pair(pair, scores.top_k(k), alpha=args.alpha)
-            evaluate({"model": "patched", "objective": name, "k": k, "alpha": args.alpha}, pair.target,
-                     patch.applied(pair.target))
+            label = {"model": "patched", "objective": name, "k": k, "alpha": args.alpha, "rounds": args.rounds,
+                     **({"round_alpha": args.round_alpha} if args.rounds else {})}
+            evaluate(label, pair.target, patch.applied(pair.target))
 
 
 if __name__ == "__main__":
