@@ -53,8 +53,13 @@ def alphas_of(metrics: dict, names: list[str]) -> dict[str, float]:
     return {n: baselines.get(n, float(metrics["patched"]["alpha"])) for n in names}
 
 
-def objective_of(run: Path, method: str) -> str:
-    """The objective ``method``'s saved ranking was scored on: its own metadata's, else the run's."""
+BLIND = ("random", "weight_diff", "nlsr_drift")  # rankings that read no behaviour, so no objective
+
+
+def objective_of(run: Path, method: str) -> str | None:
+    """The objective ``method``'s saved ranking was scored on: its own metadata's, else the run's (None: reads none)."""
+    if method in BLIND:
+        return None
     path = run / "scores" / f"{method}.safetensors"
     own = NeuronScores.load(path).meta.get("objective") if path.is_file() else None
     return own or json.loads((run / "metrics.json").read_text())["extra"].get("objective", "opening")
@@ -62,8 +67,11 @@ def objective_of(run: Path, method: str) -> str:
 
 def labelled(run: Path, points: list[dict]) -> list[dict]:
     """``points`` of ``run`` less the reference models, each method named with the objective it was ranked on."""
-    return [{**p, "method": f"{p['method']} ({objective_of(run, p['method'])})"} for p in points
-            if p["method"] not in ("target", "donor")]
+    def name(method: str) -> str:
+        objective = objective_of(run, method)
+        return method if objective is None else f"{method} ({objective})"
+
+    return [{**p, "method": name(p["method"])} for p in points if p["method"] not in ("target", "donor")]
 
 
 def read_points(run: Path) -> list[dict]:
