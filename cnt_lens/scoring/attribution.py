@@ -146,8 +146,8 @@ def _attribute_batch(pair: ModelPair, behaviour: Behaviour, batch: Batch, kind: 
     return donor_sum, metric.detach()
 
 
-def _split_logits(model: Any, batch: Batch, behaviour: Behaviour, split: SharedPrefix, head_hooks: list[Hook] = (),
-                  tail_hooks: list[Hook] = ()) -> Float[Tensor, "batch kept vocab"]:
+def _split_logits(model: Any, batch: Batch, behaviour: Behaviour, split: SharedPrefix, head_hooks: Sequence[Hook] = (),
+                  tail_hooks: Sequence[Hook] = ()) -> Float[Tensor, "batch kept vocab"]:
     """``forward(model, batch, behaviour)``'s logits from the prefix pass (one row, KV cache kept) and the rest's.
 
     The prefix's cache is repeated over the rows (differentiably: its gradient is the rows' sum) and
