@@ -362,7 +362,6 @@ class SharedPrefix:
 
     head: Int[Tensor, "1 shared"]
     tail: Int[Tensor, "batch rest"]
-    tail_mask: Int[Tensor, "batch rest"]
     mask: Int[Tensor, "batch shared_plus_rest"]
     positions: Int[Tensor, "batch rest"]
 
@@ -370,6 +369,11 @@ class SharedPrefix:
     def width(self) -> int:
         """Number of prefix tokens (run once)."""
         return int(self.head.shape[1])
+
+    @property
+    def tail_mask(self) -> Int[Tensor, "batch rest"]:
+        """The rest's real tokens (``mask`` after the prefix)."""
+        return self.mask[:, self.width:]
 
 
 def shared_prefix_length(b: Batch) -> int:
@@ -410,7 +414,7 @@ def split_shared_prefix(b: Batch, min_shared: int = 8) -> SharedPrefix | None:
     tail_mask[torch.arange(rest, device=tail.device)[None, :] < (rest - (lengths - shared))[:, None]] = 0
     positions = (shared + tail_mask.cumsum(-1) - 1).clamp(min=shared)
     mask = torch.cat([b.attention_mask.new_ones(n, shared), tail_mask], 1)
-    return SharedPrefix(head, tail, tail_mask, mask, positions)
+    return SharedPrefix(head, tail, mask, positions)
 
 
 def _max_len(tokenizer: Any, max_len: int | None) -> int | None:

@@ -75,8 +75,8 @@ def attribution_scores(
     The weight kind over every position runs a prefix that every prompt of a batch shares (a chat
     template's system prompt) once per batch, its gradient summed over the rows
     (:func:`~cnt_lens.data.split_shared_prefix`): the same scores up to float rounding, at the cost of
-    the rows' own tokens. The first such batch of a call is checked against a plain forward pass
-    (:func:`_prefix_pass_agrees`); where the model's KV-cache path disagrees, the call scores without it.
+    the rows' own tokens. The first such batch a target model is scored on is checked against a plain
+    forward pass (:func:`_prefix_pass_agrees`); where its KV-cache path disagrees, it is scored without it.
     """
     require_batches(batches, "scored")
     if kind not in ("activation", "weight"):
