@@ -20,9 +20,10 @@ import json
 from pathlib import Path
 
 from cnt_lens import NeuronPatch, load_model
+from cnt_lens.evaluate import gap_shares
 from cnt_lens.experiments.applications import APPLICATIONS, PROTOCOLS
 from cnt_lens.files import atomic_write_text
-from cnt_lens.stats import is_companion
+from cnt_lens.stats import format_rate
 
 
 def main() -> None:
@@ -52,14 +53,11 @@ def main() -> None:
 
 def _print(rates: dict, n_neurons: int) -> None:
     print(f"patch: {n_neurons} neurons")
-    for key in [k for k in rates["target"] if k.startswith("refusal_") and not is_companion(k)]:
-        cells = []
-        for name in ("target", "donor", "patched"):
-            lo, hi = rates[name][f"{key}_ci95"]
-            cells.append(f"{name} {rates[name][key]:.3f} [{lo:.2f}, {hi:.2f}]")
-        gap = rates["donor"][key] - rates["target"][key]
-        share = (rates["patched"][key] - rates["target"][key]) / gap if abs(gap) > 1e-9 else float("nan")
-        print(f"{key:<32} n={rates['target'][key + '_n']:<4} " + "  ".join(cells) + f"  share of gap {share:.2f}")
+    for kind in ("refusal_harmful", "refusal_harmless"):
+        for r in gap_shares(rates["target"], rates["donor"], rates["patched"], kind):
+            key = r["key"]
+            cells = [f"{name} {format_rate(rates[name], key)}" for name in ("target", "donor", "patched")]
+            print(f"{key:<32} " + "  ".join(cells) + f"  share of gap {r['share']:.2f}")
 
 
 if __name__ == "__main__":

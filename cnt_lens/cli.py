@@ -64,8 +64,10 @@ def demo(
 ) -> None:
     """The main job: transfer refusal into the bundled SmolLM2 with a minimal neuron set.
 
-    The donor is the cached safety tune of the same model. The patch — ranking, search and test numbers —
-    is the one ``cnt-lens run enhance`` finds; the demo compares it with the random baseline at the same
+    The donor is the cached safety tune of the same model. Neurons are ranked on the bundled harmful
+    prompts, k and alpha chosen on AdvBench's, and the report reads three framings neither choice saw
+    beside them (in and out of distribution, with each one's share of the donor–target gap). The
+    patch — ranking, search and test numbers — is the one ``cnt-lens run enhance`` finds; the demo compares it with the random baseline at the same
     budget and alpha (five seeds) by default, and with all seven baselines, each with its own search
     (= ``cnt-lens run enhance``, several times longer), with ``--baselines all``.
     """
@@ -73,7 +75,7 @@ def demo(
     # every option spelled out: called as a function, ``run``'s defaults are typer's OptionInfo objects
     run(application="enhance", out=out, model="smollm2-135m-instruct", rounds=None,
         baselines=None if chosen is None else ",".join(chosen) or "none", alphas=None, max_fraction=None, screen=True,
-        protocol="split", objective="opening", random_seeds=None, search_baselines=chosen is None, device=device,
+        protocol=None, objective=None, random_seeds=None, search_baselines=chosen is None, device=device,
         progress=progress)
 
 
@@ -92,10 +94,12 @@ def run(
                                                  "neurons (default: the application's)."),
     screen: bool = typer.Option(True, help="Decide search points by cheap estimates and evaluate in full only "
                                 "the points that matter (--no-screen: every point in full)."),
-    protocol: str = typer.Option("split", help="split: each prompt set's own train/validation/test; cross: neurons "
-                                 "on the bundled prompts, k and alpha on AdvBench, report on held-out framings too."),
-    objective: str = typer.Option("opening", help="What refusal rankings read: opening (log-odds of a refusal "
-                                  "opening) or continuation (log p of the refusing model's own refusal sentence)."),
+    protocol: Optional[str] = typer.Option(None, help="split: each prompt set's own train/validation/test; cross: "
+                                           "neurons on the bundled prompts, k and alpha on AdvBench, report on "
+                                           "held-out framings too (default: the application's; enhance: cross)."),
+    objective: Optional[str] = typer.Option(None, help="What refusal rankings read: opening (log-odds of a refusal "
+                                            "opening) or continuation (log p of the refusing model's own refusal "
+                                            "sentence; default: the application's; enhance: continuation)."),
     random_seeds: Optional[int] = typer.Option(None, min=1, help="Seeds of the random baseline evaluated on test "
                                                "(default: 5)."),
     search_baselines: bool = typer.Option(True, help="Give every baseline the main method's own search over k and "
@@ -109,9 +113,9 @@ def run(
 
     if application not in APPLICATIONS:
         raise typer.BadParameter(f"unknown application {application!r}; one of {sorted(APPLICATIONS)}")
-    if protocol not in PROTOCOLS:
+    if protocol is not None and protocol not in PROTOCOLS:
         raise typer.BadParameter(f"unknown protocol {protocol!r}; one of {sorted(PROTOCOLS)}", param_hint="--protocol")
-    if objective not in OBJECTIVES:
+    if objective is not None and objective not in OBJECTIVES:
         raise typer.BadParameter(f"unknown objective {objective!r}; one of {sorted(OBJECTIVES)}", param_hint="--objective")
     chosen = None if baselines is None else _names(baselines)
     _check_methods(chosen or (), "baseline(s)", "--baselines")
@@ -121,6 +125,8 @@ def run(
                              screen=screen, protocol=protocol, objective=objective, random_seeds=random_seeds,
                              search_baselines=search_baselines, progress=progress)
     typer.echo(report.table())
+    if report.shares_table():
+        typer.echo("\n" + report.shares_table())
     typer.echo(timings_table(out / "timings.json"))
     typer.echo(f"wrote {out}/metrics.json, patch.safetensors, patched_model/, report.html in {time.time() - t0:.0f} s")
 

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .behaviours import Behaviour
+from .data import ROLES
 from .files import atomic_write_text
 from .resume import recall_records
 from .stats import Block, format_rate, is_companion, wilson_interval
 from .timing import stage
 
-__all__ = ["Report", "measure", "wilson_interval"]
+__all__ = ["Report", "gap_shares", "measure", "wilson_interval"]
 
 
 def measure(model: Any, behaviours: Sequence[Behaviour], split: str | None, *, batch_size: int = 16,
@@ -91,6 +92,36 @@ class Report:
         lines += ["| " + r["model"] + " | " + " | ".join(format_rate(r, c) for c in cols) + " |" for r in rows]
         return "\n".join(lines)
 
+    def shares(self, number: str = "refusal_harmful") -> list[dict[str, Any]]:
+        """:func:`gap_shares` of ``number`` for the patched model and each baseline (``share_<method>``)."""
+        rows = gap_shares(self.target, self.donor, self.patched, number)
+        for b in self.baselines:
+            for row, other in zip(rows, gap_shares(self.target, self.donor, b, number)):
+                row[f"share_{b.get('method')}"] = other["share"]
+        return rows
+
+    def shares_table(self, number: str = "refusal_harmful") -> str:
+        """:meth:`shares` as a markdown table, then each out-of-distribution ÷ in-distribution ratio.
+
+        Empty when ``number`` is not split into groups (a run whose prompts all come from one family).
+        """
+        rows = self.shares(number)
+        if len(rows) < 2:
+            return ""
+        extra = [k for k in rows[0] if k.startswith("share_")]
+        cols = ["group", "n", "target", "donor", "patched", "share", *extra]
+        lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+        for r in rows:
+            cells = [r["group"], str(r["n"]), *(f"{r[m]:.3f}" for m in ("target", "donor")),
+                     format_rate(r["block"], r["key"]), *(f"{r[c]:.2f}" for c in ("share", *extra))]
+            lines.append("| " + " | ".join(cells) + " |")
+        shares = {r["group"]: r["share"] for r in rows}
+        ratios = [f"{out} ÷ {inside}: {shares[out] / shares[inside]:.2f}" for out in ("held_out",)
+                  for inside in ("selection", "search") if out in shares and shares.get(inside)]
+        if ratios:
+            lines.append("\nShare of the donor–target gap out of distribution ÷ in distribution — " + "; ".join(ratios))
+        return "\n".join(lines)
+
     def numbers(self) -> list[str]:
         """The names of the target block's numbers (floats), without the rates' ``_n``/``_ci95`` companions."""
         return [c for c, v in self.target.items() if isinstance(v, float) and not is_companion(c)]
@@ -102,3 +133,36 @@ class Report:
         """
         cols = list(columns or self.numbers())
         return cols + [c for c in ("n_neurons", "alpha") if c not in cols]
+
+
+def gap_shares(target: Block, donor: Block, patched: Block, number: str = "refusal_harmful") -> list[dict[str, Any]]:
+    """``number`` and each of its groups: the three models' rates and the patched share of the gap.
+
+    Groups are the ``{number}_{group}`` rates a behaviour reports when its prompts mix roles or
+    families (:func:`~cnt_lens.data.cross_distribution`): ``all`` first, then the roles in
+    :data:`~cnt_lens.data.ROLES` order (neurons' family, k and alpha's family, held out), then the
+    families. ``share`` = (patched − target) / (donor − target), NaN where donor and target agree.
+    Each row holds ``group``, ``n``, ``target``, ``donor``, ``patched``, ``share``, and ``block`` /
+    ``key`` (the patched block and its key, for :func:`~cnt_lens.stats.format_rate`).
+
+    Example:
+        >>> from cnt_lens.stats import rate
+        >>> t = {**rate("r", [0, 0, 0, 0]), **rate("r_held_out", [0, 0])}
+        >>> d = {**rate("r", [1, 1, 1, 1]), **rate("r_held_out", [1, 1])}
+        >>> p = {**rate("r", [1, 1, 1, 0]), **rate("r_held_out", [1, 0])}
+        >>> [(r["group"], r["share"]) for r in gap_shares(t, d, p, "r")]
+        [('all', 0.75), ('held_out', 0.5)]
+    """
+    keys = [number] + [k for k, v in target.items()
+                       if k.startswith(number + "_") and isinstance(v, float) and not is_companion(k)]
+    order = {g: i for i, g in enumerate(ROLES)}
+    groups = sorted(keys[1:], key=lambda k: (order.get(k[len(number) + 1:], len(order)), k))
+    rows = []
+    for key in [keys[0], *groups] if number in target else groups:
+        if key not in patched or key not in donor:
+            continue
+        t, d, p = target[key], donor[key], patched[key]
+        rows.append({"group": "all" if key == number else key[len(number) + 1:], "n": target.get(f"{key}_n"),
+                     "target": t, "donor": d, "patched": p,
+                     "share": (p - t) / (d - t) if abs(d - t) > 1e-12 else float("nan"), "block": patched, "key": key})
+    return rows

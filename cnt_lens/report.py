@@ -28,6 +28,24 @@ def _html_table(report: Report) -> str:
     return f'<div class="scroll"><table class="metrics"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
+def _shares_html(report: Report) -> str:
+    """The headline rate per prompt role and family with each model's share of the gap (:meth:`Report.shares`)."""
+    rows = report.shares()
+    if len(rows) < 2:
+        return ""
+    extra = [k for k in rows[0] if k.startswith("share_")]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["prompts", "n", "target", "donor", "patched",
+                                                          "patched share of the gap", *extra])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in [
+        r["group"], str(r["n"]), f"{r['target']:.3f}", f"{r['donor']:.3f}", format_rate(r["block"], r["key"]),
+        *(f"{r[c]:.2f}" for c in ("share", *extra))]) + "</tr>" for r in rows)
+    return (f'<h2 id="distribution">In and out of distribution</h2><p>Harmful-request refusal by the role each '
+            f'prompt family played (selection: the neurons were chosen on its train split; search: k and alpha '
+            f'on its validation split; held_out: no choice saw it) and by family.</p>'
+            f'<div class="scroll"><table class="metrics"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+            f'</table></div>')
+
+
 _VERDICTS = ("refused", "marked", "followed")
 """Item fields that say what a response did, shown beside it (the first one an item has)."""
 _MODELS = ("target", "patched", "donor")
@@ -126,6 +144,7 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
 <p>{report.n_neurons_total} MLP neurons; numbers on the <b>{report.split}</b> split.</p>
 <h2>Metrics</h2>{table}
 <p>Rates: share [95% Wilson interval] n = prompts counted.</p>
+{_shares_html(report)}
 {_examples_html(run / "items.jsonl")}
 {body}
 {_timings_html(run / "timings.json")}

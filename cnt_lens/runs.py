@@ -27,6 +27,7 @@ from .models import ModelPair, device_of
 from .pipeline import TransferConfig, transfer
 from .report import write_report
 from .resume import resumable
+from .scoring import SCORERS, score
 from .search import iterative_scores, measure_reference
 from .timing import profile, stage
 from .transplant import export_hf
@@ -58,7 +59,8 @@ def run_transfer(
     :func:`~cnt_lens.search.iterative_scores` of ``config.method`` (re-scored ``rounds`` times up to the
     budget, each round's picks applied at ``round_alpha``; ``contrast`` against the behaviour's control
     prompts; side effects with a nonzero ``preserve_weights`` entry, default 10 each, preserved);
-    with ``rounds=0`` it is one pass of ``config.method``. ``data`` (e.g. from
+    with ``rounds=0`` it is one pass of ``config.method`` with the same ``contrast`` and preserved side
+    effects (when the method takes them: the attribution methods). ``data`` (e.g. from
     :func:`~cnt_lens.formats.describe_file`) is written to ``data.json`` and, without its per-record
     splits, into ``metrics.json``.
     """
@@ -98,13 +100,18 @@ def _transfer_stages(pair: ModelPair, behaviour: Behaviour, out: Path, side_effe
         reference = measure_reference(pair, behaviour, side_effects, split="validation",
                                       batch_size=config.batch_size)
     scores = None
+    kept = [(b, w) for b, w in zip(side_effects, weights) if w]
+    penalties = {"contrast": contrast, "preserve": [b for b, _ in kept], "preserve_weight": [w for _, w in kept]}
     if rounds > 0:
-        kept = [(b, w) for b, w in zip(side_effects, weights) if w]
         with stage(f"score {config.method}, {rounds} rounds"):
             scores = iterative_scores(pair, behaviour, budget=config.max_fraction, rounds=rounds, alpha=round_alpha,
-                                      method=config.method, contrast=contrast, preserve=[b for b, _ in kept],
-                                      preserve_weight=[w for _, w in kept], batch_size=config.score_batch_size,
-                                      progress=progress)
+                                      method=config.method, batch_size=config.score_batch_size, progress=progress,
+                                      **penalties)
+    elif (contrast or kept) and set(penalties) <= set(SCORERS[config.method].options):
+        # one pass with the same penalties; a method without them (a baseline as main) is scored by transfer
+        with stage(f"score {config.method}"):
+            scores = score(pair, behaviour, config.method, split="train", batch_size=config.score_batch_size,
+                           positions=config.positions, progress=progress, **penalties)
     result = transfer(pair, behaviour, side_effects=side_effects, constraint=constraint, config=config,
                       scores=scores, reference=reference, out_dir=out, progress=progress)
     result.report.extra["ranking"] = {"rounds": rounds, "round_alpha": round_alpha, "contrast": contrast,

@@ -178,8 +178,8 @@ def test_demo_runs_enhance_against_the_random_baseline(tmp_path, monkeypatch):
     res = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert seen == {"name": "enhance", "model": "smollm2-135m-instruct", "rounds": None, "baselines": ("random",),
-                    "device": None, "alphas": None, "max_fraction": None, "screen": True, "protocol": "split",
-                    "objective": "opening", "random_seeds": None, "search_baselines": False,
+                    "device": None, "alphas": None, "max_fraction": None, "screen": True, "protocol": None,
+                    "objective": None, "random_seeds": None, "search_baselines": False,
                     "progress": False}
 
 

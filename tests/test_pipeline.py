@@ -44,6 +44,27 @@ def test_transfer_writes_a_complete_run(tmp_path):
     assert '"type":"heatmap"' in page.replace(" ", "")  # the selection heatmap's figure data, not plotly.js
 
 
+def test_a_one_pass_run_ranks_with_the_runs_contrast_and_preserved_side_effects(tmp_path):
+    import torch
+
+    from cnt_lens import NeuronScores, Utility, score
+    from cnt_lens.runs import run_transfer
+
+    pair, behaviour, _ = planted_pair("llama", n_planted=8, seed=2)
+    cfg = TransferConfig(baselines=("random",), alphas=(1.0, 2.0), max_fraction=0.5, random_seeds=1,
+                         search_baselines=False)
+    run_transfer(pair, behaviour, tmp_path, side_effects=[Utility()], config=cfg, rounds=0, contrast=0.5,
+                 preserve_weights=[10.0], progress=False)
+    saved = NeuronScores.load(tmp_path / "scores" / "weight_attribution.safetensors")
+    penalised = score(pair, behaviour, split="train", contrast=0.5, preserve=[Utility()], preserve_weight=10.0,
+                      progress=False)
+    plain = score(pair, behaviour, split="train", progress=False)
+    assert saved.meta["contrast"] == 0.5 and saved.meta["preserve"] == ["utility"]
+    assert torch.allclose(saved.values, penalised.values) and not torch.allclose(saved.values, plain.values)
+    stages = {r["stage"] for r in json.loads((tmp_path / "timings.json").read_text())["stages"]}
+    assert "score weight_attribution" in stages
+
+
 def test_constraints_see_the_reference_and_can_reject(tmp_path):
     pair, behaviour, planted = planted_pair("gpt2", n_planted=8, seed=2)
     cfg = TransferConfig(baselines=("random",), alphas=(1.0, 2.0), max_fraction=0.5)
@@ -64,15 +85,17 @@ def test_constraints_see_the_reference_and_can_reject(tmp_path):
 
 
 def test_application_table_is_consistent():
-    """Every application preserves exactly its side effects and rounds at a searched scale; realign reads
-    refusal after the attack's prefix."""
-    from cnt_lens.experiments.applications import APPLICATIONS
+    """Every application preserves exactly its side effects, rounds (if any) at a searched scale, and names a
+    protocol and objective that exist; realign reads refusal after the attack's prefix."""
+    from cnt_lens.experiments.applications import APPLICATIONS, OBJECTIVES, PROTOCOLS
     from cnt_lens.experiments.recipes import TASK_PREFIX
 
     for application in APPLICATIONS.values():
         side = application.side_effects()
         assert len(application.preserve_weights) == len(side) and side[0].name == "utility"
-        assert application.goal >= 0.9 and 0 < application.max_fraction <= 0.05 and application.rounds >= 1
+        assert application.goal >= 0.9 and 0 < application.max_fraction <= 0.05 and application.rounds >= 0
+        assert application.protocol in PROTOCOLS and application.objective in OBJECTIVES
+        PROTOCOLS[application.protocol](application.behaviour())  # the protocol applies to the behaviour
         # the re-scoring rounds apply their picks at a scale the search explores
         assert min(application.alphas) <= application.round_alpha <= max(application.alphas) and list(application.alphas) == sorted(application.alphas)
     realign = APPLICATIONS["realign"]

@@ -93,3 +93,36 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     res = _chromium(f"--screenshot={shot}", "--window-size=1280,2400", page, user_dir=tmp_path / "u2")
     assert res.returncode == 0 and shot.stat().st_size > 20_000
     shutil.copy(shot, run_dir / "report.png")
+
+
+def test_report_sets_refusal_out_of_distribution_beside_in_distribution(run_dir, tmp_path):
+    from cnt_lens import Refusal
+    from cnt_lens.evaluate import Report
+
+    def block(selection, search, held_out):
+        """Refusal's own numbers of harmful prompts in three roles (one family each) and one harmless prompt."""
+        items = [{"set": "harmful", "role": role, "family": family, "refused": bool(f)}
+                 for role, family, flags in (("selection", "cnt_lens", selection), ("search", "advbench", search),
+                                             ("held_out", "roleplay", held_out)) for f in flags]
+        return Refusal().aggregate([*items, {"set": "harmless", "role": "selection", "family": "cnt_lens",
+                                             "refused": False}])
+
+    target, donor = block([0] * 4, [0] * 4, [0] * 4), block([1] * 4, [1] * 4, [1] * 4)
+    patched, rnd = block([1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]), block([0] * 4, [0] * 4, [1, 0, 0, 0])
+    report = Report(behaviour="refusal", split="test", n_neurons_total=10, donor=donor, target=target,
+                    patched={"method": "weight_attribution", **patched}, baselines=[{"method": "random", **rnd}])
+    rows = report.shares()
+    assert [r["group"] for r in rows] == ["all", "selection", "search", "held_out", "advbench", "cnt_lens", "roleplay"]
+    assert [r["share"] for r in rows[:4]] == [9 / 12, 1.0, 0.75, 0.5] and rows[3]["share_random"] == 0.25
+    assert [r["n"] for r in rows] == [12, 4, 4, 4, 4, 4, 4]
+    table = report.shares_table()
+    assert "held_out ÷ selection: 0.50" in table and "held_out ÷ search: 0.67" in table
+    assert "0.500 [0.15, 0.85] n=4" in table  # the patched rate with its interval
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert 'id="distribution"' not in (run / "report.html").read_text()  # one family: no such section
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics.update(target=target, donor=donor, patched={**metrics["patched"], **patched})
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    page = write_report(run).read_text()
+    assert 'id="distribution"' in page and "<td>held_out</td>" in page
