@@ -31,6 +31,7 @@ from .data import (
     chat_format,
     chunks,
     default_harmful,
+    default_harmless,
     encode,
     load_prompts,
     split_shared_prefix,
@@ -475,7 +476,7 @@ class Refusal(Behaviour):
     """
 
     harmful: PromptSet = field(default_factory=default_harmful)
-    harmless: PromptSet = field(default_factory=lambda: load_prompts("harmless"))
+    harmless: PromptSet = field(default_factory=default_harmless)
     refusal_openings: tuple[str, ...] = REFUSAL_OPENINGS
     lead: str = "I'm"
     max_new_tokens: int = 48

@@ -64,10 +64,11 @@ def demo(
 ) -> None:
     """The main job: transfer refusal into the bundled SmolLM2 with a minimal neuron set.
 
-    The donor is the cached safety tune of the same model. Neurons are ranked on the bundled harmful
-    prompts, k and alpha chosen on AdvBench's, and the report reads three framings neither choice saw
-    beside them (in and out of distribution, with each one's share of the donor–target gap). The
-    patch — ranking, search and test numbers — is the one ``cnt-lens run enhance`` finds; the demo compares it with the random baseline at the same
+    The donor is the cached safety tune of the same model. Neurons, k and alpha are chosen on the
+    bundled harmful prompts; the test report reads them beside AdvBench's requests and three framings
+    (role-play, writing, backstory) that no choice saw, each with its share of the donor–target gap.
+    The patch — ranking, search and test numbers — is the one ``cnt-lens run enhance`` finds; the demo
+    compares it with the random baseline at the same
     budget and alpha (five seeds) by default, and with all seven baselines, each with its own search
     (= ``cnt-lens run enhance``, several times longer), with ``--baselines all``.
     """
@@ -75,7 +76,7 @@ def demo(
     # every option spelled out: called as a function, ``run``'s defaults are typer's OptionInfo objects
     run(application="enhance", out=out, model="smollm2-135m-instruct", rounds=None,
         baselines=None if chosen is None else ",".join(chosen) or "none", alphas=None, max_fraction=None, screen=True,
-        protocol=None, objective=None, random_seeds=None, search_baselines=chosen is None, device=device,
+        protocol="split", objective="opening", random_seeds=None, search_baselines=chosen is None, device=device,
         progress=progress)
 
 
@@ -94,12 +95,11 @@ def run(
                                                  "neurons (default: the application's)."),
     screen: bool = typer.Option(True, help="Decide search points by cheap estimates and evaluate in full only "
                                 "the points that matter (--no-screen: every point in full)."),
-    protocol: Optional[str] = typer.Option(None, help="split: each prompt set's own train/validation/test; cross: "
-                                           "neurons on the bundled prompts, k and alpha on AdvBench, report on "
-                                           "held-out framings too (default: the application's; enhance: cross)."),
-    objective: Optional[str] = typer.Option(None, help="What refusal rankings read: opening (log-odds of a refusal "
-                                            "opening) or continuation (log p of the refusing model's own refusal "
-                                            "sentence; default: the application's; enhance: continuation)."),
+    protocol: str = typer.Option("split", help="split: neurons, k and alpha on the bundled prompts' own splits, "
+                                 "AdvBench and three framings held out for the report; cross: neurons on the "
+                                 "bundled prompts, k and alpha on AdvBench, the framings held out."),
+    objective: str = typer.Option("opening", help="What refusal rankings read: opening (log-odds of a refusal "
+                                  "opening) or continuation (log p of the refusing model's own refusal sentence)."),
     random_seeds: Optional[int] = typer.Option(None, min=1, help="Seeds of the random baseline evaluated on test "
                                                "(default: 5)."),
     search_baselines: bool = typer.Option(True, help="Give every baseline the main method's own search over k and "
@@ -113,9 +113,9 @@ def run(
 
     if application not in APPLICATIONS:
         raise typer.BadParameter(f"unknown application {application!r}; one of {sorted(APPLICATIONS)}")
-    if protocol is not None and protocol not in PROTOCOLS:
+    if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"unknown protocol {protocol!r}; one of {sorted(PROTOCOLS)}", param_hint="--protocol")
-    if objective is not None and objective not in OBJECTIVES:
+    if objective not in OBJECTIVES:
         raise typer.BadParameter(f"unknown objective {objective!r}; one of {sorted(OBJECTIVES)}", param_hint="--objective")
     chosen = None if baselines is None else _names(baselines)
     _check_methods(chosen or (), "baseline(s)", "--baselines")
@@ -160,7 +160,7 @@ def _dtype(name: str) -> "torch.dtype":
 def _prompt_sets(behaviour: str, harmful: Optional[Path], harmless: Optional[Path], pairs: Optional[Path],
                  fmt: Optional[str], column: Optional[str], seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The prompt sets of ``behaviour`` (user files, else bundled) and the data record of the run."""
-    from .data import default_harmful, load_prompts
+    from .data import default_harmful, default_harmless, load_prompts
     from .formats import describe_file, load_file
 
     if behaviour not in BEHAVIOURS:
@@ -170,7 +170,7 @@ def _prompt_sets(behaviour: str, harmful: Optional[Path], harmless: Optional[Pat
               if v is not None and k not in files]
     if unused:
         raise typer.BadParameter(f"{', '.join(unused)} do(es) not apply to --behaviour {behaviour}")
-    bundled = {"harmful": default_harmful, "harmless": lambda: load_prompts("harmless"),
+    bundled = {"harmful": default_harmful, "harmless": default_harmless,
                "pairs": lambda: load_prompts("bias_pairs")}
     sets, record = {}, {}
     for role, path in files.items():
@@ -185,6 +185,24 @@ def _prompt_sets(behaviour: str, harmful: Optional[Path], harmless: Optional[Pat
             raise typer.BadParameter(str(err), param_hint=f"--{role}") from None
         record[role] = describe_file(path, sets[role])
     return sets, record
+
+
+def _protocol_sets(protocol: str, behaviour: str, bundled: bool, sets: dict[str, Any],
+                   record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``sets`` re-split by ``protocol`` (``split``: as they are; ``cross``: the bundled refusal prompts by family)."""
+    from .data import cross_harmful, cross_harmless
+
+    if protocol not in ("split", "cross"):
+        raise typer.BadParameter(f"unknown protocol {protocol!r}; one of ['cross', 'split']", param_hint="--protocol")
+    if protocol == "cross" and not (behaviour == "refusal" and bundled):
+        raise typer.BadParameter("cross re-splits the bundled refusal prompts by family (neurons on the bundled set, "
+                                 "k and alpha on AdvBench, framings held out); with your own prompt files, or for "
+                                 "bias, use --protocol split", param_hint="--protocol")
+    if protocol == "split":
+        return sets, record
+    sets = {"harmful": cross_harmful(), "harmless": cross_harmless()}
+    return sets, {role: {"bundled": ps.name, "protocol": "cross", "n": len(ps), "splits": ps.split_counts()}
+                  for role, ps in sets.items()}
 
 
 def _behaviour(behaviour: str, sets: dict[str, Any]) -> Any:
@@ -259,6 +277,9 @@ def transfer(
     batch_size: int = typer.Option(16, help="Prompts per evaluation batch."),
     screen: bool = typer.Option(True, help="Decide search points by cheap estimates and evaluate in full only "
                                 "the points that matter (--no-screen: every point in full)."),
+    protocol: str = typer.Option("split", help="split: each prompt set's own splits (the bundled harmful test "
+                                 "adds AdvBench and three framings no choice saw); cross (bundled refusal prompts "
+                                 "only): neurons on the bundled set, k and alpha on AdvBench, the framings held out."),
     overwrite: bool = typer.Option(False, help="Write into a non-empty --out; a run stopped there continues, "
                                    "reusing every result its resume/ folder holds."),
     progress: bool = PROGRESS,
@@ -267,6 +288,8 @@ def transfer(
 
     Scores every MLP neuron on train, searches the minimal set and alpha on validation, compares the
     baselines at the same budget, reports on test, and writes the run directory (as the demo does).
+    With the bundled refusal prompts the test report sets the family the choices were made on beside
+    families no choice saw (``--protocol cross`` chooses k and alpha on another family as well).
     """
     from .behaviours import Utility
     from .constraints import for_behaviour
@@ -276,6 +299,7 @@ def transfer(
     _fresh_out(out, overwrite)
     _check_methods((method, *_names(baselines)), "method(s)", "--method/--baselines")
     sets, data = _prompt_sets(behaviour, harmful, harmless, pairs, fmt, column, split_seed)
+    sets, data = _protocol_sets(protocol, behaviour, harmful is None and harmless is None, sets, data)
     b = _behaviour(behaviour, sets)
     config = TransferConfig(method=method, baselines=_names(baselines), goal=goal, alphas=_floats(alphas, "--alphas"),
                             max_fraction=budget, batch_size=batch_size, screen=screen,
@@ -288,6 +312,8 @@ def transfer(
                               data=data, progress=progress)
         prof.save(out / "timings.json")
     typer.echo(report.table())
+    if report.shares_table():
+        typer.echo("\n" + report.shares_table())
     typer.echo(prof.table())
     typer.echo(f"wrote {out}/ (metrics.json, patch.safetensors, patched_model/, report.html, timings.json) "
                f"in {prof.total():.0f} s")

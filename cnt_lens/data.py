@@ -46,6 +46,7 @@ __all__ = [
     "cross_harmful",
     "cross_harmless",
     "default_harmful",
+    "default_harmless",
     "encode",
     "FIELDS",
     "load_prompts",
@@ -204,12 +205,26 @@ def combine(name: str, *sets: PromptSet) -> PromptSet:
 def default_harmful() -> PromptSet:
     """The harmful prompts every refusal transfer uses by default.
 
-    The bundled ``harmful`` set, whose train and validation splits choose neurons and settings, with AdvBench's test split (112 behaviours) added to its
-    test split, so the reported refusal is measured on ≥100 held-out prompts, most of them from another source
-    and phrased differently from any prompt the choice saw. Each record's ``family`` (``cnt_lens``,
-    ``advbench``) says where it comes from; :class:`~cnt_lens.behaviours.Refusal` reports each family's rate too.
+    The bundled ``harmful`` set, whose train and validation splits choose neurons and settings
+    (``role="selection"``), with prompts no choice sees added to its test split (``role="held_out"``):
+    AdvBench's test split (112 behaviours, direct requests from another source) and the three framings
+    of ``harmful_framed`` (role-play, stories and persuasive writing, requests with a backstory; 24 each).
+    Each record's ``family`` says where it comes from; :class:`~cnt_lens.behaviours.Refusal` reports each
+    role's and family's rate, so the in- and out-of-distribution numbers come out side by side.
     """
-    return combine("harmful+advbench_test", _bundled_family("harmful"), load_prompts("advbench").split("test"))
+    every = combine("harmful+held_out", _bundled_family("harmful"), load_prompts("advbench").split("test"),
+                    load_prompts("harmful_framed"))
+    return cross_distribution(every, select=("cnt_lens",), search=("cnt_lens",))
+
+
+def default_harmless() -> PromptSet:
+    """The harmless prompts every refusal transfer uses by default: over-refusal in and out of distribution.
+
+    The bundled ``harmless`` set's own splits (``role="selection"``; its validation split is what the
+    over-refusal constraints read) and, on test, benign requests in the same three framings as
+    :func:`default_harmful`'s (``role="held_out"``), so a patch that refuses a framing rather than a harm shows up.
+    """
+    return cross_harmless()
 
 
 def _bundled_family(name: str) -> PromptSet:

@@ -231,8 +231,10 @@ def test_refusal_rates_carry_n_interval_and_each_family():
     from cnt_lens.data import default_harmful
 
     test = default_harmful().split("test")
-    assert len(test) >= 100 and set(test.column("family")) == {"cnt_lens", "advbench"}
-    assert set(default_harmful().split("validation").column("family")) == {"cnt_lens"}  # choices see no AdvBench
+    assert len(test) >= 100 and set(test.column("family")) == {"cnt_lens", "advbench", "roleplay", "writing", "context"}
+    for split in ("train", "validation"):  # choices see neither AdvBench nor the framings
+        assert set(default_harmful().split(split).column("family")) == {"cnt_lens"}
+    assert {(r["family"] == "cnt_lens", r["role"]) for r in test} == {(True, "selection"), (False, "held_out")}
     items = [{"set": "harmful", "family": r["family"], "refused": i % 3 == 0} for i, r in enumerate(test.records)]
     items += [{"set": "harmless", "family": None, "refused": i < 2} for i in range(30)]
     out = Refusal().aggregate(items)

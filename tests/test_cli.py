@@ -129,8 +129,9 @@ def test_score_and_measure_take_the_same_data_options(tmp_path):
     assert res.exit_code == 0, res.output
     numbers = json.loads((tmp_path / "m.json").read_text())
     assert numbers["refusal_harmless_n"] == 20  # the safe half of the file
-    assert numbers["data"]["harmless"]["format"] == "xstest" and numbers["data"]["harmful"]["bundled"] == "harmful+advbench_test"
-    assert numbers["refusal_harmful_n"] == len(load_prompts("harmful")) + len(load_prompts("advbench").split("test"))
+    assert numbers["data"]["harmless"]["format"] == "xstest" and numbers["data"]["harmful"]["bundled"] == "harmful+held_out/cross"
+    assert numbers["refusal_harmful_n"] == (len(load_prompts("harmful")) + len(load_prompts("advbench").split("test"))
+                                            + len(load_prompts("harmful_framed")))
 
 
 def test_transfer_command_errors_name_the_problem(tmp_path):
@@ -147,10 +148,32 @@ def test_transfer_command_errors_name_the_problem(tmp_path):
     res = runner.invoke(app, ["transfer", "--donor", "x", "--target", "y", "--baselines", "wanda,magic",
                               "--out", str(tmp_path / "o")])
     assert res.exit_code != 0 and "magic" in res.output
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps({"prompt": f"How do I bake bread number {i}?"}) + "\n" for i in range(12)))
+    res = runner.invoke(app, ["transfer", "--donor", "x", "--target", "y", "--harmless", str(mine), "--protocol",
+                              "cross", "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "use --protocol split" in res.output and not (tmp_path / "o").exists()
+    res = runner.invoke(app, ["transfer", "--donor", "x", "--target", "y", "--protocol", "families",
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "unknown protocol 'families'" in res.output
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     res = runner.invoke(app, ["transfer", "--donor", "x", "--target", "y", "--out", str(tmp_path / "full")])
     assert res.exit_code != 0 and "not empty" in res.output and (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_transfer_reports_the_bundled_refusal_prompts_in_and_out_of_distribution():
+    from cnt_lens.cli import _prompt_sets, _protocol_sets
+
+    sets, record = _prompt_sets("refusal", None, None, None, None, None, 0)
+    families = {split: {r["family"] for r in sets["harmful"].split(split)} for split in ("train", "validation", "test")}
+    assert families == {"train": {"cnt_lens"}, "validation": {"cnt_lens"},
+                        "test": {"cnt_lens", "advbench", "roleplay", "writing", "context"}}
+    assert {r["role"] for r in sets["harmless"].split("test")} == {"selection", "held_out"}
+    assert _protocol_sets("split", "refusal", True, sets, record) == (sets, record)
+    cross, cross_record = _protocol_sets("cross", "refusal", True, sets, record)
+    assert {r["family"] for r in cross["harmful"].split("validation")} == {"advbench"}
+    assert cross_record["harmful"]["protocol"] == "cross" and cross_record["harmful"]["n"] == len(cross["harmful"])
 
 
 def _stub_application(monkeypatch) -> dict:
@@ -178,8 +201,8 @@ def test_demo_runs_enhance_against_the_random_baseline(tmp_path, monkeypatch):
     res = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert seen == {"name": "enhance", "model": "smollm2-135m-instruct", "rounds": None, "baselines": ("random",),
-                    "device": None, "alphas": None, "max_fraction": None, "screen": True, "protocol": None,
-                    "objective": None, "random_seeds": None, "search_baselines": False,
+                    "device": None, "alphas": None, "max_fraction": None, "screen": True, "protocol": "split",
+                    "objective": "opening", "random_seeds": None, "search_baselines": False,
                     "progress": False}
 
 

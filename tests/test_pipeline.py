@@ -85,17 +85,15 @@ def test_constraints_see_the_reference_and_can_reject(tmp_path):
 
 
 def test_application_table_is_consistent():
-    """Every application preserves exactly its side effects, rounds (if any) at a searched scale, and names a
-    protocol and objective that exist; realign reads refusal after the attack's prefix."""
-    from cnt_lens.experiments.applications import APPLICATIONS, OBJECTIVES, PROTOCOLS
+    """Every application preserves exactly its side effects and rounds at a searched scale; realign reads
+    refusal after the attack's prefix."""
+    from cnt_lens.experiments.applications import APPLICATIONS
     from cnt_lens.experiments.recipes import TASK_PREFIX
 
     for application in APPLICATIONS.values():
         side = application.side_effects()
         assert len(application.preserve_weights) == len(side) and side[0].name == "utility"
-        assert application.goal >= 0.9 and 0 < application.max_fraction <= 0.05 and application.rounds >= 0
-        assert application.protocol in PROTOCOLS and application.objective in OBJECTIVES
-        PROTOCOLS[application.protocol](application.behaviour())  # the protocol applies to the behaviour
+        assert application.goal >= 0.9 and 0 < application.max_fraction <= 0.05 and application.rounds >= 1
         # the re-scoring rounds apply their picks at a scale the search explores
         assert min(application.alphas) <= application.round_alpha <= max(application.alphas) and list(application.alphas) == sorted(application.alphas)
     realign = APPLICATIONS["realign"]
@@ -110,7 +108,7 @@ def test_cross_protocol_re_splits_refusal_and_refuses_behaviours_without_familie
     realign = PROTOCOLS["cross"](APPLICATIONS["realign"].behaviour())
     assert realign.response_prefix and {r["family"] for r in realign.harmful.split("validation")} == {"advbench"}
     assert {r["role"] for r in realign.harmless.split("test")} == {"selection", "held_out"}
-    assert PROTOCOLS["split"](APPLICATIONS["enhance"].behaviour()).harmful.name == "harmful+advbench_test"
+    assert PROTOCOLS["split"](APPLICATIONS["enhance"].behaviour()).harmful.name == "harmful+held_out/cross"
     with pytest.raises(ValueError, match="no prompt families"):  # raised before any model is loaded
         run_application("bias-removal", tmp_path / "b", protocol="cross")
     with pytest.raises(ValueError, match="unknown protocol"):

@@ -11,22 +11,14 @@ application         target ← donor                           behaviour (goal)
 ==================  =======================================  ========================================
 
 Each builds its models with the cached recipes, runs :func:`~cnt_lens.pipeline.transfer` with
-weight attribution as the main ranking (re-scored in rounds, except ``enhance``: one pass) and the
-published baselines at the same budget, and writes ``metrics.json``, the patch, the HF checkpoint and
-``report.html`` to the run directory.
-
-``enhance`` (the demo) splits its prompts by family (:data:`PROTOCOLS` ``cross``): neurons are chosen on
-the bundled set, k and alpha on AdvBench, and the report adds three framings neither saw, each role's
-and family's rate side by side with its share of the donor–target gap
-(:func:`~cnt_lens.evaluate.gap_shares`); it ranks on the donor's whole refusal sentence
-(:data:`OBJECTIVES` ``continuation``). The other applications keep each set's own splits and the
-refusal's opening until they are measured that way.
+iterative weight attribution as the main ranking and the published baselines at the same budget,
+and writes ``metrics.json``, the patch, the HF checkpoint and ``report.html`` to the run directory.
 
 Each search goal sits a margin above its quality bar (0.95 for a 0.90 bar, 0.90 for a 0.80 bar):
 the minimal set is the *first* k that passes on validation, so its validation score is biased
 toward the line (winner's curse), and the validation splits hold 20–30 prompts, where one prompt is
-3–5 points. Margins are fixed before a run; each run reads the test split once, at the end (for refusal
-under ``split``: the bundled test prompts and AdvBench's, reported apart; :func:`~cnt_lens.data.default_harmful`).
+3–5 points. Margins are fixed before a run; each run reads the test split once, at the end (for refusal:
+the bundled test prompts and AdvBench's, reported apart; :func:`~cnt_lens.data.default_harmful`).
 """
 
 from __future__ import annotations
@@ -70,8 +62,6 @@ class Application:
                                   "nlsr_drift", "random")
     notes: dict[str, Any] = field(default_factory=dict)
     refuser: str = "donor"  # which model of the pair refuses: donor (function addition) or target (deletion)
-    protocol: str = "split"  # how prompts are split between choices and report (PROTOCOLS)
-    objective: str = "opening"  # what the refusal rankings read (OBJECTIVES)
 
 
 def _pair_enhance(base: Any) -> ModelPair:
@@ -104,13 +94,8 @@ def _pair_bias(base: Any) -> ModelPair:
 
 
 APPLICATIONS: dict[str, Application] = {
-    # neurons on the bundled prompts, k and alpha on AdvBench, the report on framings neither saw; ranked in one
-    # pass on the donor's whole refusal sentence with the penalties: of the rankings measured, the one that
-    # carries the most refusal out of distribution per neuron (RESULTS.md, "Does a transplant carry refusal to
-    # prompt families it was never chosen on?"), and rounds added 3 prompts of 72 there at 8x the scoring time
     "enhance": Application("enhance", _pair_enhance, lambda: Refusal(), lambda: [Utility()],
-                           no_more_over_refusal, preserve_weights=(10.0,), contrast=0.5, rounds=0,
-                           protocol="cross", objective="continuation"),
+                           no_more_over_refusal, preserve_weights=(10.0,), contrast=0.5),
     "disalign": Application("disalign", _pair_disalign, lambda: Refusal(), lambda: [Utility()],
                             utility_kept, contrast=0.0, rounds=4, refuser="target"),
     # for models that refuse on their own (not the bundled SmolLM2, which refuses nothing)
@@ -162,7 +147,7 @@ OBJECTIVES: dict[str, Callable[[Behaviour, Any], Behaviour]] = {
 def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
                     alphas: tuple[float, ...] | None = None, rounds: int | None = None,
                     baselines: tuple[str, ...] | None = None, max_fraction: float | None = None,
-                    screen: bool = True, protocol: str | None = None, objective: str | None = None,
+                    screen: bool = True, protocol: str = "split", objective: str = "opening",
                     random_seeds: int | None = None, search_baselines: bool = True, device: str | None = None,
                     progress: bool = True) -> Any:
     """Run one application end to end and write its run directory; returns the :class:`Report`.
@@ -172,8 +157,7 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
     ``max_fraction`` (the largest budget searched) override the application's settings, e.g. to fit a
     larger model's run on a CPU; ``screen=False`` evaluates every search point in full
     (:class:`~cnt_lens.pipeline.TransferConfig`); ``protocol`` is one of :data:`PROTOCOLS` and
-    ``objective`` one of :data:`OBJECTIVES` (refusal applications only), by default the application's
-    (``enhance``: ``cross`` and ``continuation``; the others ``split`` and ``opening``); ``random_seeds`` overrides
+    ``objective`` one of :data:`OBJECTIVES` (refusal applications only); ``random_seeds`` overrides
     :attr:`~cnt_lens.pipeline.TransferConfig.random_seeds` (each seed is one more test evaluation);
     ``search_baselines=False`` gives each baseline only the alpha search at the main method's k
     (:attr:`~cnt_lens.pipeline.TransferConfig.search_baselines`). Every stage's wall time goes to
@@ -185,12 +169,11 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
     """
     if name not in APPLICATIONS:
         raise ValueError(f"unknown application {name!r}; one of {sorted(APPLICATIONS)}")
-    app = APPLICATIONS[name]
-    protocol, objective = protocol or app.protocol, objective or app.objective
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; one of {sorted(PROTOCOLS)}")
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; one of {sorted(OBJECTIVES)}")
+    app = APPLICATIONS[name]
     behaviour = PROTOCOLS[protocol](app.behaviour())  # before any loading: a wrong protocol fails in seconds
     if objective != "opening" and not isinstance(behaviour, Refusal):
         raise ValueError(f"objective {objective!r} reads a refusal; {name!r} transfers {behaviour.name!r}")
