@@ -40,8 +40,9 @@ def _shares_html(report: Report) -> str:
         r["group"], str(r["n"]), f"{r['target']:.3f}", f"{r['donor']:.3f}", format_rate(r["block"], r["key"]),
         *(f"{r[c]:.2f}" for c in ("share", *extra))]) + "</tr>" for r in rows)
     return (f'<h2 id="distribution">In and out of distribution</h2><p>Harmful-request refusal by the role each '
-            f'prompt family played (selection: the neurons were chosen on its train split; search: k and alpha '
-            f'on its validation split; held_out: no choice saw it) and by family.</p>'
+            f'prompt family played (selection: the neurons were chosen on its train split, and k and alpha on its '
+            f'validation split unless a search family chose them; search: k and alpha on its validation split; '
+            f'held_out: no choice saw it) and by family.</p>'
             f'<div class="scroll"><table class="metrics"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
             f'</table></div>')
 
@@ -67,21 +68,25 @@ def _timings_html(path: Path) -> str:
 def _examples_html(items_path: Path, per_set: int = 4, max_chars: int = 360) -> str:
     """Target / patched / donor responses side by side for the same test prompts (from ``items.jsonl``).
 
-    Up to ``per_set`` prompts of each prompt set (harmful, harmless, …), the same ones for every
-    model, picked by a hash of their id: a fixed sample, not the patch's best cases.
+    Up to ``per_set`` prompts of each prompt set (harmful, harmless, …) — half as many of each family
+    where a set mixes families, so held-out framings show beside the family the choice was made on —
+    the same ones for every model, picked by a hash of their id: a fixed sample, not the patch's best cases.
     """
     if not items_path.is_file():
         return ""
-    rows: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    rows: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
     for line in items_path.read_text(encoding="utf-8").splitlines():
         item = json.loads(line)
         if item.get("model") in _MODELS and "response" in item and "prompt" in item:
-            rows.setdefault((item.get("set", ""), item["id"]), {})[item["model"]] = item
+            key = (item.get("set", ""), item.get("family") or "", item["id"])
+            rows.setdefault(key, {})[item["model"]] = item
     complete = {k: v for k, v in rows.items() if set(v) == set(_MODELS)}
-    picked: list[tuple[str, str]] = []
-    for name in sorted({s for s, _ in complete}):
-        ids = sorted((k for k in complete if k[0] == name), key=lambda k: hashlib.sha1(k[1].encode()).hexdigest())
-        picked += ids[:per_set]
+    picked: list[tuple[str, str, str]] = []
+    for name in sorted({s for s, _, _ in complete}):
+        families = sorted({f for s, f, _ in complete if s == name})
+        for fam in families:
+            ids = sorted((k for k in complete if k[:2] == (name, fam)), key=lambda k: hashlib.sha1(k[2].encode()).hexdigest())
+            picked += ids[: per_set if len(families) == 1 else max(1, per_set // 2)]
     if not picked:
         return ""
 
@@ -93,8 +98,9 @@ def _examples_html(items_path: Path, per_set: int = 4, max_chars: int = 360) -> 
         return f"<td>{tag}{html.escape(text)}</td>"
 
     head = "".join(f"<th>{m}</th>" for m in ("prompt", *_MODELS))
-    body = "".join(f"<tr><td><b>{html.escape(s)}</b><br>{html.escape(complete[(s, i)]['target']['prompt'])}</td>"
-                   + "".join(cell(complete[(s, i)][m]) for m in _MODELS) + "</tr>" for s, i in picked)
+    body = "".join(f"<tr><td><b>{html.escape(' · '.join(x for x in k[:2] if x))}</b><br>"
+                   f"{html.escape(complete[k]['target']['prompt'])}</td>"
+                   + "".join(cell(complete[k][m]) for m in _MODELS) + "</tr>" for k in picked)
     return f'<h2 id="examples">Example responses</h2><table class="examples"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 

@@ -124,5 +124,13 @@ def test_report_sets_refusal_out_of_distribution_beside_in_distribution(run_dir,
     metrics = json.loads((run / "metrics.json").read_text())
     metrics.update(target=target, donor=donor, patched={**metrics["patched"], **patched})
     (run / "metrics.json").write_text(json.dumps(metrics))
+    items = [{"model": m, "set": "harmful", "family": fam, "id": f"{fam}-{i}", "prompt": f"{fam} request {i}",
+              "response": f"{m} answers", "refused": m == "donor"}
+             for m in ("target", "patched", "donor") for fam in ("cnt_lens", "roleplay") for i in range(5)]
+    (run / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
     page = write_report(run).read_text()
     assert 'id="distribution"' in page and "<td>held_out</td>" in page
+    examples = page[page.index('<table class="examples">'):]
+    examples = examples[: examples.index("</table>")]
+    # two prompts of each family, each answered by the three models
+    assert examples.count("harmful · cnt_lens") == 2 and examples.count("harmful · roleplay") == 2

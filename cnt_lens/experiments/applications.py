@@ -18,7 +18,8 @@ Each search goal sits a margin above its quality bar (0.95 for a 0.90 bar, 0.90 
 the minimal set is the *first* k that passes on validation, so its validation score is biased
 toward the line (winner's curse), and the validation splits hold 20–30 prompts, where one prompt is
 3–5 points. Margins are fixed before a run; each run reads the test split once, at the end (for refusal:
-the bundled test prompts and AdvBench's, reported apart; :func:`~cnt_lens.data.default_harmful`).
+the bundled test prompts beside AdvBench's and three framings no choice saw, reported apart;
+:func:`~cnt_lens.data.default_harmful`).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def _cross(behaviour: Behaviour) -> Behaviour:
 
 
 #: How an application's prompts are split between choosing neurons, choosing k and alpha, and the report.
-#: ``split``: each bundled set's own train/validation/test (AdvBench's test added to the report);
+#: ``split``: each bundled set's own train/validation/test (AdvBench's test and the framings added to the report);
 #: ``cross``: by family (:func:`~cnt_lens.data.cross_harmful`): neurons on the bundled set, k and alpha on
 #: AdvBench, and role-play, writing and backstory framings held out for the report.
 PROTOCOLS: dict[str, Callable[[Behaviour], Behaviour]] = {"split": lambda b: b, "cross": _cross}
