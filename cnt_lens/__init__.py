@@ -33,12 +33,14 @@ from .data import (
     cross_distribution,
     cross_harmful,
     cross_harmless,
+    default_harmful,
+    default_harmless,
     encode,
     load_prompts,
     split_shared_prefix,
     stable_split,
 )
-from .evaluate import Report, measure, wilson_interval
+from .evaluate import Report, gap_shares, measure, wilson_interval
 from .formats import (
     FORMATS,
     PromptFileError,
@@ -87,7 +89,7 @@ __all__ = [
     "BUNDLED_MODEL", "DonorForwardError", "DonorWeights", "FORMATS", "METHODS", "OFFLINE_MODELS", "REFUSAL_OPENINGS", "Batch", "Behaviour", "BehaviourSignalError", "FormatTask",
     "GenerationError", "IncompatibleModelsError", "ModelPair", "NeuronPatch", "NeuronScores", "NeuronSelection",
     "NoGapError", "OffloadedWeightsError", "PatchFileError", "Profile", "PromptFileError", "PromptSet", "Refusal", "Report", "SearchResult", "SharedPrefix", "StereotypeBias", "StreamedDonor", "TESTED_FAMILIES",
-    "UnsupportedModelError", "Utility", "Verdict", "applied_patches", "architecture", "bundled_gguf_path", "canary", "chat_format", "check_compatible", "code_digest", "cross_distribution", "cross_harmful", "cross_harmless", "clone_model",
+    "UnsupportedModelError", "Utility", "Verdict", "applied_patches", "architecture", "bundled_gguf_path", "canary", "chat_format", "check_compatible", "code_digest", "cross_distribution", "cross_harmful", "cross_harmless", "clone_model", "default_harmful", "default_harmless", "gap_shares",
     "context_length", "describe_file", "donor_refusal", "detect_format", "encode", "export_hf", "from_advbench_csv", "from_crows_pairs", "from_jsonl", "from_stereoset",
     "generate", "is_refusal", "iterative_scores", "judge_accuracy", "judge_refusal", "load_model", "load_pair", "logits_of",
     "load_file", "load_prompts", "measure", "measure_reference", "mlp_hidden", "neuron_params", "offline_path", "plain_hf_model", "profile", "read_neurons",
