@@ -124,9 +124,7 @@ def run(
                              alphas=None if alphas is None else _floats(alphas, "--alphas"), max_fraction=max_fraction,
                              screen=screen, protocol=protocol, objective=objective, random_seeds=random_seeds,
                              search_baselines=search_baselines, progress=progress)
-    typer.echo(report.table())
-    if report.shares_table():
-        typer.echo("\n" + report.shares_table())
+    _echo_report(report)
     typer.echo(timings_table(out / "timings.json"))
     typer.echo(f"wrote {out}/metrics.json, patch.safetensors, patched_model/, report.html in {time.time() - t0:.0f} s")
 
@@ -222,6 +220,14 @@ def _load_pair(donor: str, target: str, device: Optional[str], dtype: str) -> An
         raise typer.BadParameter(str(err), param_hint="--donor/--target") from None
 
 
+def _echo_report(report: Any) -> None:
+    """The report's table, then (when its prompts mix families) each role's and family's share of the gap."""
+    typer.echo(report.table())
+    shares = report.shares_table()
+    if shares:
+        typer.echo("\n" + shares)
+
+
 def _floats(text: str, name: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
@@ -311,9 +317,7 @@ def transfer(
                               config=config, rounds=rounds, contrast=0.5 if behaviour == "refusal" else 0.0,
                               data=data, progress=progress)
         prof.save(out / "timings.json")
-    typer.echo(report.table())
-    if report.shares_table():
-        typer.echo("\n" + report.shares_table())
+    _echo_report(report)
     typer.echo(prof.table())
     typer.echo(f"wrote {out}/ (metrics.json, patch.safetensors, patched_model/, report.html, timings.json) "
                f"in {prof.total():.0f} s")

@@ -100,24 +100,30 @@ class Report:
                 row[f"share_{b.get('method')}"] = other["share"]
         return rows
 
-    def shares_table(self, number: str = "refusal_harmful") -> str:
-        """:meth:`shares` as a markdown table, then each out-of-distribution ÷ in-distribution ratio.
+    def shares_cells(self, number: str = "refusal_harmful") -> tuple[list[str], list[list[str]], list[str]]:
+        """:meth:`shares` as text: column names, one row of cells per group, and the held-out ratios.
 
-        Empty when ``number`` is not split into groups (a run whose prompts all come from one family).
+        The ratios divide the held-out share of the gap by each in-distribution one
+        (``"held_out ÷ selection: 0.91"``, …). No rows when ``number`` is not split into groups (a run whose prompts all come from one family).
         """
         rows = self.shares(number)
         if len(rows) < 2:
-            return ""
+            return [], [], []
         extra = [k for k in rows[0] if k.startswith("share_")]
         cols = ["group", "n", "target", "donor", "patched", "share", *extra]
-        lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
-        for r in rows:
-            cells = [r["group"], str(r["n"]), *(f"{r[m]:.3f}" for m in ("target", "donor")),
-                     format_rate(r["block"], r["key"]), *(f"{r[c]:.2f}" for c in ("share", *extra))]
-            lines.append("| " + " | ".join(cells) + " |")
+        cells = [[r["group"], str(r["n"]), f"{r['target']:.3f}", f"{r['donor']:.3f}", format_rate(r["block"], r["key"]),
+                  *(f"{r[c]:.2f}" for c in ("share", *extra))] for r in rows]
         shares = {r["group"]: r["share"] for r in rows}
-        ratios = [f"{out} ÷ {inside}: {shares[out] / shares[inside]:.2f}" for out in ("held_out",)
-                  for inside in ("selection", "search") if out in shares and shares.get(inside)]
+        ratios = [f"held_out ÷ {inside}: {shares['held_out'] / shares[inside]:.2f}" for inside in ("selection", "search")
+                  if "held_out" in shares and shares.get(inside)]
+        return cols, cells, ratios
+
+    def shares_table(self, number: str = "refusal_harmful") -> str:
+        """:meth:`shares_cells` as a markdown table, then the ratios; empty when there are no groups."""
+        cols, cells, ratios = self.shares_cells(number)
+        if not cells:
+            return ""
+        lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|", *("| " + " | ".join(c) + " |" for c in cells)]
         if ratios:
             lines.append("\nShare of the donor–target gap out of distribution ÷ in distribution — " + "; ".join(ratios))
         return "\n".join(lines)
@@ -153,13 +159,13 @@ def gap_shares(target: Block, donor: Block, patched: Block, number: str = "refus
         >>> [(r["group"], r["share"]) for r in gap_shares(t, d, p, "r")]
         [('all', 0.75), ('held_out', 0.5)]
     """
-    keys = [number] + [k for k, v in target.items()
-                       if k.startswith(number + "_") and isinstance(v, float) and not is_companion(k)]
     order = {g: i for i, g in enumerate(ROLES)}
-    groups = sorted(keys[1:], key=lambda k: (order.get(k[len(number) + 1:], len(order)), k))
+    groups = sorted((k for k, v in target.items()
+                     if k.startswith(number + "_") and isinstance(v, float) and not is_companion(k)),
+                    key=lambda k: (order.get(k[len(number) + 1:], len(order)), k))
     rows = []
-    for key in [keys[0], *groups] if number in target else groups:
-        if key not in patched or key not in donor:
+    for key in [number, *groups]:
+        if key not in target or key not in patched or key not in donor:
             continue
         t, d, p = target[key], donor[key], patched[key]
         rows.append({"group": "all" if key == number else key[len(number) + 1:], "n": target.get(f"{key}_n"),

@@ -29,22 +29,19 @@ def _html_table(report: Report) -> str:
 
 
 def _shares_html(report: Report) -> str:
-    """The headline rate per prompt role and family with each model's share of the gap (:meth:`Report.shares`)."""
-    rows = report.shares()
-    if len(rows) < 2:
+    """The headline rate per prompt role and family with each model's share of the gap (:meth:`Report.shares_cells`)."""
+    cols, cells, ratios = report.shares_cells()
+    if not cells:
         return ""
-    extra = [k for k in rows[0] if k.startswith("share_")]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["prompts", "n", "target", "donor", "patched",
-                                                          "patched share of the gap", *extra])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in [
-        r["group"], str(r["n"]), f"{r['target']:.3f}", f"{r['donor']:.3f}", format_rate(r["block"], r["key"]),
-        *(f"{r[c]:.2f}" for c in ("share", *extra))]) + "</tr>" for r in rows)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
     return (f'<h2 id="distribution">In and out of distribution</h2><p>Harmful-request refusal by the role each '
             f'prompt family played (selection: the neurons were chosen on its train split, and k and alpha on its '
             f'validation split unless a search family chose them; search: k and alpha on its validation split; '
-            f'held_out: no choice saw it) and by family.</p>'
-            f'<div class="scroll"><table class="metrics"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
-            f'</table></div>')
+            f'held_out: no choice saw it) and by family; share: the patched model\'s share of the donor–target '
+            f'gap.</p><div class="scroll"><table class="metrics"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+            f'</table></div>' + (f'<p>Share of the gap out of distribution ÷ in distribution: '
+                                 f'{html.escape("; ".join(ratios))}.</p>' if ratios else ""))
 
 
 _VERDICTS = ("refused", "marked", "followed")
