@@ -587,20 +587,19 @@ class Refusal(Behaviour):
 
     def _judged(self, model: Any, split: str | None, max_new_tokens: int, batch_size: int, progress: bool,
                 label: str = "", until: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
-        """Greedy answers of ``max_new_tokens`` to the harmful then the harmless prompts of ``split``, judged.
+        """Greedy answers of ``max_new_tokens`` to the harmful and the harmless prompts of ``split``, judged.
 
-        ``until``: :func:`generate`'s, e.g. :func:`~cnt_lens.judge.verdict_is_final` (same verdicts, shorter texts).
+        One :func:`generate` call for both sets (records: harmful first, then harmless), so their prompts
+        share length-sorted batches and one generation check. ``until``: :func:`generate`'s, e.g.
+        :func:`~cnt_lens.judge.verdict_is_final` (same verdicts, shorter texts).
         """
         tok = model_tokenizer(model)
-        items = []
-        for kind, ps in (("harmful", self.harmful), ("harmless", self.harmless)):
-            recs = ps.split(split).records
-            responses = generate(model, [chat_format(tok, r["prompt"]) for r in recs],
-                                 max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, until=until)
-            verdicts = [judge_refusal(resp) for resp in responses]
-            items += [{**_item(r, kind), "response": resp, "refused": v.refused, "judge": label + v.reason}
-                      for r, resp, v in zip(recs, responses, verdicts)]
-        return items
+        recs = [(kind, r) for kind, ps in (("harmful", self.harmful), ("harmless", self.harmless))
+                for r in ps.split(split).records]
+        responses = generate(model, [chat_format(tok, r["prompt"]) for _, r in recs],
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, until=until)
+        return [{**_item(r, kind), "response": resp, "refused": v.refused, "judge": label + v.reason}
+                for (kind, r), resp, v in zip(recs, responses, map(judge_refusal, responses))]
 
     @override
     def aggregate(self, items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -280,7 +280,8 @@ def transfer(
                                   help="Comma-separated baselines at the same budget, or none."),
     device: Optional[str] = DEVICE,
     dtype: str = DTYPE,
-    batch_size: int = typer.Option(16, help="Prompts per evaluation batch."),
+    batch_size: int = typer.Option(128, help="Prompts per generation batch (lower it for a large model on a small "
+                                    "device)."),
     screen: bool = typer.Option(True, help="Decide search points by cheap estimates and evaluate in full only "
                                 "the points that matter (--no-screen: every point in full)."),
     protocol: str = typer.Option("split", help="split: each prompt set's own splits (the bundled harmful test "

@@ -43,8 +43,11 @@ class TransferConfig:
     goal: float = 0.9
     alphas: Sequence[float] = (1.0, 2.0, 4.0, 8.0)
     max_fraction: float = 0.05
-    batch_size: int = 16
-    score_batch_size: int = 8
+    #: prompts per generation batch (evaluations, estimates): rows leave a batch as their answers end, so
+    #: a wide one keeps the matrix products wide; the answers are each prompt's own (float rounding aside)
+    batch_size: int = 128
+    #: prompts per scoring batch (one target forward and backward each)
+    score_batch_size: int = 16
     positions: Any = "all"
     seed: int = 0
     #: decide search points with cheap estimates and evaluate in full only the points that matter

@@ -245,3 +245,23 @@ def test_refusal_rates_carry_n_interval_and_each_family():
         assert out[f"refusal_harmful_{fam}_ci95"] == list(wilson_interval(sum(flags), len(flags)))
     assert out["refusal_harmful_n"] == len(test) and out["refusal_harmless"] == 2 / 30
     assert "refusal_harmless_cnt_lens" not in out  # one family: no breakdown
+
+
+def test_refusal_answers_both_sets_in_one_generation_call_as_each_set_alone(arch, monkeypatch):
+    from cnt_lens import behaviours
+
+    tiny = tiny_model(arch, seed=3)  # a seed whose greedy answers are not all special tokens
+    tok = tiny.cnt_tokenizer
+    b = Refusal(max_new_tokens=5)
+    alone = [behaviours.generate(tiny, [chat_format(tok, p) for p in ps.split("validation").column("prompt")],
+                                 max_new_tokens=5, batch_size=3, progress=False) for ps in (b.harmful, b.harmless)]
+    calls = []
+    real = behaviours.generate
+    monkeypatch.setattr(behaviours, "generate", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    items = b.evaluate_items(tiny, "validation", batch_size=64, progress=False)
+    assert calls == [len(alone[0]) + len(alone[1])]  # one call, one generation check
+    assert [i["set"] for i in items] == ["harmful"] * len(alone[0]) + ["harmless"] * len(alone[1])
+    assert [i["response"] for i in items] == alone[0] + alone[1] and len(set(alone[0] + alone[1])) > 1
+    assert [i["prompt"] for i in items] == (b.harmful.split("validation").column("prompt")
+                                            + b.harmless.split("validation").column("prompt"))
+    assert [i["refused"] for i in items] == [is_refusal(a) for a in alone[0] + alone[1]]

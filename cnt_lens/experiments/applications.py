@@ -205,7 +205,7 @@ def _run(app: Application, pair: ModelPair, behaviour: Behaviour, out: Path, mod
     """:func:`~cnt_lens.runs.run_transfer` with the application's settings and the caller's overrides."""
     side = app.side_effects()
     config = TransferConfig(goal=app.goal, max_fraction=max_fraction or app.max_fraction, alphas=alphas or app.alphas,
-                            baselines=app.baselines if baselines is None else baselines, batch_size=32,
+                            baselines=app.baselines if baselines is None else baselines,
                             screen=screen, search_baselines=search_baselines,
                             extra={"application": app.name, "model": model},
                             random_seeds=TransferConfig.random_seeds if random_seeds is None else random_seeds)
