@@ -14,6 +14,7 @@ from .inspector import card_figure, neurons_stats
 from .plots import behaviour_shift, frontier, layer_profile, transfer_figure
 from .selection import NeuronScores
 from .stats import format_rate
+from .timing import stage
 from .transplant import NeuronPatch
 
 __all__ = ["write_report"]
@@ -132,13 +133,16 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
     if pair is not None and behaviour is not None and sel is not None and method in scores:
         ranked = scores[method].ranked().masked_fill(~sel.mask, float("-inf"))
         top = ranked.flatten().topk(min(n_cards, sel.n)).indices.tolist()
-        cards = neurons_stats(pair, [(i // sel.shape[1], i % sel.shape[1]) for i in top], behaviour, split="test")
+        with stage("neuron cards"):
+            cards = neurons_stats(pair, [(i // sel.shape[1], i % sel.shape[1]) for i in top], behaviour, split="test")
         atomic_write_text(cards_path, json.dumps(cards))
     else:
         cards = json.loads(cards_path.read_text()) if cards_path.is_file() else []
     anchors = [f"figure-{i + 1}" for i in range(len(figures))] + [f"card-{i + 1}" for i in range(len(cards))]
     figures += [card_figure(s) for s in cards]
-    parts = [f.to_html(full_html=False, include_plotlyjs=("inline" if i == 0 else False)) for i, f in enumerate(figures)]
+    with stage("figures"):
+        parts = [f.to_html(full_html=False, include_plotlyjs=("inline" if i == 0 else False))
+                 for i, f in enumerate(figures)]
     table = _html_table(report)
     body = "\n".join(f'<section id="{a}">{p}</section>' for a, p in zip(anchors, parts))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cnt_lens report: {html.escape(report.behaviour)}</title>

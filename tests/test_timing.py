@@ -29,7 +29,8 @@ def test_stages_nest_accumulate_and_survive_errors(tmp_path):
     assert list(rows) == ["search", "search / generate", "test", "after", "inner run"]
     assert rows["search"]["calls"] == 3 and rows["search / generate"]["depth"] == 1
     assert rows["search"]["seconds"] >= rows["search / generate"]["seconds"] >= 0.03
-    assert sum(r["seconds"] for r in rows.values() if r["depth"] == 0) <= prof.total()
+    # top-level stages never add up to more than the wall clock (unrounded: rows round to the millisecond)
+    assert sum(prof.seconds[s] for s, r in rows.items() if r["depth"] == 0) <= prof.total()
     prof.save(tmp_path / "timings.json")
     saved = json.loads((tmp_path / "timings.json").read_text())
     assert [r["stage"] for r in saved["stages"]] == list(rows)
