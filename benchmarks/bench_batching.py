@@ -20,6 +20,7 @@ answers (texts) and verdicts are the same as ``apart``'s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from typing import Any, Callable
 
@@ -56,9 +57,7 @@ def main() -> None:
     print("| model | split | n | layout | s | ÷ apart | answers as apart | verdicts as apart |")
     print("|---|---|---|---|---|---|---|---|")
     for name, (model, patch) in models.items():
-        if patch is not None:
-            patch.apply(model)
-        try:
+        with contextlib.nullcontext() if patch is None else patch.applied(model):
             for split in args.splits.split(","):
                 sets = [[chat_format(tok, p) for p in ps.split(split).column("prompt")]
                         for ps in (behaviour.harmful, behaviour.harmless)]
@@ -74,9 +73,6 @@ def main() -> None:
                     totals[layout] = totals.get(layout, 0.0) + t
                     print(f"| {name} | {split} | {len(answers)} | {layout} | {t:.1f} | {t0 / t:.2f}× | "
                           f"{same}/{len(answers)} | {verdicts}/{len(answers)} |", flush=True)
-        finally:
-            if patch is not None:
-                patch.revert(model)
     first = totals["apart @ 32"]
     print("all: " + ", ".join(f"{k} {v:.1f} s ({first / v:.2f}×)" for k, v in totals.items()))
 

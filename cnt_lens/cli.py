@@ -280,8 +280,8 @@ def transfer(
                                   help="Comma-separated baselines at the same budget, or none."),
     device: Optional[str] = DEVICE,
     dtype: str = DTYPE,
-    batch_size: int = typer.Option(128, help="Prompts per generation batch (lower it for a large model on a small "
-                                    "device)."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Prompts per generation batch (default: TransferConfig's; "
+                                              "lower it for a large model on a small device)."),
     screen: bool = typer.Option(True, help="Decide search points by cheap estimates and evaluate in full only "
                                 "the points that matter (--no-screen: every point in full)."),
     protocol: str = typer.Option("split", help="split: each prompt set's own splits (the bundled harmful test "
@@ -309,7 +309,7 @@ def transfer(
     sets, data = _protocol_sets(protocol, behaviour, harmful is None and harmless is None, sets, data)
     b = _behaviour(behaviour, sets)
     config = TransferConfig(method=method, baselines=_names(baselines), goal=goal, alphas=_floats(alphas, "--alphas"),
-                            max_fraction=budget, batch_size=batch_size, screen=screen,
+                            max_fraction=budget, screen=screen, **({"batch_size": batch_size} if batch_size is not None else {}),
                             extra={"donor": donor, "target": target, "dtype": DTYPES.get(dtype, dtype)})
     with profile() as prof:
         with stage("load models"):
