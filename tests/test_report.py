@@ -73,6 +73,43 @@ def _chromium(*args, user_dir):
     return subprocess.run(base + list(args), capture_output=True, text=True, timeout=120)
 
 
+def _page_requests(netlog) -> list[str]:
+    """URLs of the network requests the page itself started, read from Chromium's net log.
+
+    Chromium also sends requests of its own (time, component updates, sign-in) whatever the flags say, and which ones
+    changes between releases. Every request a document starts carries that document's site in its network isolation
+    key and site-for-cookies (``file://`` for a report opened from disk) and an initiator origin (``null`` for a file
+    page); the browser's own requests have no initiator ("not an origin") and another site. Only ``http(s)``/``ws(s)``
+    URLs count: ``file:`` and ``data:`` loads stay on the machine.
+    """
+    log = json.loads(netlog.read_text())
+    start_job = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    urls = []
+    for event in log["events"]:
+        params = event.get("params", {})
+        if event["type"] != start_job or "url" not in params:
+            continue
+        from_page = params.get("initiator", "not an origin") != "not an origin" or any(
+            "file://" in params.get(key, "") for key in ("network_isolation_key", "site_for_cookies"))
+        if from_page and params["url"].startswith(("http:", "https:", "ws:", "wss:")):
+            urls.append(params["url"])
+    return urls
+
+
+def test_net_log_reading_finds_what_a_page_loads_from_outside(tmp_path):
+    """The check below is only as good as its reading of this Chromium's net log: a page that loads an image and
+    fetches a URL from outside must show both, and nothing else (the browser's own pings are not the page's)."""
+    assert CHROMIUM, "chromium is not installed: run `bash scripts/setup --browser` (Debian package 'chromium')"
+    leaky = tmp_path / "leaky.html"
+    leaky.write_text('<html><body><img src="https://example.invalid/pixel.png">'
+                     '<script>fetch("https://leak.example.invalid/beacon")</script>page</body></html>')
+    netlog = tmp_path / "net.json"
+    res = _chromium("--dump-dom", f"--log-net-log={netlog}", leaky.as_uri(), user_dir=tmp_path / "u")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(set(_page_requests(netlog))) == ["https://example.invalid/pixel.png",
+                                                   "https://leak.example.invalid/beacon"]
+
+
 def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     assert CHROMIUM, "chromium is not installed: run `bash scripts/setup --browser` (Debian package 'chromium')"
     page = (run_dir / "report.html").as_uri()
@@ -83,12 +120,9 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     assert dom.stdout.count('class="main-svg"') >= 4, dom.stdout[:500]
     # the heatmap was drawn: plotly's rendered heatmap layer holds an <image> (the inlined plotly.js holds no such tag)
     assert re.search(r'<g class="heatmaplayer[^"]*">\s*<g class="hm"[^>]*>\s*<image', dom.stdout), "no heatmap drawn"
-    # Every host resolves to NOTFOUND (--host-resolver-rules), so no request can leave the machine.
-    # The net log must show none from the page: only Chromium's own sign-in/NTP pings to google.com.
-    urls = set(re.findall(r'"url":"([^"]+)"', netlog.read_text()))
-    remote = [u for u in urls if u.startswith(("http:", "https:", "ws:", "wss:"))]
-    assert not [u for u in remote if not re.match(r"https?://([a-z0-9-]+\.)*google\.com/", u)], remote
-    assert json.loads(netlog.read_text())["constants"]  # the net log was really written and parsed
+    # Every host resolves to NOTFOUND (--host-resolver-rules), so no request can leave the machine; the page itself
+    # must not even try (the browser's own requests are told apart by _page_requests, tested above).
+    assert _page_requests(netlog) == []
     shot = tmp_path / "report.png"
     res = _chromium(f"--screenshot={shot}", "--window-size=1280,2400", page, user_dir=tmp_path / "u2")
     assert res.returncode == 0 and shot.stat().st_size > 20_000
