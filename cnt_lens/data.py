@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any, Iterator, Sequence
@@ -139,6 +140,10 @@ def _field_problem(kind: str, name: str, value: Any) -> str | None:
         return None if isinstance(value, bool) else f"field 'refusal' must be true or false, got {value!r}"
     if not isinstance(value, str) or not value.strip():
         return f"field {name!r} must be a non-empty string, got {type(value).__name__} {value!r:.60}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"field {name!r} holds {value[err.start]!r}, a lone UTF-16 surrogate that no tokenizer can read"
     return None
 
 
@@ -174,16 +179,30 @@ def stable_split(text: str, seed: int = 0) -> str:
     return ("train", "train", "train", "validation", "test")[h]
 
 
-def with_defaults(name: str, kind: str, rows: list[dict[str, Any]], key: str, *, seed: int = 0) -> PromptSet:
+def with_defaults(name: str, kind: str, rows: list[dict[str, Any]], key: str, *, seed: int = 0,
+                  source: Any = None) -> PromptSet:
     """A :class:`PromptSet` of ``rows``, filling in what a record lacks.
 
     Each row without them gets an ``id``, a ``category`` and a :func:`stable_split` of its ``key``
-    field. Raises if ``rows`` is empty.
+    field. Raises naming ``source`` (the file; default ``name``) if ``rows`` is empty, if two records share
+    an id, or if one ``key`` text is given two splits (a test prompt would leak into train).
     """
     for i, r in enumerate(rows):
         r.setdefault("id", f"{name}-{i:05d}")
         r.setdefault("category", "uncategorised")
         r.setdefault("split", stable_split(str(r[key]), seed))
+    where = source if source is not None else name
+    ids = Counter(str(r["id"]) for r in rows)
+    if shared := sorted(i for i, n in ids.items() if n > 1):
+        raise ValueError(f"{where}: {len(shared)} id(s) given to more than one record, e.g. {shared[:3]}; "
+                         "give every record its own 'id' (or none: ids are then numbered)")
+    splits: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        splits[str(r[key])].add(r["split"])
+    if mixed := [t for t, s in splits.items() if len(s) > 1]:
+        raise ValueError(f"{where}: {len(mixed)} {key}(s) appear in more than one split, e.g. {mixed[0][:60]!r} in "
+                         f"{sorted(splits[mixed[0]])}; a text must sit in one split (drop the duplicates, or the "
+                         "'split' field to let the hash split place them together)")
     ps = PromptSet(name=name, kind=kind, records=tuple(rows))
     ps.require_nonempty()
     return ps

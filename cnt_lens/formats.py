@@ -27,6 +27,12 @@ Records get a deterministic split (:func:`~cnt_lens.data.stable_split` of the te
 the file has none, so the same file splits the same way on every machine. Every error names the
 file, the line or column, and the fix. A new format is one :func:`register_format` call.
 
+Nothing is read wrongly without a word: files must be UTF-8 (a BOM is allowed); a CSV row with more
+fields than its header (an unquoted comma) is refused, not cut; a record whose own ``label``
+(``safe``/``unsafe``, ``harmless``/``harmful``) contradicts the role the file is read for is
+refused; ids must be unique, and one text cannot sit in two splits. A ``.json`` file may hold a
+JSON array of records or JSON lines.
+
 Example:
     >>> import tempfile, pathlib
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "harmful_behaviors.csv"
@@ -39,6 +45,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +69,8 @@ __all__ = [
 ]
 
 ROLES = ("harmful", "harmless")
+HARMFUL_ONLY = ("advbench", "harmbench", "do_not_answer")
+"""Formats whose every record is a harmful request: never read as the harmless set."""
 
 
 class PromptFileError(ValueError):
@@ -81,18 +90,26 @@ class PromptFormat:
     load: Callable[..., PromptSet]
     columns: frozenset[str]
     summary: str
+    alternatives: tuple[frozenset[str], ...] = ()
+    """Other column sets that identify the format too (an older release of the benchmark, say)."""
+
+    def signatures(self) -> tuple[frozenset[str], ...]:
+        """Every column set that identifies the format, :attr:`columns` first (none: never detected)."""
+        return tuple(c for c in (self.columns, *self.alternatives) if c)
 
 
 FORMATS: dict[str, PromptFormat] = {}
 
 
-def register_format(name: str, *, kind: str, columns: tuple[str, ...] = (), summary: str = "") -> Callable:
+def register_format(name: str, *, kind: str, columns: tuple[str, ...] = (), summary: str = "",
+                    alternatives: tuple[tuple[str, ...], ...] = ()) -> Callable:
     """Decorator: register ``load`` as format ``name`` (see :class:`PromptFormat`)."""
 
     def deco(load: Callable[..., PromptSet]) -> Callable[..., PromptSet]:
         if name in FORMATS:
             raise ValueError(f"prompt format {name!r} is already registered")
-        FORMATS[name] = PromptFormat(name, kind, load, frozenset(columns), summary or (load.__doc__ or "").split("\n")[0])
+        FORMATS[name] = PromptFormat(name, kind, load, frozenset(columns), summary or (load.__doc__ or "").split("\n")[0],
+                                     tuple(frozenset(a) for a in alternatives))
         return load
 
     return deco
@@ -101,32 +118,98 @@ def register_format(name: str, *, kind: str, columns: tuple[str, ...] = (), summ
 # --------------------------------------------------------------------------- reading rows
 
 
+def read_text(path: Path) -> str:
+    """The text of a prompt file: UTF-8, an optional BOM dropped; anything else is a :class:`PromptFileError`.
+
+    The error names the line of the first byte that is not UTF-8 and how to convert the file.
+    """
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise PromptFileError(f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); prompt files "
+                              f"must be UTF-8: convert it, e.g. iconv -f UTF-16 -t UTF-8 {path.name}")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise PromptFileError(f"{path}:{line}: byte {data[err.start]:#04x} at offset {err.start} is not UTF-8; "
+                              f"prompt files must be UTF-8: convert it, e.g. iconv -f latin1 -t UTF-8 {path.name} "
+                              "(name the encoding the file was saved in)") from None
+
+
+def _encodable(path: Path, line: int, row: dict[str, Any]) -> dict[str, Any]:
+    r"""``row`` if every string in it can be written as UTF-8 (JSON's ``\ud800`` escapes give lone surrogates)."""
+    for key, value in row.items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise PromptFileError(f"{path}:{line}: field {key!r} holds {text[err.start]!r}, a lone UTF-16 "
+                                          "surrogate (a \\ud800-\\udfff escape without its pair), which is no "
+                                          "character; fix or drop that escape") from None
+    return row
+
+
 def _csv_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, str]]]]:
-    """The header and ``(line, row)`` pairs of a CSV file (UTF-8, an optional BOM tolerated)."""
-    f = open(path, newline="", encoding="utf-8-sig")
-    reader = csv.DictReader(f)
-    header = [h for h in (reader.fieldnames or []) if h is not None]
+    """The header and ``(line, row)`` pairs of a CSV file (UTF-8, an optional BOM tolerated).
+
+    A row with more fields than the header (an unquoted comma, most often) is an error naming the line;
+    so is a field longer than :mod:`csv`'s limit (an unbalanced quote runs on to the end of the file).
+    """
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    try:
+        header = [h for h in (reader.fieldnames or []) if h is not None]
+    except csv.Error as err:
+        raise _csv_error(path, 1, err) from None
 
     def rows() -> Iterator[tuple[int, dict[str, str]]]:
-        with f:
+        line = 1
+        try:
             for row in reader:
-                yield reader.line_num, row
+                if None in row:
+                    raise PromptFileError(
+                        f"{path}:{reader.line_num}: {len(header) + len(row[None])} fields where the header has "
+                        f"{len(header)} ({', '.join(header)}): quote the field that holds a comma, e.g. "
+                        f'"{row[None][0][:30]}…" belongs to the field before it')
+                line = reader.line_num
+                yield line, row
+        except csv.Error as err:
+            raise _csv_error(path, line + 1, err) from None
 
     return header, rows()
 
 
+def _csv_error(path: Path, line: int, err: csv.Error) -> PromptFileError:
+    hint = (f"a field longer than {csv.field_size_limit():,} characters: a quote left open runs on; close it, "
+            "or shorten the field") if "field larger" in str(err) else "check the quoting of that row"
+    return PromptFileError(f"{path}:{line}: not readable as CSV ({err}): {hint}")
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PromptFileError(f"{path}:{n}: not JSON: {err}") from err
-            if not isinstance(row, dict):
-                raise PromptFileError(f"{path}:{n}: a record must be a JSON object, got {type(row).__name__}")
-            yield n, row
+    """``(line, record)`` pairs of a JSON-lines file, or of a ``.json`` file holding one array of records."""
+    text = read_text(path)
+    lines: Iterator[tuple[int, Any]] = _json_lines(path, text)
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            lines = enumerate(json.loads(text), 1)  # a JSON array: each item's number stands for its line
+        except json.JSONDecodeError as err:
+            raise PromptFileError(f"{path}:{err.lineno}: not JSON: {err.msg}") from None
+    for n, row in lines:
+        if not isinstance(row, dict):
+            raise PromptFileError(f"{path}:{n}: a record must be a JSON object, got {type(row).__name__}")
+        yield n, _encodable(path, n, row)
+
+
+def _json_lines(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as err:
+            hint = (" (a .json file holding one JSON document must be an array of records, or use JSON lines: one "
+                    "record a line)") if path.suffix.lower() == ".json" else ""
+            raise PromptFileError(f"{path}:{n}: not JSON: {err}{hint}") from err
 
 
 def _require_columns(path: Path, header: list[str] | set[str], needed: tuple[str, ...], fmt: str) -> None:
@@ -161,7 +244,7 @@ def from_advbench_csv(path: str | Path, *, name: str | None = None, seed: int = 
     _require_columns(path, header, ("goal",), "AdvBench CSV")
     out = [{"prompt": _text(path, n, r, "goal"), "target": r.get("target") or "", "category": r.get("category") or "advbench"}
            for n, r in rows]
-    return with_defaults(name or path.stem, "prompt", out, "prompt", seed=seed)
+    return with_defaults(name or path.stem, "prompt", out, "prompt", seed=seed, source=path)
 
 
 @register_format("harmbench", kind="prompt", columns=("Behavior", "SemanticCategory"))
@@ -183,7 +266,7 @@ def from_harmbench_csv(path: str | Path, *, name: str | None = None, seed: int =
         if r.get("BehaviorID"):
             rec["id"] = r["BehaviorID"]
         out.append(rec)
-    return with_defaults(name or path.stem, "prompt", out, "prompt", seed=seed)
+    return with_defaults(name or path.stem, "prompt", out, "prompt", seed=seed, source=path)
 
 
 @register_format("do_not_answer", kind="prompt", columns=("question", "risk_area"))
@@ -199,10 +282,10 @@ def from_do_not_answer(path: str | Path, *, name: str | None = None, seed: int =
         if r.get("id") not in (None, ""):
             rec["id"] = f"dna-{r['id']}"
         out.append(rec)
-    return with_defaults(name or path.stem, "prompt", out, "prompt", seed=seed)
+    return with_defaults(name or path.stem, "prompt", out, "prompt", seed=seed, source=path)
 
 
-@register_format("xstest", kind="prompt", columns=("prompt", "type", "focus"))
+@register_format("xstest", kind="prompt", columns=("prompt", "type", "label"), alternatives=(("prompt", "type", "focus"),))
 def from_xstest(path: str | Path, *, name: str | None = None, role: str | None = None, seed: int = 0,
                 **_: Any) -> PromptSet:
     """XSTest CSV (``prompt``, ``type``, ``label``), one role or both.
@@ -230,7 +313,7 @@ def from_xstest(path: str | Path, *, name: str | None = None, role: str | None =
             out.append(rec)
     if not out:
         raise PromptFileError(f"{path}: no {'safe' if role == 'harmless' else 'unsafe'} prompts for role {role!r}")
-    return with_defaults(name or path.stem, "prompt", out, "prompt", seed=seed)
+    return with_defaults(name or path.stem, "prompt", out, "prompt", seed=seed, source=path)
 
 
 # --------------------------------------------------------------------------- bias benchmarks
@@ -249,10 +332,36 @@ def from_crows_pairs(path: str | Path, *, name: str | None = None, seed: int = 0
     out = []
     for n, r in rows:
         more, less = _text(path, n, r, "sent_more"), _text(path, n, r, "sent_less")
-        if (r.get("stereo_antistereo") or "stereo").strip() == "antistereo":
+        if _orientation(path, n, r.get("stereo_antistereo")) == "antistereo":
             more, less = less, more
         out.append({"stereotype": more, "anti_stereotype": less, "category": r.get("bias_type") or "uncategorised"})
-    return with_defaults(name or path.stem, "pair", out, "stereotype", seed=seed)
+    return with_defaults(name or path.stem, "pair", out, "stereotype", seed=seed, source=path)
+
+
+def _orientation(path: Path, line: int, value: str | None) -> str:
+    """``stereo`` or ``antistereo`` from a CrowS-Pairs label in any case or spelling (``Anti-stereo``); empty: stereo."""
+    key = "".join(ch for ch in (value or "stereo").lower() if ch.isalpha())
+    if key not in ("stereo", "antistereo"):
+        raise PromptFileError(f"{path}:{line}: stereo_antistereo must be 'stereo' or 'antistereo', got {value!r}")
+    return key
+
+
+def _stereoset_pair(path: Path, i: int, item: Any) -> dict[str, Any] | None:
+    """One intrasentence item as a pair record (``None`` when it lacks either gold sentence)."""
+    where = f"{path}: data.intrasentence[{i}]" + (f" (id {item.get('id')!r})" if isinstance(item, dict) else "")
+    sentences = item.get("sentences") if isinstance(item, dict) else None
+    if not isinstance(sentences, list):
+        raise PromptFileError(f"{where}: no 'sentences' list; each item needs sentences with 'sentence' and "
+                              "'gold_label'")
+    by_label = {}
+    for j, s in enumerate(sentences):
+        if not isinstance(s, dict) or not isinstance(s.get("sentence"), str) or "gold_label" not in s:
+            raise PromptFileError(f"{where}: sentences[{j}] needs a 'sentence' string and a 'gold_label'")
+        by_label[s["gold_label"]] = s["sentence"]
+    if "stereotype" not in by_label or "anti-stereotype" not in by_label:
+        return None
+    return {"id": item.get("id"), "stereotype": by_label["stereotype"], "anti_stereotype": by_label["anti-stereotype"],
+            "category": item.get("bias_type", "uncategorised")}
 
 
 @register_format("stereoset", kind="pair")
@@ -260,19 +369,14 @@ def from_stereoset(path: str | Path, *, name: str | None = None, seed: int = 0, 
     """StereoSet JSON (``data.intrasentence`` items with stereotype / anti-stereotype sentences)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise PromptFileError(f"{path}: not JSON: {err}") from err
     items = (data.get("data", data) if isinstance(data, dict) else {}).get("intrasentence")
     if not isinstance(items, list):
         raise PromptFileError(f"{path}: not a StereoSet file: no 'data' → 'intrasentence' list")
-    out = []
-    for item in items:
-        by_label = {s["gold_label"]: s["sentence"] for s in item["sentences"]}
-        if "stereotype" in by_label and "anti-stereotype" in by_label:
-            out.append({"id": item.get("id"), "stereotype": by_label["stereotype"],
-                        "anti_stereotype": by_label["anti-stereotype"], "category": item.get("bias_type", "uncategorised")})
-    return with_defaults(name or path.stem, "pair", out, "stereotype", seed=seed)
+    out = [_encodable(path, i, rec) for i, item in enumerate(items) if (rec := _stereoset_pair(path, i, item))]
+    return with_defaults(name or path.stem, "pair", out, "stereotype", seed=seed, source=path)
 
 
 @register_format("bbq", kind="mc", columns=("context", "question", "ans0", "label"))
@@ -295,19 +399,35 @@ def from_bbq(path: str | Path, *, name: str | None = None, seed: int = 0, **_: A
         if (problem := record_problem("mc", rec, required=())) is not None:
             raise PromptFileError(f"{path}:{n}: {problem}")
         out.append(rec)
-    return with_defaults(name or path.stem, "mc", out, "question", seed=seed)
+    return with_defaults(name or path.stem, "mc", out, "question", seed=seed, source=path)
 
 
 # --------------------------------------------------------------------------- generic files
 
 
+LABEL_ROLES = {"unsafe": "harmful", "harmful": "harmful", "safe": "harmless", "harmless": "harmless",
+               "benign": "harmless"}
+"""What a record's own ``label`` says its role is (compared lower-case): a file read for the other role refuses it."""
+
+
+def _check_role(path: Path, line: int, row: dict[str, Any], role: str | None) -> None:
+    label = row.get("label")
+    said = LABEL_ROLES.get(label.strip().lower()) if isinstance(label, str) else None
+    if role in ROLES and said is not None and said != role:
+        raise PromptFileError(
+            f"{path}:{line}: the record's label is {label!r} ({said}), but the file is read as the {role} set; "
+            f"keep only {role} records in it, or read a file that holds both with its format "
+            "(--format xstest keeps the safe prompts for --harmless and the unsafe ones for --harmful)")
+
+
 def _generic(path: Path, rows: Iterator[tuple[int, dict[str, Any]]], *, kind: str, column: str | None,
-             name: str | None, seed: int, flag: str) -> PromptSet:
+             name: str | None, seed: int, flag: str, role: str | None = None) -> PromptSet:
     if kind not in FIELDS:
         raise ValueError(f"unknown kind {kind!r}; one of {sorted(FIELDS)}")
     key = FIELDS[kind][0]
     out = []
     for n, row in rows:
+        _check_role(path, n, row, role)
         if column is not None:
             if column not in row:
                 raise PromptFileError(f"{path}:{n}: no field {column!r} ({flag}); the record has {sorted(row)}")
@@ -317,27 +437,32 @@ def _generic(path: Path, rows: Iterator[tuple[int, dict[str, Any]]], *, kind: st
             hint = f"; pass {flag} to read another field as {key!r}" if "missing" in problem else ""
             raise PromptFileError(f"{path}:{n}: {problem}{hint}")
         out.append(row)
-    return with_defaults(name or path.stem, kind, out, key, seed=seed)
+    return with_defaults(name or path.stem, kind, out, key, seed=seed, source=path)
 
 
 @register_format("jsonl", kind="prompt")
 def from_jsonl(path: str | Path, *, kind: str = "prompt", text_field: str | None = None, column: str | None = None,
-               name: str | None = None, seed: int = 0, **_: Any) -> PromptSet:
+               name: str | None = None, seed: int = 0, role: str | None = None, **_: Any) -> PromptSet:
     """Records from a JSON-lines file; ``column`` (alias ``text_field``) names the field read as ``prompt``/``text``.
 
-    Every line is checked: an error names the file, the line, the field and what it should be.
+    Every line is checked: an error names the file, the line, the field and what it should be. With a
+    ``role``, a record whose ``label`` says the other role is refused.
     """
     path = Path(path)
     return _generic(path, _jsonl_rows(path), kind=kind, column=column or text_field, name=name, seed=seed,
-                    flag="text_field= / --column")
+                    flag="text_field= / --column", role=role)
 
 
 @register_format("csv", kind="prompt")
 def from_csv(path: str | Path, *, kind: str = "prompt", column: str | None = None, name: str | None = None,
-             seed: int = 0, **_: Any) -> PromptSet:
-    """Rows of any CSV file with a header; ``column`` names the column read as ``prompt``/``text``."""
+             seed: int = 0, role: str | None = None, **_: Any) -> PromptSet:
+    """Rows of any CSV file with a header; ``column`` names the column read as ``prompt``/``text``.
+
+    With a ``role``, a row whose ``label`` says the other role is refused.
+    """
     path = Path(path)
-    return _generic(path, _csv_rows(path)[1], kind=kind, column=column, name=name, seed=seed, flag="--column")
+    return _generic(path, _csv_rows(path)[1], kind=kind, column=column, name=name, seed=seed, flag="--column",
+                    role=role)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -349,10 +474,12 @@ def _fields_of(path: Path) -> set[str]:
         if path.suffix.lower() in (".jsonl", ".ndjson"):
             return set(next(_jsonl_rows(path), (0, {}))[1])
         if path.suffix.lower() == ".json":
-            head = path.read_text(encoding="utf-8")[:4096]
-            return {"intrasentence"} if '"intrasentence"' in head else set()
+            head = read_text(path)[:4096]
+            if '"intrasentence"' in head:
+                return {"intrasentence"}
+            return set(next(_jsonl_rows(path), (0, {}))[1])
         return set(_csv_rows(path)[0])
-    except (PromptFileError, UnicodeDecodeError, csv.Error):
+    except PromptFileError:
         return set()
 
 
@@ -379,9 +506,10 @@ def detect_format(path: str | Path) -> str:
     fields = _fields_of(path)
     if "intrasentence" in fields:
         return "stereoset"
-    matches = sorted((f for f in FORMATS.values() if f.columns and f.columns <= fields), key=lambda f: -len(f.columns))
+    matches = sorted(((len(sig), f.name) for f in FORMATS.values() for sig in f.signatures() if sig <= fields),
+                     key=lambda m: -m[0])
     if matches:
-        return matches[0].name
+        return matches[0][1]
     return "jsonl" if path.suffix.lower() in (".jsonl", ".ndjson", ".json") else "csv"
 
 
@@ -389,7 +517,9 @@ def load_file(path: str | Path, format: str | None = None, *, column: str | None
               kind: str | None = None, name: str | None = None, seed: int = 0) -> PromptSet:
     """Read a prompt file of any registered format (``format=None``: :func:`detect_format`).
 
-    ``role`` (``"harmful"``/``"harmless"``) picks a side of files that hold both (XSTest);
+    ``role`` (``"harmful"``/``"harmless"``) picks a side of files that hold both (XSTest), and is honoured
+    by every reader: a harmful-only benchmark read as the harmless set, or a record whose ``label``
+    says the other role, is refused;
     ``column`` and ``kind`` apply to the generic ``csv``/``jsonl`` formats (``kind=None``: the kind whose
     fields the first record has, e.g. ``pair`` for ``stereotype``/``anti_stereotype``; else ``prompt``); ``seed`` re-draws the
     hash split of records that have no ``split`` field. Every record gets ``format`` set to the
@@ -406,6 +536,9 @@ def load_file(path: str | Path, format: str | None = None, *, column: str | None
         raise ValueError(f"{path}: column= / --column applies to the generic csv and jsonl formats, not {fmt!r}")
     if kind is not None and kind != spec.kind and fmt not in ("csv", "jsonl"):
         raise ValueError(f"{path}: format {fmt!r} makes {spec.kind!r} sets, not {kind!r}")
+    if role == "harmless" and fmt in HARMFUL_ONLY:
+        raise PromptFileError(f"{path}: a {fmt} file holds harmful requests only, and it is read as the harmless set; "
+                              "give it as the harmful set, and a file of benign prompts as the harmless one")
     extra = {"kind": kind or _kind_of(path, column), "column": column} if fmt in ("csv", "jsonl") else {}
     ps = spec.load(path, name=name, role=role, seed=seed, **extra)
     for r in ps.records:

@@ -103,8 +103,13 @@ def _read_tensors(st: Path) -> tuple[dict[str, Any], Tensor, Weights, Weights]:
     return header, mask, donor, target
 
 
-def check_sidecar(path: str | Path, content_hash: str, selection: NeuronSelection) -> None:
-    """Raise :class:`PatchFileError` if the sidecar beside ``path`` describes other content (absent: fine)."""
+def check_sidecar(path: str | Path, header: dict[str, Any], selection: NeuronSelection) -> None:
+    """Raise :class:`PatchFileError` if the sidecar beside ``path`` says anything else than the patch (absent: fine).
+
+    ``header`` is the one stored in the .safetensors file; the sidecar must repeat it field for field (alpha,
+    architecture, meta, hashes) and hold the same selection, so a hand edit of the sidecar is refused rather
+    than silently ignored.
+    """
     st, sidecar = patch_paths(path)
     if not sidecar.is_file():
         return
@@ -112,8 +117,17 @@ def check_sidecar(path: str | Path, content_hash: str, selection: NeuronSelectio
         data = json.loads(sidecar.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PatchFileError(f"{sidecar}: damaged sidecar of {st} ({err}); delete it or re-save the patch") from err
-    if "content_hash" not in data:
-        return  # format /1 sidecars carry no hash
-    if data["content_hash"] != content_hash or NeuronSelection.from_json(data["selection"]) != selection:
-        raise PatchFileError(f"{sidecar} does not describe {st} (another save wrote one of them): the "
-                             f".safetensors file is the patch; re-save it, or delete {sidecar.name}")
+    fix = f"the .safetensors file is the patch: re-save it, or delete {sidecar.name}"
+    if not isinstance(data, dict) or "selection" not in data:
+        raise PatchFileError(f"{sidecar}: no 'selection' field, so it is no sidecar of {st}; {fix}")
+    try:
+        theirs = NeuronSelection.from_json(data["selection"])
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise PatchFileError(f"{sidecar}: its 'selection' is not a neuron selection ({type(err).__name__}: "
+                             f"{err}); {fix}") from None
+    differ = sorted(k for k in set(header) | set(data) - {"selection"} if data.get(k) != header.get(k))
+    if theirs != selection:
+        differ.insert(0, "selection")
+    if differ:
+        raise PatchFileError(f"{sidecar} does not describe {st}: field(s) {differ} differ (another save, or a hand "
+                             f"edit, wrote one of them); {fix}")

@@ -123,6 +123,10 @@ class NeuronPatch:
         layers = {int(x) for x in self.selection.mask.any(-1).nonzero().flatten()}
         if set(self.donor) != layers or set(self.target) != layers:
             raise ValueError(f"patch weights cover layers {sorted(self.donor)}, the selection {sorted(layers)}")
+        for layer in layers:
+            if set(self.donor[layer]) != set(self.target[layer]):
+                raise ValueError(f"layer {layer}: donor weights for {sorted(self.donor[layer])}, target originals for "
+                                 f"{sorted(self.target[layer])}; a patch holds both for every weight it writes")
 
     # ------------------------------------------------------------------ construction
 
@@ -168,13 +172,20 @@ class NeuronPatch:
             h = hashlib.sha256()
             h.update(self.selection.mask.to(torch.uint8).numpy().tobytes())
             h.update(repr(self.alpha).encode())
-            for layer in sorted(self.donor):
-                for role in sorted(self.donor[layer]):
-                    t = self.donor[layer][role].detach().contiguous().cpu()
-                    h.update(f"{layer}.{role}.{t.dtype}.{tuple(t.shape)}".encode())
-                    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            _hash_weights(h, self.donor)
             self._hash = h.hexdigest()
         return self._hash
+
+    @property
+    def target_hash(self) -> str:
+        """sha256 of the target's original weights the patch holds (what :meth:`restore` writes back; hex).
+
+        Apart from :attr:`content_hash`, which says what the patch *is*: two patches that write the same thing
+        are the same patch whatever model they were taken from; this one guards the saved originals.
+        """
+        h = hashlib.sha256()
+        _hash_weights(h, self.target)
+        return h.hexdigest()
 
     # ------------------------------------------------------------------ apply / revert
 
@@ -280,12 +291,22 @@ class NeuronPatch:
         finally:
             self.revert(model)
 
-    def restore(self, model: Any) -> Any:
+    def restore(self, model: Any, *, force: bool = False) -> Any:
         """Write the *target's* original values of the selected neurons into ``model`` (no journal).
 
-        For a model patched elsewhere, e.g. one loaded from an exported checkpoint.
+        For a model patched elsewhere, e.g. one loaded from an exported checkpoint. The model must hold what
+        this patch writes (``w_target + alpha (w_donor - w_target)``, to the rounding of its dtype) or already
+        the originals (then nothing changes): restoring any other model would write this target's weights into
+        it. ``force=True`` writes them whatever the model holds.
         """
         self.check_fits(model)
+        if not force:
+            state = self._state(model)
+            if state == "original":
+                return model
+            if state != "patched":
+                raise ValueError(f"this model does not hold this patch: {state}; restore() would write another "
+                                 "model's weights into it (restore(model, force=True) if that is meant)")
         with torch.no_grad():
             for layer, roles in self.target.items():
                 for p in neuron_params(model, layer):
@@ -293,12 +314,30 @@ class NeuronPatch:
                     p.tensor.index_copy_(p.axis, self._indices(layer, p.tensor.device), value)
         return model
 
+    def _state(self, model: Any) -> str:
+        """``"patched"``, ``"original"``, or where the model's selected weights are neither (a sentence)."""
+        differs: dict[str, str] = {}
+        with torch.no_grad():
+            for layer, roles in self.target.items():
+                for p in neuron_params(model, layer):
+                    have = p.tensor.index_select(p.axis, self._indices(layer, p.tensor.device)).movedim(p.axis, 0)
+                    original = roles[p.role].to(device=have.device, dtype=have.dtype)
+                    donor = self.donor[layer][p.role].to(device=have.device, dtype=have.dtype)
+                    tol = {"rtol": 1e-4, "atol": 1e-6} if have.dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-3}
+                    for state, expected in (("patched", torch.lerp(original, donor, self.alpha)), ("original", original)):
+                        if state not in differs and not torch.allclose(have, expected, **tol):
+                            diff = float((have.float() - expected.float()).abs().max())
+                            differs[state] = f"layer {layer} {p.role} differs from the patched values by up to {diff:.3g}"
+        if "patched" not in differs:
+            return "patched"
+        return "original" if "original" not in differs else differs["patched"] + " and from the originals too"
+
     # ------------------------------------------------------------------ files
 
     def header(self) -> dict[str, Any]:
         """The JSON header stored in the .safetensors file (and, with the selection, in the sidecar)."""
         return {"format": FORMAT, "alpha": self.alpha, "architecture": self.architecture, "meta": self.meta,
-                "content_hash": self.content_hash}
+                "content_hash": self.content_hash, "target_hash": self.target_hash}
 
     def save(self, path: str | Path) -> Path:
         """Write ``NAME.safetensors`` (the patch) and ``NAME.json`` (a readable sidecar); return the first.
@@ -324,10 +363,22 @@ class NeuronPatch:
         if "content_hash" in header and header["content_hash"] != patch.content_hash:
             raise PatchFileError(f"{st}: its weights do not match the content hash in its own header; "
                                  "the file is damaged: re-save the patch")
-        check_sidecar(path, patch.content_hash, patch.selection)
+        if "target_hash" in header and header["target_hash"] != patch.target_hash:
+            raise PatchFileError(f"{st}: its stored target weights (target.* tensors, what restore() writes back) do "
+                                 "not match the target hash in its own header; the file was changed: re-save the patch")
+        check_sidecar(path, header, patch.selection)
         if model is not None:
             patch.check_fits(model)
         return patch
+
+
+def _hash_weights(h: Any, store: Weights) -> None:
+    """Feed every tensor of ``store`` to the hash ``h``: name, dtype, shape and bytes, in (layer, role) order."""
+    for layer in sorted(store):
+        for role in sorted(store[layer]):
+            t = store[layer][role].detach().contiguous().cpu()
+            h.update(f"{layer}.{role}.{t.dtype}.{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def export_hf(model: Any, directory: str | Path, *, overwrite: bool = False) -> Path:
