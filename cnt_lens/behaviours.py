@@ -36,6 +36,7 @@ from .data import (
     load_prompts,
     split_shared_prefix,
 )
+from .errors import CntLensError
 from .judge import _SENTENCE, REFUSAL_OPENINGS, judge_refusal, verdict_is_final
 from .models import context_length, device_of, logits_of, model_tokenizer, plain_hf_model, takes_logits_to_keep
 from .progress import progress_bar
@@ -61,7 +62,7 @@ def _progress(iterable: Any, total: int, desc: str, progress: bool) -> Any:
     return progress_bar(iterable, total=total, desc=desc, leave=False, enabled=progress, min_total=2)
 
 
-class GenerationError(RuntimeError):
+class GenerationError(CntLensError, RuntimeError):
     """Greedy generation disagrees with the model's own forward pass (a library or cache fault)."""
 
 

@@ -20,17 +20,42 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
+from .errors import CntLensError
 from .timing import profile, stage, timings_table
 
 if TYPE_CHECKING:
     import torch
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+EXPECTED = (ValueError, OSError, CntLensError)
+"""Errors whose message is the whole story (bad input, damaged files, missing models): printed as one line."""
+
+
+class _App(typer.Typer):
+    """The ``cnt-lens`` program: an expected error prints its message and exits 1, with no traceback.
+
+    ``cnt-lens --debug ...`` lets it through with its traceback, for a bug report.
+    """
+
+    debug = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except EXPECTED as err:
+            if _App.debug:
+                raise
+            print(f"cnt-lens: error: {err}\n(cnt-lens --debug ... shows where it was raised)", file=sys.stderr)
+            sys.exit(1)
+
+
+app = _App(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0], pretty_exceptions_enable=False)
 
 
 @app.callback()
-def main(log_level: str = typer.Option("INFO", help="Logging level of cnt_lens's messages: DEBUG, INFO, WARNING.")) -> None:
+def main(log_level: str = typer.Option("INFO", help="Logging level of cnt_lens's messages: DEBUG, INFO, WARNING."),
+         debug: bool = typer.Option(False, "--debug", help="Show the traceback of an expected error too.")) -> None:
     """Set up logging: one timestamped line per pipeline stage on stderr (progress bars only on a terminal)."""
+    _App.debug = debug
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .data import FIELDS, PromptSet, record_problem, with_defaults
+from .errors import CntLensError
 from .files import sha256_file
 
 __all__ = [
@@ -73,7 +74,7 @@ HARMFUL_ONLY = ("advbench", "harmbench", "do_not_answer")
 """Formats whose every record is a harmful request: never read as the harmless set."""
 
 
-class PromptFileError(ValueError):
+class PromptFileError(CntLensError, ValueError):
     """A prompt file that cannot be read as the format asked for (the message names file, place and fix)."""
 
 

@@ -31,12 +31,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from .errors import CntLensError
 from .offline import OFFLINE_MODELS, offline_path
 
 __all__ = [
     "BUNDLED_MODEL",
     "DonorWeights",
     "IncompatibleModelsError",
+    "ModelFileError",
     "ModelPair",
     "TESTED_FAMILIES",
     "UnsupportedModelError",
@@ -75,11 +77,15 @@ r"""HF ``model_type``\ s whose neuron mapping, patching, export and generation t
 are refused (their neurons belong to experts that a token may not visit)."""
 
 
-class IncompatibleModelsError(ValueError):
+class IncompatibleModelsError(CntLensError, ValueError):
     """Donor and target (or a patch and a model) differ in a way that makes transplants meaningless."""
 
 
-class UnsupportedModelError(ValueError):
+class ModelFileError(CntLensError, ValueError):
+    """A local checkpoint that cannot be read: a truncated, empty or damaged weights file (the message names it)."""
+
+
+class UnsupportedModelError(CntLensError, ValueError):
     """A model cnt_lens cannot hook or transplant: an architecture the bridge does not know, or a mixture-of-experts MLP."""
 
 
@@ -99,6 +105,50 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.count("/") > 1 or (os.path.sep != "/" and os.path.sep in source)
 
 
+def _resolve_source(source: str) -> tuple[str, dict[str, Any]]:
+    """(what ``from_pretrained`` reads, its extra kwargs) for an alias, a .gguf, a local directory or a hub id.
+
+    Every local path is checked before any parser sees it: a missing one, a file that is not a .gguf (e.g.
+    ``DIR/config.json``), a directory without ``config.json`` and a .gguf that does not start like one are
+    errors naming the path and the fix.
+    """
+    if source in OFFLINE_MODELS:
+        source = str(offline_path(source))
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        _check_gguf_magic(path)
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_file():
+        raise FileNotFoundError(f"{path} is a file, not a model: give the checkpoint's directory ({path.parent}, "
+                                "which holds config.json and the weights) or a .gguf file")
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a directory but holds no config.json: not an HF checkpoint "
+                                    "(save one with export_hf or save_pretrained)")
+        return str(path), {}
+    if _looks_like_path(source):
+        raise FileNotFoundError(f"Local model directory not found: {source} (a hub id looks like 'org/name')")
+    _check_alias_typo(source)
+    return source, {}
+
+
+def _check_alias_typo(source: str) -> None:
+    """Fail at once for a name that is no alias, not in the HF cache, and close to an alias (no hub retries first)."""
+    import difflib
+
+    close = difflib.get_close_matches(source.lower(), list(OFFLINE_MODELS), n=2, cutoff=0.75)
+    if "/" in source or not close:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source, "config.json"), str):
+        return
+    raise FileNotFoundError(f"no model {source!r}: not an offline alias, a local path or a hub id in the HF cache; "
+                            f"did you mean {' or '.join(map(repr, close))}?")
+
+
 def _load_hf(source: str, dtype: torch.dtype, device: str | None, **placement: Any) -> tuple[Any, Any]:
     """(hf_model, tokenizer) for a hub id, a local HF directory or a .gguf file.
 
@@ -107,21 +157,8 @@ def _load_hf(source: str, dtype: torch.dtype, device: str | None, **placement: A
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {}
-    if source in OFFLINE_MODELS:
-        source = str(offline_path(source))
-    if source.endswith(".gguf"):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
-        source, kwargs = str(path.parent), {"gguf_file": path.name}
-    elif Path(source).expanduser().exists():
-        source = str(Path(source).expanduser())
-        if not (Path(source) / "config.json").is_file():
-            raise FileNotFoundError(f"{source} is a directory but holds no config.json: not an HF checkpoint "
-                                    "(save one with export_hf or save_pretrained)")
-    elif _looks_like_path(source):
-        raise FileNotFoundError(f"Local model directory not found: {source} (a hub id looks like 'org/name')")
+    source, kwargs = _resolve_source(source)
+    local = Path(source).exists()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs, **placement)
@@ -131,9 +168,25 @@ def _load_hf(source: str, dtype: torch.dtype, device: str | None, **placement: A
             f"Offline? Use a local directory, a .gguf path, a hub id already in the HF cache, "
             f"or an offline alias ({', '.join(OFFLINE_MODELS)})."
         ) from err
+    except Exception as err:  # a local file the parsers choke on: safetensors', numpy's or gguf's own errors
+        if not local:
+            raise
+        where = Path(source) / kwargs.get("gguf_file", "")
+        raise ModelFileError(f"{where}: cannot read the checkpoint ({type(err).__name__}: {str(err)[:200]}); a "
+                             "weights file is truncated or damaged (an interrupted save or download?): save or "
+                             "download it again") from err
     if device is not None and not placement:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+def _check_gguf_magic(path: Path) -> None:
+    """Raise :class:`ModelFileError` unless ``path`` starts like a GGUF file (cheap: four bytes)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"GGUF":
+        what = "empty" if not head else f"not a GGUF file (it starts {head!r}, not b'GGUF')"
+        raise ModelFileError(f"{path}: {what}; download or convert it again")
 
 
 def load_model(
@@ -472,6 +525,10 @@ class ModelPair:
         if self.donor is self.target:
             raise ValueError("donor and target are the same object; use clone_model() for a copy")
         check_compatible(self.donor, self.target)
+        check_same_tokenization(self.donor, self.target)
+        for side, model in (("donor", self.donor), ("target", self.target)):
+            if not _streamed(model):  # a streamed donor's tensors are checked as they are read (NeuronPatch)
+                require_finite_weights(model, side)
 
     @property
     def n_layers(self) -> int:
@@ -498,6 +555,46 @@ class ModelPair:
         return ModelPair(donor=self.target, target=self.donor)
 
 
+TOKENIZER_PROBE = ("The quick brown fox — 12,345 naïve cafés; ¿por qué? 日本語のテキスト. \tdef f(x): return x**2\n"
+                   "<|im_start|>user How do I pick a lock?<|im_end|> 🙂")
+"""Text both models of a pair must tokenize to the same ids: words, digits, accents, CJK, code, chat markers, emoji."""
+
+
+def check_same_tokenization(donor: Any, target: Any) -> None:
+    """Raise :class:`IncompatibleModelsError` unless both tokenizers give :data:`TOKENIZER_PROBE` the same ids.
+
+    A transplant copies neurons that read and write token ids' embeddings: a donor whose tokenizer maps the same
+    words to other ids has learned its function over other inputs. A weights-only donor has no tokenizer: skipped.
+    """
+    if _streamed(donor):
+        return
+    tok_d, tok_t = (getattr(m, "cnt_tokenizer", None) or getattr(m, "tokenizer", None) for m in (donor, target))
+    if tok_d is None or tok_t is None or tok_d is tok_t:
+        return
+    ids_d, ids_t = (list(t(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]) for t in (tok_d, tok_t))
+    if ids_d != ids_t:
+        i = next((i for i, (a, b) in enumerate(zip(ids_d, ids_t)) if a != b), min(len(ids_d), len(ids_t)))
+        raise IncompatibleModelsError(
+            f"donor and target tokenize the same text differently (from token {i}: donor "
+            f"{ids_d[i:i + 4]} {tok_d.convert_ids_to_tokens(ids_d[i:i + 4])}, target {ids_t[i:i + 4]} "
+            f"{tok_t.convert_ids_to_tokens(ids_t[i:i + 4])}): a transplant needs one vocabulary; load both with "
+            "the same tokenizer (e.g. the base model's)")
+
+
+def require_finite_weights(model: torch.nn.Module, side: str = "model") -> None:
+    """Raise ``ValueError`` naming the first parameter of ``model`` that holds NaN or inf (offloaded ones skipped).
+
+    One float64 sum per tensor and one synchronisation; only if that fails is each tensor checked element-wise.
+    """
+    params = [(n, p) for n, p in model.named_parameters() if p.device.type != "meta" and p.is_floating_point()]
+    if not params or bool(torch.isfinite(torch.stack([p.detach().sum(dtype=torch.float64).cpu() for _, p in params])).all()):
+        return
+    bad = next((n for n, p in params if not bool(torch.isfinite(p.detach()).all())), None)
+    if bad is not None:
+        raise ValueError(f"the {side} ({getattr(model, 'cnt_source', type(model).__name__)}) holds NaN or inf in "
+                         f"{bad}: its checkpoint is damaged or comes from a diverged run; load another")
+
+
 def load_pair(donor: Any, target: Any, **kwargs: Any) -> ModelPair:
     """Load both models with :func:`load_model` and check that they fit (see :func:`check_compatible`)."""
     return ModelPair(donor=load_model(donor, **kwargs), target=load_model(target, **kwargs))
@@ -506,7 +603,7 @@ def load_pair(donor: Any, target: Any, **kwargs: Any) -> ModelPair:
 # --------------------------------------------------------------------------- neuron weights
 
 
-class OffloadedWeightsError(RuntimeError):
+class OffloadedWeightsError(CntLensError, RuntimeError):
     """A layer's MLP weights are on the ``meta`` device with no accelerate offload store to read or write them."""
 
 

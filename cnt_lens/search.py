@@ -20,6 +20,7 @@ import torch
 
 from .behaviours import Behaviour
 from .constraints import Constraint
+from .errors import CntLensError
 from .evaluate import measure
 from .models import ModelPair
 from .progress import progress_bar
@@ -32,7 +33,7 @@ __all__ = ["NoGapError", "SearchResult", "iterative_scores", "measure_point", "m
 
 
 
-class NoGapError(ValueError):
+class NoGapError(CntLensError, ValueError):
     """Donor and target do not differ on the behaviour: there is nothing to transplant."""
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from .errors import CntLensError
 from .models import (
     IncompatibleModelsError,
     NeuronParam,
@@ -44,7 +45,7 @@ from .models import (
 __all__ = ["DonorForwardError", "StreamedDonor"]
 
 
-class DonorForwardError(TypeError):
+class DonorForwardError(CntLensError, TypeError):
     """The step needs the donor's activations, and the donor is streamed (weights only)."""
 
 

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..behaviours import Behaviour
 from ..data import Batch
+from ..errors import CntLensError
 from ..models import ModelPair, device_of, hook_name, logits_of
 
 Positions = Union[Literal["all"], int]
@@ -21,7 +22,7 @@ which is what a weight transplant changes) or the last ``k`` tokens of each prom
 Hook = tuple[str, Callable[[Tensor, Any], Any]]
 
 
-class BehaviourSignalError(ValueError):
+class BehaviourSignalError(CntLensError, ValueError):
     """The behaviour metric cannot rank neurons for this pair (NaN, or no donor–target difference)."""
 
 
