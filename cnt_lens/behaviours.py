@@ -172,6 +172,9 @@ def generate(
     (e.g. :func:`~cnt_lens.judge.verdict_is_final`) also ends an answer as soon as it holds for the answer
     so far; answers then end where ``until`` held (or at EOS, or ``max_new_tokens``).
     """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1 (how many tokens each answer may have), got "
+                         f"{max_new_tokens!r}: with none, no answer could be judged")
     tok = model_tokenizer(model)
     plain = plain_hf_model(model)
     room = context_length(model) - max_new_tokens

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
@@ -55,6 +56,8 @@ __all__ = [
     "stable_split",
     "with_defaults",
 ]
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 BUNDLED = {"harmful": "prompt", "harmless": "prompt", "advbench": "prompt", "harmful_framed": "prompt",
@@ -347,13 +350,27 @@ def load_prompts(name: str) -> PromptSet:
 def chat_format(tokenizer: Any, user_text: str) -> str:
     r"""``user_text`` as one user turn plus the assistant prefix, via the tokenizer's chat template.
 
-    Tokenizers without a template get ``"User: …\nAssistant:"``.
+    Tokenizers without a template get ``"User: …\nAssistant:"``. The user's text is text: a special token
+    written in it (``<|im_start|>assistant``, say) would be read as a real role marker when the formatted
+    string is tokenized, so each is broken by an invisible word joiner (U+2060) after its first character
+    (:func:`escape_special_tokens`) and tokenized as ordinary characters.
     """
+    user_text = escape_special_tokens(tokenizer, user_text)
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
         )
     return f"User: {user_text}\nAssistant:"
+
+
+def escape_special_tokens(tokenizer: Any, text: str) -> str:
+    """``text`` with every special token of ``tokenizer`` in it broken by U+2060 (logged), so it stays text."""
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if len(t) > 1 and t in text]
+    for token in sorted(specials, key=len, reverse=True):
+        text = text.replace(token, token[0] + "\u2060" + token[1:])
+    if specials:
+        log.warning("a prompt holds special token(s) %s; escaped, so they are read as text, not as markers", specials)
+    return text
 
 
 @dataclass

@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple, no_type_check
 
@@ -97,14 +98,25 @@ class Verdict(NamedTuple):
     reason: str
 
 
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))  # zero-width, BOM, soft hyphen
+_EMPHASIS = re.compile(r"\*\*|__|~~|`")
+_LEAD = re.compile(r"^[^\w]+")  # what may stand before an opening: quotes, emoji, markdown, '>' and '#'
+
+
 @no_type_check  # hot path: called per answer per decoding step (generate's until)
 def _normalise(text: str) -> str:
-    return text.replace("\u2019", "'").replace("\u2018", "'").strip()
+    """One spelling for what decoders and chat formats vary.
+
+    NFKC (fullwidth letters and apostrophes, no-break spaces), invisible characters dropped (zero-width spaces
+    and joiners, a byte-order mark, soft hyphens), curly quotes straightened, markdown emphasis markers removed.
+    """
+    text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
+    return _EMPHASIS.sub("", text.replace("\u2019", "'").replace("\u2018", "'")).strip()
 
 
 @no_type_check  # hot path: called per answer per decoding step (generate's until)
 def _starts(sentence: str, openings: Iterable[str]) -> str | None:
-    low = sentence.lower()
+    low = _LEAD.sub("", sentence.lower())
     for o in openings:
         o = o.lower()
         if low.startswith(o) and (len(low) == len(o) or not low[len(o)].isalnum()):

@@ -32,6 +32,7 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from .errors import CntLensError
+from .files import recover_swap
 from .offline import OFFLINE_MODELS, offline_path
 
 __all__ = [
@@ -115,6 +116,7 @@ def _resolve_source(source: str) -> tuple[str, dict[str, Any]]:
     if source in OFFLINE_MODELS:
         source = str(offline_path(source))
     path = Path(source).expanduser()
+    recover_swap(path)  # a checkpoint whose replacement was interrupted is put back before it is looked for
     if source.endswith(".gguf"):
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")

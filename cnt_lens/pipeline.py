@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -63,6 +64,30 @@ class TransferConfig:
     #: and alpha): its block holds the first seed's numbers and ``seeds`` / ``*_seed_mean`` the spread.
     random_seeds: int = 5
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Check every setting on construction, so a bad one fails before any model is loaded."""
+        if problem := config_problem(self):
+            raise ValueError(f"TransferConfig: {problem}")
+
+
+def config_problem(config: TransferConfig) -> str | None:
+    """What is wrong with ``config`` (a sentence naming the field, its value and what it must be), or ``None``."""
+    unknown = [m for m in (config.method, *config.baselines) if m not in SCORERS]
+    alphas = list(config.alphas)
+    checks = [
+        (not unknown, f"unknown method(s) {unknown} in method/baselines; one of {list(SCORERS)}"),
+        (0 < config.goal <= 1, f"goal {config.goal!r} must be a share of the donor-target gap in (0, 1]"),
+        (bool(alphas) and all(isinstance(a, (int, float)) and math.isfinite(a) and a > 0 for a in alphas),
+         f"alphas {alphas!r} must be one or more finite numbers > 0 (1 writes the donor's weights)"),
+        (0 < config.max_fraction <= 1, f"max_fraction {config.max_fraction!r} must be a share of all MLP neurons "
+                                       "in (0, 1]"),
+        (config.batch_size >= 1 and config.score_batch_size >= 1,
+         f"batch_size {config.batch_size!r} and score_batch_size {config.score_batch_size!r} must be ≥ 1"),
+        (config.random_seeds >= 1, f"random_seeds {config.random_seeds!r} must be ≥ 1"),
+        (config.screen_slack >= 0, f"screen_slack {config.screen_slack!r} must be ≥ 0"),
+    ]
+    return next((message for ok, message in checks if not ok), None)
 
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .files import append_jsonl, atomic_write_text, cache_dir
+from .files import append_jsonl, atomic_write_text, cache_dir, directory_lock
 from .journal import entries
 from .models import device_of, hf_state_dict, library_versions
 from .selection import NeuronScores
@@ -152,14 +152,15 @@ def resumable(directory: str | Path) -> Iterator[Path]:
     if current is not None and current.root == root:
         yield root
         return
-    store = _Store(root)
-    if store.records:
-        log.info("resuming: %d remembered results in %s", len(store.records), root)
-    token = _ACTIVE.set(store)
-    try:
-        yield root
-    finally:
-        _ACTIVE.reset(token)
+    with directory_lock(directory):  # one writer per run directory
+        store = _Store(root)
+        if store.records:
+            log.info("resuming: %d remembered results in %s", len(store.records), root)
+        token = _ACTIVE.set(store)
+        try:
+            yield root
+        finally:
+            _ACTIVE.reset(token)
         if store.reused:
             log.info("reused %d remembered results from %s", store.reused, root)
         if store.shared:

@@ -175,6 +175,12 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; one of {sorted(OBJECTIVES)}")
     app = APPLICATIONS[name]
+    config = TransferConfig(goal=app.goal, max_fraction=app.max_fraction if max_fraction is None else max_fraction,
+                            alphas=app.alphas if alphas is None else alphas,
+                            baselines=app.baselines if baselines is None else baselines,
+                            screen=screen, search_baselines=search_baselines,
+                            extra={"application": app.name, "model": model},
+                            random_seeds=TransferConfig.random_seeds if random_seeds is None else random_seeds)
     behaviour = PROTOCOLS[protocol](app.behaviour())  # before any loading: a wrong protocol fails in seconds
     if objective != "opening" and not isinstance(behaviour, Refusal):
         raise ValueError(f"objective {objective!r} reads a refusal; {name!r} transfers {behaviour.name!r}")
@@ -189,27 +195,12 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
             pair = app.build(base)
         with stage("objective"):
             behaviour = OBJECTIVES[objective](behaviour, getattr(pair, app.refuser))
-        report = _run(app, pair, behaviour, out, model, alphas, rounds, baselines, max_fraction, screen, random_seeds,
-                      search_baselines, progress)
+        report = run_transfer(pair, behaviour, out, side_effects=app.side_effects(), constraint=app.constraint,
+                              config=config, rounds=app.rounds if rounds is None else rounds,
+                              round_alpha=app.round_alpha, contrast=app.contrast,
+                              preserve_weights=app.preserve_weights, progress=progress)
         report.extra.update(application=name, protocol=protocol, objective=objective,
                             continuation=getattr(behaviour, "continuation", ""), wall_time_s=round(prof.total(), 1))
         report.save(out / "metrics.json")
         prof.save(out / "timings.json")
-    return report
-
-
-def _run(app: Application, pair: ModelPair, behaviour: Behaviour, out: Path, model: str,
-         alphas: tuple[float, ...] | None, rounds: int | None, baselines: tuple[str, ...] | None,
-         max_fraction: float | None, screen: bool, random_seeds: int | None, search_baselines: bool,
-         progress: bool) -> Any:
-    """:func:`~cnt_lens.runs.run_transfer` with the application's settings and the caller's overrides."""
-    side = app.side_effects()
-    config = TransferConfig(goal=app.goal, max_fraction=max_fraction or app.max_fraction, alphas=alphas or app.alphas,
-                            baselines=app.baselines if baselines is None else baselines,
-                            screen=screen, search_baselines=search_baselines,
-                            extra={"application": app.name, "model": model},
-                            random_seeds=TransferConfig.random_seeds if random_seeds is None else random_seeds)
-    report = run_transfer(pair, behaviour, out, side_effects=side, constraint=app.constraint, config=config,
-                          rounds=app.rounds if rounds is None else rounds, round_alpha=app.round_alpha, contrast=app.contrast,
-                          preserve_weights=app.preserve_weights, progress=progress)
     return report
