@@ -24,7 +24,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
@@ -583,15 +583,24 @@ def check_same_tokenization(donor: Any, target: Any) -> None:
             "the same tokenizer (e.g. the base model's)")
 
 
-def require_finite_weights(model: torch.nn.Module, side: str = "model") -> None:
-    """Raise ``ValueError`` naming the first parameter of ``model`` that holds NaN or inf (offloaded ones skipped).
+def first_non_finite(named: Sequence[tuple[Any, Tensor]]) -> Any | None:
+    """The name of the first tensor in ``named`` holding NaN or inf, or ``None``.
 
-    One float64 sum per tensor and one synchronisation; only if that fails is each tensor checked element-wise.
+    One float64 sum per tensor and one synchronisation (a NaN or inf anywhere makes its tensor's sum non-finite);
+    only if that fails is each tensor checked element by element, so finite values whose sum overflows pass.
     """
+    if not named:
+        return None
+    sums = [t.detach().sum(dtype=torch.float64) for _, t in named]
+    if bool(torch.isfinite(torch.stack([x.to(sums[0].device) for x in sums])).all()):  # a model spread over devices
+        return None
+    return next((name for name, t in named if not bool(torch.isfinite(t.detach()).all())), None)
+
+
+def require_finite_weights(model: torch.nn.Module, side: str = "model") -> None:
+    """Raise ``ValueError`` naming the first parameter of ``model`` that holds NaN or inf (offloaded ones skipped)."""
     params = [(n, p) for n, p in model.named_parameters() if p.device.type != "meta" and p.is_floating_point()]
-    if not params or bool(torch.isfinite(torch.stack([p.detach().sum(dtype=torch.float64).cpu() for _, p in params])).all()):
-        return
-    bad = next((n for n, p in params if not bool(torch.isfinite(p.detach()).all())), None)
+    bad = first_non_finite(params)
     if bad is not None:
         raise ValueError(f"the {side} ({getattr(model, 'cnt_source', type(model).__name__)}) holds NaN or inf in "
                          f"{bad}: its checkpoint is damaged or comes from a diverged run; load another")

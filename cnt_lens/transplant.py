@@ -50,6 +50,7 @@ from .models import (
     ModelPair,
     architecture,
     check_compatible,
+    first_non_finite,
     fresh_hf_model,
     model_tokenizer,
     neuron_params,
@@ -73,17 +74,8 @@ def _check_alpha(alpha: Any) -> float:
 
 
 def _require_finite(written: list[tuple[int, str, Tensor]], alpha: float) -> None:
-    """Raise naming the first (layer, role) whose written values are not all finite.
-
-    One check over every tensor's float64 sum (a NaN or inf anywhere makes its tensor's sum non-finite):
-    one reduction per tensor instead of two, and one synchronisation. Only if that fails is each tensor
-    checked element by element, so finite values whose sum overflows are never refused.
-    """
-    if not written:
-        return
-    if bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float64) for _, _, t in written])).all()):
-        return
-    bad = next(((lay, r) for lay, r, t in written if not bool(torch.isfinite(t).all())), None)
+    """Raise naming the first (layer, role) whose written values are not all finite (:func:`first_non_finite`)."""
+    bad = first_non_finite([((lay, r), t) for lay, r, t in written])
     if bad is not None:
         raise ValueError(f"layer {bad[0]} {bad[1]}: the transplant at alpha {alpha} gives non-finite weights")
 
