@@ -143,10 +143,20 @@ def _field_problem(kind: str, name: str, value: Any) -> str | None:
         return None if isinstance(value, bool) else f"field 'refusal' must be true or false, got {value!r}"
     if not isinstance(value, str) or not value.strip():
         return f"field {name!r} must be a non-empty string, got {type(value).__name__} {value!r:.60}"
+    if (bad := lone_surrogate(value)) is not None:
+        return f"field {name!r} holds {bad!r}, a lone UTF-16 surrogate that no tokenizer can read"
+    return None
+
+
+def lone_surrogate(text: str) -> str | None:
+    r"""The first lone UTF-16 surrogate in ``text`` (what JSON's unpaired ``\ud800`` escapes give), or ``None``.
+
+    Such a code point is no character: it cannot be written as UTF-8, hashed or tokenized.
+    """
     try:
-        value.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError as err:
-        return f"field {name!r} holds {value[err.start]!r}, a lone UTF-16 surrogate that no tokenizer can read"
+        return text[err.start]
     return None
 
 

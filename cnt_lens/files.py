@@ -127,7 +127,7 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     On any error the temporary directory is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    old = path.with_name(f".{path.name}.old")
+    old = _aside(path)
     recover_swap(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
@@ -147,6 +147,11 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _aside(path: Path) -> Path:
+    """Where :func:`atomic_dir` moves the directory it replaces, for the moment between its two renames."""
+    return path.with_name(f".{path.name}.old")
+
+
 def recover_swap(path: str | Path) -> bool:
     """Finish what a crash between :func:`atomic_dir`'s two renames left: put ``.NAME.old`` back if ``path`` is gone.
 
@@ -154,7 +159,7 @@ def recover_swap(path: str | Path) -> bool:
     the stale ``.NAME.old`` is removed.
     """
     path = Path(path)
-    old = path.with_name(f".{path.name}.old")
+    old = _aside(path)
     if not old.exists():
         return False
     if path.exists():

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .data import FIELDS, PromptSet, record_problem, with_defaults
+from .data import FIELDS, PromptSet, lone_surrogate, record_problem, with_defaults
 from .errors import CntLensError
 from .files import sha256_file
 
@@ -141,13 +141,10 @@ def _encodable(path: Path, line: int, row: dict[str, Any]) -> dict[str, Any]:
     r"""``row`` if every string in it can be written as UTF-8 (JSON's ``\ud800`` escapes give lone surrogates)."""
     for key, value in row.items():
         for text in value if isinstance(value, list) else [value]:
-            if isinstance(text, str):
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as err:
-                    raise PromptFileError(f"{path}:{line}: field {key!r} holds {text[err.start]!r}, a lone UTF-16 "
-                                          "surrogate (a \\ud800-\\udfff escape without its pair), which is no "
-                                          "character; fix or drop that escape") from None
+            if isinstance(text, str) and (bad := lone_surrogate(text)) is not None:
+                raise PromptFileError(f"{path}:{line}: field {key!r} holds {bad!r}, a lone UTF-16 surrogate (a "
+                                      "\\ud800-\\udfff escape without its pair), which is no character; fix or "
+                                      "drop that escape")
     return row
 
 

@@ -570,7 +570,7 @@ def check_same_tokenization(donor: Any, target: Any) -> None:
     """
     if _streamed(donor):
         return
-    tok_d, tok_t = (getattr(m, "cnt_tokenizer", None) or getattr(m, "tokenizer", None) for m in (donor, target))
+    tok_d, tok_t = model_tokenizer(donor), model_tokenizer(target)
     if tok_d is None or tok_t is None or tok_d is tok_t:
         return
     ids_d, ids_t = (list(t(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]) for t in (tok_d, tok_t))
