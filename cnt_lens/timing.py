@@ -28,10 +28,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .files import atomic_write_text
+from .progress import duration, note, task
 
-__all__ = ["Profile", "active_profile", "profile", "stage", "timings_table"]
+__all__ = ["LONG_STAGE_S", "Profile", "active_profile", "profile", "stage", "timings_table"]
 
 _ACTIVE: ContextVar["Profile | None"] = ContextVar("cnt_lens_profile", default=None)
+_DEPTH: ContextVar[int] = ContextVar("cnt_lens_stage_depth", default=0)
+
+LONG_STAGE_S = 20.0
+"""A nested stage that takes at least this long (seconds) logs its end at INFO too (outermost stages always do)."""
 
 
 @dataclass
@@ -100,7 +105,30 @@ def profile() -> Iterator[Profile]:
 
 @contextlib.contextmanager
 def stage(name: str) -> Iterator[None]:
-    """Time the block as stage ``name`` (nested under the stages already open) in the active profile."""
+    """Time the block as stage ``name`` (nested under the stages already open) in the active profile.
+
+    Also progress (:mod:`cnt_lens.progress`): an outermost stage logs its start and end at INFO, a
+    nested one its end when it took :data:`LONG_STAGE_S` or more, and the heartbeat names the open
+    stages during long quiet work — with or without a profile.
+    """
+    depth = _DEPTH.get()
+    token = _DEPTH.set(depth + 1)
+    if depth == 0:
+        note("%s …", name)
+    t0 = time.perf_counter()
+    try:
+        with task(name), _recorded(name):
+            yield
+    finally:
+        _DEPTH.reset(token)
+        seconds = time.perf_counter() - t0
+        if depth == 0 or seconds >= LONG_STAGE_S:
+            note("%s: done in %s", name, duration(seconds))
+
+
+@contextlib.contextmanager
+def _recorded(name: str) -> Iterator[None]:
+    """Add the block's wall time to stage ``name`` of the active profile (nothing without one)."""
     prof = _ACTIVE.get()
     if prof is None:
         yield
