@@ -48,7 +48,13 @@ class _App(typer.Typer):
             sys.exit(1)
 
 
-app = _App(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0], pretty_exceptions_enable=False)
+app = _App(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0], pretty_exceptions_enable=False,
+           rich_markup_mode="markdown")  # docstrings' ``code`` renders as code, not as raw backticks
+
+
+def _examples(*lines: str) -> str:
+    """A command's ``--help`` epilog: each example command on its own line."""
+    return "**Examples**\n\n" + "\n\n".join(f"`{line}`" for line in lines)
 
 
 @app.callback()
@@ -79,7 +85,7 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-@app.command()
+@app.command(epilog=_examples('cnt-lens demo --out runs/demo', 'cnt-lens demo --out runs/demo-all --baselines all', 'cnt-lens demo --out runs/demo-gpu --device cuda'))
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Run directory to write."),
     baselines: str = typer.Option("random", help="Baselines to compare with: comma-separated, none, or all (the "
@@ -105,7 +111,7 @@ def demo(
         progress=progress)
 
 
-@app.command()
+@app.command(epilog=_examples('cnt-lens run enhance --out runs/enhance', 'cnt-lens run disalign --out runs/disalign --rounds 4', 'cnt-lens run delete-refusal --model qwen2.5-coder-0.5b-instruct --out runs/qwen-delete --baselines random'))
 def run(
     application: str = typer.Argument(..., help="enhance | disalign | delete-refusal | realign | bias-removal"),
     out: Path = typer.Option(..., help="Run directory to write."),
@@ -282,7 +288,7 @@ def _fresh_out(out: Path, overwrite: bool) -> None:
 # --------------------------------------------------------------------------- any pair
 
 
-@app.command()
+@app.command(epilog=_examples('cnt-lens transfer --donor my-org/safe-7b --target my-org/base-7b --out runs/mine', 'cnt-lens transfer --donor D --target T --harmful my_harmful.csv --harmless xstest.csv --out runs/mine', 'cnt-lens transfer --donor D --target T --behaviour bias --pairs crows_pairs.csv --out runs/bias', 'cnt-lens transfer --donor D --target T --rounds 0 --baselines all --out runs/compare'))
 def transfer(
     donor: str = typer.Option(..., help="Model that has the behaviour: hub name, HF directory, .gguf file or "
                               "smollm2-135m-instruct."),
@@ -297,12 +303,13 @@ def transfer(
     split_seed: int = SPLIT_SEED,
     budget: float = typer.Option(0.05, help="Largest share of all MLP neurons the search may use."),
     goal: float = typer.Option(0.9, help="Share of the donor–target gap to close on validation."),
-    alphas: str = typer.Option("1,2,4,8", help="Transplant strengths searched on validation."),
+    alphas: str = typer.Option("2,4,6,8", help="Transplant strengths searched on validation (alpha: how many "
+                               "times the donor's own change is added; 1 = the donor's weights)."),
     method: str = typer.Option("weight_attribution", help="Main neuron ranking (cnt_lens.METHODS)."),
-    rounds: int = typer.Option(0, help="Re-scoring rounds of the main ranking (0 = one pass); the "
-                               "applications use 4–8."),
-    baselines: str = typer.Option("attribution,activation_contrast,wanda,snip,weight_diff,nlsr_drift,random",
-                                  help="Comma-separated baselines at the same budget, or none."),
+    rounds: int = typer.Option(8, help="Re-scoring rounds of the main ranking, as the demo (0 = one pass: "
+                               "faster, usually a larger set)."),
+    baselines: str = typer.Option("random", help="Comma-separated baselines at the same budget, none, or all "
+                                  "(attribution, activation_contrast, wanda, snip, weight_diff, nlsr_drift, random)."),
     device: Optional[str] = DEVICE,
     dtype: str = DTYPE,
     batch_size: Optional[int] = typer.Option(None, min=1, help="Prompts per generation batch (default: TransferConfig's; "
@@ -329,11 +336,12 @@ def transfer(
     from .runs import run_transfer
 
     _fresh_out(out, overwrite)
-    _check_methods((method, *_names(baselines)), "method(s)", "--method/--baselines")
+    chosen = TransferConfig.baselines if baselines.strip().lower() == "all" else _names(baselines)
+    _check_methods((method, *chosen), "method(s)", "--method/--baselines")
     sets, data = _prompt_sets(behaviour, harmful, harmless, pairs, fmt, column, split_seed)
     sets, data = _protocol_sets(protocol, behaviour, harmful is None and harmless is None, sets, data)
     b = _behaviour(behaviour, sets)
-    config = TransferConfig(method=method, baselines=_names(baselines), goal=goal, alphas=_floats(alphas, "--alphas"),
+    config = TransferConfig(method=method, baselines=chosen, goal=goal, alphas=_floats(alphas, "--alphas"),
                             max_fraction=budget, screen=screen, **({"batch_size": batch_size} if batch_size is not None else {}),
                             extra={"donor": donor, "target": target, "dtype": DTYPES.get(dtype, dtype)})
     with profile() as prof:
@@ -349,11 +357,11 @@ def transfer(
                f"in {prof.total():.0f} s")
 
 
-@app.command()
+@app.command(epilog=_examples('cnt-lens score --donor D --target T --out runs/scores', 'cnt-lens score --donor D --target T --method attribution --top 50 --out runs/scores'))
 def score(
     donor: str = typer.Option(..., help="Model that has the behaviour (hub name, directory, .gguf, bundled alias)."),
     target: str = typer.Option(..., help="Model to give it to."),
-    out: Path = typer.Option(..., help="Directory for scores/<method>.safetensors and top_neurons.json."),
+    out: Path = typer.Option(..., help="Directory for <method>.safetensors and top_neurons.json."),
     behaviour: str = BEHAVIOUR,
     harmful: Optional[Path] = HARMFUL,
     harmless: Optional[Path] = HARMLESS,
@@ -379,8 +387,8 @@ def score(
     sets, data = _prompt_sets(behaviour, harmful, harmless, pairs, fmt, column, split_seed)
     pair = _load_pair(donor, target, device, dtype)
     s = score_pair(pair, _behaviour(behaviour, sets), method, split="train", progress=progress)
-    (out / "scores").mkdir(parents=True, exist_ok=True)
-    s.save(out / "scores" / f"{method}.safetensors")
+    out.mkdir(parents=True, exist_ok=True)
+    s.save(out / f"{method}.safetensors")
     ranked = s.ranked()
     flat = ranked.flatten().topk(min(top, ranked.numel()))
     rows = [{"layer": i // ranked.shape[1], "neuron": i % ranked.shape[1], "score": float(v)}
@@ -388,10 +396,10 @@ def score(
     atomic_write_text(out / "top_neurons.json", json.dumps({"method": method, "data": data, "top": rows}, indent=1))
     for r in rows:
         typer.echo(f"L{r['layer']:>3d} N{r['neuron']:>6d}  {r['score']:+.4g}")
-    typer.echo(f"wrote {out}/scores/{method}.safetensors and top_neurons.json")
+    typer.echo(f"wrote {out}/{method}.safetensors and top_neurons.json")
 
 
-@app.command()
+@app.command(epilog=_examples('cnt-lens measure smollm2-135m-instruct', 'cnt-lens measure runs/demo/patched_model --split test --json runs/demo/measured.json'))
 def measure(
     model: str = typer.Argument(..., help="Model source: hub name, directory, .gguf or smollm2-135m-instruct."),
     split: str = typer.Option("test", help="train, validation, test or all."),
@@ -429,7 +437,7 @@ def _same_place(a: str | Path, b: str | Path) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
-@app.command()
+@app.command(epilog=_examples('cnt-lens transplant runs/demo/patch.safetensors smollm2-135m-instruct --out runs/patched', 'cnt-lens transplant runs/demo/patch.safetensors smollm2-135m-instruct --alpha 2 --out runs/patched-a2'))
 def transplant(
     patch: Path = typer.Argument(..., help="A saved patch (.safetensors)."),
     model: str = typer.Argument(..., help="Model to patch (any model of the patch's shapes)."),
@@ -457,7 +465,7 @@ def transplant(
     typer.echo(f"applied {p.n} neurons (alpha {p.alpha}) and wrote {out}")
 
 
-@app.command()
+@app.command(epilog=_examples('cnt-lens report runs/demo', 'cnt-lens report runs/demo --application enhance'))
 def report(
     run_dir: Path = typer.Argument(..., help="A run directory written by `cnt-lens demo` or `cnt-lens run`."),
     application: Optional[str] = typer.Option(None, help="Recompute the neuron cards with this application's "

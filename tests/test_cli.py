@@ -60,7 +60,7 @@ def test_transfer_command_on_two_checkpoint_directories(tmp_path):
     out = tmp_path / "run"
     res = runner.invoke(app, ["transfer", "--donor", str(donor_dir), "--target", str(target_dir), "--behaviour", "bias",
                               "--pairs", str(pairs), "--budget", "0.2", "--goal", "0.8", "--alphas", "1,2",
-                              "--baselines", "weight_diff,random", "--out", str(out), "--no-progress"])
+                              "--baselines", "weight_diff,random", "--rounds", "0", "--out", str(out), "--no-progress"])
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
     patched, donor, target = metrics["patched"], metrics["donor"], metrics["target"]
@@ -99,7 +99,7 @@ def test_transfer_command_on_two_checkpoint_directories(tmp_path):
     # into the same directory: refused without --overwrite, which continues from out/resume (here: computes nothing)
     command = ["transfer", "--donor", str(donor_dir), "--target", str(target_dir), "--behaviour", "bias", "--pairs",
                str(pairs), "--budget", "0.2", "--goal", "0.8", "--alphas", "1,2", "--baselines", "weight_diff,random",
-               "--out", str(out), "--no-progress"]
+               "--rounds", "0", "--out", str(out), "--no-progress"]
     refused = runner.invoke(app, command)
     assert refused.exit_code != 0 and "resume/" in refused.output
     again = runner.invoke(app, [*command, "--overwrite"])
@@ -247,3 +247,39 @@ def test_run_names_the_protocols_when_given_another(tmp_path, monkeypatch):
     assert res.exit_code != 0 and "unknown objective 'ending'" in res.output and "continuation" in res.output
     res = runner.invoke(app, ["run", "enhance", "--out", str(tmp_path / "r"), "--random-seeds", "0"])
     assert res.exit_code != 0 and "--random-seeds" in res.output
+
+
+def test_transfer_defaults_to_the_demos_ranking_search_and_one_baseline(tmp_path, monkeypatch):
+    from cnt_lens import cli, runs
+    from cnt_lens.experiments.applications import APPLICATIONS
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_transfer(pair, behaviour, out, *, config, rounds, **kwargs):
+        seen.update(config=config, rounds=rounds)
+        raise Stop
+
+    monkeypatch.setattr(cli, "_load_pair", lambda *args: None)
+    monkeypatch.setattr(runs, "run_transfer", fake_run_transfer)
+    res = runner.invoke(app, ["transfer", "--donor", "d", "--target", "t", "--out", str(tmp_path / "o")])
+    assert isinstance(res.exception, Stop), res.output
+    demo = APPLICATIONS["enhance"]
+    assert seen["rounds"] == demo.rounds and tuple(seen["config"].alphas) == demo.alphas
+    assert seen["config"].method == "weight_attribution" and tuple(seen["config"].baselines) == ("random",)
+    res = runner.invoke(app, ["transfer", "--donor", "d", "--target", "t", "--baselines", "all",
+                              "--out", str(tmp_path / "o2")])
+    assert tuple(seen["config"].baselines) == tuple(demo.baselines)
+
+
+def test_every_command_help_ends_with_examples_and_shows_no_raw_markup():
+    commands = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert {"demo", "run", "transfer", "score", "measure", "transplant", "report"} <= set(commands)
+    for name in commands:
+        res = runner.invoke(app, [name, "--help"], terminal_width=200)
+        assert res.exit_code == 0, res.output
+        tail = res.output[res.output.rindex("Examples"):]
+        assert f"cnt-lens {name} " in tail, name
+        assert "``" not in res.output, name
