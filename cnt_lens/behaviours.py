@@ -15,6 +15,7 @@ Every behaviour offers
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -319,6 +320,18 @@ class Behaviour(abc.ABC):
     #: ``"logprob_gap"`` for :class:`StereotypeBias`. ``None``: no tie-break.
     tiebreak: str | None = None
 
+    def __repr__(self) -> str:
+        """One line: the class, its prompt sets by size and its settings that differ from their defaults."""
+        parts = []
+        for f in dataclasses.fields(self) if dataclasses.is_dataclass(self) else ():
+            value = getattr(self, f.name)
+            if isinstance(value, PromptSet):
+                parts.append(f"{f.name}={len(value)}")
+            elif f.default is not dataclasses.MISSING and value != f.default:
+                text = repr(value)
+                parts.append(f"{f.name}={text if len(text) <= 40 else text[:37] + '...'}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
     @abc.abstractmethod
     def batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
         """Tokenized prompts of ``split`` whose :meth:`metric` the scorers read, ``batch_size`` per batch."""
@@ -446,7 +459,7 @@ class OpeningTree:
         return torch.tensor([list(d) + [-1] * (width - len(d)) for d in self.decisive], dtype=torch.long)
 
 
-@dataclass
+@dataclass(repr=False)
 class Refusal(Behaviour):
     """Refusing harmful requests (and, as a side effect to watch, harmless ones).
 
@@ -654,7 +667,7 @@ def _pair_batches(tokenizer: Any, first: list[str], second: list[str], batch_siz
     return out
 
 
-@dataclass
+@dataclass(repr=False)
 class StereotypeBias(Behaviour):
     """Preferring stereotyped sentences over their minimally different anti-stereotyped twins.
 
@@ -709,7 +722,7 @@ def _mc_text(record: dict[str, Any]) -> str:
     return f"{record['question']}\n{options}\nAnswer with the letter of the correct option."
 
 
-@dataclass
+@dataclass(repr=False)
 class Utility(Behaviour):
     """General ability that a transplant must not damage.
 
@@ -768,7 +781,7 @@ class Utility(Behaviour):
 
 
 
-@dataclass
+@dataclass(repr=False)
 class FormatTask(Behaviour):
     """A benign, learnable task: starting every answer with ``prefix`` (the task of the NLSR attack).
 

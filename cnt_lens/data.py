@@ -92,6 +92,13 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.records)
 
+    def __repr__(self) -> str:
+        splits: dict[str, int] = {}
+        for r in self.records:
+            splits[r.get("split", "?")] = splits.get(r.get("split", "?"), 0) + 1
+        shown = ", ".join(f"{k} {v}" for k, v in splits.items()) if set(splits) != {"?"} else "no splits"
+        return f"PromptSet({self.name!r}, kind={self.kind!r}, n={len(self)}: {shown})"
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.records)
 

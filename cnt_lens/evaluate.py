@@ -51,6 +51,11 @@ def measure(model: Any, behaviours: Sequence[Behaviour], split: str | None, *, b
     return out
 
 
+def _first_rate(block: dict[str, Any]) -> str | None:
+    """The first number of a block that carries an interval (its headline, as the behaviours order them)."""
+    return next((k for k, v in block.items() if isinstance(v, float) and f"{k}_ci95" in block), None)
+
+
 @dataclass
 class Report:
     """Numbers of one transfer: donor, target, patched target and the baselines at the same budget."""
@@ -64,6 +69,12 @@ class Report:
     baselines: list[dict[str, Any]] = field(default_factory=list)
     frontier: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        rates = ", ".join(f"{m} {b[key]:.3g}" for m, b in (("target", self.target), ("patched", self.patched),
+                                                            ("donor", self.donor)) for key in [_first_rate(b)] if key)
+        return (f"Report({self.behaviour!r} on {self.split}: {self.patched.get('n_neurons', '?')} neurons at alpha "
+                f"{self.patched.get('alpha', '?')}; {rates}; baselines {[b.get('method') for b in self.baselines]})")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of the report (what :meth:`save` writes)."""

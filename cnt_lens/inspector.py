@@ -16,9 +16,9 @@ import torch
 from plotly.subplots import make_subplots
 
 from .behaviours import Behaviour
-from .models import ModelPair, device_of, hook_name, model_tokenizer, neuron_params
+from .models import ModelPair, device_of, model_tokenizer, neuron_params
 from .plots import selection_heatmap
-from .selection import NeuronScores, NeuronSelection
+from .selection import NeuronScores, NeuronSelection, hook_name
 
 __all__ = ["card_figure", "inspect", "neuron_card", "neuron_stats", "neurons_stats"]
 

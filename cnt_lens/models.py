@@ -552,6 +552,12 @@ class ModelPair:
         """The target's tokenizer (donor and target must tokenize alike; checked on construction)."""
         return model_tokenizer(self.target)
 
+    def __repr__(self) -> str:
+        arch = getattr(self.target.cfg, "original_architecture", None) or type(self.target.original_model).__name__
+        return (f"ModelPair(donor={str(getattr(self.donor, 'cnt_source', '?'))!r}, "
+                f"target={str(getattr(self.target, 'cnt_source', '?'))!r}, {arch}, n_layers={self.n_layers}, "
+                f"d_mlp={self.d_mlp})")
+
     def swapped(self) -> "ModelPair":
         """The same two models with roles exchanged (function deletion ↔ addition)."""
         return ModelPair(donor=self.target, target=self.donor)
@@ -775,11 +781,6 @@ def _streamed(model: Any) -> bool:
 
 def iter_layers(model: TransformerBridge) -> Iterable[int]:
     return range(int(model.cfg.n_layers))
-
-
-def hook_name(layer: int, hook: str) -> str:
-    """``blocks.{layer}.mlp.{hook}``: the MLP hook names this library uses (hook_in/post/out)."""
-    return f"blocks.{layer}.mlp.{hook}"
 
 
 def context_length(model: TransformerBridge) -> int:

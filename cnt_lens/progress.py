@@ -101,7 +101,7 @@ class _Open:
 
 
 def task(desc: str, total: int | None = None) -> _Open:
-    """``with task("name", total) as t: ... t.done += 1`` — open work the heartbeat reports on."""
+    """Open work the heartbeat reports on; count its steps with ``t.done += 1`` inside ``with ... as t``."""
     return _Open(Task(desc, total))
 
 

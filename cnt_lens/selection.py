@@ -7,10 +7,11 @@ exact patching restricted to candidates); NaN sorts below every number.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from jaxtyping import Bool, Float
@@ -18,7 +19,15 @@ from torch import Tensor
 
 from .files import atomic_write, atomic_write_text
 
-__all__ = ["NeuronScores", "NeuronSelection"]
+__all__ = ["HOOK_MODES", "NeuronScores", "NeuronSelection", "hook_name"]
+
+HOOK_MODES = ("zero", "mean", "scale", "patch")
+"""What :meth:`NeuronSelection.hooks` does to the selected neurons' activations."""
+
+
+def hook_name(layer: int, hook: str) -> str:
+    """``blocks.{layer}.mlp.{hook}``: the MLP hook names this library uses (hook_in/post/out)."""
+    return f"blocks.{layer}.mlp.{hook}"
 
 
 @dataclass
@@ -79,6 +88,12 @@ class NeuronScores:
         ranks = torch.empty_like(order)
         ranks[order] = torch.arange(1, order.numel() + 1)
         return ranks[selection.mask.flatten()]
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        rng = f", range [{s['min']:.3g}, {s['max']:.3g}]" if s["max"] is not None else ""
+        return (f"NeuronScores({self.method!r}, behaviour={self.behaviour!r}, shape={self.shape}, "
+                f"n_prompts={self.n_prompts}, scored={s['n_scored']}{rng})")
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready summary: method, behaviour, prompts and the scores' range."""
@@ -192,6 +207,34 @@ class NeuronSelection:
         """|self ∩ other| / |self| (0 for an empty self)."""
         return (self & other).n / self.n if self.n else 0.0
 
+    def hooks(self, mode: str = "zero", *, values: Any = None, factor: float = 0.0,
+              hook: str = "hook_post") -> list[tuple[str, Callable[..., Tensor]]]:
+        """TransformerLens ``fwd_hooks`` that edit the selected neurons in activation space, not in weights.
+
+        ``mode``: ``"zero"`` ablates them; ``"mean"`` sets them to ``values``, a ``[n_layers, d_mlp]`` tensor
+        (e.g. their mean activation over a prompt set); ``"scale"`` multiplies them by ``factor``;
+        ``"patch"`` writes another run's activations, ``values`` being an ``ActivationCache`` (or a dict of
+        hook name → ``[batch, pos, d_mlp]``) of the donor on the same tokens. Unselected neurons pass
+        through. Use with ``model.run_with_hooks(tokens, fwd_hooks=selection.hooks(...))`` or ``model.hooks``.
+
+        >>> sel = NeuronSelection.from_indices([(1, 2)], n_layers=2, d_mlp=4)
+        >>> [(name, f(torch.ones(1, 1, 4), None).tolist()) for name, f in sel.hooks("scale", factor=3.0)]
+        [('blocks.1.mlp.hook_post', [[[1.0, 1.0, 3.0, 1.0]]])]
+        """
+        if mode not in HOOK_MODES:
+            raise ValueError(f"mode must be one of {HOOK_MODES}, got {mode!r}")
+        if mode in ("mean", "patch") and values is None:
+            raise ValueError(f"mode {mode!r} needs values= (mean: a [n_layers, d_mlp] tensor; patch: the donor's "
+                             "ActivationCache on the same tokens)")
+        if mode == "mean" and tuple(values.shape) != self.shape:
+            raise ValueError(f"mean values are {tuple(values.shape)}, the selection {self.shape}")
+        out = []
+        for layer in self.mask.any(-1).nonzero().flatten().tolist():
+            idx = self.layer_indices(layer)
+            out.append((hook_name(layer, hook), functools.partial(_edit, idx=idx, mode=mode, factor=factor,
+                                                                  source=_layer_values(values, mode, layer, hook))))
+        return out
+
     def to_json(self) -> dict[str, Any]:
         """JSON form: shape, source and ``[layer, neuron]`` pairs."""
         return {"shape": list(self.shape), "source": self.source, "neurons": self.indices()}
@@ -214,3 +257,31 @@ class NeuronSelection:
 
     def __repr__(self) -> str:
         return f"NeuronSelection(n={self.n}, shape={self.shape}, source={self.source!r})"
+
+
+def _layer_values(values: Any, mode: str, layer: int, hook: str) -> Any:
+    """What :func:`_edit` writes at ``layer``: a ``[d_mlp]`` row (mean), a cached activation (patch), or nothing."""
+    if mode == "mean":
+        return torch.as_tensor(values)[layer]
+    if mode == "patch":
+        return values[hook_name(layer, hook)]
+    return None
+
+
+def _edit(x: Float[Tensor, "batch pos d_mlp"], hook: Any, *, idx: Tensor, mode: str, factor: float,
+          source: Any) -> Float[Tensor, "batch pos d_mlp"]:
+    """One hook of :meth:`NeuronSelection.hooks`: a copy of ``x`` with the neurons ``idx`` edited."""
+    x = x.clone()
+    i = idx.to(x.device)
+    if mode == "zero":
+        x[..., i] = 0.0
+    elif mode == "scale":
+        x[..., i] = x[..., i] * factor
+    elif mode == "mean":
+        x[..., i] = source.to(x.device, x.dtype)[i]
+    else:
+        if tuple(source.shape) != tuple(x.shape):
+            raise ValueError(f"patch source is {tuple(source.shape)}, this run's activations {tuple(x.shape)}: "
+                             "cache the donor on the same tokens")
+        x[..., i] = source.to(x.device, x.dtype)[..., i]
+    return x

@@ -123,7 +123,7 @@ def _word_prompts(suffix: str) -> PromptSet:
     return PromptSet(name=f"marker-{suffix}", kind="prompt", records=rows)
 
 
-@dataclass
+@dataclass(repr=False)
 class MarkerBehaviour(Behaviour):
     """Predicting ``marker`` as the next token after prompts that end in the trigger word.
 

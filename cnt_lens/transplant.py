@@ -157,6 +157,17 @@ class NeuronPatch:
         """Number of neurons the patch writes."""
         return self.selection.n
 
+    def __eq__(self, other: object) -> bool:
+        """Same patch: same neurons, alpha and donor weights (:attr:`content_hash`), wherever it was taken from."""
+        return isinstance(other, NeuronPatch) and self.content_hash == other.content_hash
+
+    def __repr__(self) -> str:
+        layers = self.selection.per_layer()
+        roles = sorted({role for by_role in self.donor.values() for role in by_role})
+        return (f"NeuronPatch(n={self.n} ({self.selection.fraction:.2%}) in {sum(1 for c in layers if c)} of "
+                f"{len(layers)} layers, alpha={self.alpha:g}, roles={roles}, donor={self.meta.get('donor', '?')!r}, "
+                f"hash={self.content_hash[:12]})")
+
     @property
     def content_hash(self) -> str:
         """sha256 of what the patch writes: the neuron mask, alpha and the donor's weights (hex)."""

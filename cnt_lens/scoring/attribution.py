@@ -39,8 +39,9 @@ from torch import Tensor
 
 from ..behaviours import Behaviour
 from ..data import Batch, SharedPrefix, split_shared_prefix
-from ..models import ModelPair, _streamed, device_of, hook_name, logits_and_cache, logits_of, mlp_hidden, w_out
+from ..models import ModelPair, _streamed, device_of, logits_and_cache, logits_of, mlp_hidden, w_out
 from ..progress import progress_bar
+from ..selection import hook_name
 from .common import Direction, Hook, Positions, capture, forward, position_mask, require_batches
 from .registry import Context, Scored
 

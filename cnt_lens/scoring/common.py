@@ -13,7 +13,8 @@ from torch import Tensor
 from ..behaviours import Behaviour
 from ..data import Batch
 from ..errors import CntLensError
-from ..models import ModelPair, device_of, hook_name, logits_of
+from ..models import ModelPair, device_of, logits_of
+from ..selection import hook_name
 
 Positions = Union[Literal["all"], int]
 """Which token positions a scorer patches / sums over: every real token (``"all"``, the default,

@@ -23,9 +23,9 @@ from torch import Tensor
 
 from ..behaviours import Behaviour
 from ..data import Batch
-from ..models import ModelPair, device_of, hook_name, mlp_hidden, w_out
+from ..models import ModelPair, device_of, mlp_hidden, w_out
 from ..progress import progress_bar
-from ..selection import NeuronSelection
+from ..selection import NeuronSelection, hook_name
 from .common import Direction, Hook, Positions, capture, forward, position_mask, require_batches
 from .registry import Context, Scored
 
