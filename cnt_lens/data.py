@@ -62,7 +62,8 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 BUNDLED = {"harmful": "prompt", "harmless": "prompt", "advbench": "prompt", "harmful_framed": "prompt",
            "harmless_framed": "prompt", "bias_pairs": "pair",
-           "bias_templates": "pair", "mc": "mc", "reference": "text", "judge_set": "judged"}
+           "bias_templates": "pair", "mc": "mc", "reference": "text", "general": "text",
+           "judge_set": "judged"}
 FIELDS = {
     "prompt": ("prompt",),
     "pair": ("stereotype", "anti_stereotype"),
@@ -345,8 +346,10 @@ def load_prompts(name: str) -> PromptSet:
     """A prompt set shipped with cnt_lens, by name.
 
     Names: ``harmful``, ``harmless``, ``advbench``, ``bias_pairs``, ``bias_templates``, ``mc``,
-    ``reference``, ``judge_set``.
+    ``reference``, ``general``, ``judge_set``.
 
+    ``general`` holds 53 short passages of everyday text in 15 registers (news, code, dialogue, fiction,
+    lists, …): the corpus on which the neuron browser shows what a neuron does outside the behaviour.
     ``advbench`` holds AdvBench's 520 harmful behaviours (MIT; ``scripts/import_advbench.py`` builds it),
     split by :func:`stable_split`.
     ``bias_pairs`` holds 105 distinct stereotypes (CrowS-Pairs style); ``bias_templates`` holds 24

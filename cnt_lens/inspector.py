@@ -13,6 +13,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 import torch
+from jaxtyping import Float
 from plotly.subplots import make_subplots
 
 from .behaviours import Behaviour
@@ -20,7 +21,7 @@ from .models import ModelPair, device_of, model_tokenizer, neuron_params
 from .plots import selection_heatmap
 from .selection import NeuronScores, NeuronSelection, hook_name
 
-__all__ = ["card_figure", "inspect", "neuron_card", "neuron_stats", "neurons_stats"]
+__all__ = ["card_figure", "inspect", "logit_lens", "neuron_card", "neuron_stats", "neurons_stats", "sequence_activations"]
 
 
 def _in_context(tok: Any, ids: list[int], peak: int, before: int = 24, after: int = 6) -> str:
@@ -49,18 +50,20 @@ Activations = tuple[list[list[int]], list[list[torch.Tensor]], list[list[float]]
 """Token ids per prompt; per neuron, activations per prompt and the activation at each prompt's last token."""
 
 
-def _activations(model: Any, batches: list, neurons: list[tuple[int, int]]) -> Activations:
-    """Some neurons over a prompt set, in one forward pass per batch that stops after the deepest of their layers.
+def sequence_activations(model: Any, batches: list, neurons: list[tuple[int, int]]
+                         ) -> tuple[list[list[int]], list[Float[torch.Tensor, "pos n"]]]:
+    """Some neurons' ``hook_post`` activations over left-padded batches, one forward per batch that stops early.
 
-    Returns each prompt's real token ids, and per neuron (in the order of ``neurons``, (layer, index)
-    pairs) each prompt's activations and its activation at the last token.
+    Returns each text's real token ids and its ``[pos, n]`` activations (``n`` in the order of
+    ``neurons``, (layer, index) pairs); the pass stops after the deepest of their layers.
     """
     layers = sorted({layer for layer, _ in neurons})
     stop = layers[-1] + 1 if layers[-1] + 1 < model.cfg.n_layers else None  # no later block, no unembedding
     cols = {layer: [n for lay, n in neurons if lay == layer] for layer in layers}
+    order = [layers.index(layer) for layer, _ in neurons]  # which layer's block each neuron is in
+    within = [cols[layer].index(n) for layer, n in neurons]
     seqs: list[list[int]] = []
-    acts: list[list[torch.Tensor]] = [[] for _ in neurons]
-    last: list[list[float]] = [[] for _ in neurons]
+    acts: list[torch.Tensor] = []
     for b in batches:
         b = b.to(device_of(model))
         store: dict[int, torch.Tensor] = {}
@@ -71,13 +74,23 @@ def _activations(model: Any, batches: list, neurons: list[tuple[int, int]]) -> A
         with torch.no_grad():
             model.run_with_hooks(b.tokens, fwd_hooks=[(hook_name(layer, "hook_post"), partial(keep, layer=layer))
                                                       for layer in layers], stop_at_layer=stop, **b.model_kwargs())
+        joined = torch.cat([store[layer] for layer in layers], dim=-1)  # [batch, pos, all neurons, layer-grouped]
+        offsets = [0]
+        for layer in layers:
+            offsets.append(offsets[-1] + len(cols[layer]))
+        a = joined[..., [offsets[o] + w for o, w in zip(order, within)]]  # [batch, pos, n] in the order of neurons
         mask = b.attention_mask.bool().cpu()
-        seqs += [b.tokens[row].cpu()[mask[row]].tolist() for row in range(mask.shape[0])]
-        for j, (layer, n) in enumerate(neurons):
-            a = store[layer][..., cols[layer].index(n)]  # [batch, pos]
-            last[j] += a[:, -1].tolist()  # left padding: the last column is every prompt's last token
-            acts[j] += [a[row][mask[row]] for row in range(a.shape[0])]
-    return seqs, acts, last
+        for row in range(mask.shape[0]):
+            seqs.append(b.tokens[row].cpu()[mask[row]].tolist())
+            acts.append(a[row][mask[row]])
+    return seqs, acts
+
+
+def _activations(model: Any, batches: list, neurons: list[tuple[int, int]]) -> Activations:
+    """Per neuron, :func:`sequence_activations` split by prompt, and each prompt's activation at its last token."""
+    seqs, acts = sequence_activations(model, batches, neurons)
+    return (seqs, [[a[:, j] for a in acts] for j in range(len(neurons))],
+            [[float(a[-1, j]) for a in acts] for j in range(len(neurons))])
 
 
 def _on_user_words(seqs: list[list[int]], acts: list[torch.Tensor], span: tuple[int, int],
@@ -102,19 +115,24 @@ def _on_user_words(seqs: list[list[int]], acts: list[torch.Tensor], span: tuple[
     return values, per_prompt, max(template, default=float("nan"))
 
 
-def _logit_lens(model: Any, layer: int, neuron: int, k: int) -> dict[str, list[tuple[str, float]]]:
-    """Tokens the neuron's output row promotes / suppresses, read through final norm scale and unembedding."""
+def logit_lens(model: Any, row: Float[torch.Tensor, " d_model"], k: int) -> dict[str, list[tuple[str, float]]]:
+    """Tokens a residual-stream write ``row`` promotes / suppresses, read through final norm scale and unembedding."""
     tok = model_tokenizer(model)
-    row = model.blocks[layer].mlp.W_out[neuron].detach().float()
+    row = row.detach().float()
     hf = model.original_model
     norm = getattr(getattr(hf, "model", None), "norm", None) or getattr(getattr(hf, "transformer", None), "ln_f", None)
     weight = getattr(norm, "weight", None)
     if weight is not None:
-        row = row * weight.detach().float()
-    logits = hf.get_output_embeddings().weight.detach().float() @ row
+        row = row * weight.detach().float().to(row.device)
+    logits = hf.get_output_embeddings().weight.detach().float() @ row.to(device_of(model))
     top, bottom = logits.topk(k), (-logits).topk(k)
     return {"promoted": [(tok.decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices)],
             "suppressed": [(tok.decode([int(i)]), -float(v)) for v, i in zip(bottom.values, bottom.indices)]}
+
+
+def _logit_lens(model: Any, layer: int, neuron: int, k: int) -> dict[str, list[tuple[str, float]]]:
+    """:func:`logit_lens` of the neuron's own output row."""
+    return logit_lens(model, model.blocks[layer].mlp.W_out[neuron], k)
 
 
 def neuron_stats(pair: ModelPair, layer: int, neuron: int, behaviour: Behaviour, *, split: str | None = "test",

@@ -11,6 +11,7 @@ from typing import Any
 from .evaluate import Report
 from .files import atomic_write_text
 from .inspector import card_figure, neurons_stats
+from .neuron_browser import browser_data, texts_from_items, write_neuron_browser
 from .plots import behaviour_shift, frontier, layer_profile, transfer_figure
 from .selection import NeuronScores
 from .stats import format_rate
@@ -102,6 +103,25 @@ def _examples_html(items_path: Path, per_set: int = 4, max_chars: int = 360) -> 
     return f'<h2 id="examples">Example responses</h2><table class="examples"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
+def _neuron_browser(run: Path, pair: Any, behaviour: Any, scores: NeuronScores | None) -> str:
+    """Write ``neurons.html`` (measured with models, else rebuilt from ``neurons.json``); the report's link to it."""
+    patch_path, data_path = run / "patch.safetensors", run / "neurons.json"
+    if pair is not None and behaviour is not None and patch_path.is_file():
+        items = run / "items.jsonl"
+        rows = [json.loads(line) for line in items.read_text(encoding="utf-8").splitlines()] if items.is_file() else []
+        with stage("neuron browser"):
+            data = browser_data(pair, behaviour, NeuronPatch.load(patch_path, pair.target), scores,
+                                texts=texts_from_items(rows, pair.tokenizer))
+    elif data_path.is_file():
+        data = json.loads(data_path.read_text(encoding="utf-8"))
+    else:
+        return ""
+    write_neuron_browser(run, data)
+    return (f'<p class="browse"><a href="neurons.html">Browse all {len(data["neurons"])} transplanted neurons</a> '
+            f'(a sortable table; each row opens the neuron\'s card: top texts with per-token activations, '
+            f'histograms, the logit lens of the change).</p>')
+
+
 def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, NeuronScores] | None = None,
                  behaviour: Any = None, n_cards: int = 4) -> Path:
     """Write ``run_dir/report.html`` from ``metrics.json``, ``patch.safetensors``, ``scores/`` and ``cards.json``.
@@ -138,6 +158,7 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
         atomic_write_text(cards_path, json.dumps(cards))
     else:
         cards = json.loads(cards_path.read_text()) if cards_path.is_file() else []
+    browser = _neuron_browser(run, pair, behaviour, scores.get(method))
     anchors = [f"figure-{i + 1}" for i in range(len(figures))] + [f"card-{i + 1}" for i in range(len(cards))]
     figures += [card_figure(s) for s in cards]
     with stage("figures"):
@@ -149,6 +170,7 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
 <style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse}}td,th{{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:right}}td:first-child,th:first-child{{text-align:left}}.scroll{{overflow-x:auto}}.metrics{{font-size:.85em}}.metrics td{{white-space:nowrap}}.examples th,.examples td{{text-align:left;vertical-align:top}}.examples td{{white-space:pre-wrap;font-size:.85em;max-width:22em}}.verdict{{font-weight:600;color:#555}}</style>
 </head><body><h1>cnt_lens — {html.escape(report.behaviour)} transfer</h1>
 <p>{report.n_neurons_total} MLP neurons; numbers on the <b>{report.split}</b> split.</p>
+{browser}
 <h2>Metrics</h2>{table}
 <p>Rates: share [95% Wilson interval] n = prompts counted.</p>
 {_shares_html(report)}

@@ -168,3 +168,18 @@ def test_report_sets_refusal_out_of_distribution_beside_in_distribution(run_dir,
     examples = examples[: examples.index("</table>")]
     # two prompts of each family, each answered by the three models
     assert examples.count("harmful · cnt_lens") == 2 and examples.count("harmful · roleplay") == 2
+
+
+def test_neuron_browser_renders_its_table_and_a_card_offline(run_dir, tmp_path):
+    assert CHROMIUM, "chromium is not installed: run `bash scripts/setup --browser` (Debian package 'chromium')"
+    data = json.loads((run_dir / "neurons.json").read_text())
+    assert 'href="neurons.html"' in (run_dir / "report.html").read_text()
+    netlog = tmp_path / "net.json"
+    dom = _chromium("--dump-dom", f"--log-net-log={netlog}", (run_dir / "neurons.html").as_uri(), user_dir=tmp_path / "u")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    # the script drew one table row per transplanted neuron and opened the top-ranked neuron's card
+    assert dom.stdout.count('<tr class="row') == len(data["neurons"]) > 0
+    best = min(data["neurons"], key=lambda r: r["rank"])
+    assert f'<h2>L{best["layer"]}.{best["neuron"]}</h2>' in dom.stdout
+    assert dom.stdout.count('class="tok') > 0 and "Top texts: general text" in dom.stdout
+    assert _page_requests(netlog) == []
