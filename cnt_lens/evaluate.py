@@ -70,6 +70,10 @@ class Report:
     frontier: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def headline(self) -> str | None:
+        """The transferred behaviour's headline number: the first rate of the target's block (behaviours list it first)."""
+        return _first_rate(self.target)
+
     def __repr__(self) -> str:
         rates = ", ".join(f"{m} {b[key]:.3g}" for m, b in (("target", self.target), ("patched", self.patched),
                                                             ("donor", self.donor)) for key in [_first_rate(b)] if key)

@@ -202,7 +202,7 @@ tr.onclick=()=>{open=i;card(r);draw()};body.appendChild(tr)});document.getElemen
 function colour(a,m){const v=Math.max(-1,Math.min(1,a/(m||1)));return v>=0?`rgba(230,85,13,${v.toFixed(3)})`:`rgba(49,130,189,${(-v).toFixed(3)})`}
 function el(tag,text,cls){const e=document.createElement(tag);if(text!==undefined)e.textContent=text;if(cls)e.className=cls;return e}
 function hist(h){const W=360,H=90,n=h.edges.length-1,max=Math.max(1,...sets.flatMap(s=>h.counts[s]));const bw=W/n/sets.length;
-const pal=['#d62728','#2ca02c','#7f7f7f','#9467bd','#8c564b'];let svg=`<svg width="${W+10}" height="${H+34}" role="img">`;
+const pal=['#ff7f0e','#9467bd','#7f7f7f','#8c564b','#17becf'];let svg=`<svg width="${W+10}" height="${H+34}" role="img">`;
 sets.forEach((s,k)=>h.counts[s].forEach((c,b)=>{const hh=H*c/max;svg+=`<rect x="${b*W/n+k*bw}" y="${H-hh}" width="${bw}" height="${hh}" fill="${pal[k%5]}"><title>${esc(s)}: ${c}</title></rect>`}));
 svg+=`<text x="0" y="${H+14}" font-size="10">${fmt(h.edges[0])}</text><text x="${W-40}" y="${H+14}" font-size="10">${fmt(h.edges[n])}</text>`;
 sets.forEach((s,k)=>{svg+=`<rect x="${k*120}" y="${H+20}" width="10" height="10" fill="${pal[k%5]}"/><text x="${k*120+14}" y="${H+29}" font-size="10">${esc(s)}</text>`});

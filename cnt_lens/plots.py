@@ -12,7 +12,18 @@ from plotly.subplots import make_subplots
 from .evaluate import Report
 from .selection import NeuronScores, NeuronSelection
 
-__all__ = ["behaviour_shift", "frontier", "layer_profile", "selection_heatmap", "transfer_figure"]
+__all__ = ["MODEL_COLOURS", "behaviour_shift", "frontier", "layer_profile", "selection_heatmap", "transfer_figure"]
+
+MODEL_COLOURS = {"target": "#1f77b4", "patched": "#d62728", "donor": "#2ca02c"}
+"""One colour per model in every figure: blue the target, red the patched target, green the donor."""
+BASELINE_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#ff7f0e")
+"""Baselines, in order: none of them is a model's colour."""
+
+
+def _layer_ticks(fig: go.Figure, n_layers: int, axis: str = "y", **where: Any) -> None:
+    """Whole-number layer ticks (every layer up to 32 layers, then plotly's choice of whole numbers)."""
+    ticks = {"tickmode": "linear", "tick0": 0, "dtick": 1} if n_layers <= 32 else {"tickformat": "d"}
+    (fig.update_yaxes if axis == "y" else fig.update_xaxes)(**ticks, **where)
 
 
 def _bin_size(d_mlp: int, max_bins: int) -> int:
@@ -63,6 +74,7 @@ def selection_heatmap(scores: NeuronScores, selection: NeuronSelection | None = 
                                    marker={"symbol": "line-ns-open", "size": 6, "color": "black"},
                                    hovertemplate="layer %{y}, neuron %{x}<extra>selected</extra>"))
     fig.update_layout(title=f"{scores.method} scores for {scores.behaviour}", xaxis_title="neuron", yaxis_title="layer")
+    _layer_ticks(fig, scores.shape[0])
     return fig
 
 
@@ -79,6 +91,7 @@ def layer_profile(selection: NeuronSelection, scores: NeuronScores | None = None
         mass = torch.nan_to_num(scores.values, nan=0.0).clamp(min=0).sum(1)
         fig.add_trace(go.Scatter(x=layers, y=mass.tolist(), name="positive score mass"), secondary_y=True)
     fig.update_layout(title="selection per layer", xaxis_title="layer")
+    _layer_ticks(fig, selection.shape[0], axis="x")
     return fig
 
 
@@ -120,27 +133,29 @@ def behaviour_shift(report: Report, metrics: Sequence[str] | None = None) -> go.
     panels = _panels(report, metrics)
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[t for t, _ in panels],
                         column_widths=[max(len(ms), 1) for _, ms in panels])
-    blocks = [("target", report.target), (f"patched ({report.patched.get('method')})", report.patched),
-              ("donor", report.donor)] + [
-        (b["method"] + ("" if b.get("acceptable_on_validation", True) else " (no acceptable α)"), b)
-        for b in report.baselines]
-    colours = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880", "#ff97ff",
-               "#fecb52"]
+    blocks = [("target", report.target, MODEL_COLOURS["target"]),
+              (f"patched ({report.patched.get('method')})", report.patched, MODEL_COLOURS["patched"]),
+              ("donor", report.donor, MODEL_COLOURS["donor"])] + [
+        (b["method"] + ("" if b.get("acceptable_on_validation", True) else " (no acceptable α)"), b,
+         BASELINE_COLOURS[i % len(BASELINE_COLOURS)]) for i, b in enumerate(report.baselines)]
     for col, (_, ms) in enumerate(panels, 1):
-        for i, (name, block) in enumerate(blocks):
+        for name, block, colour in blocks:
             fig.add_trace(go.Bar(name=name, x=ms, y=[block.get(m) for m in ms], error_y=_interval_bars(block, ms),
-                                 marker_color=colours[i % len(colours)], legendgroup=name, showlegend=col == 1),
-                          row=1, col=col)
-    fig.update_layout(barmode="group", title=f"{report.behaviour} on the {report.split} split (bars: 95% intervals)")
+                                 marker_color=colour, legendgroup=name, showlegend=col == 1), row=1, col=col)
+    fig.update_xaxes(automargin=True, tickangle=-30)
+    fig.update_layout(barmode="group", title=f"{report.behaviour} on the {report.split} split (bars: 95% intervals)",
+                      margin={"b": 120})
     return fig
 
 
 def frontier(points: Sequence[dict[str, Any]], *, y: str = "gap_closed", x: str = "k",
-             references: dict[str, float] | None = None, title: str = "search frontier (validation)") -> go.Figure:
+             references: dict[str, float] | None = None, title: str = "search frontier (validation)",
+             chosen: dict[str, Any] | None = None) -> go.Figure:
     """Measured points: neurons vs ``y``, one line per (method, alpha); estimates dotted.
 
     ``references`` draws a dashed horizontal line per named level (e.g. ``{"donor": 0.96}``: the level a
-    transplant has to reach) on the same ``y`` scale.
+    transplant has to reach) on the same ``y`` scale. ``chosen`` (a point's ``x``, ``y`` and ``alpha``)
+    is marked with a star.
     """
     fig = go.Figure()
     keys = sorted({(p["method"], p["alpha"], p.get("measured", "evaluation")) for p in points}, key=str)
@@ -152,9 +167,15 @@ def frontier(points: Sequence[dict[str, Any]], *, y: str = "gap_closed", x: str 
                                  line={"dash": "dot" if measured == "estimate" else "solid"},
                                  customdata=[[p.get("refusal_harmless"), p.get("utility_nll")] for p in pts],
                                  hovertemplate=f"{x} %{{x}}<br>{y} %{{y:.3f}}<extra>{name}</extra>"))
-    for label, level in (references or {}).items():
+    by_level = sorted((references or {}).values())
+    for label, level in (references or {}).items():  # neighbouring levels' labels on opposite sides
         fig.add_hline(y=level, line_dash="dash", line_color="grey", annotation_text=f"{label} {level:.2f}",
-                      annotation_position="top left")
+                      annotation_position="bottom right" if by_level.index(level) % 2 else "top left")
+    if chosen is not None and chosen.get(x) is not None and chosen.get(y) is not None:
+        fig.add_trace(go.Scatter(x=[chosen[x]], y=[chosen[y]], mode="markers", name="chosen",
+                                 marker={"symbol": "star", "size": 18, "color": MODEL_COLOURS["patched"],
+                                         "line": {"width": 1, "color": "black"}},
+                                 hovertemplate=f"chosen: {x} %{{x}}, α={chosen.get('alpha', '?')}<extra></extra>"))
     fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, xaxis_type="log", showlegend=True)  # one line too
     return fig
 
@@ -168,10 +189,15 @@ def transfer_figure(scores: NeuronScores, selection: NeuronSelection, report: Re
     heat = _heatmap_trace(scores, selection, max_bins, color="selected")
     heat.colorbar.update(x=0.57, len=0.9)  # beside the heatmap, clear of the bars' legend
     fig.add_trace(heat, row=1, col=1)
-    metrics = list(metrics or report.numbers())
+    metrics = list(metrics or dict(_panels(report, report.numbers())).get("rates (0–1)", []))  # one scale
     for name, block in (("target", report.target), ("patched", report.patched), ("donor", report.donor)):
-        fig.add_trace(go.Bar(name=name, x=metrics, y=[block.get(m) for m in metrics]), row=1, col=2)
+        fig.add_trace(go.Bar(name=name, x=metrics, y=[block.get(m) for m in metrics], marker_color=MODEL_COLOURS[name],
+                             error_y=_interval_bars(block, metrics)), row=1, col=2)
     fig.update_xaxes(title_text="neuron", row=1, col=1)
     fig.update_yaxes(title_text="layer", row=1, col=1)
-    fig.update_layout(barmode="group", height=520, legend={"orientation": "h", "x": 0.64, "y": -0.12})
+    fig.update_yaxes(title_text="rate (0–1)", range=[0, 1.05], row=1, col=2)
+    fig.update_xaxes(automargin=True, tickangle=-30, row=1, col=2)
+    _layer_ticks(fig, selection.shape[0], row=1, col=1)
+    fig.update_layout(barmode="group", height=560, legend={"orientation": "h", "x": 0.64, "y": -0.3},
+                      margin={"b": 140})
     return fig

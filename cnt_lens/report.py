@@ -21,13 +21,29 @@ from .transplant import NeuronPatch
 __all__ = ["write_report"]
 
 
-def _html_table(report: Report) -> str:
-    """The metrics of :meth:`Report.rows` as an HTML table (rates with their interval and n)."""
-    cols = report.columns()
+KEY_COLUMNS = ("n_neurons", "alpha", "refusal_harmful", "refusal_harmless", "stereotype_score", "task_rate",
+               "utility_nll", "mc_accuracy")
+"""The metrics table's first columns, where a run has them: the patch's size and strength, each behaviour's
+headline, over-refusal and utility; the rest follow in a second table."""
+
+
+def _table_html(report: Report, cols: list[str]) -> str:
+    """:meth:`Report.rows` in ``cols`` as an HTML table (rates with their interval and n)."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["model", *cols])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(format_rate(r, c) if c != 'model' else r['model'])}</td>"
                                     for c in ["model", *cols]) + "</tr>" for r in report.rows())
     return f'<div class="scroll"><table class="metrics"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _html_table(report: Report) -> str:
+    """The metrics: the key columns (:data:`KEY_COLUMNS`) in view, every other number in a folded second table."""
+    cols = report.columns()
+    key = [c for c in ("n_neurons", "alpha", report.headline(), *KEY_COLUMNS) if c in cols]
+    key = list(dict.fromkeys(key))
+    rest = [c for c in cols if c not in key]
+    more = (f"<details><summary>all {len(rest)} other numbers</summary>{_table_html(report, rest)}</details>"
+            if rest else "")
+    return _table_html(report, key or cols) + more
 
 
 def _shares_html(report: Report) -> str:
@@ -89,18 +105,24 @@ def _examples_html(items_path: Path, per_set: int = 4, max_chars: int = 360) -> 
     if not picked:
         return ""
 
-    def cell(item: dict[str, Any]) -> str:
+    def cell(row: dict[str, dict[str, Any]], model: str) -> str:
+        item = row[model]
         text = item["response"].strip()
         text = text if len(text) <= max_chars else text[:max_chars] + "…"
         key = next((k for k in _VERDICTS if k in item), None)
-        tag = f'<div class="verdict">{key}: {"yes" if item[key] else "no"}</div>' if key else ""
-        return f"<td>{tag}{html.escape(text)}</td>"
+        flipped = model == "patched" and key is not None and item[key] != row["target"].get(key)
+        tag = (f'<div class="verdict">{key}: {"yes" if item[key] else "no"}{" — flipped" if flipped else ""}</div>'
+               if key else "")
+        return f'<td>{"<div class=flipped>" if flipped else "<div>"}{tag}{html.escape(text)}</div></td>'
 
     head = "".join(f"<th>{m}</th>" for m in ("prompt", *_MODELS))
     body = "".join(f"<tr><td><b>{html.escape(' · '.join(x for x in k[:2] if x))}</b><br>"
                    f"{html.escape(complete[k]['target']['prompt'])}</td>"
-                   + "".join(cell(complete[k][m]) for m in _MODELS) + "</tr>" for k in picked)
-    return f'<h2 id="examples">Example responses</h2><table class="examples"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+                   + "".join(cell(complete[k], m) for m in _MODELS) + "</tr>" for k in picked)
+    flips = sum(cell(complete[k], "patched").startswith("<td><div class=flipped>") for k in picked)
+    return (f'<h2 id="examples">Example responses</h2><p>{flips} of {len(picked)} shown answers changed verdict from '
+            f'the target\'s (highlighted).</p><table class="examples"><thead><tr>{head}</tr></thead><tbody>{body}'
+            f'</tbody></table>')
 
 
 def _neuron_browser(run: Path, pair: Any, behaviour: Any, scores: NeuronScores | None) -> str:
@@ -145,7 +167,10 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
     figures.append(behaviour_shift(report))
     if report.frontier:
         goal = report.extra.get("config", {}).get("goal")
-        figures.append(frontier(report.frontier, references={"donor": 1.0, **({"goal": goal} if goal else {})}))
+        chosen = next((p for p in report.frontier if p.get("k") == report.patched.get("n_neurons")
+                       and p.get("alpha") == report.patched.get("alpha") and p.get("measured") != "estimate"), None)
+        figures.append(frontier(report.frontier, references={"donor": 1.0, **({"goal": goal} if goal else {})},
+                                chosen=chosen))
     curves_path = run / "budget_curves.json"
     if curves_path.is_file():  # written by benchmarks/budget_curves.py: each ranking's test rates over budgets
         figures.append(frontier(**json.loads(curves_path.read_text())))
@@ -167,7 +192,7 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
     table = _html_table(report)
     body = "\n".join(f'<section id="{a}">{p}</section>' for a, p in zip(anchors, parts))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cnt_lens report: {html.escape(report.behaviour)}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse}}td,th{{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:right}}td:first-child,th:first-child{{text-align:left}}.scroll{{overflow-x:auto}}.metrics{{font-size:.85em}}.metrics td{{white-space:nowrap}}.examples th,.examples td{{text-align:left;vertical-align:top}}.examples td{{white-space:pre-wrap;font-size:.85em;max-width:22em}}.verdict{{font-weight:600;color:#555}}</style>
+<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse}}td,th{{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:right}}td:first-child,th:first-child{{text-align:left}}.scroll{{overflow-x:auto}}.metrics{{font-size:.85em}}.metrics td{{white-space:nowrap}}.examples th,.examples td{{text-align:left;vertical-align:top}}.examples td{{white-space:pre-wrap;font-size:.85em;max-width:22em}}.verdict{{font-weight:600;color:#555}}.flipped{{background:#fff3bf}}.browse{{font-size:1.1em}}</style>
 </head><body><h1>cnt_lens — {html.escape(report.behaviour)} transfer</h1>
 <p>{report.n_neurons_total} MLP neurons; numbers on the <b>{report.split}</b> split.</p>
 {browser}

@@ -89,3 +89,31 @@ def test_behaviour_shift_puts_rates_and_other_numbers_on_their_own_axes():
     lo, hi = rep.patched["refusal_harmful_ci95"]
     assert patched.error_y.array[0] == hi - 0.5 and patched.error_y.arrayminus[0] == 0.5 - lo
     assert [list(t.x) for t in fig.data if t.xaxis == "x2"] == [["utility_nll"]] * 4
+
+
+def test_one_colour_per_model_in_every_figure_and_rates_alone_beside_the_heatmap(planted):
+    from cnt_lens.plots import MODEL_COLOURS
+
+    pair, behaviour, sel = planted
+    report = Report(behaviour="refusal", split="test", n_neurons_total=96,
+                    donor={"refusal_harmful": 0.9, "refusal_harmful_ci95": [0.8, 0.95], "utility_nll": 3.7},
+                    target={"refusal_harmful": 0.1, "refusal_harmful_ci95": [0.05, 0.2], "utility_nll": 3.6},
+                    patched={"refusal_harmful": 0.7, "refusal_harmful_ci95": [0.6, 0.8], "utility_nll": 3.65,
+                             "method": "weight_attribution"}, baselines=[{"refusal_harmful": 0.2, "method": "random"}])
+    s = score(pair, behaviour, progress=False)
+    shift, both = behaviour_shift(report), transfer_figure(s, sel, report)
+    for fig in (shift, both):
+        colours = {t.name.split(" ")[0]: t.marker.color for t in fig.data if t.type == "bar"}
+        assert {m: colours[m] for m in MODEL_COLOURS} == MODEL_COLOURS
+    assert "random" in {t.name for t in shift.data} and set(MODEL_COLOURS.values()).isdisjoint(
+        {t.marker.color for t in shift.data if t.name == "random"})
+    bars = [t for t in both.data if t.type == "bar"]
+    assert all(list(t.x) == ["refusal_harmful"] for t in bars)  # NLL (nats) is not drawn on a 0–1 axis
+    assert both.layout.yaxis.dtick == 1 and layer_profile(sel, s).layout.xaxis.dtick == 1  # whole layers
+
+
+def test_frontier_marks_the_chosen_point():
+    pts = [{"method": "m", "alpha": a, "k": k, "gap_closed": k / 8 * a / 4} for a in (2.0, 4.0) for k in (1, 2, 4)]
+    fig = frontier(pts, chosen=pts[4])
+    star = [t for t in fig.data if t.name == "chosen"]
+    assert len(star) == 1 and (star[0].x[0], star[0].y[0]) == (2, 0.25) and star[0].marker.symbol == "star"

@@ -183,3 +183,13 @@ def test_neuron_browser_renders_its_table_and_a_card_offline(run_dir, tmp_path):
     assert f'<h2>L{best["layer"]}.{best["neuron"]}</h2>' in dom.stdout
     assert dom.stdout.count('class="tok') > 0 and "Top texts: general text" in dom.stdout
     assert _page_requests(netlog) == []
+
+
+def test_metrics_table_shows_size_strength_and_side_effects_first(run_dir):
+    page = (run_dir / "report.html").read_text()
+    first = page[page.index('<table class="metrics">'):]
+    head = re.findall(r"<th>(.*?)</th>", first[: first.index("</thead>")])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert head[:4] == ["model", "n_neurons", "alpha", "marker_rate"]  # the run's own headline, whatever it is
+    assert "<summary>all " in page and "marker_rate_" in page[page.index("<summary>all "):]  # its per-family rates
+    assert metrics["patched"]["n_neurons"] >= 1
