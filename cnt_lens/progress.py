@@ -68,7 +68,7 @@ def note(message: str, *args: Any, level: int = logging.INFO) -> None:
 def _beat() -> None:
     """The heartbeat thread: log the innermost open task after :data:`HEARTBEAT_S` quiet seconds."""
     while True:
-        time.sleep(min(5.0, HEARTBEAT_S / 4))
+        time.sleep(min(0.5, HEARTBEAT_S / 4))  # a cheap check; it picks up a changed HEARTBEAT_S within 0.5 s
         with _lock:
             if not _open or time.monotonic() - _quiet_since[0] < HEARTBEAT_S or _on_terminal():
                 continue

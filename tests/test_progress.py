@@ -25,7 +25,7 @@ def test_a_slow_loop_off_a_terminal_logs_done_of_total(fast_heartbeat, caplog):
     caplog.set_level(logging.INFO, logger="cnt_lens")
     with stage("fine-tune"):
         for _ in progress_bar(range(3), desc="steps"):
-            time.sleep(0.6)  # one step quieter than the heartbeat: a line must come from inside it
+            time.sleep(0.8)  # one step quieter than the heartbeat: a line must come from inside it
     lines = _messages(caplog)
     beats = [m for m in lines if m.startswith("… fine-tune / steps:")]
     assert beats, lines
