@@ -9,7 +9,8 @@ sortable, filterable table whose rows open each neuron's card — plain HTML, CS
 JavaScript: no server, no widget library, no request leaving the machine.
 
 The card reads a neuron as CircuitsVis and Neuronpedia do: which tokens it fires on, in context.
-Activations are ``hook_post`` values (after the MLP's non-linearity), in the model's own units.
+Activations are ``hook_post`` values (after the MLP's non-linearity), in the model's own units, read from each
+text's second token on (the first, which has no context, fires alike in every text).
 """
 
 from __future__ import annotations
@@ -153,7 +154,10 @@ def browser_data(pair: ModelPair, behaviour: Behaviour, patch: NeuronPatch, scor
     with patch.applied(pair.target):
         for name, items in sets.items():
             batches = [encode(tok, chunk) for chunk in chunks(items, batch_size)]
-            ids[name], acts[name] = sequence_activations(pair.target, batches, neurons)  # acts: [len, n] per text
+            seq_ids, seq_acts = sequence_activations(pair.target, batches, neurons)  # acts: [len, n] per text
+            # a text's first token has no context and draws outsized activations in every text alike (an
+            # attention sink): it is left out, so maxima and examples show what the neuron reads
+            ids[name], acts[name] = [i[1:] or i for i in seq_ids], [a[1:] if len(a) > 1 else a for a in seq_acts]
             maxima[name] = torch.stack([reduce(a, "pos n -> n", "max") for a in acts[name]])  # [texts, n]
             means[name] = maxima[name].mean(0)
         effects = ablation_effects(pair.target, behaviour, behaviour.batches(tok, "validation", batch_size), neurons)

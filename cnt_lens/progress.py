@@ -38,9 +38,9 @@ class Task:
     started: float = field(default_factory=time.monotonic)
 
     def status(self) -> str:
-        """``"desc: done/total, elapsed"`` (elapsed as minutes and seconds)."""
-        count = f" {self.done}/{self.total}" if self.total is not None else (f" {self.done} done" if self.done else "")
-        return f"{self.desc}:{count}, {duration(time.monotonic() - self.started)} elapsed"
+        """``"desc (done/total)"``, ``"desc (done done)"`` or ``"desc"``, with no count to give."""
+        count = f"{self.done}/{self.total}" if self.total is not None else (f"{self.done} done" if self.done else "")
+        return f"{self.desc} ({count})" if count else self.desc
 
 
 def duration(seconds: float) -> str:
@@ -72,8 +72,8 @@ def _beat() -> None:
         with _lock:
             if not _open or time.monotonic() - _quiet_since[0] < HEARTBEAT_S or _on_terminal():
                 continue
-            line = " / ".join(t.desc for t in _open[:-1])
-            note("… %s%s", line + " / " if line else "", _open[-1].status())
+            note("… %s; %s elapsed", " / ".join(t.status() for t in _open),
+                 duration(time.monotonic() - _open[0].started))
 
 
 def _on_terminal() -> bool:

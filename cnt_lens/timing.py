@@ -116,14 +116,16 @@ def stage(name: str) -> Iterator[None]:
     if depth == 0:
         note("%s …", name)
     t0 = time.perf_counter()
+    outcome = "failed after"
     try:
         with task(name), _recorded(name):
             yield
+        outcome = "done in"
     finally:
         _DEPTH.reset(token)
         seconds = time.perf_counter() - t0
         if depth == 0 or seconds >= LONG_STAGE_S:
-            note("%s: done in %s", name, duration(seconds))
+            note("%s: %s %s", name, outcome, duration(seconds))
 
 
 @contextlib.contextmanager

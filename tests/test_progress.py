@@ -27,9 +27,9 @@ def test_a_slow_loop_off_a_terminal_logs_done_of_total(fast_heartbeat, caplog):
         for _ in progress_bar(range(3), desc="steps"):
             time.sleep(0.8)  # one step quieter than the heartbeat: a line must come from inside it
     lines = _messages(caplog)
-    beats = [m for m in lines if m.startswith("… fine-tune / steps:")]
+    beats = [m for m in lines if m.startswith("… fine-tune / steps (")]
     assert beats, lines
-    assert any(" 0/3," in m or " 1/3," in m for m in beats) and all("elapsed" in m for m in beats)
+    assert any("steps (0/3)" in m or "steps (1/3)" in m for m in beats) and all(m.endswith(" elapsed") for m in beats)
     assert lines[0] == "fine-tune …" and lines[-1].startswith("fine-tune: done in ")
     assert progress._open == []  # the loop and the stage closed their tasks
 
@@ -46,7 +46,7 @@ def test_nested_short_stages_stay_quiet_and_outer_ones_speak(caplog):
 def test_a_manual_bar_and_a_broken_loop_close_their_tasks(caplog):
     bar = progress_bar(desc="points", total=4)
     bar.update(2)
-    assert progress._open[-1].done == 2 and progress._open[-1].total == 4
+    assert progress._open[-1].done == 2 and progress._open[-1].status() == "points (2/4)"
     bar.close()
     for i in progress_bar(range(10), desc="early exit"):
         if i == 2:
@@ -58,3 +58,10 @@ def test_a_disabled_bar_is_not_tracked():
     with stage("outer"):
         progress_bar(range(3), desc="quiet", enabled=False)
         assert [t.desc for t in progress._open] == ["outer"]
+
+
+def test_a_stage_that_raises_says_it_failed(caplog):
+    caplog.set_level(logging.INFO, logger="cnt_lens")
+    with pytest.raises(RuntimeError), stage("load models"):
+        raise RuntimeError("no such model")
+    assert _messages(caplog)[-1].startswith("load models: failed after ")
