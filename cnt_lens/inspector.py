@@ -60,8 +60,8 @@ def sequence_activations(model: Any, batches: list, neurons: list[tuple[int, int
     layers = sorted({layer for layer, _ in neurons})
     stop = layers[-1] + 1 if layers[-1] + 1 < model.cfg.n_layers else None  # no later block, no unembedding
     cols = {layer: [n for lay, n in neurons if lay == layer] for layer in layers}
-    order = [layers.index(layer) for layer, _ in neurons]  # which layer's block each neuron is in
-    within = [cols[layer].index(n) for layer, n in neurons]
+    grouped = {x: i for i, x in enumerate((layer, n) for layer in layers for n in cols[layer])}
+    pick = [grouped[tuple(x)] for x in neurons]  # column of each neuron in the layer-grouped capture
     seqs: list[list[int]] = []
     acts: list[torch.Tensor] = []
     for b in batches:
@@ -74,11 +74,7 @@ def sequence_activations(model: Any, batches: list, neurons: list[tuple[int, int
         with torch.no_grad():
             model.run_with_hooks(b.tokens, fwd_hooks=[(hook_name(layer, "hook_post"), partial(keep, layer=layer))
                                                       for layer in layers], stop_at_layer=stop, **b.model_kwargs())
-        joined = torch.cat([store[layer] for layer in layers], dim=-1)  # [batch, pos, all neurons, layer-grouped]
-        offsets = [0]
-        for layer in layers:
-            offsets.append(offsets[-1] + len(cols[layer]))
-        a = joined[..., [offsets[o] + w for o, w in zip(order, within)]]  # [batch, pos, n] in the order of neurons
+        a = torch.cat([store[layer] for layer in layers], dim=-1)[..., pick]  # [batch, pos, n] in neurons' order
         mask = b.attention_mask.bool().cpu()
         for row in range(mask.shape[0]):
             seqs.append(b.tokens[row].cpu()[mask[row]].tolist())

@@ -105,12 +105,17 @@ def _examples_html(items_path: Path, per_set: int = 4, max_chars: int = 360) -> 
     if not picked:
         return ""
 
+    def flip(row: dict[str, dict[str, Any]]) -> bool:
+        """The patched answer's verdict differs from the target's."""
+        key = next((k for k in _VERDICTS if k in row["patched"]), None)
+        return key is not None and row["patched"][key] != row["target"].get(key)
+
     def cell(row: dict[str, dict[str, Any]], model: str) -> str:
         item = row[model]
         text = item["response"].strip()
         text = text if len(text) <= max_chars else text[:max_chars] + "…"
         key = next((k for k in _VERDICTS if k in item), None)
-        flipped = model == "patched" and key is not None and item[key] != row["target"].get(key)
+        flipped = model == "patched" and flip(row)
         tag = (f'<div class="verdict">{key}: {"yes" if item[key] else "no"}{" — flipped" if flipped else ""}</div>'
                if key else "")
         return f'<td>{"<div class=flipped>" if flipped else "<div>"}{tag}{html.escape(text)}</div></td>'
@@ -119,7 +124,7 @@ def _examples_html(items_path: Path, per_set: int = 4, max_chars: int = 360) -> 
     body = "".join(f"<tr><td><b>{html.escape(' · '.join(x for x in k[:2] if x))}</b><br>"
                    f"{html.escape(complete[k]['target']['prompt'])}</td>"
                    + "".join(cell(complete[k], m) for m in _MODELS) + "</tr>" for k in picked)
-    flips = sum(cell(complete[k], "patched").startswith("<td><div class=flipped>") for k in picked)
+    flips = sum(flip(complete[k]) for k in picked)
     return (f'<h2 id="examples">Example responses</h2><p>{flips} of {len(picked)} shown answers changed verdict from '
             f'the target\'s (highlighted).</p><table class="examples"><thead><tr>{head}</tr></thead><tbody>{body}'
             f'</tbody></table>')
