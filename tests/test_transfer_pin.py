@@ -1,0 +1,72 @@
+"""A whole run on a planted pair, pinned: ``metrics.json`` and ``frontier.json`` must not move under a refactor.
+
+The run covers the paths a refactor of the settings and the run directory touches: re-scoring rounds
+with a contrast and a preserved side effect, the screened search, three baselines (each with its own
+minimal set) and the random baseline's seeds. The pinned files were written by the code as it was
+before ``TransferConfig`` became nested (``python tests/test_transfer_pin.py --write`` rewrites them;
+do that only for an intended change of the numbers, and say so in the commit). What describes the
+run rather than its numbers (the settings, wall time, device) is left out of the comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from cnt_lens import Utility
+from cnt_lens.testing import planted_pair
+
+PINNED = Path(__file__).parent / "data" / "transfer_pin"
+#: keys of ``metrics.json``'s ``extra`` that describe the run, not its numbers
+DESCRIPTIVE = ("config", "ranking", "wall_time_s", "device", "constraint", "data")
+
+
+def run(out: Path) -> dict[str, Any]:
+    """The pinned run's two files, read back (``extra``'s descriptive keys dropped)."""
+    from cnt_lens.pipeline import TransferConfig
+    from cnt_lens.runs import run_transfer
+
+    pair, behaviour, _ = planted_pair("llama", n_planted=8, seed=2)
+    config = TransferConfig(baselines=("attribution", "weight_diff", "random"), alphas=(1.0, 2.0), max_fraction=0.5,
+                            random_seeds=2, batch_size=16)
+    run_transfer(pair, behaviour, out, side_effects=[Utility()], config=config, rounds=2, round_alpha=2.0,
+                 contrast=0.5, preserve_weights=[3.0], progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["extra"] = {k: v for k, v in metrics["extra"].items() if k not in DESCRIPTIVE}
+    return {"metrics": metrics, "frontier": json.loads((out / "frontier.json").read_text())}
+
+
+def _differences(pinned: Any, now: Any, where: str = "") -> list[str]:
+    """Where ``now`` differs from ``pinned`` (floats within 1e-6 relative), as paths."""
+    if isinstance(pinned, dict) and isinstance(now, dict):
+        keys = sorted(set(pinned) | set(now))
+        return [d for k in keys for d in (_differences(pinned.get(k, "<absent>"), now.get(k, "<absent>"), f"{where}.{k}"))]
+    if isinstance(pinned, list) and isinstance(now, list) and len(pinned) == len(now):
+        return [d for i, (a, b) in enumerate(zip(pinned, now)) for d in _differences(a, b, f"{where}[{i}]")]
+    if isinstance(pinned, float) and isinstance(now, (int, float)):
+        same = (math.isnan(pinned) and math.isnan(now)) or math.isclose(pinned, now, rel_tol=1e-6, abs_tol=1e-9)
+        return [] if same else [f"{where}: {pinned!r} → {now!r}"]
+    return [] if pinned == now else [f"{where}: {pinned!r} → {now!r}"]
+
+
+def test_a_whole_run_reproduces_its_pinned_metrics_and_frontier(tmp_path):
+    now = run(tmp_path)
+    for name in ("metrics", "frontier"):
+        pinned = json.loads((PINNED / f"{name}.json").read_text())
+        differences = _differences(pinned, now[name], name)
+        assert not differences, "\n".join(differences[:20])
+    assert now["frontier"], "the pinned run measured no search point"
+
+
+if __name__ == "__main__" and "--write" in sys.argv:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = run(Path(tmp))
+    PINNED.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (PINNED / f"{name}.json").write_text(json.dumps(content, indent=1, default=float) + "\n")
+    print(f"wrote {PINNED}")
