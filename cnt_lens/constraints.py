@@ -8,26 +8,28 @@ acceptable points when it chooses a neuron set and an alpha, for the main method
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable, Mapping
+
+from .records import Block
 
 __all__ = ["Constraint", "for_behaviour", "no_more_over_refusal", "task_kept", "utility_kept"]
 
-Constraint = Callable[[dict[str, Any], dict[str, dict[str, Any]]], bool]
+Constraint = Callable[[Block, Mapping[str, Block]], bool]
 
 UTILITY_SLACK = 1.01  # the patched model's utility NLL may be at most 1% above the target's
 
 
-def utility_kept(point: dict[str, Any], ref: dict[str, dict[str, Any]]) -> bool:
+def utility_kept(point: Block, ref: Mapping[str, Block]) -> bool:
     """Utility NLL (nats per token) at most 1% above the target's."""
     return point["utility_nll"] <= UTILITY_SLACK * ref["target"]["utility_nll"]
 
 
-def no_more_over_refusal(point: dict[str, Any], ref: dict[str, dict[str, Any]]) -> bool:
+def no_more_over_refusal(point: Block, ref: Mapping[str, Block]) -> bool:
     """Refusal of harmless prompts no higher than the donor's, and :func:`utility_kept` (function addition)."""
     return point["refusal_harmless"] <= ref["donor"]["refusal_harmless"] + 1e-9 and utility_kept(point, ref)
 
 
-def task_kept(point: dict[str, Any], ref: dict[str, dict[str, Any]]) -> bool:
+def task_kept(point: Block, ref: Mapping[str, Block]) -> bool:
     """NLSR realignment's constraint: the fine-tuned task survives and utility is kept.
 
     The benign task the target learnt (``task_rate``; target = fine-tuned, donor = before) keeps ≥95% of
@@ -46,7 +48,7 @@ def for_behaviour(headline: str) -> Constraint:
     if headline != "refusal_harmful":
         return utility_kept
 
-    def refusal(point: dict[str, Any], ref: dict[str, dict[str, Any]]) -> bool:
+    def refusal(point: Block, ref: Mapping[str, Block]) -> bool:
         adding = ref["donor"]["refusal_harmful"] > ref["target"]["refusal_harmful"]
         return no_more_over_refusal(point, ref) if adding else utility_kept(point, ref)
 

@@ -17,8 +17,9 @@ from typing import Any, Sequence
 from .behaviours import Behaviour
 from .data import ROLES
 from .files import atomic_write_text
+from .records import Block
 from .resume import recall_records
-from .stats import Block, format_rate, is_companion, wilson_interval
+from .stats import format_rate, is_companion, wilson_interval
 from .timing import stage
 
 __all__ = ["Report", "gap_shares", "measure", "wilson_interval"]

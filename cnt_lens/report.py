@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .config import TransferConfig
 from .evaluate import Report
 from .files import atomic_write_text
 from .inspector import card_figure, neurons_stats
@@ -15,7 +16,7 @@ from .neuron_browser import browser_data, texts_from_items, write_neuron_browser
 from .plots import behaviour_shift, frontier, layer_profile, transfer_figure
 from .selection import NeuronScores
 from .stats import format_rate
-from .timing import stage
+from .timing import Profile, stage
 from .transplant import NeuronPatch
 
 __all__ = ["write_report"]
@@ -67,11 +68,11 @@ _VERDICTS = ("refused", "marked", "followed")
 _MODELS = ("target", "patched", "donor")
 
 
-def _timings_html(path: Path) -> str:
-    """The run's per-stage wall time (``timings.json``, :mod:`cnt_lens.timing`) as a table; nested stages indented."""
-    if not path.is_file():
+def _timings_html(path: Path, timings: Profile | None = None) -> str:
+    """The run's per-stage wall time (``timings``, or ``timings.json``: :mod:`cnt_lens.timing`) as a table."""
+    if timings is None and not path.is_file():
         return ""
-    t = json.loads(path.read_text(encoding="utf-8"))
+    t = timings.to_dict() if timings is not None else json.loads(path.read_text(encoding="utf-8"))
     body = "".join(f'<tr><td style="padding-left:{0.8 + 1.5 * r["depth"]}em">'
                    f'{html.escape(r["stage"].rsplit(" / ", 1)[-1])}</td><td>{r["seconds"]:.1f}</td>'
                    f'<td>{r["calls"]}</td><td>{r["share"]:.1%}</td></tr>' for r in t["stages"])
@@ -150,13 +151,14 @@ def _neuron_browser(run: Path, pair: Any, behaviour: Any, scores: NeuronScores |
 
 
 def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, NeuronScores] | None = None,
-                 behaviour: Any = None, n_cards: int = 4) -> Path:
+                 behaviour: Any = None, n_cards: int = 4, timings: Profile | None = None) -> Path:
     """Write ``run_dir/report.html`` from ``metrics.json``, ``patch.safetensors``, ``scores/`` and ``cards.json``.
 
     A ``budget_curves.json`` beside them (``benchmarks/budget_curves.py``: test rates of each ranking over
     budgets, with reference levels) is drawn too, by :func:`~cnt_lens.plots.frontier`.
     With ``pair`` and ``behaviour``, the cards of the ``n_cards`` top selected neurons are computed
     and saved to ``cards.json`` first, so a later rebuild (``cnt-lens report``) needs no models.
+    ``timings``: the run's profile so far (a run still open has not written ``timings.json``).
     """
     run = Path(run_dir)
     report = Report.load(run / "metrics.json")
@@ -171,7 +173,7 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
         figures.append(layer_profile(sel, scores[method]))
     figures.append(behaviour_shift(report))
     if report.frontier:
-        goal = report.extra.get("config", {}).get("goal")
+        goal = TransferConfig.from_dict(report.extra.get("config", {})).search.goal
         chosen = next((p for p in report.frontier if p.get("k") == report.patched.get("n_neurons")
                        and p.get("alpha") == report.patched.get("alpha") and p.get("measured") != "estimate"), None)
         figures.append(frontier(report.frontier, references={"donor": 1.0, **({"goal": goal} if goal else {})},
@@ -206,7 +208,7 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
 {_shares_html(report)}
 {_examples_html(run / "items.jsonl")}
 {body}
-{_timings_html(run / "timings.json")}
+{_timings_html(run / "timings.json", timings)}
 </body></html>"""
     out = run / "report.html"
     return atomic_write_text(out, page)

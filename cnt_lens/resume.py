@@ -145,13 +145,14 @@ def resumable(directory: str | Path) -> Iterator[Path]:
     Nested blocks on the same directory share one store. Example::
 
         with resumable("runs/mine"):
-            report = transfer(pair, Refusal(), side_effects=[Utility()])  # a rerun reuses every result
+            result = transfer(pair, Refusal(), side_effects=[Utility()])  # a rerun reuses every result
     """
     root = Path(directory) / "resume"
     current = _ACTIVE.get()
     if current is not None and current.root == root:
         yield root
         return
+    Path(directory).mkdir(parents=True, exist_ok=True)
     with directory_lock(directory):  # one writer per run directory
         store = _Store(root)
         if store.records:

@@ -13,20 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
 from .behaviours import Behaviour
+from .config import SearchConfig
 from .constraints import Constraint
 from .errors import CntLensError
 from .evaluate import measure
 from .models import ModelPair
 from .progress import progress_bar
+from .records import Point, Reference
 from .scoring import SCORERS, score
 from .selection import NeuronScores, NeuronSelection
-from .stats import Reference
 from .transplant import NeuronPatch
 
 __all__ = ["NoGapError", "SearchResult", "iterative_scores", "measure_point", "measure_reference", "search_minimal"]
@@ -39,15 +40,16 @@ class NoGapError(CntLensError, ValueError):
 
 def measure_reference(pair: ModelPair, behaviour: Behaviour, side_effects: Sequence[Behaviour] = (), *,
                       split: str = "validation", batch_size: int = 16, estimate: bool = False) -> Reference:
-    """The donor's and the target's numbers on ``split`` (``{"donor": {...}, "target": {...}}``).
+    """The donor's and the target's numbers on ``split``, as a :class:`~cnt_lens.records.Reference`.
 
     Raises :class:`NoGapError` when they agree on ``behaviour.headline``: no transplant can close a gap
     that is not there. Run it before any long stage; it costs one evaluation of each model
     (``estimate``: each behaviour's cheap estimate, see :func:`~cnt_lens.evaluate.measure`).
     """
     kw = dict(batch_size=batch_size, estimate=estimate)
-    reference = {"target": measure(pair.target, [behaviour, *side_effects], split, **kw),
-                 "donor": measure(pair.donor, [behaviour, *side_effects], split, **kw)}
+    target = measure(pair.target, [behaviour, *side_effects], split, **kw)
+    reference = Reference(donor=measure(pair.donor, [behaviour, *side_effects], split, **kw), target=target,
+                          split=split, measured="estimate" if estimate else "evaluation")
     head = behaviour.headline
     d, t = reference["donor"][head], reference["target"][head]
     if d == t or math.isnan(d - t):
@@ -61,41 +63,44 @@ def measure_reference(pair: ModelPair, behaviour: Behaviour, side_effects: Seque
 
 
 def measure_point(pair: ModelPair, behaviours: Sequence[Behaviour], scores: NeuronScores, selection: NeuronSelection,
-                  alpha: float, reference: Reference, *, split: str = "validation", goal: float = 0.9,
-                  constraint: Constraint | None = None, estimate: bool = False, batch_size: int = 16,
-                  ) -> dict[str, Any]:
-    """One frontier point: ``selection`` of ``scores`` applied at ``alpha``, measured on ``split``, then reverted.
+                  alpha: float, reference: Reference, config: SearchConfig = SearchConfig(),
+                  constraint: Constraint | None = None) -> Point:
+    """One frontier point: ``selection`` of ``scores`` applied at ``alpha``, measured, then reverted.
 
     ``behaviours[0]`` is the transplanted behaviour (its headline defines ``gap_closed`` against
-    ``reference``, which must be measured the same way: both estimated or both evaluated), the rest
-    side effects. Keys: ``method``, ``k``, ``fraction``, ``alpha``, ``gap_closed``, ``goal_reached``,
-    ``acceptable`` (``constraint`` holds), ``reached`` (goal reached and acceptable), ``measured``
-    (``"estimate"`` or ``"evaluation"``) and every measured number.
+    ``reference``), the rest side effects. The point is measured as ``reference`` was: on its split,
+    estimated when it holds estimates. ``config`` gives the goal and the batch size; ``acceptable``
+    says whether ``constraint`` holds.
     """
     head = behaviours[0].headline
+    estimate = reference.measured == "estimate"
     with NeuronPatch.from_pair(pair, selection, alpha).applied(pair.target):
-        m = measure(pair.target, behaviours, split, batch_size=batch_size, estimate=estimate)
-    closed = (m[head] - reference["target"][head]) / (reference["donor"][head] - reference["target"][head])
-    goal_ok, ok = bool(closed >= goal), constraint is None or bool(constraint(m, reference))
-    return {"method": scores.method, "k": selection.n, "fraction": selection.n / pair.n_neurons, "alpha": alpha,
-            "gap_closed": closed, "goal_reached": goal_ok, "acceptable": ok, "reached": goal_ok and ok,
-            "measured": "estimate" if estimate else "evaluation", **m}
+        m = measure(pair.target, behaviours, reference.split, batch_size=config.batch_size, estimate=estimate)
+    closed = (m[head] - reference.target[head]) / (reference.donor[head] - reference.target[head])
+    return Point(scores.method, k=selection.n, fraction=selection.n / pair.n_neurons, alpha=alpha,
+                 gap_closed=closed, goal_reached=bool(closed >= config.goal),
+                 acceptable=constraint is None or bool(constraint(m, reference)), measured=reference.measured,
+                 numbers=m)
 
 
 @dataclass
 class SearchResult:
     """The smallest verified patch, and every point measured on the way (for plots).
 
-    ``reference`` holds the donor's and target's evaluated numbers; ``estimated_reference`` their
-    cheap estimates when the search screened with them (empty otherwise).
+    ``reference`` holds the donor's and target's evaluated numbers, and their cheap estimates
+    (``reference.estimate``) when the search screened with them.
     """
 
     selection: NeuronSelection | None
     alpha: float | None
     metrics: dict[str, float] | None
-    frontier: list[dict[str, Any]] = field(default_factory=list)
-    reference: Reference = field(default_factory=dict)
-    estimated_reference: Reference = field(default_factory=dict)
+    frontier: list[Point] = field(default_factory=list)
+    reference: Reference | None = None
+
+    @property
+    def estimated_reference(self) -> Reference | None:
+        """The donor's and target's estimates the search screened with (``None`` when it did not)."""
+        return None if self.reference is None else self.reference.estimate
 
     @property
     def found(self) -> bool:
@@ -113,25 +118,14 @@ def search_minimal(
     pair: ModelPair,
     behaviour: Behaviour,
     scores: NeuronScores,
+    config: SearchConfig = SearchConfig(),
     *,
-    goal: float = 0.9,
-    split: str = "validation",
-    alphas: Sequence[float] = (1.0, 2.0, 4.0),
-    max_fraction: float = 0.05,
-    min_k: int = 1,
-    tolerance: float = 0.1,
-    per_layer: bool = False,
     side_effects: Sequence[Behaviour] = (),
     constraint: Constraint | None = None,
     reference: Reference | None = None,
-    screen: bool = False,
-    estimated_reference: Reference | None = None,
-    step: float = 1.25,
-    slack: float = 0.1,
-    batch_size: int = 16,
     progress: bool = True,
 ) -> SearchResult:
-    """Smallest top-k set of ``scores`` (and the alpha in ``alphas``) that closes ``goal`` of the gap acceptably.
+    """Smallest top-k set of ``scores`` (and the alpha in ``config.alphas``) that closes ``goal`` of the gap acceptably.
 
     A point is acceptable when ``constraint(metrics, reference) -> bool`` holds (e.g. harmless refusal
     no higher than the donor's, utility NLL kept; ``reference`` holds the target's and donor's numbers
@@ -161,29 +155,31 @@ def search_minimal(
     wider). Each frontier point says how it was ``measured``.
     Without an estimated gap (donor and target estimated alike), or when every behaviour's estimate
     is its evaluation (:attr:`~cnt_lens.Behaviour.estimate_is_evaluation`), it is the full search.
-    ``estimated_reference`` (the result's, from an earlier search on the same split) saves estimating
-    donor and target again.
+    A ``reference`` that carries its estimates (``result.reference`` of an earlier search on the same
+    split) saves estimating donor and target again. Every setting is ``config``'s
+    (:class:`~cnt_lens.config.SearchConfig`).
     """
-    total = pair.n_neurons
-    k_max = _check_search(goal, alphas, max_fraction, min_k, total, slack)
+    c = config
+    alphas, min_k, tolerance, step = c.alphas, c.min_k, c.tolerance, c.step
+    k_max = _check_search(c.goal, c.max_fraction, min_k, pair.n_neurons, c.slack)
     behaviours = [behaviour, *side_effects]
     if reference is None:
-        reference = measure_reference(pair, behaviour, side_effects, split=split, batch_size=batch_size)
-    screen = screen and not all(b.estimate_is_evaluation for b in behaviours)  # else the estimate *is* the evaluation
-    estimated = (estimated_reference or _estimated_reference(pair, behaviour, side_effects, split, batch_size)
-                 if screen else {})
-    frontier: list[dict[str, Any]] = []
+        reference = measure_reference(pair, behaviour, side_effects, split=c.split, batch_size=c.batch_size)
+    screen = c.screen and not all(b.estimate_is_evaluation for b in behaviours)  # else the estimate *is* it
+    estimated = (reference.estimate or _estimated_reference(pair, behaviour, side_effects, c)) if screen else None
+    reference = replace(reference, estimate=estimated)
+    estimate_config = replace(c, goal=c.goal - c.slack) if estimated else c
+    frontier: list[Point] = []
     bar = progress_bar(desc="search_minimal", unit="point", enabled=progress)
 
     def select(k: int) -> NeuronSelection:
-        return scores.top_k(max(1, k // pair.n_layers), per_layer=True) if per_layer else scores.top_k(k)
+        return scores.top_k(max(1, k // pair.n_layers), per_layer=True) if c.per_layer else scores.top_k(k)
 
     def probe(estimate: bool, alpha: float) -> Probe:
         """(goal reached, constraint holds) at the top-k set and ``alpha``, estimated or evaluated in full."""
         def at(k: int) -> tuple[bool, bool]:
             point = measure_point(pair, behaviours, scores, select(k), alpha, estimated if estimate else reference,
-                                  split=split, goal=goal - slack if estimate else goal, constraint=constraint,
-                                  estimate=estimate, batch_size=batch_size)
+                                  estimate_config if estimate else c, constraint)
             frontier.append(point)
             bar.update(1)
             bar.set_postfix(k=point["k"], alpha=alpha, closed=f"{point['gap_closed']:.2f}", by=point["measured"])
@@ -209,21 +205,22 @@ def search_minimal(
                 best = full_sweep(best)  # the evaluation reached a goal the estimate missed: the other alphas too
     bar.close()
     if best is None:
-        return SearchResult(None, None, None, frontier, reference, estimated)
+        return SearchResult(None, None, None, frontier, reference)
     sel = select(best.k)
     point = next(p for p in reversed(frontier)
                  if p["k"] == sel.n and p["alpha"] == best.alpha and p["measured"] == "evaluation")
     return SearchResult(sel, best.alpha, {key: v for key, v in point.items() if isinstance(v, float)}, frontier,
-                        reference, estimated)
+                        reference)
 
 
-def _estimated_reference(pair: ModelPair, behaviour: Behaviour, side_effects: Sequence[Behaviour], split: str,
-                         batch_size: int) -> Reference:
-    """Donor's and target's cheap estimates; empty when the estimates show no gap (search in full then)."""
+def _estimated_reference(pair: ModelPair, behaviour: Behaviour, side_effects: Sequence[Behaviour],
+                         config: SearchConfig) -> Reference | None:
+    """Donor's and target's cheap estimates; ``None`` when the estimates show no gap (search in full then)."""
     try:
-        return measure_reference(pair, behaviour, side_effects, split=split, batch_size=batch_size, estimate=True)
+        return measure_reference(pair, behaviour, side_effects, split=config.split, batch_size=config.batch_size,
+                                 estimate=True)
     except NoGapError:
-        return {}
+        return None
 
 
 #: ``probe(k) -> (goal reached, constraint holds)`` at the top-k set (one alpha, one way of measuring)
@@ -275,7 +272,7 @@ def _alpha_sweep(probe: Callable[[float], Probe], alphas: Sequence[float], k_max
 
 
 def _confirm(candidates: list[_Candidate], probe: Callable[[_Candidate], Probe], select: Callable[[int], Any],
-             frontier: list[dict[str, Any]], k_max: int, min_k: int, tolerance: float,
+             frontier: list[Point], k_max: int, min_k: int, tolerance: float,
              step: float) -> _Candidate | None:
     """Evaluate the screen's candidates in full, refining each from its estimated k; the first that reaches the goal.
 
@@ -297,20 +294,10 @@ def _confirm(candidates: list[_Candidate], probe: Callable[[_Candidate], Probe],
     return None
 
 
-def _check_search(goal: float, alphas: Sequence[float], max_fraction: float, min_k: int, total: int,
-                  slack: float = 0.0) -> int:
-    """Validate :func:`search_minimal`'s settings; return the largest k it may try."""
-    if not (isinstance(goal, (int, float)) and 0 < goal <= 1.5):
-        raise ValueError(f"goal is a fraction of the donor–target gap in (0, 1.5], got {goal}")
+def _check_search(goal: float, max_fraction: float, min_k: int, total: int, slack: float) -> int:
+    """What :class:`~cnt_lens.config.SearchConfig` cannot check alone (it knows no model); the largest k to try."""
     if not 0 <= slack < goal:
         raise ValueError(f"slack is a share of the gap in [0, goal={goal}), got {slack}")
-    if not alphas:
-        raise ValueError("alphas is empty")
-    bad = [a for a in alphas if not (isinstance(a, (int, float)) and math.isfinite(a) and a > 0)]
-    if bad:
-        raise ValueError(f"alphas must be finite and > 0, got {bad}")
-    if not (isinstance(max_fraction, (int, float)) and 0 < max_fraction <= 1):
-        raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
     k_max = round(max_fraction * total)
     if k_max < min_k:
         raise ValueError(f"max_fraction={max_fraction} allows {k_max} of {total} neurons, fewer than "

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-__all__ = ["Block", "Reference", "format_rate", "is_companion", "rate", "wilson_interval"]
+__all__ = ["format_rate", "is_companion", "rate", "wilson_interval"]
 
-Block = dict[str, Any]  # one model's evaluation numbers on one split: floats, and each rate's ``_n`` and ``_ci95``
-Reference = dict[str, Block]  # ``{"donor": Block, "target": Block}``
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -8,6 +8,8 @@ from typer.testing import CliRunner
 
 from cnt_lens import NeuronPatch, export_hf, load_model, load_prompts
 from cnt_lens.cli import app
+from cnt_lens.config import override
+from cnt_lens.experiments.applications import APPLICATIONS
 from cnt_lens.testing import planted_pair
 
 runner = CliRunner()
@@ -163,15 +165,15 @@ def test_transfer_command_errors_name_the_problem(tmp_path):
 
 
 def test_transfer_reports_the_bundled_refusal_prompts_in_and_out_of_distribution():
-    from cnt_lens.cli import _prompt_sets, _protocol_sets
+    from cnt_lens.cli.inputs import prompt_sets, protocol_sets
 
-    sets, record = _prompt_sets("refusal", None, None, None, None, None, 0)
+    sets, record = prompt_sets("refusal", None, None, None, None, None, 0)
     families = {split: {r["family"] for r in sets["harmful"].split(split)} for split in ("train", "validation", "test")}
     assert families == {"train": {"cnt_lens"}, "validation": {"cnt_lens"},
                         "test": {"cnt_lens", "advbench", "roleplay", "writing", "context"}}
     assert {r["role"] for r in sets["harmless"].split("test")} == {"selection", "held_out"}
-    assert _protocol_sets("split", "refusal", True, sets, record) == (sets, record)
-    cross, cross_record = _protocol_sets("cross", "refusal", True, sets, record)
+    assert protocol_sets("split", "refusal", True, sets, record) == (sets, record)
+    cross, cross_record = protocol_sets("cross", "refusal", True, sets, record)
     assert {r["family"] for r in cross["harmful"].split("validation")} == {"advbench"}
     assert cross_record["harmful"]["protocol"] == "cross" and cross_record["harmful"]["n"] == len(cross["harmful"])
 
@@ -184,8 +186,8 @@ def _stub_application(monkeypatch) -> dict:
 
     seen: dict = {}
 
-    def fake_run_application(name, out, **kwargs):
-        seen.update(name=name, **kwargs)
+    def fake_run_application(name, out, config, **kwargs):
+        seen.update(name=name, config=config, **kwargs)
         with profile() as prof:
             with stage("search (validation)"):
                 pass
@@ -200,10 +202,10 @@ def test_demo_runs_enhance_against_the_random_baseline(tmp_path, monkeypatch):
     seen = _stub_application(monkeypatch)
     res = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--no-progress"])
     assert res.exit_code == 0, res.output
-    assert seen == {"name": "enhance", "model": "smollm2-135m-instruct", "rounds": None, "baselines": ("random",),
-                    "device": None, "alphas": None, "max_fraction": None, "screen": True, "protocol": "split",
-                    "objective": "opening", "random_seeds": None, "search_baselines": False,
-                    "progress": False}
+    enhance = APPLICATIONS["enhance"].config("smollm2-135m-instruct")
+    assert seen == {"name": "enhance", "model": "smollm2-135m-instruct", "device": None, "protocol": "split",
+                    "objective": "opening", "progress": False,
+                    "config": override(enhance, {"baselines.methods": ("random",), "baselines.search": False})}
 
 
 def test_demo_with_all_baselines_is_run_enhance(tmp_path, monkeypatch):
@@ -232,10 +234,12 @@ def test_run_passes_its_overrides_to_the_application_and_prints_the_timings(tmp_
                               "--no-screen", "--protocol", "cross", "--objective", "continuation",
                               "--random-seeds", "2", "--no-search-baselines"])
     assert res.exit_code == 0, res.output
-    assert seen == {"name": "delete-refusal", "model": "qwen2.5-coder-0.5b-instruct", "rounds": 0,
-                    "baselines": ("random",), "device": None, "alphas": (1.0, 2.0), "max_fraction": 0.02,
-                    "screen": False, "protocol": "cross", "objective": "continuation", "random_seeds": 2,
-                    "search_baselines": False, "progress": True}
+    config = override(APPLICATIONS["delete-refusal"].config("qwen2.5-coder-0.5b-instruct"),
+                      {"ranking.rounds": 0, "search.alphas": (1.0, 2.0), "search.max_fraction": 0.02,
+                       "baselines.methods": ("random",), "search.screen": False, "baselines.random_seeds": 2,
+                       "baselines.search": False})
+    assert seen == {"name": "delete-refusal", "model": "qwen2.5-coder-0.5b-instruct", "device": None,
+                    "protocol": "cross", "objective": "continuation", "progress": True, "config": config}
     assert "search (validation)" in res.output and "total (wall)" in res.output
 
 
@@ -250,28 +254,28 @@ def test_run_names_the_protocols_when_given_another(tmp_path, monkeypatch):
 
 
 def test_transfer_defaults_to_the_demos_ranking_search_and_one_baseline(tmp_path, monkeypatch):
-    from cnt_lens import cli, runs
-    from cnt_lens.experiments.applications import APPLICATIONS
+    from cnt_lens import runs
+    from cnt_lens.cli import inputs
 
     seen = {}
 
     class Stop(Exception):
         pass
 
-    def fake_run_transfer(pair, behaviour, out, *, config, rounds, **kwargs):
-        seen.update(config=config, rounds=rounds)
+    def fake_run_transfer(pair, behaviour, out, config, **kwargs):
+        seen.update(config=config)
         raise Stop
 
-    monkeypatch.setattr(cli, "_load_pair", lambda *args: None)
+    monkeypatch.setattr(inputs, "load_pair_checked", lambda *args: None)
     monkeypatch.setattr(runs, "run_transfer", fake_run_transfer)
     res = runner.invoke(app, ["transfer", "--donor", "d", "--target", "t", "--out", str(tmp_path / "o")])
     assert isinstance(res.exception, Stop), res.output
     demo = APPLICATIONS["enhance"]
-    assert seen["rounds"] == demo.rounds and tuple(seen["config"].alphas) == demo.alphas
-    assert seen["config"].method == "weight_attribution" and tuple(seen["config"].baselines) == ("random",)
+    assert seen["config"].ranking.rounds == demo.rounds and seen["config"].search.alphas == demo.alphas
+    assert seen["config"].ranking.method == "weight_attribution" and seen["config"].baselines.methods == ("random",)
     res = runner.invoke(app, ["transfer", "--donor", "d", "--target", "t", "--baselines", "all",
                               "--out", str(tmp_path / "o2")])
-    assert tuple(seen["config"].baselines) == tuple(demo.baselines)
+    assert seen["config"].baselines.methods == tuple(demo.baselines)
 
 
 def test_every_command_help_ends_with_examples_and_shows_no_raw_markup():

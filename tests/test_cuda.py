@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cnt_lens import METHODS, NeuronPatch, Utility, score, search_minimal
+from cnt_lens.config import SearchConfig
 from cnt_lens.models import device_of, hf_state_dict
 from cnt_lens.testing import planted_pair
 
@@ -69,7 +70,7 @@ def test_search_on_cuda_finds_the_planted_set(arch):
     pair, behaviour, planted = planted_pair(arch, n_planted=8, seed=0)
     _on(pair, "cuda")
     s = score(pair, behaviour, progress=False)
-    res = search_minimal(pair, behaviour, s, goal=0.9, alphas=(1.0, 2.0), max_fraction=0.5, progress=False)
+    res = search_minimal(pair, behaviour, s, SearchConfig(goal=0.9, alphas=(1.0, 2.0), max_fraction=0.5), progress=False)
     assert res.found and res.selection.n <= planted.n
     assert res.selection.overlap(planted) >= 0.75
 

@@ -237,12 +237,13 @@ def test_run_names_unknown_baselines_before_loading_anything(tmp_path):
 def test_search_refuses_nonsense_settings(planted):
     pair, behaviour, _ = planted
     from cnt_lens import score
+    from cnt_lens.config import SearchConfig
 
     scores = score(pair, behaviour, "weight_diff")
     for kwargs, message in [({"alphas": (math.nan,)}, "finite"), ({"alphas": (0.0,)}, "> 0"),
                             ({"max_fraction": 0}, "max_fraction"), ({"max_fraction": 1e-6}, "allows 0")]:
         with pytest.raises(ValueError, match=message):
-            search_minimal(pair, behaviour, scores, progress=False, **kwargs)
+            search_minimal(pair, behaviour, scores, SearchConfig(**kwargs), progress=False)
 
 
 def test_evaluation_needs_an_explicit_split(planted):

@@ -9,14 +9,16 @@ import pytest
 from typer.testing import CliRunner
 
 from cnt_lens.cli import app
-from cnt_lens.pipeline import TransferConfig, transfer
+from cnt_lens.config import TransferConfig, override
+from cnt_lens.pipeline import transfer
+from cnt_lens.runs import run_transfer
 from cnt_lens.testing import planted_pair
 
 
 def test_transfer_writes_a_complete_run(tmp_path):
     pair, behaviour, planted = planted_pair("llama", n_planted=8, seed=2)
-    cfg = TransferConfig(baselines=("attribution", "weight_diff", "random"), alphas=(1.0, 2.0), max_fraction=0.5)
-    report, patch, scores = transfer(pair, behaviour, config=cfg, out_dir=tmp_path, progress=False)
+    cfg = override(TransferConfig(), {"baselines.methods": ("attribution", "weight_diff", "random"), "search.alphas": (1.0, 2.0), "search.max_fraction": 0.5})
+    run_transfer(pair, behaviour, tmp_path, cfg, progress=False)
     data = json.loads((tmp_path / "metrics.json").read_text())
     assert data["n_neurons_total"] == pair.n_neurons
     assert {"marker_rate", "method", "n_neurons", "alpha"} <= set(data["patched"])
@@ -48,13 +50,11 @@ def test_a_one_pass_run_ranks_with_the_runs_contrast_and_preserved_side_effects(
     import torch
 
     from cnt_lens import NeuronScores, Utility, score
-    from cnt_lens.runs import run_transfer
 
     pair, behaviour, _ = planted_pair("llama", n_planted=8, seed=2)
-    cfg = TransferConfig(baselines=("random",), alphas=(1.0, 2.0), max_fraction=0.5, random_seeds=1,
-                         search_baselines=False)
-    run_transfer(pair, behaviour, tmp_path, side_effects=[Utility()], config=cfg, rounds=0, contrast=0.5,
-                 preserve_weights=[10.0], progress=False)
+    cfg = override(TransferConfig(), {"baselines.methods": ("random",), "search.alphas": (1.0, 2.0), "search.max_fraction": 0.5, "baselines.random_seeds": 1, "baselines.search": False,
+                                      "ranking.contrast": 0.5, "ranking.preserve_weights": (10.0,)})
+    run_transfer(pair, behaviour, tmp_path, cfg, side_effects=[Utility()], progress=False)
     saved = NeuronScores.load(tmp_path / "scores" / "weight_attribution.safetensors")
     penalised = score(pair, behaviour, split="train", contrast=0.5, preserve=[Utility()], preserve_weight=10.0,
                       progress=False)
@@ -67,18 +67,18 @@ def test_a_one_pass_run_ranks_with_the_runs_contrast_and_preserved_side_effects(
 
 def test_constraints_see_the_reference_and_can_reject(tmp_path):
     pair, behaviour, planted = planted_pair("gpt2", n_planted=8, seed=2)
-    cfg = TransferConfig(baselines=("random",), alphas=(1.0, 2.0), max_fraction=0.5)
+    cfg = override(TransferConfig(), {"baselines.methods": ("random",), "search.alphas": (1.0, 2.0), "search.max_fraction": 0.5})
     seen = []
 
     def no_worse_than_donor_on_controls(point, reference):
         seen.append(reference)
         return point["marker_rate_control"] <= reference["donor"]["marker_rate_control"] + 0.05
 
-    report, patch, _ = transfer(pair, behaviour, constraint=no_worse_than_donor_on_controls, config=cfg,
-                                progress=False)
+    result = transfer(pair, behaviour, cfg, constraint=no_worse_than_donor_on_controls, progress=False)
+    report, patch = result.report, result.patch
     assert seen and {"donor", "target"} <= set(seen[0])
     assert report.patched["goal_reached_on_validation"] and patch is not None
-    report, patch, _ = transfer(pair, behaviour, constraint=lambda p, r: False, config=cfg, progress=False)
+    report = transfer(pair, behaviour, cfg, constraint=lambda p, r: False, progress=False).report
     assert not report.patched["goal_reached_on_validation"]
     assert all(not p["reached"] for p in report.frontier)
     assert not any(b["acceptable_on_validation"] for b in [report.patched, *report.baselines])
@@ -149,7 +149,7 @@ def test_transfer_stops_before_scoring_when_donor_and_target_agree(monkeypatch):
     same = ModelPair(donor=clone_model(pair.target), target=pair.target)
     monkeypatch.setattr(pl, "score", lambda *a, **k: pytest.fail("scored before checking for a gap"))
     with pytest.raises(NoGapError, match="no gap to close"):
-        transfer(same, behaviour, config=TransferConfig(baselines=()), progress=False)
+        transfer(same, behaviour, override(TransferConfig(), {"baselines.methods": ()}), progress=False)
 
 
 def test_a_screened_transfer_reports_only_full_evaluations_and_gives_baselines_the_whole_search(tmp_path):
@@ -157,8 +157,8 @@ def test_a_screened_transfer_reports_only_full_evaluations_and_gives_baselines_t
 
     pair, _, _ = planted_pair("llama", n_planted=32, seed=0, strength=1.5)
     behaviour = EstimatedMarker()
-    cfg = TransferConfig(baselines=("attribution", "random"), alphas=(1.0, 2.0), max_fraction=0.5)
-    report, patch, scores = transfer(pair, behaviour, config=cfg, out_dir=tmp_path, progress=False)
+    cfg = override(TransferConfig(), {"baselines.methods": ("attribution", "random"), "search.alphas": (1.0, 2.0), "search.max_fraction": 0.5})
+    report = run_transfer(pair, behaviour, tmp_path, cfg, progress=False)
     frontier = report.frontier
     assert {p["measured"] for p in frontier} == {"estimate", "evaluation"}
     # the chosen point and each baseline's chosen alpha were evaluated in full on validation
@@ -187,8 +187,8 @@ def test_a_screened_transfer_that_misses_its_goal_reports_an_evaluated_point():
     from cnt_lens.testing import EstimatedMarker
 
     pair, _, _ = planted_pair("llama", n_planted=32, seed=0, strength=1.5)
-    cfg = TransferConfig(baselines=("random",), alphas=(1.0, 2.0), max_fraction=2 / pair.n_neurons, random_seeds=1)
-    report, patch, _ = transfer(pair, EstimatedMarker(), config=cfg, progress=False)
+    cfg = override(TransferConfig(), {"baselines.methods": ("random",), "search.alphas": (1.0, 2.0), "search.max_fraction": 2 / pair.n_neurons, "baselines.random_seeds": 1})
+    report = transfer(pair, EstimatedMarker(), cfg, progress=False).report
     assert not report.patched["goal_reached_on_validation"]
     main = [p for p in report.frontier if p["method"] == report.patched["method"]]
     evaluated = [p for p in main if p["measured"] == "evaluation"]

@@ -17,7 +17,8 @@ from cnt_lens import (
     neuron_params,
     score,
 )
-from cnt_lens.pipeline import TransferConfig, transfer
+from cnt_lens.config import TransferConfig, override
+from cnt_lens.pipeline import transfer
 from cnt_lens.testing import planted_pair
 
 
@@ -102,7 +103,7 @@ def test_transfer_on_a_disk_offloaded_target_chooses_and_measures_what_the_whole
     pair, behaviour, _ = planted_pair("llama", n_planted=6, seed=0, layers=[0, 1])
     offloaded = load_model(export_hf(pair.target, tmp_path / "target"), device_map=_split_map("disk"),
                            offload_folder=tmp_path / "offload")
-    cfg = TransferConfig(baselines=("attribution", "random"), alphas=(1.0, 2.0), max_fraction=0.5)
+    cfg = override(TransferConfig(), {"baselines.methods": ("attribution", "random"), "search.alphas": (1.0, 2.0), "search.max_fraction": 0.5})
     whole = transfer(pair, behaviour, config=cfg, progress=False)
     spread = transfer(ModelPair(donor=pair.donor, target=offloaded), behaviour, config=cfg, progress=False)
     assert spread.patch.content_hash == whole.patch.content_hash  # same neurons, same alpha, same weights

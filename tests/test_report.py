@@ -10,9 +10,12 @@ import subprocess
 
 import pytest
 
-from cnt_lens.pipeline import TransferConfig, transfer
+from cnt_lens.config import TransferConfig, override
+from cnt_lens.pipeline import transfer
 from cnt_lens.report import write_report
+from cnt_lens.runs import write_run
 from cnt_lens.testing import planted_pair
+from cnt_lens.timing import Profile
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -21,9 +24,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     pair, behaviour, _ = planted_pair("gpt2", n_planted=6, seed=3)
-    cfg = TransferConfig(baselines=("attribution", "random"), alphas=(1.0, 2.0), max_fraction=0.5)
-    _, _, scores = transfer(pair, behaviour, config=cfg, out_dir=out, progress=False)
-    write_report(out, pair=pair, scores=scores, behaviour=behaviour, n_cards=2)
+    cfg = override(TransferConfig(), {"baselines.methods": ("attribution", "random"), "search.alphas": (1.0, 2.0), "search.max_fraction": 0.5})
+    result = transfer(pair, behaviour, cfg, progress=False)
+    write_run(out, result, pair, behaviour, profile=Profile())
+    write_report(out, pair=pair, scores=dict(result.scores), behaviour=behaviour, n_cards=2)
     return out
 
 

@@ -10,13 +10,21 @@ import torch
 
 import cnt_lens.scoring as scoring
 from cnt_lens import NeuronPatch, measure, score
+from cnt_lens.config import TransferConfig, override
 from cnt_lens.files import append_jsonl
 from cnt_lens.models import read_neurons, write_neurons
-from cnt_lens.pipeline import TransferConfig, transfer
+from cnt_lens.pipeline import transfer
 from cnt_lens.resume import active_directory, resumable, weights_digest
 from cnt_lens.testing import EstimatedMarker, planted_pair
 
-CFG = TransferConfig(baselines=("attribution", "random"), alphas=(1.0, 2.0), max_fraction=0.5, random_seeds=2)
+
+def _transfer(pair, behaviour, config, out):
+    """A transfer remembered in ``out/resume`` (what ``run_transfer`` opens around it)."""
+    with resumable(out):
+        return transfer(pair, behaviour, config, progress=False)
+
+
+CFG = override(TransferConfig(), {"baselines.methods": ("attribution", "random"), "search.alphas": (1.0, 2.0), "search.max_fraction": 0.5, "baselines.random_seeds": 2})
 
 
 class Stop(Exception):
@@ -54,15 +62,15 @@ def test_a_rerun_of_a_finished_transfer_computes_nothing_and_reports_the_same(tm
     pair, _, _ = planted_pair("llama", n_planted=8, seed=2)
     behaviour = EstimatedMarker()
     calls = _counting(monkeypatch, behaviour)
-    first = transfer(pair, behaviour, config=CFG, out_dir=tmp_path, progress=False).report
+    first = _transfer(pair, behaviour, CFG, tmp_path).report
     assert calls["evaluate_items"] and calls["estimate_items"] and calls["score"] == 4  # 3 methods + 1 more seed
     calls.clear()
-    again = transfer(pair, behaviour, config=CFG, out_dir=tmp_path, progress=False).report
+    again = _transfer(pair, behaviour, CFG, tmp_path).report
     assert sum(calls.values()) == 0
     assert _numbers(again) == _numbers(first)
     # one more baseline: only its scoring and its own points are computed
-    more = TransferConfig(**{**vars(CFG), "baselines": ("attribution", "random", "weight_diff")})
-    third = transfer(pair, behaviour, config=more, out_dir=tmp_path, progress=False).report
+    more = override(CFG, {"baselines.methods": ("attribution", "random", "weight_diff")})
+    third = _transfer(pair, behaviour, more, tmp_path).report
     assert calls["score"] == 1 and calls["evaluate_items"] >= 1
     assert third.baselines[:2] == first.baselines and third.patched == first.patched
 
@@ -75,24 +83,24 @@ def test_a_new_run_of_the_same_pair_reuses_only_the_donors_and_targets_evaluatio
     pair, _, _ = planted_pair("llama", n_planted=8, seed=2)
     behaviour = EstimatedMarker()
     calls = _counting(monkeypatch, behaviour)
-    first = transfer(pair, behaviour, config=CFG, out_dir=tmp_path / "a", progress=False).report
+    first = _transfer(pair, behaviour, CFG, tmp_path / "a").report
     total = calls["evaluate_items"] + calls["estimate_items"]
     kept = list((tmp_path / "cache" / "measured").glob("*.json"))
     # donor and target: validation and test evaluated, validation estimated (the screen's reference)
     assert len(kept) == 6
     calls.clear()
-    second = transfer(pair, behaviour, config=CFG, out_dir=tmp_path / "b", progress=False).report
+    second = _transfer(pair, behaviour, CFG, tmp_path / "b").report
     assert calls["evaluate_items"] + calls["estimate_items"] == total - len(kept)  # every patched point again
     assert _numbers(second) == _numbers(first)
     # another code revision measures them again
     monkeypatch.setattr("cnt_lens.resume.code_digest", lambda: code_digest() + "x")
     calls.clear()
-    transfer(pair, behaviour, config=CFG, out_dir=tmp_path / "c", progress=False)
+    _transfer(pair, behaviour, CFG, tmp_path / "c")
     assert calls["evaluate_items"] + calls["estimate_items"] == total
     # with the cache off, everything is measured again
     monkeypatch.setenv("CNT_LENS_SHARED", "0")
     calls.clear()
-    transfer(pair, behaviour, config=CFG, out_dir=tmp_path / "d", progress=False)
+    _transfer(pair, behaviour, CFG, tmp_path / "d")
     assert calls["evaluate_items"] + calls["estimate_items"] == total
 
 
@@ -100,24 +108,26 @@ def test_an_interrupted_transfer_continues_where_it_stopped_and_ends_as_an_unint
     pair, _, _ = planted_pair("llama", n_planted=8, seed=2)
     behaviour = EstimatedMarker()
     calls = _counting(monkeypatch, behaviour)
-    cfg = TransferConfig(baselines=("random",), alphas=(1.0, 2.0), max_fraction=0.5, random_seeds=2)
-    whole = transfer(pair, behaviour, config=cfg, out_dir=tmp_path / "whole", progress=False).report
+    cfg = override(TransferConfig(), {"baselines.methods": ("random",), "search.alphas": (1.0, 2.0), "search.max_fraction": 0.5, "baselines.random_seeds": 2})
+    whole_result = _transfer(pair, behaviour, cfg, tmp_path / "whole")
+    whole = whole_result.report
     total = calls["evaluate_items"] + calls["estimate_items"]
     monkeypatch.undo()
 
     calls = _counting(monkeypatch, behaviour, stop_after=total // 2)
     with pytest.raises(Stop):
-        transfer(pair, behaviour, config=cfg, out_dir=tmp_path / "cut", progress=False)
+        _transfer(pair, behaviour, cfg, tmp_path / "cut")
     assert not (tmp_path / "cut" / "metrics.json").exists()
     done = calls["evaluate_items"] + calls["estimate_items"]
     assert done == total // 2
     monkeypatch.undo()
 
     calls = _counting(monkeypatch, behaviour)
-    resumed = transfer(pair, behaviour, config=cfg, out_dir=tmp_path / "cut", progress=False).report
+    resumed_result = _transfer(pair, behaviour, cfg, tmp_path / "cut")
+    resumed = resumed_result.report
     assert calls["evaluate_items"] + calls["estimate_items"] == total - done
     assert _numbers(resumed) == _numbers(whole)
-    assert (tmp_path / "cut" / "items.jsonl").read_text() == (tmp_path / "whole" / "items.jsonl").read_text()
+    assert resumed_result.items == whole_result.items
 
 
 def test_results_are_keyed_by_the_models_weights_and_patches(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ interrupted replacement is repaired, killed writes leave nothing behind, and gen
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 
 from cnt_lens import generate
 from cnt_lens.cli import app
+from cnt_lens.config import TransferConfig, override
 from cnt_lens.data import chat_format
 from cnt_lens.files import (
     DirectoryLockedError,
@@ -20,20 +22,34 @@ from cnt_lens.files import (
     clean_stale_temporaries,
     directory_lock,
 )
-from cnt_lens.pipeline import TransferConfig
 from cnt_lens.resume import resumable
 from cnt_lens.testing import tiny_model, tiny_tokenizer
 
 
-@pytest.mark.parametrize("settings, field", [({"baselines": ("attribution", "wandaa")}, "wandaa"),
-                                             ({"method": "nope"}, "nope"), ({"alphas": ()}, "alphas"),
-                                             ({"alphas": (2.0, float("nan"))}, "alphas"), ({"alphas": (-1.0,)}, "alphas"),
-                                             ({"goal": 0.0}, "goal"), ({"goal": 1.5}, "goal"),
-                                             ({"max_fraction": 0.0}, "max_fraction"), ({"batch_size": 0}, "batch_size"),
-                                             ({"random_seeds": 0}, "random_seeds")])
-def test_every_transfer_setting_is_checked_on_construction(settings, field):
-    with pytest.raises(ValueError, match=f"TransferConfig: .*{field}"):
-        TransferConfig(**settings)
+@pytest.mark.parametrize("setting, value", [("baselines.methods", ("attribution", "wandaa")),
+                                            ("ranking.method", "nope"), ("search.alphas", ()),
+                                            ("search.alphas", (2.0, float("nan"))), ("search.alphas", (-1.0,)),
+                                            ("search.goal", 0.0), ("search.goal", 1.5), ("search.max_fraction", 0.0),
+                                            ("search.batch_size", 0), ("evaluation.batch_size", 0),
+                                            ("ranking.batch_size", 0), ("baselines.random_seeds", 0)])
+def test_every_transfer_setting_is_checked_on_construction(setting, value):
+    section, field = setting.split(".")
+    kind = {"ranking": "RankingConfig", "search": "SearchConfig", "baselines": "BaselineConfig",
+            "evaluation": "EvaluationConfig"}[section]
+    with pytest.raises(ValueError, match=f"{kind}: .*{field if field != 'methods' else 'wandaa'}"):
+        override(TransferConfig(), {setting: value})
+
+
+def test_a_config_reads_back_from_its_json_and_from_an_older_flat_layout():
+    config = override(TransferConfig(about={"application": "enhance"}), {"search.alphas": (2.0, 4.0), "ranking.rounds": 3})
+    assert TransferConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert TransferConfig.from_dict({**config.to_dict(), "future_section": {"x": 1}}) == config  # unknown keys ignored
+    flat = TransferConfig.from_dict({"goal": 0.8, "alphas": [2.0], "baselines": ["random"], "screen_slack": 0.2,
+                                     "batch_size": 32, "extra": {"application": "enhance"}})
+    assert (flat.search.goal, flat.search.alphas, flat.baselines.methods, flat.search.slack) == (0.8, (2.0,), ("random",), 0.2)
+    assert (flat.search.batch_size, flat.evaluation.batch_size, flat.about["application"]) == (32, 32, "enhance")
+    with pytest.raises(ValueError, match="no setting 'search.gaol'"):
+        override(config, {"search.gaol": 0.5})
 
 
 @pytest.mark.parametrize("option, value", [("--alphas", "0"), ("--budget", "0"), ("--goal", "2"),
@@ -44,7 +60,7 @@ def test_the_cli_refuses_bad_settings_before_loading_a_model_and_leaves_no_run_b
                                    str(tmp_path / "no-target"), "--out", str(out), option, value])
     assert res.exit_code != 0
     text = res.output + str(res.exception or "")
-    assert "no-donor" not in text and ("TransferConfig" in text or "wandaa" in text), text  # not the model's error
+    assert "no-donor" not in text and ("Config: " in text or "wandaa" in text), text  # not the model's error
     assert not (out / "resume").exists()
 
 
@@ -52,7 +68,8 @@ def test_run_application_checks_its_overrides_before_loading_the_model(tmp_path)
     from cnt_lens.experiments.applications import run_application
 
     with pytest.raises(ValueError, match="max_fraction"):
-        run_application("enhance", tmp_path / "r", model=str(tmp_path / "no-model"), max_fraction=0.0)
+        run_application("enhance", tmp_path / "r", override(TransferConfig(), {"search.max_fraction": 0.0}),
+                        model=str(tmp_path / "no-model"))
 
 
 def test_one_writer_per_run_directory(tmp_path):

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
 import torch
 
 from cnt_lens import score, search_minimal
+from cnt_lens.config import SearchConfig
 from cnt_lens.search import measure_point
 from cnt_lens.testing import EstimatedMarker, planted_pair
 
@@ -15,7 +16,7 @@ from cnt_lens.testing import EstimatedMarker, planted_pair
 def test_search_finds_a_set_no_larger_than_planted_that_reaches_the_goal(arch):
     pair, behaviour, planted = planted_pair(arch, n_planted=8, seed=0)
     s = score(pair, behaviour, progress=False)
-    res = search_minimal(pair, behaviour, s, goal=0.9, alphas=(1.0, 2.0), max_fraction=0.5, progress=False)
+    res = search_minimal(pair, behaviour, s, SearchConfig(goal=0.9, alphas=(1.0, 2.0), max_fraction=0.5), progress=False)
     assert res.found and res.selection.n <= planted.n
     # verified on its own: apply the found patch and measure again
     patch = res.patch(pair)
@@ -30,7 +31,7 @@ def test_search_finds_a_set_no_larger_than_planted_that_reaches_the_goal(arch):
 def test_search_reports_failure_honestly(arch):
     pair, behaviour, planted = planted_pair(arch, n_planted=8, seed=1)
     s = score(pair, behaviour, "random", progress=False)
-    res = search_minimal(pair, behaviour, s, goal=0.9, alphas=(1.0,), max_fraction=0.02, progress=False)
+    res = search_minimal(pair, behaviour, s, SearchConfig(goal=0.9, alphas=(1.0,), max_fraction=0.02), progress=False)
     assert not res.found and res.frontier and not any(p["reached"] for p in res.frontier)
 
 
@@ -56,8 +57,7 @@ def test_iterative_scores_rank_round_picks_first_and_restore_the_target(arch):
 def test_per_layer_search_returns_a_per_layer_selection():
     pair, behaviour, planted = planted_pair("llama", n_planted=8, seed=0)
     s = score(pair, behaviour, progress=False)
-    res = search_minimal(pair, behaviour, s, goal=0.9, alphas=(2.0,), max_fraction=0.5, per_layer=True,
-                         progress=False)
+    res = search_minimal(pair, behaviour, s, SearchConfig(goal=0.9, alphas=(2.0,), max_fraction=0.5, per_layer=True), progress=False)
     assert res.found
     counts = res.selection.per_layer()
     assert len(set(counts)) == 1  # the same number of neurons in every layer
@@ -100,8 +100,7 @@ def test_search_bisects_below_a_budget_whose_side_effects_break_the_constraint(a
     values.view(-1)[noisy] = 1.0  # planted first, then the unspecific neurons
     ranking = NeuronScores(values, "handmade")
     specific = lambda m, ref: m["marker_rate_control"] <= ref["target"]["marker_rate_control"]  # noqa: E731
-    res = search_minimal(pair, behaviour, ranking, goal=0.9, alphas=(1.0,), max_fraction=16 / pair.n_neurons,
-                         constraint=specific, progress=False)
+    res = search_minimal(pair, behaviour, ranking, SearchConfig(goal=0.9, alphas=(1.0,), max_fraction=16 / pair.n_neurons), constraint=specific, progress=False)
     first = res.frontier[0]
     assert first["k"] == 16 and first["gap_closed"] >= 0.9 and not first["reached"]  # the budget is unspecific
     assert res.found and res.selection.n <= planted.n and (res.selection & planted).n == res.selection.n
@@ -119,8 +118,7 @@ def test_out_of_reach_goal_ends_at_the_constraints_boundary():
     values[first], values[noisy], values[rest] = 3.0, 2.0, 1.0
     ranking = NeuronScores(values.view(pair.n_layers, pair.d_mlp), "handmade")
     specific = lambda m, ref: m["marker_rate_control"] <= ref["target"]["marker_rate_control"]  # noqa: E731
-    res = search_minimal(pair, behaviour, ranking, goal=0.9, alphas=(1.0,), max_fraction=16 / pair.n_neurons,
-                         constraint=specific, progress=False)
+    res = search_minimal(pair, behaviour, ranking, SearchConfig(goal=0.9, alphas=(1.0,), max_fraction=16 / pair.n_neurons), constraint=specific, progress=False)
     assert not res.found and not any(p["reached"] for p in res.frontier)
     assert any(p["goal_reached"] for p in res.frontier)  # the goal is there, only not acceptably
     # every k measured directly: the acceptable ones are a prefix, and the search's best is its end
@@ -189,9 +187,9 @@ def test_screened_search_confirms_its_point_in_full_with_fewer_evaluations(arch)
     pair, _, planted = planted_pair(arch, n_planted=32, seed=0, strength=1.5)
     behaviour = EstimatedMarker()
     s = score(pair, behaviour, progress=False)
-    kw = dict(goal=0.9, alphas=(1.0, 2.0), max_fraction=0.5, progress=False)
-    full = search_minimal(pair, behaviour, s, **kw)
-    screened = search_minimal(pair, behaviour, s, screen=True, **kw)
+    cfg = SearchConfig(goal=0.9, alphas=(1.0, 2.0), max_fraction=0.5)
+    full = search_minimal(pair, behaviour, s, cfg, progress=False)
+    screened = search_minimal(pair, behaviour, s, replace(cfg, screen=True), progress=False)
     assert full.found and screened.found and screened.alpha == full.alpha
     assert {p["measured"] for p in full.frontier} == {"evaluation"}
     # the screen's own answer was optimistic, the returned point is verified by the evaluation
@@ -210,9 +208,9 @@ def test_a_screen_with_slack_looks_below_a_goal_its_estimate_misses_and_still_an
     pair, _, _ = planted_pair("llama", n_planted=32, seed=0, strength=1.5)
     behaviour = EstimatedMarker()
     s = score(pair, behaviour, progress=False)
-    kw = dict(goal=0.9, alphas=(1.0, 2.0), max_fraction=0.5, progress=False)
-    full = search_minimal(pair, behaviour, s, **kw)
-    slack = search_minimal(pair, behaviour, s, screen=True, slack=0.3, **kw)
+    cfg = SearchConfig(goal=0.9, alphas=(1.0, 2.0), max_fraction=0.5)
+    full = search_minimal(pair, behaviour, s, cfg, progress=False)
+    slack = search_minimal(pair, behaviour, s, replace(cfg, screen=True, slack=0.3), progress=False)
     est = [p for p in slack.frontier if p["measured"] == "estimate"]
     assert est and all(p["goal_reached"] == (p["gap_closed"] >= 0.9 - 0.3) for p in est)  # within the slack counts
     chosen = next(p for p in slack.frontier if p["measured"] == "evaluation" and p["k"] == slack.selection.n
@@ -220,15 +218,15 @@ def test_a_screen_with_slack_looks_below_a_goal_its_estimate_misses_and_still_an
     assert chosen["reached"] and chosen["gap_closed"] >= 0.9  # the answer itself meets the goal in full
     assert slack.alpha == full.alpha and abs(slack.selection.n - full.selection.n) <= 0.1 * full.selection.n + 1
     with pytest.raises(ValueError, match="slack"):
-        search_minimal(pair, behaviour, s, screen=True, slack=0.9, **kw)
+        search_minimal(pair, behaviour, s, replace(cfg, screen=True, slack=0.9), progress=False)
 
 
 def test_a_screen_is_the_full_search_when_the_estimate_is_the_evaluation():
     pair, behaviour, _ = planted_pair("llama", n_planted=8, seed=0)
     assert behaviour.estimate_is_evaluation and not EstimatedMarker().estimate_is_evaluation
     s = score(pair, behaviour, progress=False)
-    kw = dict(goal=0.9, alphas=(1.0, 2.0), max_fraction=0.5, progress=False)
-    full, screened = search_minimal(pair, behaviour, s, **kw), search_minimal(pair, behaviour, s, screen=True, **kw)
+    cfg = SearchConfig(goal=0.9, alphas=(1.0, 2.0), max_fraction=0.5)
+    full, screened = search_minimal(pair, behaviour, s, cfg, progress=False), search_minimal(pair, behaviour, s, replace(cfg, screen=True), progress=False)
     assert [p["k"] for p in screened.frontier] == [p["k"] for p in full.frontier]
     assert not screened.estimated_reference and screened.selection == full.selection
 
@@ -271,9 +269,9 @@ def test_a_screen_whose_estimate_reaches_the_goal_nowhere_searches_in_full():
     pair, _, _ = planted_pair("llama", n_planted=32, seed=0, strength=1.5)
     behaviour = _BlindEstimate(donor=pair.donor)
     s = score(pair, behaviour, progress=False)
-    kw = dict(goal=0.9, alphas=(1.0, 2.0), max_fraction=0.5, progress=False)
-    full = search_minimal(pair, behaviour, s, **kw)
-    screened = search_minimal(pair, behaviour, s, screen=True, **kw)
+    cfg = SearchConfig(goal=0.9, alphas=(1.0, 2.0), max_fraction=0.5)
+    full = search_minimal(pair, behaviour, s, cfg, progress=False)
+    screened = search_minimal(pair, behaviour, s, replace(cfg, screen=True), progress=False)
     est = [p for p in screened.frontier if p["measured"] == "estimate"]
     assert screened.estimated_reference["donor"]["marker_rate"] > 0 and est
     assert not any(p["goal_reached"] for p in est)  # the screen found nothing ...

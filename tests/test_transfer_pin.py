@@ -26,18 +26,19 @@ DESCRIPTIVE = ("config", "ranking", "wall_time_s", "device", "constraint", "data
 
 def run(out: Path) -> dict[str, Any]:
     """The pinned run's two files, read back (``extra``'s descriptive keys dropped)."""
-    from cnt_lens.pipeline import TransferConfig
+    from cnt_lens.config import TransferConfig, override
     from cnt_lens.runs import run_transfer
 
     pair, behaviour, _ = planted_pair("llama", n_planted=8, seed=2)
-    config = TransferConfig(baselines=("attribution", "weight_diff", "random"), alphas=(1.0, 2.0), max_fraction=0.5,
-                            random_seeds=2, batch_size=16)
-    run_transfer(pair, behaviour, out, side_effects=[Utility()], config=config, rounds=2, round_alpha=2.0,
-                 contrast=0.5, preserve_weights=[3.0], progress=False)
+    config = override(TransferConfig(), {"baselines.methods": ("attribution", "weight_diff", "random"), "search.alphas": (1.0, 2.0), "search.max_fraction": 0.5, "baselines.random_seeds": 2, "search.batch_size": 16, "evaluation.batch_size": 16, "ranking.rounds": 2,
+                                          "ranking.round_alpha": 2.0, "ranking.contrast": 0.5,
+                                          "ranking.preserve_weights": (3.0,), "search.screen": True})
+    run_transfer(pair, behaviour, out, config, side_effects=[Utility()], progress=False)
     # the screened search: a behaviour with cheap estimates, on the other architecture
     pair, _, _ = planted_pair("gpt2", n_planted=8, seed=2)
-    config = TransferConfig(baselines=("random",), alphas=(1.0, 2.0), max_fraction=0.5, random_seeds=1, batch_size=16)
-    run_transfer(pair, EstimatedMarker(), out / "screened", side_effects=[Utility()], config=config, progress=False)
+    config = override(TransferConfig(), {"baselines.methods": ("random",), "search.alphas": (1.0, 2.0), "search.max_fraction": 0.5, "baselines.random_seeds": 1, "search.batch_size": 16, "evaluation.batch_size": 16,
+                                          "search.screen": True})
+    run_transfer(pair, EstimatedMarker(), out / "screened", config, side_effects=[Utility()], progress=False)
     files = {}
     for name, where in (("", out), ("screened_", out / "screened")):
         metrics = json.loads((where / "metrics.json").read_text())

@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, Utility, canary, donor_refusal
+from ..config import BaselineConfig, RankingConfig, TransferConfig
 from ..constraints import no_more_over_refusal, task_kept, utility_kept
 from ..data import cross_harmful, cross_harmless, load_prompts
 from ..models import BUNDLED_MODEL, ModelPair, load_model
-from ..pipeline import TransferConfig
 from ..resume import resumable
 from ..runs import run_transfer
 from ..timing import profile, stage
@@ -63,6 +63,14 @@ class Application:
                                   "nlsr_drift", "random")
     notes: dict[str, Any] = field(default_factory=dict)
     refuser: str = "donor"  # which model of the pair refuses: donor (function addition) or target (deletion)
+
+    def config(self, model: str = BUNDLED_MODEL) -> TransferConfig:
+        """The application's own settings (what ``cnt-lens run`` overrides option by option)."""
+        return TransferConfig(
+            ranking=RankingConfig(rounds=self.rounds, round_alpha=self.round_alpha, contrast=self.contrast,
+                                  preserve_weights=self.preserve_weights),
+            search=replace(TransferConfig().search, goal=self.goal, alphas=self.alphas, max_fraction=self.max_fraction),
+            baselines=BaselineConfig(methods=self.baselines), about={"application": self.name, "model": model})
 
 
 def _pair_enhance(base: Any) -> ModelPair:
@@ -145,28 +153,21 @@ OBJECTIVES: dict[str, Callable[[Behaviour, Any], Behaviour]] = {
     "opening": lambda b, refusing: b, "continuation": _own_refusal}
 
 
-def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
-                    alphas: tuple[float, ...] | None = None, rounds: int | None = None,
-                    baselines: tuple[str, ...] | None = None, max_fraction: float | None = None,
-                    screen: bool = True, protocol: str = "split", objective: str = "opening",
-                    random_seeds: int | None = None, search_baselines: bool = True, device: str | None = None,
+def run_application(name: str, out: str | Path, config: TransferConfig | None = None, *, model: str = BUNDLED_MODEL,
+                    protocol: str = "split", objective: str = "opening", device: str | None = None,
                     progress: bool = True) -> Any:
     """Run one application end to end and write its run directory; returns the :class:`Report`.
 
     ``model`` is the base the application's recipes tune (any :func:`~cnt_lens.load_model` source;
-    default the bundled SmolLM2). ``alphas``, ``rounds`` (0 = one scoring pass), ``baselines`` and
-    ``max_fraction`` (the largest budget searched) override the application's settings, e.g. to fit a
-    larger model's run on a CPU; ``screen=False`` evaluates every search point in full
-    (:class:`~cnt_lens.pipeline.TransferConfig`); ``protocol`` is one of :data:`PROTOCOLS` and
-    ``objective`` one of :data:`OBJECTIVES` (refusal applications only); ``random_seeds`` overrides
-    :attr:`~cnt_lens.pipeline.TransferConfig.random_seeds` (each seed is one more test evaluation);
-    ``search_baselines=False`` gives each baseline only the alpha search at the main method's k
-    (:attr:`~cnt_lens.pipeline.TransferConfig.search_baselines`). Every stage's wall time goes to
-    ``timings.json`` in ``out``, and every evaluation and scoring pass to ``out/resume``
-    (:mod:`cnt_lens.resume`): the same call again continues a run that was stopped.
-    ``device`` (e.g. ``"cuda"``) holds both models there; the fine-tune recipes train there too.
-    Their cache key is the weights and settings, not the device, so a donor cached on one device
-    is reused on another (greedy generations can then differ in a few prompts from float rounding).
+    default the bundled SmolLM2). ``config`` replaces the application's own settings
+    (:meth:`Application.config`; :func:`~cnt_lens.config.override` changes some of them, e.g. to fit a
+    larger model's run on a CPU); ``protocol`` is one of :data:`PROTOCOLS` and ``objective`` one of
+    :data:`OBJECTIVES` (refusal applications only). Every stage's wall time goes to ``timings.json``
+    in ``out``, and every evaluation and scoring pass to ``out/resume`` (:mod:`cnt_lens.resume`): the
+    same call again continues a run that was stopped. ``device`` (e.g. ``"cuda"``) holds both models
+    there; the fine-tune recipes train there too. Their cache key is the weights and settings, not the
+    device, so a donor cached on one device is reused on another (greedy generations can then differ
+    in a few prompts from float rounding).
     """
     if name not in APPLICATIONS:
         raise ValueError(f"unknown application {name!r}; one of {sorted(APPLICATIONS)}")
@@ -175,18 +176,13 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; one of {sorted(OBJECTIVES)}")
     app = APPLICATIONS[name]
-    config = TransferConfig(goal=app.goal, max_fraction=app.max_fraction if max_fraction is None else max_fraction,
-                            alphas=app.alphas if alphas is None else alphas,
-                            baselines=app.baselines if baselines is None else baselines,
-                            screen=screen, search_baselines=search_baselines,
-                            extra={"application": app.name, "model": model},
-                            random_seeds=TransferConfig.random_seeds if random_seeds is None else random_seeds)
+    config = config if config is not None else app.config(model)
     behaviour = PROTOCOLS[protocol](app.behaviour())  # before any loading: a wrong protocol fails in seconds
     if objective != "opening" and not isinstance(behaviour, Refusal):
         raise ValueError(f"objective {objective!r} reads a refusal; {name!r} transfers {behaviour.name!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with profile() as prof, resumable(out):
+    with profile() as _, resumable(out):  # one profile: the load and the recipes count in the run's timings
         with stage("load model"):
             base = load_model(model, device=device)
         with stage("canary"):
@@ -195,12 +191,7 @@ def run_application(name: str, out: str | Path, *, model: str = BUNDLED_MODEL,
             pair = app.build(base)
         with stage("objective"):
             behaviour = OBJECTIVES[objective](behaviour, getattr(pair, app.refuser))
-        report = run_transfer(pair, behaviour, out, side_effects=app.side_effects(), constraint=app.constraint,
-                              config=config, rounds=app.rounds if rounds is None else rounds,
-                              round_alpha=app.round_alpha, contrast=app.contrast,
-                              preserve_weights=app.preserve_weights, progress=progress)
-        report.extra.update(application=name, protocol=protocol, objective=objective,
-                            continuation=getattr(behaviour, "continuation", ""), wall_time_s=round(prof.total(), 1))
-        report.save(out / "metrics.json")
-        prof.save(out / "timings.json")
-    return report
+        about = {**config.about, "application": name, "model": model, "protocol": protocol, "objective": objective,
+                 "continuation": getattr(behaviour, "continuation", "")}
+        return run_transfer(pair, behaviour, out, replace(config, about=about), side_effects=app.side_effects(),
+                            constraint=app.constraint, progress=progress)
