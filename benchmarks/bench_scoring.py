@@ -27,7 +27,8 @@ import torch
 
 
 def _setup(n_prompts: int, device: str):
-    from cnt_lens import ModelPair, Refusal, clone_model, load_model, load_prompts, read_neurons, write_neurons
+    from cnt_lens import ModelPair, Refusal, load_model, load_prompts
+    from cnt_lens.models import clone_model, read_neurons, write_neurons
 
     target = load_model("smollm2-135m-instruct", device=device)
     donor = clone_model(target)

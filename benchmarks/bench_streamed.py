@@ -32,7 +32,8 @@ def _target_and_behaviour(n_prompts: int):
 
 def make_donor(path: Path) -> None:
     """A perturbed copy of the bundled model, saved with export_hf (safetensors)."""
-    from cnt_lens import clone_model, export_hf, read_neurons, write_neurons
+    from cnt_lens import export_hf
+    from cnt_lens.models import clone_model, read_neurons, write_neurons
 
     target, _ = _target_and_behaviour(1)
     donor = clone_model(target)

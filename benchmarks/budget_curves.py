@@ -29,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cnt_lens import NeuronPatch, NeuronScores, Utility, load_model, measure
+from cnt_lens.config import TransferConfig
 from cnt_lens.experiments.applications import APPLICATIONS, PROTOCOLS
 from cnt_lens.files import append_jsonl, atomic_write_text
 from cnt_lens.report import write_report
@@ -91,7 +92,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
     metrics = json.loads((args.run / "metrics.json").read_text())
-    run_extra = metrics["extra"]["config"]["extra"]  # TransferConfig.extra: application and model
+    run_extra = TransferConfig.from_dict(metrics["extra"]["config"]).about  # application and model
     app = APPLICATIONS[run_extra["application"]]
     saved = sorted((args.run / "scores").glob("*.safetensors"))
     if not saved:
@@ -138,7 +139,7 @@ def main() -> None:
     ref["0.9 of the gap"] = ref["target"] + 0.9 * (ref["donor"] - ref["target"])  # the level the goal asks for
     points = labelled(args.run, done)
     for other in args.merge:
-        same = json.loads((other / "metrics.json").read_text())["extra"]["config"]["extra"]
+        same = TransferConfig.from_dict(json.loads((other / "metrics.json").read_text())["extra"]["config"]).about
         if same != run_extra:
             raise SystemExit(f"--merge {other}: its pair is {same}, this run's {run_extra}; curves must share a pair")
         points += labelled(other, read_points(other))

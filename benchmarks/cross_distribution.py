@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from cnt_lens import NeuronPatch, load_model
+from cnt_lens.config import TransferConfig
 from cnt_lens.evaluate import gap_shares
 from cnt_lens.experiments.applications import APPLICATIONS, PROTOCOLS
 from cnt_lens.files import atomic_write_text
@@ -31,7 +32,7 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("--examples", type=int, default=0, help="print N held-out responses per model")
     args = ap.parse_args()
-    run_extra = json.loads((args.run / "metrics.json").read_text())["extra"]["config"]["extra"]  # TransferConfig.extra
+    run_extra = TransferConfig.from_dict(json.loads((args.run / "metrics.json").read_text())["extra"]["config"]).about  # application and model
     app = APPLICATIONS[run_extra["application"]]
     pair = app.build(load_model(run_extra["model"]))
     patch = NeuronPatch.load(args.run / "patch.safetensors", model=pair.target)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cnt_lens import NeuronPatch, Refusal, load_model
+from cnt_lens.config import TransferConfig
 from cnt_lens.experiments.applications import APPLICATIONS, PROTOCOLS
 from cnt_lens.models import model_tokenizer
 
@@ -47,11 +48,11 @@ def main() -> None:
     args = ap.parse_args()
     metrics = json.loads((args.run / "metrics.json").read_text())
     extra = metrics["extra"]
-    app = APPLICATIONS[extra["config"]["extra"]["application"]]
+    app = APPLICATIONS[TransferConfig.from_dict(extra["config"]).about["application"]]
     behaviour = PROTOCOLS[extra.get("protocol", "split")](app.behaviour())
     if not isinstance(behaviour, Refusal):
         raise SystemExit(f"{args.run}: {behaviour.name!r} has no screened estimate to check (refusal runs only)")
-    target = getattr(app.build(load_model(extra["config"]["extra"]["model"])), "target")
+    target = getattr(app.build(load_model(TransferConfig.from_dict(extra["config"]).about["model"])), "target")
     patch = NeuronPatch.load(args.run / "patch.safetensors", target)
     alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else [patch.alpha]
     for alpha in alphas:

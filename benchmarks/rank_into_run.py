@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 from cnt_lens import NeuronScores, Utility, iterative_scores, load_model, score
+from cnt_lens.config import TransferConfig
 from cnt_lens.experiments.applications import APPLICATIONS, OBJECTIVES, PROTOCOLS
 
 
@@ -42,7 +43,7 @@ def main() -> None:
     path = args.run / "scores" / f"{args.name}.safetensors"
     if path.exists():
         raise SystemExit(f"{path} exists; choose another --name or delete it")
-    extra = json.loads((args.run / "metrics.json").read_text())["extra"]["config"]["extra"]
+    extra = TransferConfig.from_dict(json.loads((args.run / "metrics.json").read_text())["extra"]["config"]).about
     app = APPLICATIONS[extra["application"]]
     pair = app.build(load_model(extra["model"]))
     behaviour = OBJECTIVES[args.objective](PROTOCOLS["cross"](app.behaviour()), getattr(pair, app.refuser))

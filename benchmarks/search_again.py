@@ -19,31 +19,36 @@ from dataclasses import replace
 from pathlib import Path
 
 from cnt_lens import NeuronScores, load_model
+from cnt_lens.config import SearchConfig, TransferConfig, override
 from cnt_lens.experiments.applications import APPLICATIONS, PROTOCOLS
-from cnt_lens.pipeline import TransferConfig, transfer
+from cnt_lens.pipeline import transfer
+from cnt_lens.records import Reference
+from cnt_lens.resume import resumable
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--slack", type=float, default=TransferConfig.screen_slack)
+    ap.add_argument("--slack", type=float, default=SearchConfig().slack)
     ap.add_argument("--no-screen", dest="screen", action="store_false")
     args = ap.parse_args()
     metrics = json.loads((args.run / "metrics.json").read_text())
-    extra, cfg = metrics["extra"], metrics["extra"]["config"]
-    app = APPLICATIONS[cfg["extra"]["application"]]
-    pair = app.build(load_model(cfg["extra"]["model"]))
+    extra = metrics["extra"]
+    run_config = TransferConfig.from_dict(extra["config"])
+    about = {**extra, **run_config.about}  # older runs kept protocol and continuation beside the config
+    app = APPLICATIONS[about["application"]]
+    pair = app.build(load_model(about["model"]))
     scores = NeuronScores.load(args.run / "scores" / f"{metrics['patched']['method']}.safetensors")
-    config = TransferConfig(goal=cfg["goal"], alphas=tuple(cfg["alphas"]), max_fraction=cfg["max_fraction"],
-                            baselines=(), batch_size=cfg["batch_size"], screen=args.screen,
-                            screen_slack=args.slack, random_seeds=1, extra={**cfg["extra"], "again_from": str(args.run)})
-    behaviour = PROTOCOLS[extra.get("protocol", "split")](app.behaviour())  # the run's prompts and roles
-    if extra.get("continuation"):  # and what its ranking read (``--objective continuation``)
-        behaviour = replace(behaviour, continuation=extra["continuation"])
-    result = transfer(pair, behaviour, side_effects=app.side_effects(), constraint=app.constraint,
-                      config=config, scores=scores, reference=extra["validation_reference"], out_dir=args.out,
-                      progress=False)
+    config = override(replace(run_config, about={**run_config.about, "again_from": str(args.run)}),
+                      {"baselines.methods": (), "search.screen": args.screen, "search.slack": args.slack,
+                       "baselines.random_seeds": 1})
+    behaviour = PROTOCOLS[about.get("protocol", "split")](app.behaviour())  # the run's prompts and roles
+    if about.get("continuation"):  # and what its ranking read (``--objective continuation``)
+        behaviour = replace(behaviour, continuation=about["continuation"])
+    with resumable(args.out):
+        result = transfer(pair, behaviour, config, side_effects=app.side_effects(), constraint=app.constraint,
+                          scores=scores, reference=Reference.from_dict(extra["validation_reference"]), progress=False)
     report = result.report
     print(f"chosen: {report.patched['n_neurons']} neurons, alpha {report.patched['alpha']}; "
           f"goal reached on validation: {report.patched['goal_reached_on_validation']}")

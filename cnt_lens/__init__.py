@@ -3,7 +3,9 @@
 Finds the neurons that carry a behaviour in a donor LLM and transplants them, in weight space, into
 a target LLM of the same architecture (CNT; NLSR), on TransformerLens 4.
 
-The whole public API is re-exported here::
+The top level is the workflow, about thirty names; everything else lives in the module named after
+its concept (``cnt_lens.models.read_neurons``, ``cnt_lens.stats.wilson_interval``, …; see
+``docs/architecture.md``)::
 
     import cnt_lens as cl
     pair = cl.load_pair(donor, "smollm2-135m-instruct")
@@ -11,89 +13,47 @@ The whole public API is re-exported here::
     patch = cl.NeuronPatch.from_pair(pair, scores.top_fraction(0.01), alpha=2.0)
     with patch.applied(pair.target):   # temporary; patch.apply(...) is the permanent edit
         ...
+    result = cl.transfer(pair, cl.Refusal(), cl.TransferConfig())   # the whole method, computed
+
+A name that used to live here still resolves, with a ``DeprecationWarning`` naming its module.
 """
 
-from .behaviours import (
-    Behaviour,
-    FormatTask,
-    GenerationError,
-    Refusal,
-    StereotypeBias,
-    Utility,
-    canary,
-    donor_refusal,
-    generate,
-    verify_greedy,
-)
-from .data import (
-    Batch,
-    PromptSet,
-    SharedPrefix,
-    chat_format,
-    cross_distribution,
-    cross_harmful,
-    cross_harmless,
-    default_harmful,
-    default_harmless,
-    encode,
-    load_prompts,
-    split_shared_prefix,
-    stable_split,
-)
-from .evaluate import Report, gap_shares, measure, wilson_interval
-from .formats import (
-    FORMATS,
-    PromptFileError,
-    describe_file,
-    detect_format,
-    from_advbench_csv,
-    from_crows_pairs,
-    from_jsonl,
-    from_stereoset,
-    load_file,
-    register_format,
-)
-from .judge import REFUSAL_OPENINGS, Verdict, is_refusal, judge_accuracy, judge_refusal, verdict_is_final
-from .models import (
-    BUNDLED_MODEL,
-    TESTED_FAMILIES,
-    DonorWeights,
-    IncompatibleModelsError,
-    ModelPair,
-    OffloadedWeightsError,
-    UnsupportedModelError,
-    architecture,
-    bundled_gguf_path,
-    check_compatible,
-    clone_model,
-    context_length,
-    load_model,
-    load_pair,
-    logits_of,
-    mlp_hidden,
-    neuron_params,
-    plain_hf_model,
-    read_neurons,
-    write_neurons,
-)
-from .offline import OFFLINE_MODELS, offline_path
-from .resume import code_digest, resumable, weights_digest
-from .scoring import METHODS, BehaviourSignalError, score
-from .search import NoGapError, SearchResult, iterative_scores, measure_reference, search_minimal
-from .selection import NeuronScores, NeuronSelection
-from .streamed import DonorForwardError, StreamedDonor
-from .timing import Profile, profile, stage, timings_table
-from .transplant import NeuronPatch, PatchFileError, applied_patches, export_hf
+from __future__ import annotations
 
-__all__ = [
-    "BUNDLED_MODEL", "DonorForwardError", "DonorWeights", "FORMATS", "METHODS", "OFFLINE_MODELS", "REFUSAL_OPENINGS", "Batch", "Behaviour", "BehaviourSignalError", "FormatTask",
-    "GenerationError", "IncompatibleModelsError", "ModelPair", "NeuronPatch", "NeuronScores", "NeuronSelection",
-    "NoGapError", "OffloadedWeightsError", "PatchFileError", "Profile", "PromptFileError", "PromptSet", "Refusal", "Report", "SearchResult", "SharedPrefix", "StereotypeBias", "StreamedDonor", "TESTED_FAMILIES",
-    "UnsupportedModelError", "Utility", "Verdict", "applied_patches", "architecture", "bundled_gguf_path", "canary", "chat_format", "check_compatible", "code_digest", "cross_distribution", "cross_harmful", "cross_harmless", "clone_model", "default_harmful", "default_harmless", "gap_shares",
-    "context_length", "describe_file", "donor_refusal", "detect_format", "encode", "export_hf", "from_advbench_csv", "from_crows_pairs", "from_jsonl", "from_stereoset",
-    "generate", "is_refusal", "iterative_scores", "judge_accuracy", "judge_refusal", "load_model", "load_pair", "logits_of",
-    "load_file", "load_prompts", "measure", "measure_reference", "mlp_hidden", "neuron_params", "offline_path", "plain_hf_model", "profile", "read_neurons",
-    "register_format", "resumable", "score", "search_minimal", "split_shared_prefix", "stable_split", "stage", "timings_table", "verdict_is_final", "verify_greedy", "weights_digest", "wilson_interval",
-    "write_neurons",
-]
+import importlib
+import warnings
+from typing import Any
+
+from .behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, Utility, canary, generate
+from .config import SearchConfig, TransferConfig
+from .data import PromptSet, load_prompts
+from .errors import CntLensError
+from .evaluate import Report, measure
+from .formats import load_file
+from .models import BUNDLED_MODEL, ModelPair, load_model, load_pair
+from .scoring import METHODS, score
+from .search import iterative_scores, measure_reference, search_minimal
+from .selection import NeuronScores, NeuronSelection
+from .streamed import StreamedDonor
+from .timing import profile, stage
+from .transplant import NeuronPatch, applied_patches, export_hf
+
+#: workflow names imported on first use (they pull in plotting and the HTML report)
+_LAZY = {"TransferResult": "pipeline", "transfer": "pipeline", "run_transfer": "runs"}
+#: names that left the top level, and the module that holds each
+_MOVED = {"Batch": "data", "BehaviourSignalError": "scoring", "DonorForwardError": "streamed", "DonorWeights": "models", "FORMATS": "formats", "GenerationError": "behaviours", "IncompatibleModelsError": "models", "NoGapError": "search", "OFFLINE_MODELS": "offline", "OffloadedWeightsError": "models", "PatchFileError": "transplant", "Profile": "timing", "PromptFileError": "formats", "REFUSAL_OPENINGS": "judge", "SearchResult": "search", "SharedPrefix": "data", "TESTED_FAMILIES": "models", "UnsupportedModelError": "models", "Verdict": "judge", "architecture": "models", "bundled_gguf_path": "models", "chat_format": "data", "check_compatible": "models", "clone_model": "models", "code_digest": "resume", "context_length": "models", "cross_distribution": "data", "cross_harmful": "data", "cross_harmless": "data", "default_harmful": "data", "default_harmless": "data", "describe_file": "formats", "detect_format": "formats", "donor_refusal": "behaviours", "encode": "data", "from_advbench_csv": "formats", "from_crows_pairs": "formats", "from_jsonl": "formats", "from_stereoset": "formats", "gap_shares": "evaluate", "is_refusal": "judge", "judge_accuracy": "judge", "judge_refusal": "judge", "logits_of": "models", "mlp_hidden": "models", "neuron_params": "models", "offline_path": "offline", "plain_hf_model": "models", "read_neurons": "models", "register_format": "formats", "resumable": "resume", "split_shared_prefix": "data", "stable_split": "data", "timings_table": "timing", "verdict_is_final": "judge", "verify_greedy": "behaviours", "weights_digest": "resume", "wilson_interval": "evaluate", "write_neurons": "models"}
+
+__all__ = ["BUNDLED_MODEL", "Behaviour", "CntLensError", "FormatTask", "METHODS", "ModelPair", "NeuronPatch", "NeuronScores", "NeuronSelection", "PromptSet", "Refusal", "Report", "SearchConfig", "StereotypeBias", "StreamedDonor", "TransferConfig", "TransferResult", "Utility", "applied_patches", "canary", "export_hf", "generate", "iterative_scores", "load_file", "load_model", "load_pair", "load_prompts", "measure", "measure_reference", "profile", "run_transfer", "score", "search_minimal", "stage", "transfer"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """The lazy workflow names, and the former top-level names (with a warning saying where they live)."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    if name in _MOVED:
+        module = f"{__name__}.{_MOVED[name]}"
+        warnings.warn(f"cnt_lens.{name} moved to {module}.{name}; import it from there", DeprecationWarning,
+                      stacklevel=2)
+        return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

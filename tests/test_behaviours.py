@@ -5,19 +5,11 @@ import math
 import pytest
 import torch
 
-from cnt_lens import (
-    FormatTask,
-    Refusal,
-    StereotypeBias,
-    Utility,
-    donor_refusal,
-    is_refusal,
-    judge_refusal,
-    load_prompts,
-)
-from cnt_lens.behaviours import sequence_logprobs
+from cnt_lens import FormatTask, Refusal, StereotypeBias, Utility, load_prompts
+from cnt_lens.behaviours import donor_refusal, sequence_logprobs
 from cnt_lens.data import chat_format, encode
 from cnt_lens.experiments.recipes import TuneConfig, safety_tune
+from cnt_lens.judge import is_refusal, judge_refusal
 from cnt_lens.models import logits_of, takes_logits_to_keep
 from cnt_lens.testing import tiny_model
 
@@ -227,8 +219,9 @@ def test_refusal_rates_per_role_of_the_cross_distribution_protocol():
 
 
 def test_refusal_rates_carry_n_interval_and_each_family():
-    from cnt_lens import Refusal, wilson_interval
+    from cnt_lens import Refusal
     from cnt_lens.data import default_harmful
+    from cnt_lens.evaluate import wilson_interval
 
     test = default_harmful().split("test")
     assert len(test) >= 100 and set(test.column("family")) == {"cnt_lens", "advbench", "roleplay", "writing", "context"}

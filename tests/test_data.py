@@ -6,16 +6,9 @@ import warnings
 import pytest
 import torch
 
-from cnt_lens import (
-    PromptSet,
-    chat_format,
-    encode,
-    from_advbench_csv,
-    from_crows_pairs,
-    from_jsonl,
-    from_stereoset,
-    load_prompts,
-)
+from cnt_lens import PromptSet, load_prompts
+from cnt_lens.data import chat_format, encode
+from cnt_lens.formats import from_advbench_csv, from_crows_pairs, from_jsonl, from_stereoset
 from cnt_lens.testing import tiny_model, tiny_tokenizer
 
 

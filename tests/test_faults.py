@@ -12,21 +12,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cnt_lens import (
-    NeuronPatch,
-    NeuronSelection,
-    PatchFileError,
-    Refusal,
-    applied_patches,
-    export_hf,
-    from_jsonl,
-    load_model,
-    search_minimal,
-)
+from cnt_lens import NeuronPatch, NeuronSelection, Refusal, applied_patches, export_hf, load_model, search_minimal
 from cnt_lens.cli import app
 from cnt_lens.data import encode
+from cnt_lens.formats import from_jsonl
 from cnt_lens.models import hf_state_dict
 from cnt_lens.testing import planted_pair, tiny_hf_model, tiny_model, tiny_pair, tiny_tokenizer
+from cnt_lens.transplant import PatchFileError
 
 runner = CliRunner()
 

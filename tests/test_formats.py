@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from cnt_lens import FORMATS, PromptFileError, describe_file, detect_format, load_file
+from cnt_lens import load_file
 from cnt_lens.data import SPLITS
+from cnt_lens.formats import FORMATS, PromptFileError, describe_file, detect_format
 
 # headers exactly as the published files have them
 HARMBENCH = (

@@ -86,7 +86,7 @@ def test_length_sorted_batches_return_each_prompts_own_answer_in_input_order():
 def test_generation_matches_plain_hf_on_smollm2(smollm2):
     from transformers import AutoModelForCausalLM
 
-    from cnt_lens import bundled_gguf_path
+    from cnt_lens.models import bundled_gguf_path
 
     path = bundled_gguf_path()
     reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
@@ -100,7 +100,8 @@ def test_generation_matches_plain_hf_on_smollm2(smollm2):
 def test_broken_generation_raises_instead_of_reading_as_garbage(monkeypatch):
     """The 5.24 symptom (first token right, then '-' forever) is caught by the forward-pass check."""
     import cnt_lens.behaviours as bh
-    from cnt_lens import GenerationError, canary
+    from cnt_lens import canary
+    from cnt_lens.behaviours import GenerationError
     from cnt_lens.testing import tiny_model
 
     model = tiny_model("llama", seed=3)
@@ -126,7 +127,7 @@ def test_broken_generation_raises_instead_of_reading_as_garbage(monkeypatch):
 def test_a_fault_in_one_row_is_caught_by_the_rows_the_check_reads(monkeypatch, target):
     """``verify_greedy`` reads a few rows of a batch; a fault in the most or least left-padded one alone still raises."""
     import cnt_lens.behaviours as bh
-    from cnt_lens import GenerationError
+    from cnt_lens.behaviours import GenerationError
     from cnt_lens.testing import tiny_model
 
     model = tiny_model("llama", seed=3)

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from cnt_lens import NeuronPatch, NeuronScores, NeuronSelection, Refusal, clone_model, export_hf, load_prompts, score
+from cnt_lens import NeuronPatch, NeuronScores, NeuronSelection, Refusal, export_hf, load_prompts, score
 from cnt_lens.data import chat_format, encode
-from cnt_lens.models import ModelPair, hf_state_dict, read_neurons, write_neurons
+from cnt_lens.models import ModelPair, clone_model, hf_state_dict, read_neurons, write_neurons
 
 pytestmark = pytest.mark.slow
 

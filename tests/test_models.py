@@ -5,19 +5,17 @@ import importlib.util
 import pytest
 import torch
 
-from cnt_lens import (
+from cnt_lens import ModelPair, load_model, load_pair
+from cnt_lens.data import encode
+from cnt_lens.models import (
     IncompatibleModelsError,
-    ModelPair,
     architecture,
     clone_model,
-    load_model,
-    load_pair,
     mlp_hidden,
     neuron_params,
     read_neurons,
     write_neurons,
 )
-from cnt_lens.data import encode
 from cnt_lens.testing import tiny_model, tiny_pair
 
 

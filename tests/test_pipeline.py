@@ -143,7 +143,9 @@ def test_transfer_stops_before_scoring_when_donor_and_target_agree(monkeypatch):
     import pytest
 
     import cnt_lens.pipeline as pl
-    from cnt_lens import ModelPair, NoGapError, clone_model
+    from cnt_lens import ModelPair
+    from cnt_lens.models import clone_model
+    from cnt_lens.search import NoGapError
 
     pair, behaviour, _ = planted_pair("llama", n_planted=6, seed=0)
     same = ModelPair(donor=clone_model(pair.target), target=pair.target)

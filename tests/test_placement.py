@@ -6,18 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cnt_lens import (
-    ModelPair,
-    NeuronPatch,
-    OffloadedWeightsError,
-    StreamedDonor,
-    export_hf,
-    generate,
-    load_model,
-    neuron_params,
-    score,
-)
+from cnt_lens import ModelPair, NeuronPatch, StreamedDonor, export_hf, generate, load_model, score
 from cnt_lens.config import TransferConfig, override
+from cnt_lens.models import OffloadedWeightsError, neuron_params
 from cnt_lens.pipeline import transfer
 from cnt_lens.testing import planted_pair
 

@@ -5,10 +5,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cnt_lens import METHODS, BehaviourSignalError, NeuronPatch, NeuronSelection, Utility, score
+from cnt_lens import METHODS, NeuronPatch, NeuronSelection, Utility, score
 from cnt_lens.data import PromptSet
 from cnt_lens.models import ModelPair, clone_model
-from cnt_lens.scoring import patching_effects
+from cnt_lens.scoring import BehaviourSignalError, patching_effects
 from cnt_lens.testing import CONTROL, MarkerBehaviour, planted_pair
 
 

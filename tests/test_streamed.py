@@ -8,17 +8,10 @@ import gc
 import pytest
 import torch
 
-from cnt_lens import (
-    BehaviourSignalError,
-    DonorForwardError,
-    IncompatibleModelsError,
-    ModelPair,
-    NeuronPatch,
-    StreamedDonor,
-    export_hf,
-    score,
-)
-from cnt_lens.models import neuron_params
+from cnt_lens import ModelPair, NeuronPatch, StreamedDonor, export_hf, score
+from cnt_lens.models import IncompatibleModelsError, neuron_params
+from cnt_lens.scoring import BehaviourSignalError
+from cnt_lens.streamed import DonorForwardError
 from cnt_lens.testing import planted_pair, tiny_model
 
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cnt_lens import IncompatibleModelsError, NeuronPatch, NeuronSelection, applied_patches, export_hf
+from cnt_lens import NeuronPatch, NeuronSelection, applied_patches, export_hf
 from cnt_lens.data import encode
-from cnt_lens.models import hf_state_dict
+from cnt_lens.models import IncompatibleModelsError, hf_state_dict
 from cnt_lens.testing import planted_pair, tiny_model, tiny_pair
 
 
@@ -57,7 +57,7 @@ def test_alpha_zero_is_noop_and_alpha_one_copies(arch):
     NeuronPatch.from_pair(pair, sel, alpha=0.0).apply(pair.target)
     assert all(torch.equal(before[k], v) for k, v in _weights(pair.target).items())
     NeuronPatch.from_pair(pair, sel, alpha=1.0).apply(pair.target)
-    from cnt_lens import read_neurons
+    from cnt_lens.models import read_neurons
 
     for layer in range(pair.n_layers):
         idx = sel.layer_indices(layer)
@@ -149,7 +149,7 @@ def test_patch_applies_to_another_model_of_same_shape(arch):
     before = _weights(third)
     p = NeuronPatch.from_pair(pair, sel)
     p.apply(third)
-    from cnt_lens import read_neurons
+    from cnt_lens.models import read_neurons
 
     for layer in range(pair.n_layers):
         idx = sel.layer_indices(layer)
