@@ -378,7 +378,6 @@ def iterative_scores(
     rounds: int = 2,
     alpha: float = 4.0,
     method: str = "weight_attribution",
-    split: str = "train",
     progress: bool = True,
     **score_kwargs: Any,
 ) -> NeuronScores:
@@ -390,7 +389,7 @@ def iterative_scores(
     target is restored at the end. The returned scores rank round-1 picks first (in their round's
     order), then round-2 picks, …, then every other neuron by the last round's scores, so
     :func:`search_minimal` can bisect over its prefixes. ``score_kwargs`` go to :func:`score`
-    (e.g. ``contrast=1.0, preserve=[Utility()], preserve_weight=30``). The donor's metrics are read
+    (e.g. ``contrast=1.0, preserve=[Utility()], preserve_weight=30``; the split is train unless they say). The donor's metrics are read
     in the first round only (``donor_metrics``: weight attribution needs the donor's weights, not its
     forward pass, and the donor does not change).
     """
@@ -405,7 +404,7 @@ def iterative_scores(
     history = []
     with contextlib.ExitStack() as applied:  # every round's patch comes off the target on the way out
         for r in range(rounds):
-            last = score(pair, behaviour, method, split=split, progress=progress, **score_kwargs)
+            last = score(pair, behaviour, method, progress=progress, **{"split": "train", **score_kwargs})
             vals = last.ranked().flatten().masked_fill(chosen.mask.flatten(), float("-inf"))
             idx = vals.topk(per_round).indices  # best first
             order.append(idx)

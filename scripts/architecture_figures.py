@@ -6,8 +6,8 @@ Run ``python scripts/architecture_figures.py`` (``--json`` for a machine-readabl
 - **functions over 8 parameters** (every named parameter, ``*args`` and ``**kwargs``, less ``self``/``cls``);
 - **top-level names** (``cnt_lens.__all__``);
 - **private imports across modules** (``from .x import _name``) and **imports running back up**: a module
-  importing one of a later layer (the folder order in ``LAYERS``; modules outside a layer folder count as
-  the top);
+  importing one of a later layer (``LAYERS``, as docs/architecture.md lists them; the package's
+  ``__init__`` is the top);
 - **the walk of ``pair``**: from ``runs.run_transfer``, every package function that receives the pair
   (as an argument, as ``x.pair``, or inside an object built from it: ``self``) is a *stop*, visited once,
   depth first in source order; a *climb back* is entering a file the walk has already left.
@@ -21,8 +21,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "cnt_lens"
-#: the layer folders, lowest first; a module may import only from its own layer or lower ones
-LAYERS = ("core", "model", "data", "behaviour", "method", "workflow", "show", "experiments")
+#: the layers, lowest first, and their modules (docs/architecture.md); a module may import only its own layer or lower
+LAYERS = {
+    "core": ("errors", "files", "journal", "progress", "timing", "stats", "records"),
+    "model": ("models", "offline", "streamed"),
+    "data": ("data", "formats"),
+    "behaviour": ("judge", "behaviours", "constraints"),
+    "method": ("config", "resume", "scoring", "selection", "transplant", "patch_file", "search", "evaluate"),
+    "show": ("plots", "inspector", "neuron_browser", "report"),
+    "workflow": ("pipeline", "runs", "experiments", "testing"),
+    "interface": ("cli",),
+}
 START = ("runs", "run_transfer")
 
 
@@ -61,9 +70,9 @@ def imports(mods: dict[str, ast.Module]) -> dict[str, dict[str, tuple[str, str]]
 
 
 def layer(module: str) -> int:
-    """The module's layer (its folder's place in ``LAYERS``; the top for a module outside them)."""
+    """The module's layer (its place in ``LAYERS``, by its top-level name; the top for one outside them)."""
     head = module.split(".")[0]
-    return LAYERS.index(head) if head in LAYERS else len(LAYERS)
+    return next((i for i, mods in enumerate(LAYERS.values()) if head in mods), len(LAYERS))
 
 
 def _functions(tree: ast.Module) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
