@@ -1,13 +1,4 @@
-"""The ``cnt-lens`` command line (typer: typed options, help text and errors for free).
-
-cnt-lens demo --out runs/demo          # the main job, offline, on the bundled SmolLM2
-cnt-lens run realign --out runs/realign  # enhance | disalign | realign | bias-removal
-cnt-lens transfer --donor D --target T --out runs/mine   # any compatible pair, any prompt files
-cnt-lens score --donor D --target T --out runs/scores    # neuron scores only
-cnt-lens measure smollm2-135m-instruct # behaviour numbers of any model
-cnt-lens transplant PATCH MODEL --out DIR
-cnt-lens report runs/demo              # rebuild report.html from a run directory
-"""
+"""The ``cnt-lens`` commands: each one a body over a dict of option values (:mod:`~cnt_lens.cli.options`)."""
 
 from __future__ import annotations
 
@@ -47,7 +38,8 @@ class _App(typer.Typer):
             sys.exit(1)
 
 
-app = _App(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0], pretty_exceptions_enable=False,
+HELP = "The ``cnt-lens`` command line (typer: typed options, help text and errors for free)."
+app = _App(add_completion=False, no_args_is_help=True, help=HELP, pretty_exceptions_enable=False,
            rich_markup_mode="markdown")  # docstrings' ``code`` renders as code, not as raw backticks
 
 
