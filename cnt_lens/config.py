@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from .errors import CntLensError
+from .scoring import SCORERS
 
 __all__ = ["ALL_BASELINES", "BaselineConfig", "ConfigError", "EvaluationConfig", "RankingConfig", "SearchConfig",
            "TransferConfig", "override"]
@@ -46,8 +47,6 @@ def _check(section: object, checks: list[tuple[bool, str]]) -> None:
 
 
 def _methods_unknown(names: tuple[str, ...]) -> list[str]:
-    from .scoring import SCORERS  # the registry imports the models; read it only when validating
-
     return [m for m in names if m not in SCORERS]
 
 

@@ -28,7 +28,6 @@ from .models import ModelPair, device_of
 from .pipeline import TransferResult, transfer
 from .report import write_report
 from .resume import resumable
-from .search import measure_reference
 from .timing import Profile, profile, stage
 from .transplant import export_hf
 
@@ -50,9 +49,9 @@ def run_transfer(
 ) -> Report:
     """Transfer ``behaviour`` from ``pair.donor`` into ``pair.target`` and write the run directory ``out``.
 
-    Opens the run — both models pass :func:`~cnt_lens.behaviours.canary` and must differ on the
-    behaviour on validation (:func:`~cnt_lens.search.measure_reference`) before anything long starts —
-    then :func:`~cnt_lens.pipeline.transfer` computes, inside :func:`~cnt_lens.resume.resumable` (the
+    Opens the run — both models pass :func:`~cnt_lens.behaviours.canary` — then
+    :func:`~cnt_lens.pipeline.transfer` computes (donor and target must differ on the behaviour on
+    validation before anything long starts), inside :func:`~cnt_lens.resume.resumable` (the
     same call again continues a stopped run), and :func:`write_run` writes every file, each once.
     ``data`` (e.g. from :func:`~cnt_lens.formats.describe_file`) is written to ``data.json`` and,
     without its per-record splits, into ``metrics.json``. Returns the written report.
@@ -63,11 +62,8 @@ def run_transfer(
         with stage("canary"):
             for model in (pair.target, pair.donor):
                 canary(model)
-        with stage("donor and target (validation)"):
-            reference = measure_reference(pair, behaviour, side_effects, split=config.search.split,
-                                          batch_size=config.search.batch_size)
         result = transfer(pair, behaviour, config, side_effects=side_effects, constraint=constraint,
-                          reference=reference, progress=progress)
+                          progress=progress)  # measures donor and target first: a pair without a gap stops there
         facts = {"device": str(device_of(pair.target)), "constraint": getattr(constraint, "__name__", None)}
         report = write_run(out, result, pair, behaviour, profile=prof, data=data, **facts)
     log.info("wrote %s in %.0f s", out, prof.total())

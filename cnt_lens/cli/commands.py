@@ -151,7 +151,7 @@ def demo(values: dict[str, Any]) -> None:
     longer), with ``--baselines all``.
     """
     every = values["baselines"].strip().lower() == "all"
-    run({**run.defaults, "application": "enhance", "out": values["out"], "device": values["device"],
+    run({**{o.name: o.default for o in RUN_OPTIONS}, "application": "enhance", "out": values["out"], "device": values["device"],
          "progress": values["progress"], "baselines": None if every else values["baselines"] or "none",
          "search_baselines": every})
 

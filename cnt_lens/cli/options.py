@@ -56,7 +56,6 @@ def command(app: typer.Typer, options: list[Opt], examples: list[str]) -> Callab
         callback.__doc__, callback.__name__ = fn.__doc__, fn.__name__
         epilog = "**Examples**\n\n" + "\n\n".join(f"`{line}`" for line in examples)
         app.command(name=fn.__name__.replace("_", "-"), epilog=epilog)(callback)
-        fn.defaults = {o.name: o.default for o in options}  # type: ignore[attr-defined]
         return fn
     return register
 
