@@ -25,9 +25,11 @@ import time
 from typing import Any, Callable
 
 from cnt_lens import BUNDLED_MODEL, ModelPair, NeuronPatch, Refusal, load_model
-from cnt_lens.behaviours import chat_format, generate, model_tokenizer
+from cnt_lens.behaviours import generate
+from cnt_lens.behaviours.judge import is_refusal, verdict_is_final
+from cnt_lens.data import chat_format
 from cnt_lens.experiments.recipes import safety_tune
-from cnt_lens.judge import is_refusal, verdict_is_final
+from cnt_lens.models import model_tokenizer
 
 
 def _timed(run: Callable[[], list[str]]) -> tuple[list[str], float]:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from cnt_lens import BUNDLED_MODEL, ModelPair, Refusal, load_model
-from cnt_lens.inspector import neuron_stats, neurons_stats
+from cnt_lens.show.inspector import neuron_stats, neurons_stats
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-import cnt_lens.transplant as transplant
+import cnt_lens.method.transplant as transplant
 from cnt_lens import BUNDLED_MODEL, ModelPair, NeuronPatch, NeuronScores, load_model
 
 

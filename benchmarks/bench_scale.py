@@ -149,7 +149,7 @@ def _placement(n_layers: int, placed: float, device: str) -> dict[str, str]:
 def measure(size: str, args: argparse.Namespace) -> dict[str, Any]:
     """One size's figures (see the module docstring)."""
     from cnt_lens import ModelPair, NeuronPatch, NeuronScores, StreamedDonor, export_hf, load_model, score
-    from cnt_lens.testing import tiny_tokenizer
+    from cnt_lens.workflow.testing import tiny_tokenizer
 
     dtype = getattr(torch, args.dtype)
     device = args.device

@@ -58,8 +58,8 @@ def _time(fn, repeats: int = 3) -> float:
 
 def speed(args: argparse.Namespace) -> None:
     from cnt_lens import NeuronPatch, NeuronScores
-    from cnt_lens.scoring import attribution, patching_effects
-    from cnt_lens.scoring.attribution import attribution_scores
+    from cnt_lens.method.scoring import attribution, patching_effects
+    from cnt_lens.method.scoring.attribution import attribution_scores
 
     pair, beh = _setup(args.prompts, args.device)
     batches = beh.batches(pair.tokenizer, None, args.batch)
@@ -108,7 +108,7 @@ def speed(args: argparse.Namespace) -> None:
 def memory(args: argparse.Namespace) -> None:
     import threading
 
-    from cnt_lens.scoring.attribution import attribution_scores
+    from cnt_lens.method.scoring.attribution import attribution_scores
 
     pair, beh = _setup(args.prompts, args.device)
     batches = beh.batches(pair.tokenizer, None, args.batch)

@@ -61,14 +61,14 @@ def _reset_peak() -> None:
 def run_mode(mode: str, ckpt: Path, n_prompts: int, batch: int, out: Path) -> None:
     """One measurement in this process; writes its numbers (and scores) next to ``out``."""
     from cnt_lens import ModelPair, StreamedDonor, load_model
+    from cnt_lens.method.scoring.attribution import attribution_scores
     from cnt_lens.models import model_tokenizer
-    from cnt_lens.scoring.attribution import attribution_scores
 
     t0 = time.perf_counter()
     target, beh = _target_and_behaviour(n_prompts)
     batches = beh.batches(model_tokenizer(target), None, batch)
     if mode == "target":
-        from cnt_lens.scoring.common import forward
+        from cnt_lens.method.scoring.common import forward
 
         loaded_mb = _rss_mb("VmRSS")
         _reset_peak()

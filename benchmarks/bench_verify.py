@@ -19,7 +19,7 @@ import functools
 import statistics
 import time
 
-import cnt_lens.behaviours as bh
+import cnt_lens.behaviours.generation as bh
 from cnt_lens import BUNDLED_MODEL, ModelPair, Refusal, load_model
 
 SETTINGS = {"four rows": 4, "every row (before)": None, "off": 0}

@@ -29,10 +29,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from cnt_lens import NeuronPatch, NeuronScores, Utility, load_model, measure
-from cnt_lens.config import TransferConfig
+from cnt_lens.core.files import append_jsonl, atomic_write_text
 from cnt_lens.experiments.applications import APPLICATIONS, PROTOCOLS
-from cnt_lens.files import append_jsonl, atomic_write_text
-from cnt_lens.report import write_report
+from cnt_lens.method.config import TransferConfig
+from cnt_lens.show.report import write_report
 
 Y = "refusal_harmful"  # the held-out families only are evaluated, so the plain rate is theirs
 

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cnt_lens.stats import format_rate
+from cnt_lens.core.stats import format_rate
 
 
 def stage_table(a: dict[str, Any], b: dict[str, Any], depth: int) -> str:

@@ -20,11 +20,11 @@ import json
 from pathlib import Path
 
 from cnt_lens import NeuronPatch, load_model
-from cnt_lens.config import TransferConfig
-from cnt_lens.evaluate import gap_shares
+from cnt_lens.core.files import atomic_write_text
+from cnt_lens.core.stats import format_rate
 from cnt_lens.experiments.applications import APPLICATIONS, PROTOCOLS
-from cnt_lens.files import atomic_write_text
-from cnt_lens.stats import format_rate
+from cnt_lens.method.config import TransferConfig
+from cnt_lens.method.evaluate import gap_shares
 
 
 def main() -> None:

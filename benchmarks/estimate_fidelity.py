@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from cnt_lens import NeuronPatch, Refusal, load_model
-from cnt_lens.config import TransferConfig
 from cnt_lens.experiments.applications import APPLICATIONS, PROTOCOLS
+from cnt_lens.method.config import TransferConfig
 from cnt_lens.models import model_tokenizer
 
 

@@ -33,9 +33,9 @@ from pathlib import Path
 
 from cnt_lens import NeuronPatch, Refusal, Utility, iterative_scores, load_model, measure, score
 from cnt_lens.behaviours import donor_refusal
+from cnt_lens.core.files import append_jsonl
 from cnt_lens.data import cross_harmful, cross_harmless
 from cnt_lens.experiments.applications import APPLICATIONS
-from cnt_lens.files import append_jsonl
 from cnt_lens.models import BUNDLED_MODEL
 
 

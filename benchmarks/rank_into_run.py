@@ -24,8 +24,8 @@ import json
 from pathlib import Path
 
 from cnt_lens import NeuronScores, Utility, iterative_scores, load_model, score
-from cnt_lens.config import TransferConfig
 from cnt_lens.experiments.applications import APPLICATIONS, OBJECTIVES, PROTOCOLS
+from cnt_lens.method.config import TransferConfig
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cnt_lens.evaluate import wilson_interval
+from cnt_lens.method.evaluate import wilson_interval
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
 
 Rebuilds the run's pair with the application's cached recipes (``metrics.json`` names the application and
 model), loads the main ranking from ``scores/`` and the donor's and target's validation numbers from
-``metrics.json``, takes the run's prompt protocol and objective (``--protocol``, ``--objective``), and runs :func:`cnt_lens.pipeline.transfer` with the application's settings, no
+``metrics.json``, takes the run's prompt protocol and objective (``--protocol``, ``--objective``), and runs :func:`cnt_lens.workflow.pipeline.transfer` with the application's settings, no
 baselines and one random seed: the search on validation, then target, donor and the chosen patch on test.
 So a change to the search is measured on the same neurons without re-scoring (the re-scoring rounds are
 most of a demo's scoring time). Prints the chosen point, the validation frontier the search measured,
@@ -19,11 +19,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from cnt_lens import NeuronScores, load_model
-from cnt_lens.config import SearchConfig, TransferConfig, override
+from cnt_lens.core.records import Reference
 from cnt_lens.experiments.applications import APPLICATIONS, PROTOCOLS
-from cnt_lens.pipeline import transfer
-from cnt_lens.records import Reference
-from cnt_lens.resume import resumable
+from cnt_lens.method.config import SearchConfig, TransferConfig, override
+from cnt_lens.method.resume import resumable
+from cnt_lens.workflow.pipeline import transfer
 
 
 def main() -> None:

@@ -37,9 +37,9 @@ import torch
 
 from cnt_lens import NeuronPatch, NeuronScores, Refusal, Utility, load_model, load_prompts, measure, score
 from cnt_lens.behaviours import donor_refusal
+from cnt_lens.core.files import append_jsonl
 from cnt_lens.data import cross_harmful, cross_harmless
 from cnt_lens.experiments.applications import APPLICATIONS
-from cnt_lens.files import append_jsonl
 from cnt_lens.models import BUNDLED_MODEL
 
 FRAMINGS = ("roleplay", "writing", "context")

@@ -17,8 +17,8 @@ import re
 import sys
 from pathlib import Path
 
-from cnt_lens.evaluate import Report
-from cnt_lens.stats import format_rate
+from cnt_lens.core.stats import format_rate
+from cnt_lens.method.evaluate import Report
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "docs" / "runs"

@@ -20,8 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cnt_lens.inspector import card_figure
-from cnt_lens.plots import frontier
+from cnt_lens.show.inspector import card_figure
+from cnt_lens.show.plots import frontier
 
 
 def shoot(page: Path, png: Path, size: str) -> None:

@@ -7,7 +7,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from cnt_lens.testing import planted_pair, tiny_model
+from cnt_lens.workflow.testing import planted_pair, tiny_model
 
 
 def pytest_report_header(config: pytest.Config) -> str:

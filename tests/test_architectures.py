@@ -16,7 +16,7 @@ import torch
 
 from cnt_lens import NeuronPatch, NeuronSelection, export_hf, load_model, score
 from cnt_lens.models import TESTED_FAMILIES, ModelPair, UnsupportedModelError, hf_state_dict, mlp_hidden, neuron_params
-from cnt_lens.testing import planted_pair, tiny_model, tiny_tokenizer
+from cnt_lens.workflow.testing import planted_pair, tiny_model, tiny_tokenizer
 
 D_MLP = 48
 _GATED = {"mlp.gate_proj.weight": 0, "mlp.up_proj.weight": 0, "mlp.down_proj.weight": 1}

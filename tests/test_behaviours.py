@@ -7,11 +7,11 @@ import torch
 
 from cnt_lens import FormatTask, Refusal, StereotypeBias, Utility, load_prompts
 from cnt_lens.behaviours import donor_refusal, sequence_logprobs
+from cnt_lens.behaviours.judge import is_refusal, judge_refusal
 from cnt_lens.data import chat_format, encode
 from cnt_lens.experiments.recipes import TuneConfig, safety_tune
-from cnt_lens.judge import is_refusal, judge_refusal
 from cnt_lens.models import logits_of, takes_logits_to_keep
-from cnt_lens.testing import tiny_model
+from cnt_lens.workflow.testing import tiny_model
 
 TINY_REFUSALS = ("Sorry , I cannot help with that .",)
 
@@ -221,7 +221,7 @@ def test_refusal_rates_per_role_of_the_cross_distribution_protocol():
 def test_refusal_rates_carry_n_interval_and_each_family():
     from cnt_lens import Refusal
     from cnt_lens.data import default_harmful
-    from cnt_lens.evaluate import wilson_interval
+    from cnt_lens.method.evaluate import wilson_interval
 
     test = default_harmful().split("test")
     assert len(test) >= 100 and set(test.column("family")) == {"cnt_lens", "advbench", "roleplay", "writing", "context"}
@@ -241,7 +241,7 @@ def test_refusal_rates_carry_n_interval_and_each_family():
 
 
 def test_refusal_answers_both_sets_in_one_generation_call_as_each_set_alone(arch, monkeypatch):
-    from cnt_lens import behaviours
+    from cnt_lens.behaviours import refusal as behaviours
 
     tiny = tiny_model(arch, seed=3)  # a seed whose greedy answers are not all special tokens
     tok = tiny.cnt_tokenizer

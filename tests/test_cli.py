@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 
 from cnt_lens import NeuronPatch, export_hf, load_model, load_prompts
 from cnt_lens.cli import app
-from cnt_lens.config import override
 from cnt_lens.experiments.applications import APPLICATIONS
-from cnt_lens.testing import planted_pair
+from cnt_lens.method.config import override
+from cnt_lens.workflow.testing import planted_pair
 
 runner = CliRunner()
 
@@ -33,7 +33,7 @@ def test_measure_and_transplant_on_local_directories(tmp_path):
 
 
 def test_transplant_refuses_a_model_of_other_shape(tmp_path):
-    from cnt_lens.testing import tiny_model
+    from cnt_lens.workflow.testing import tiny_model
 
     pair, _, planted = planted_pair("llama", n_planted=4, seed=0)
     patch_path = NeuronPatch.from_pair(pair, planted).save(tmp_path / "patch")
@@ -45,7 +45,7 @@ def test_transplant_refuses_a_model_of_other_shape(tmp_path):
 
 def _marker_pairs(path, n=60):
     """Sentence pairs that differ only in the word after the trigger: the planted donor prefers the marker."""
-    from cnt_lens.testing import MARKER, TRIGGER
+    from cnt_lens.workflow.testing import MARKER, TRIGGER
 
     others = ["water", "people", "recipe", "history", "garden", "music", "travel", "science"]
     prompts = load_prompts("harmless").column("prompt")[:n]
@@ -180,9 +180,9 @@ def test_transfer_reports_the_bundled_refusal_prompts_in_and_out_of_distribution
 
 def _stub_application(monkeypatch) -> dict:
     """Replace ``run_application`` (the real one runs for half an hour); returns what it was called with."""
-    from cnt_lens.evaluate import Report
+    from cnt_lens.core.timing import profile, stage
     from cnt_lens.experiments import applications
-    from cnt_lens.timing import profile, stage
+    from cnt_lens.method.evaluate import Report
 
     seen: dict = {}
 
@@ -254,8 +254,8 @@ def test_run_names_the_protocols_when_given_another(tmp_path, monkeypatch):
 
 
 def test_transfer_defaults_to_the_demos_ranking_search_and_one_baseline(tmp_path, monkeypatch):
-    from cnt_lens import runs
     from cnt_lens.cli import inputs
+    from cnt_lens.workflow import runs
 
     seen = {}
 

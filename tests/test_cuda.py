@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from cnt_lens import METHODS, NeuronPatch, Utility, score, search_minimal
-from cnt_lens.config import SearchConfig
+from cnt_lens.method.config import SearchConfig
 from cnt_lens.models import device_of, hf_state_dict
-from cnt_lens.testing import planted_pair
+from cnt_lens.workflow.testing import planted_pair
 
 pytestmark = pytest.mark.cuda
 
@@ -33,7 +33,7 @@ def test_scores_on_cuda_match_cpu(arch, method):
     if "patching" in method:
         kwargs["candidates"] = planted
     cpu = score(pair, behaviour, method, progress=False, **kwargs)
-    gpu = score(pair, behaviour, method, progress=False, device="cuda", **kwargs)  # moves the pair
+    gpu = score(pair.to("cuda"), behaviour, method, progress=False, **kwargs)
     assert device_of(pair.target).type == "cuda" and device_of(pair.donor).type == "cuda"
     assert gpu.values.device.type == "cpu"  # scores come back as CPU tensors, whatever the device
     finite = cpu.values.isfinite()
@@ -78,7 +78,7 @@ def test_search_on_cuda_finds_the_planted_set(arch):
 def test_recipe_trains_on_cuda(tmp_path, monkeypatch):
     from cnt_lens import Refusal
     from cnt_lens.experiments.recipes import TuneConfig, safety_tune
-    from cnt_lens.testing import tiny_model
+    from cnt_lens.workflow.testing import tiny_model
 
     monkeypatch.setenv("CNT_LENS_CACHE", str(tmp_path))
     model = tiny_model("llama", seed=0)

@@ -8,8 +8,8 @@ import torch
 
 from cnt_lens import PromptSet, load_prompts
 from cnt_lens.data import chat_format, encode
-from cnt_lens.formats import from_advbench_csv, from_crows_pairs, from_jsonl, from_stereoset
-from cnt_lens.testing import tiny_model, tiny_tokenizer
+from cnt_lens.data.formats import from_advbench_csv, from_crows_pairs, from_jsonl, from_stereoset
+from cnt_lens.workflow.testing import tiny_model, tiny_tokenizer
 
 
 def test_bundled_sets_meet_their_spec():

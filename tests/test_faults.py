@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 from cnt_lens import NeuronPatch, NeuronSelection, Refusal, applied_patches, export_hf, load_model, search_minimal
 from cnt_lens.cli import app
 from cnt_lens.data import encode
-from cnt_lens.formats import from_jsonl
+from cnt_lens.data.formats import from_jsonl
+from cnt_lens.method.transplant import PatchFileError
 from cnt_lens.models import hf_state_dict
-from cnt_lens.testing import planted_pair, tiny_hf_model, tiny_model, tiny_pair, tiny_tokenizer
-from cnt_lens.transplant import PatchFileError
+from cnt_lens.workflow.testing import planted_pair, tiny_hf_model, tiny_model, tiny_pair, tiny_tokenizer
 
 runner = CliRunner()
 
@@ -55,7 +55,7 @@ def test_apply_is_all_or_nothing(monkeypatch):
     sel = NeuronSelection.from_indices([(0, 3), (1, 5)], pair.n_layers, pair.d_mlp)
     patch = NeuronPatch.from_pair(pair, sel, alpha=1.0)
     before = _weights(pair.target)
-    import cnt_lens.transplant as tr
+    import cnt_lens.method.transplant as tr
 
     real = tr.neuron_params
 
@@ -229,7 +229,7 @@ def test_run_names_unknown_baselines_before_loading_anything(tmp_path):
 def test_search_refuses_nonsense_settings(planted):
     pair, behaviour, _ = planted
     from cnt_lens import score
-    from cnt_lens.config import SearchConfig
+    from cnt_lens.method.config import SearchConfig
 
     scores = score(pair, behaviour, "weight_diff")
     for kwargs, message in [({"alphas": (math.nan,)}, "finite"), ({"alphas": (0.0,)}, "> 0"),

@@ -8,7 +8,7 @@ import pytest
 
 from cnt_lens import load_file
 from cnt_lens.data import SPLITS
-from cnt_lens.formats import FORMATS, PromptFileError, describe_file, detect_format
+from cnt_lens.data.formats import FORMATS, PromptFileError, describe_file, detect_format
 
 # headers exactly as the published files have them
 HARMBENCH = (
@@ -163,7 +163,7 @@ def test_splits_are_deterministic_seeded_and_recorded(tmp_path):
 
 
 def test_every_registered_format_is_documented():
-    import cnt_lens.formats as formats
+    import cnt_lens.data.formats as formats
 
     for name in FORMATS:
         assert f"``{name}``" in formats.__doc__, name

@@ -15,7 +15,7 @@ import torch
 from cnt_lens import generate, load_model, load_prompts
 from cnt_lens.data import chat_format, encode
 from cnt_lens.models import TESTED_FAMILIES
-from cnt_lens.testing import tiny_hf_model, tiny_tokenizer
+from cnt_lens.workflow.testing import tiny_hf_model, tiny_tokenizer
 
 N_NEW = 12
 
@@ -99,10 +99,10 @@ def test_generation_matches_plain_hf_on_smollm2(smollm2):
 
 def test_broken_generation_raises_instead_of_reading_as_garbage(monkeypatch):
     """The 5.24 symptom (first token right, then '-' forever) is caught by the forward-pass check."""
-    import cnt_lens.behaviours as bh
+    import cnt_lens.behaviours.generation as bh
     from cnt_lens import canary
     from cnt_lens.behaviours import GenerationError
-    from cnt_lens.testing import tiny_model
+    from cnt_lens.workflow.testing import tiny_model
 
     model = tiny_model("llama", seed=3)
     tok = tiny_tokenizer()
@@ -126,9 +126,9 @@ def test_broken_generation_raises_instead_of_reading_as_garbage(monkeypatch):
 @pytest.mark.parametrize("target", ["most padded", "least padded"])
 def test_a_fault_in_one_row_is_caught_by_the_rows_the_check_reads(monkeypatch, target):
     """``verify_greedy`` reads a few rows of a batch; a fault in the most or least left-padded one alone still raises."""
-    import cnt_lens.behaviours as bh
+    import cnt_lens.behaviours.generation as bh
     from cnt_lens.behaviours import GenerationError
-    from cnt_lens.testing import tiny_model
+    from cnt_lens.workflow.testing import tiny_model
 
     model = tiny_model("llama", seed=3)
     tok = tiny_tokenizer()
@@ -150,7 +150,7 @@ def test_a_fault_in_one_row_is_caught_by_the_rows_the_check_reads(monkeypatch, t
 
 
 def test_the_check_reads_the_padding_and_answer_length_extremes():
-    from cnt_lens.behaviours import _rows_to_verify
+    from cnt_lens.behaviours.generation import _rows_to_verify
 
     mask = torch.ones(10, 7, dtype=torch.long)
     for row, pad in enumerate([3, 1, 0, 2, 4, 0, 1, 2, 5, 1]):

@@ -3,8 +3,8 @@ from __future__ import annotations
 import torch
 
 from cnt_lens import score
-from cnt_lens.inspector import best_in_bin, inspect, neuron_card, neuron_stats, neurons_stats
-from cnt_lens.testing import MARKER, TRIGGER
+from cnt_lens.show.inspector import best_in_bin, inspect, neuron_card, neuron_stats, neurons_stats
+from cnt_lens.workflow.testing import MARKER, TRIGGER
 
 
 def test_planted_neuron_fires_on_trigger_in_donor_only(planted):

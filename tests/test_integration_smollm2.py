@@ -58,7 +58,7 @@ def test_weight_attribution_finds_the_changed_neurons(smol_pair):
 def test_scores_with_the_chat_template_run_once_per_batch_equal_every_row_run_in_full(smol_pair, monkeypatch):
     """SmolLM2's system prompt is about half of every scored prompt: run once per batch, it leaves the scores
     as they are (and the bridge's KV-cache path passes the check that guards it)."""
-    import cnt_lens.scoring.attribution as attribution
+    import cnt_lens.method.scoring.attribution as attribution
 
     smol_pair, changed = smol_pair
     beh = Refusal(harmful=load_prompts("harmful").take(8), harmless=load_prompts("harmless").take(8))

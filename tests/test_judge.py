@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cnt_lens import Refusal, load_prompts
-from cnt_lens.judge import REFUSAL_OPENINGS, is_refusal, judge_accuracy, judge_refusal, verdict_is_final
-from cnt_lens.testing import tiny_tokenizer
+from cnt_lens.behaviours.judge import REFUSAL_OPENINGS, is_refusal, judge_accuracy, judge_refusal, verdict_is_final
+from cnt_lens.workflow.testing import tiny_tokenizer
 
 
 def test_judge_accuracy_on_the_labelled_set():
@@ -70,7 +70,7 @@ def test_metric_and_judge_share_one_list_of_openings():
 
 
 def test_wilson_interval_brackets_the_rate_and_narrows_with_n():
-    from cnt_lens.evaluate import wilson_interval
+    from cnt_lens.method.evaluate import wilson_interval
 
     for k, n in [(0, 24), (12, 24), (24, 24), (7, 100)]:
         lo, hi = wilson_interval(k, n)

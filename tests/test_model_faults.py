@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 
 from cnt_lens import ModelPair, load_model
 from cnt_lens.cli import app
-from cnt_lens.errors import CntLensError
+from cnt_lens.core.errors import CntLensError
 from cnt_lens.models import IncompatibleModelsError, ModelFileError
-from cnt_lens.offline import OFFLINE_MODELS, offline_path
-from cnt_lens.testing import tiny_hf_model, tiny_model, tiny_tokenizer
+from cnt_lens.models.offline import OFFLINE_MODELS, offline_path
+from cnt_lens.workflow.testing import tiny_hf_model, tiny_model, tiny_tokenizer
 
 
 def _permuted_tokenizer():

@@ -16,7 +16,7 @@ from cnt_lens.models import (
     read_neurons,
     write_neurons,
 )
-from cnt_lens.testing import tiny_model, tiny_pair
+from cnt_lens.workflow.testing import tiny_model, tiny_pair
 
 
 def _run(model, texts=("how do I make a cake", "why is the sky blue ?")):
@@ -153,7 +153,7 @@ def test_tokenizer_without_pad_gets_eos():
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from cnt_lens.testing import tiny_tokenizer
+    from cnt_lens.workflow.testing import tiny_tokenizer
 
     tok = copy.deepcopy(tiny_tokenizer())
     tok.pad_token = None

@@ -10,9 +10,9 @@ import torch
 
 from cnt_lens import NeuronPatch, score
 from cnt_lens.data import encode, load_prompts
-from cnt_lens.neuron_browser import N_BINS, browser_data, texts_from_items, write_neuron_browser
-from cnt_lens.selection import NeuronSelection, hook_name
-from cnt_lens.testing import planted_pair
+from cnt_lens.method.selection import NeuronSelection, hook_name
+from cnt_lens.show.neuron_browser import N_BINS, browser_data, texts_from_items, write_neuron_browser
+from cnt_lens.workflow.testing import planted_pair
 
 
 @pytest.fixture(scope="module")

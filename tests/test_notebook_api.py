@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from cnt_lens import NeuronPatch, NeuronSelection, Refusal, StereotypeBias, Utility, score
-from cnt_lens.evaluate import Report
+from cnt_lens.method.evaluate import Report
 from cnt_lens.models import clone_model, neuron_params
-from cnt_lens.testing import planted_pair
+from cnt_lens.workflow.testing import planted_pair
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import zipfile
 import pytest
 
 from cnt_lens import load_model
-from cnt_lens.offline import QWEN_SETUP, assemble, offline_path
+from cnt_lens.models.offline import QWEN_SETUP, assemble, offline_path
 
 
 def _wheels(tmp_path, chunks):

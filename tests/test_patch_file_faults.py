@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cnt_lens import NeuronPatch
+from cnt_lens.method.transplant import PatchFileError
 from cnt_lens.models import hf_state_dict
-from cnt_lens.testing import planted_pair, tiny_model
-from cnt_lens.transplant import PatchFileError
+from cnt_lens.workflow.testing import planted_pair, tiny_model
 
 
 def _weights(model):

@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cnt_lens.cli import app
-from cnt_lens.config import TransferConfig, override
-from cnt_lens.pipeline import transfer
-from cnt_lens.runs import run_transfer
-from cnt_lens.testing import planted_pair
+from cnt_lens.method.config import TransferConfig, override
+from cnt_lens.workflow.pipeline import transfer
+from cnt_lens.workflow.runs import run_transfer
+from cnt_lens.workflow.testing import planted_pair
 
 
 def test_transfer_writes_a_complete_run(tmp_path):
@@ -124,7 +124,7 @@ def test_rank_key_breaks_headline_ties_with_the_continuous_number():
     """Bias removal: every point still prefers the stereotype in all pairs (0 of the score gap closed); the
     one that moved the log-prob gap furthest toward the donor must win, and a headline gain beats any tie-break."""
     from cnt_lens import Refusal, StereotypeBias
-    from cnt_lens.pipeline import rank_key
+    from cnt_lens.workflow.pipeline import rank_key
 
     reference = {"target": {"stereotype_score": 100.0, "logprob_gap": 7.5},
                  "donor": {"stereotype_score": 80.0, "logprob_gap": 1.5}}
@@ -142,10 +142,10 @@ def test_rank_key_breaks_headline_ties_with_the_continuous_number():
 def test_transfer_stops_before_scoring_when_donor_and_target_agree(monkeypatch):
     import pytest
 
-    import cnt_lens.pipeline as pl
+    import cnt_lens.workflow.pipeline as pl
     from cnt_lens import ModelPair
+    from cnt_lens.method.search import NoGapError
     from cnt_lens.models import clone_model
-    from cnt_lens.search import NoGapError
 
     pair, behaviour, _ = planted_pair("llama", n_planted=6, seed=0)
     same = ModelPair(donor=clone_model(pair.target), target=pair.target)
@@ -155,7 +155,7 @@ def test_transfer_stops_before_scoring_when_donor_and_target_agree(monkeypatch):
 
 
 def test_a_screened_transfer_reports_only_full_evaluations_and_gives_baselines_the_whole_search(tmp_path):
-    from cnt_lens.testing import EstimatedMarker
+    from cnt_lens.workflow.testing import EstimatedMarker
 
     pair, _, _ = planted_pair("llama", n_planted=32, seed=0, strength=1.5)
     behaviour = EstimatedMarker()
@@ -186,7 +186,7 @@ def test_a_screened_transfer_reports_only_full_evaluations_and_gives_baselines_t
 
 
 def test_a_screened_transfer_that_misses_its_goal_reports_an_evaluated_point():
-    from cnt_lens.testing import EstimatedMarker
+    from cnt_lens.workflow.testing import EstimatedMarker
 
     pair, _, _ = planted_pair("llama", n_planted=32, seed=0, strength=1.5)
     cfg = override(TransferConfig(), {"baselines.methods": ("random",), "search.alphas": (1.0, 2.0), "search.max_fraction": 2 / pair.n_neurons, "baselines.random_seeds": 1})

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from cnt_lens import ModelPair, NeuronPatch, StreamedDonor, export_hf, generate, load_model, score
-from cnt_lens.config import TransferConfig, override
+from cnt_lens.method.config import TransferConfig, override
 from cnt_lens.models import OffloadedWeightsError, neuron_params
-from cnt_lens.pipeline import transfer
-from cnt_lens.testing import planted_pair
+from cnt_lens.workflow.pipeline import transfer
+from cnt_lens.workflow.testing import planted_pair
 
 
 def _split_map(offloaded: str) -> dict[str, str]:

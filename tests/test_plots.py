@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from cnt_lens import NeuronScores, Report, score
-from cnt_lens.plots import behaviour_shift, frontier, layer_profile, selection_heatmap, transfer_figure
+from cnt_lens.show.plots import behaviour_shift, frontier, layer_profile, selection_heatmap, transfer_figure
 
 
 def _report():
@@ -76,7 +76,7 @@ def test_frontier_draws_each_reference_level_as_a_line():
 
 
 def test_behaviour_shift_puts_rates_and_other_numbers_on_their_own_axes():
-    from cnt_lens.stats import rate
+    from cnt_lens.core.stats import rate
 
     block = lambda k: {**rate("refusal_harmful", [True] * k + [False] * (10 - k)), "utility_nll": 3.7 + k / 100}  # noqa: E731
     rep = Report(behaviour="refusal", split="test", n_neurons_total=96, donor=block(9), target=block(0),
@@ -92,7 +92,7 @@ def test_behaviour_shift_puts_rates_and_other_numbers_on_their_own_axes():
 
 
 def test_one_colour_per_model_in_every_figure_and_rates_alone_beside_the_heatmap(planted):
-    from cnt_lens.plots import MODEL_COLOURS
+    from cnt_lens.show.plots import MODEL_COLOURS
 
     pair, behaviour, sel = planted
     report = Report(behaviour="refusal", split="test", n_neurons_total=96,

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from cnt_lens import progress, stage
-from cnt_lens.progress import progress_bar
+from cnt_lens import stage
+from cnt_lens.core import progress
+from cnt_lens.core.progress import progress_bar
 
 
 @pytest.fixture

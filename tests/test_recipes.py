@@ -6,7 +6,7 @@ import pytest
 
 from cnt_lens import FormatTask, Refusal, StereotypeBias, load_prompts
 from cnt_lens.experiments.recipes import TuneConfig, bias_tune, compliance_tune, harmful_finetune, safety_tune
-from cnt_lens.testing import tiny_model
+from cnt_lens.workflow.testing import tiny_model
 
 
 @pytest.fixture(autouse=True)

@@ -10,12 +10,12 @@ import subprocess
 
 import pytest
 
-from cnt_lens.config import TransferConfig, override
-from cnt_lens.pipeline import transfer
-from cnt_lens.report import write_report
-from cnt_lens.runs import write_run
-from cnt_lens.testing import planted_pair
-from cnt_lens.timing import Profile
+from cnt_lens.core.timing import Profile
+from cnt_lens.method.config import TransferConfig, override
+from cnt_lens.show.report import write_report
+from cnt_lens.workflow.pipeline import transfer
+from cnt_lens.workflow.runs import write_run
+from cnt_lens.workflow.testing import planted_pair
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -135,7 +135,7 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
 
 def test_report_sets_refusal_out_of_distribution_beside_in_distribution(run_dir, tmp_path):
     from cnt_lens import Refusal
-    from cnt_lens.evaluate import Report
+    from cnt_lens.method.evaluate import Report
 
     def block(selection, search, held_out):
         """Refusal's own numbers of harmful prompts in three roles (one family each) and one harmless prompt."""

@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-import cnt_lens.scoring as scoring
+import cnt_lens.method.scoring as scoring
 from cnt_lens import NeuronPatch, measure, score
-from cnt_lens.config import TransferConfig, override
-from cnt_lens.files import append_jsonl
+from cnt_lens.core.files import append_jsonl
+from cnt_lens.method.config import TransferConfig, override
+from cnt_lens.method.resume import active_directory, resumable, weights_digest
 from cnt_lens.models import read_neurons, write_neurons
-from cnt_lens.pipeline import transfer
-from cnt_lens.resume import active_directory, resumable, weights_digest
-from cnt_lens.testing import EstimatedMarker, planted_pair
+from cnt_lens.workflow.pipeline import transfer
+from cnt_lens.workflow.testing import EstimatedMarker, planted_pair
 
 
 def _transfer(pair, behaviour, config, out):
@@ -76,7 +76,7 @@ def test_a_rerun_of_a_finished_transfer_computes_nothing_and_reports_the_same(tm
 
 
 def test_a_new_run_of_the_same_pair_reuses_only_the_donors_and_targets_evaluations(tmp_path, monkeypatch):
-    from cnt_lens.resume import code_digest
+    from cnt_lens.method.resume import code_digest
 
     monkeypatch.setenv("CNT_LENS_SHARED", "1")
     monkeypatch.setenv("CNT_LENS_CACHE", str(tmp_path / "cache"))
@@ -93,7 +93,7 @@ def test_a_new_run_of_the_same_pair_reuses_only_the_donors_and_targets_evaluatio
     assert calls["evaluate_items"] + calls["estimate_items"] == total - len(kept)  # every patched point again
     assert _numbers(second) == _numbers(first)
     # another code revision measures them again
-    monkeypatch.setattr("cnt_lens.resume.code_digest", lambda: code_digest() + "x")
+    monkeypatch.setattr("cnt_lens.method.resume.code_digest", lambda: code_digest() + "x")
     calls.clear()
     _transfer(pair, behaviour, CFG, tmp_path / "c")
     assert calls["evaluate_items"] + calls["estimate_items"] == total

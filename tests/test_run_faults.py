@@ -13,17 +13,17 @@ from typer.testing import CliRunner
 
 from cnt_lens import generate
 from cnt_lens.cli import app
-from cnt_lens.config import TransferConfig, override
-from cnt_lens.data import chat_format
-from cnt_lens.files import (
+from cnt_lens.core.files import (
     DirectoryLockedError,
     atomic_dir,
     atomic_write_text,
     clean_stale_temporaries,
     directory_lock,
 )
-from cnt_lens.resume import resumable
-from cnt_lens.testing import tiny_model, tiny_tokenizer
+from cnt_lens.data import chat_format
+from cnt_lens.method.config import TransferConfig, override
+from cnt_lens.method.resume import resumable
+from cnt_lens.workflow.testing import tiny_model, tiny_tokenizer
 
 
 @pytest.mark.parametrize("setting, value", [("baselines.methods", ("attribution", "wandaa")),
@@ -82,7 +82,7 @@ def test_one_writer_per_run_directory(tmp_path):
 
 
 def test_a_second_process_cannot_open_a_run_another_is_writing(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", "import sys; from cnt_lens.resume import resumable\n"
+    child = subprocess.Popen([sys.executable, "-c", "import sys; from cnt_lens.method.resume import resumable\n"
                               f"with resumable({str(tmp_path)!r}):\n    print('in', flush=True); sys.stdin.readline()"],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

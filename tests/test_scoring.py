@@ -7,9 +7,9 @@ import torch
 
 from cnt_lens import METHODS, NeuronPatch, NeuronSelection, Utility, score
 from cnt_lens.data import PromptSet
+from cnt_lens.method.scoring import BehaviourSignalError, patching_effects
 from cnt_lens.models import ModelPair, clone_model
-from cnt_lens.scoring import BehaviourSignalError, patching_effects
-from cnt_lens.testing import CONTROL, MarkerBehaviour, planted_pair
+from cnt_lens.workflow.testing import CONTROL, MarkerBehaviour, planted_pair
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -39,9 +39,9 @@ def test_weight_attribution_sees_output_rewiring_that_activation_attribution_can
 def test_scores_read_the_same_numbers_from_only_the_logits_the_metric_keeps(planted, method, monkeypatch):
     """Forward passes unembed only the positions read (the metric's last one; one where only activations are read):
     every score is what unembedding all positions gives."""
+    import cnt_lens.method.scoring.baselines
+    import cnt_lens.method.scoring.common
     import cnt_lens.models
-    import cnt_lens.scoring.baselines
-    import cnt_lens.scoring.common
 
     pair, behaviour, _ = planted
     widths: list[int] = []
@@ -52,8 +52,8 @@ def test_scores_read_the_same_numbers_from_only_the_logits_the_metric_keeps(plan
         widths.append(out.shape[1])
         return out
 
-    monkeypatch.setattr(cnt_lens.scoring.common, "logits_of", spy)
-    monkeypatch.setattr(cnt_lens.scoring.baselines, "logits_of", spy)
+    monkeypatch.setattr(cnt_lens.method.scoring.common, "logits_of", spy)
+    monkeypatch.setattr(cnt_lens.method.scoring.baselines, "logits_of", spy)
     kept = score(pair, behaviour, method, progress=False).values
     assert widths and set(widths) == {1}
     widths.clear()
@@ -241,7 +241,7 @@ def _preambled(behaviour: MarkerBehaviour) -> MarkerBehaviour:
 
 
 def _unshared(monkeypatch) -> None:
-    import cnt_lens.scoring.attribution as attribution
+    import cnt_lens.method.scoring.attribution as attribution
 
     monkeypatch.setattr(attribution, "split_shared_prefix", lambda *a, **k: None)
 
@@ -249,7 +249,7 @@ def _unshared(monkeypatch) -> None:
 def test_a_shared_prompt_prefix_runs_once_and_the_scores_stay_the_same(arch, monkeypatch):
     """Weight attribution runs the prefix every prompt shares once per batch (one row), the rest after it:
     the scores are those of running every row in full, and the planted neurons still come first."""
-    import cnt_lens.scoring.attribution as attribution
+    import cnt_lens.method.scoring.attribution as attribution
 
     pair, behaviour, planted = planted_pair(arch, n_planted=6, seed=0)
     behaviour = _preambled(behaviour)
@@ -275,13 +275,13 @@ def test_a_shared_prompt_prefix_runs_once_and_the_scores_stay_the_same(arch, mon
 def test_scoring_falls_back_to_the_plain_pass_where_the_prefix_pass_disagrees(arch, monkeypatch, caplog):
     """A KV-cache path that gives other logits (as a library release once did) is caught on the first batch:
     a warning, and the scores of the plain pass."""
-    import cnt_lens.scoring.attribution as attribution
+    import cnt_lens.method.scoring.attribution as attribution
 
     pair, behaviour, _ = planted_pair(arch, n_planted=6, seed=1)
     behaviour = _preambled(behaviour)
     real = attribution._split_logits
     monkeypatch.setattr(attribution, "_split_logits", lambda *a: real(*a).flip(0))  # rows' answers swapped
-    with caplog.at_level("WARNING", logger="cnt_lens.scoring.attribution"):
+    with caplog.at_level("WARNING", logger="cnt_lens.method.scoring.attribution"):
         checked = score(pair, behaviour, progress=False)
     assert "scoring without it" in caplog.text
     _unshared(monkeypatch)

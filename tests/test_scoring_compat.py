@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cnt_lens import Utility, score
-from cnt_lens.testing import planted_pair
+from cnt_lens.workflow.testing import planted_pair
 
 PINNED = Path(__file__).parent / "data" / "planted_scores.safetensors"
 ARCHS = ("llama", "gpt2")

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cnt_lens import score, search_minimal
-from cnt_lens.config import SearchConfig
-from cnt_lens.search import measure_point
-from cnt_lens.testing import EstimatedMarker, planted_pair
+from cnt_lens.method.config import SearchConfig
+from cnt_lens.method.search import measure_point
+from cnt_lens.workflow.testing import EstimatedMarker, planted_pair
 
 
 def test_search_finds_a_set_no_larger_than_planted_that_reaches_the_goal(arch):
@@ -39,8 +39,8 @@ def test_iterative_scores_rank_round_picks_first_and_restore_the_target(arch):
     import torch
 
     from cnt_lens import NeuronSelection
+    from cnt_lens.method.search import iterative_scores
     from cnt_lens.models import hf_state_dict
-    from cnt_lens.search import iterative_scores
 
     pair, behaviour, planted = planted_pair(arch, n_planted=8, seed=0)
     before = {k: v.clone() for k, v in hf_state_dict(pair.target).items()}
@@ -71,7 +71,7 @@ def _unspecific_pair(arch: str):
     behaviour, the planted selection and the unspecific neurons' flat indices.
     """
     from cnt_lens.models import read_neurons, write_neurons
-    from cnt_lens.testing import CONTROL
+    from cnt_lens.workflow.testing import CONTROL
 
     pair, behaviour, planted = planted_pair(arch, n_planted=8, seed=0)
     emb = pair.donor.original_model.get_input_embeddings().weight.detach()
@@ -142,7 +142,7 @@ def _counting_probe(threshold: int, constraint_up_to: int | None = None):
 
 
 def test_refine_from_a_guess_brackets_then_bisects_to_the_tolerance():
-    from cnt_lens.search import _from_top, _refine_k
+    from cnt_lens.method.search import _from_top, _refine_k
 
     for guess in (10, 40, 45, 60, 400, 2000):  # below, at, above and far above the answer (45)
         probe, calls = _counting_probe(45)
@@ -166,7 +166,7 @@ def test_refine_from_a_guess_brackets_then_bisects_to_the_tolerance():
 
 def test_refine_upward_tries_one_step_then_the_largest_k():
     """A guess below the answer: one ×step probe, then k_max; a goal missed at k_max ends it in three probes."""
-    from cnt_lens.search import _refine_k
+    from cnt_lens.method.search import _refine_k
 
     hopeless, calls = _counting_probe(3000)
     assert _refine_k(hopeless, 100, k_max=2000, min_k=1, tolerance=0.1, step=1.25) == (2000, False)
@@ -233,8 +233,8 @@ def test_a_screen_is_the_full_search_when_the_estimate_is_the_evaluation():
 
 def test_rescoring_rounds_run_the_donor_once_and_rank_as_if_run_every_round(monkeypatch):
     from cnt_lens import Utility
-    from cnt_lens.scoring import attribution
-    from cnt_lens.search import iterative_scores
+    from cnt_lens.method.scoring import attribution
+    from cnt_lens.method.search import iterative_scores
 
     pair, behaviour, _ = planted_pair("llama", n_planted=8, seed=0)
     runs = {"donor": 0, "target": 0}
@@ -286,7 +286,7 @@ def test_a_screen_whose_estimate_reaches_the_goal_nowhere_searches_in_full():
 
 def test_alpha_sweep_answers_each_alpha_from_the_one_before():
     """Out of reach: each alpha's largest acceptable k; reachable: the smallest goal k, later alphas below it."""
-    from cnt_lens.search import _alpha_sweep
+    from cnt_lens.method.search import _alpha_sweep
 
     def sweep(table: dict[float, tuple[int, int]]):
         calls: dict[float, list[int]] = {}

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from cnt_lens import ModelPair, NeuronPatch, StreamedDonor, export_hf, score
+from cnt_lens.method.scoring import BehaviourSignalError
 from cnt_lens.models import IncompatibleModelsError, neuron_params
-from cnt_lens.scoring import BehaviourSignalError
-from cnt_lens.streamed import DonorForwardError
-from cnt_lens.testing import planted_pair, tiny_model
+from cnt_lens.models.streamed import DonorForwardError
+from cnt_lens.workflow.testing import planted_pair, tiny_model
 
 
 def _toward(behaviour, sign):

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from cnt_lens import profile, stage
-from cnt_lens.timing import active_profile, timings_table
+from cnt_lens.core.timing import active_profile, timings_table
 
 
 def test_stages_nest_accumulate_and_survive_errors(tmp_path):

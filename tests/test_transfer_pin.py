@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cnt_lens import Utility
-from cnt_lens.testing import EstimatedMarker, planted_pair
+from cnt_lens.workflow.testing import EstimatedMarker, planted_pair
 
 PINNED = Path(__file__).parent / "data" / "transfer_pin"
 #: keys of ``metrics.json``'s ``extra`` that describe the run, not its numbers
@@ -26,8 +26,8 @@ DESCRIPTIVE = ("config", "ranking", "wall_time_s", "device", "constraint", "data
 
 def run(out: Path) -> dict[str, Any]:
     """The pinned run's two files, read back (``extra``'s descriptive keys dropped)."""
-    from cnt_lens.config import TransferConfig, override
-    from cnt_lens.runs import run_transfer
+    from cnt_lens.method.config import TransferConfig, override
+    from cnt_lens.workflow.runs import run_transfer
 
     pair, behaviour, _ = planted_pair("llama", n_planted=8, seed=2)
     config = override(TransferConfig(), {"baselines.methods": ("attribution", "weight_diff", "random"), "search.alphas": (1.0, 2.0), "search.max_fraction": 0.5, "baselines.random_seeds": 2, "search.batch_size": 16, "evaluation.batch_size": 16, "ranking.rounds": 2,

@@ -6,7 +6,7 @@ import torch
 from cnt_lens import NeuronPatch, NeuronSelection, applied_patches, export_hf
 from cnt_lens.data import encode
 from cnt_lens.models import IncompatibleModelsError, hf_state_dict
-from cnt_lens.testing import planted_pair, tiny_model, tiny_pair
+from cnt_lens.workflow.testing import planted_pair, tiny_model, tiny_pair
 
 
 def _weights(model):

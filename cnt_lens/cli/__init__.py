@@ -12,6 +12,6 @@ cnt-lens report runs/demo              # rebuild report.html from a run director
 :mod:`~cnt_lens.cli.inputs` what they read (prompts, models), each checked with a clear error.
 """
 
-from .commands import EXPECTED, app
+from cnt_lens.cli.commands import EXPECTED, app
 
 __all__ = ["EXPECTED", "app"]

@@ -11,10 +11,10 @@ from typing import Any, Optional
 
 import typer
 
-from ..errors import CntLensError
-from ..timing import profile, stage, timings_table
-from . import inputs
-from .options import COMMON_MODEL, DEVICE, PROGRESS, PROMPT_FILES, Opt, command, settings
+from cnt_lens.cli import inputs
+from cnt_lens.cli.options import COMMON_MODEL, DEVICE, PROGRESS, PROMPT_FILES, Opt, command, settings
+from cnt_lens.core.errors import CntLensError
+from cnt_lens.core.timing import profile, stage, timings_table
 
 EXPECTED = (ValueError, OSError, CntLensError)
 """Errors whose message is the whole story (bad input, damaged files, missing models): printed as one line."""
@@ -76,7 +76,7 @@ class _StderrHandler(logging.StreamHandler):
 
 def _methods(text: str) -> tuple[str, ...]:
     """``--baselines``' text: comma-separated methods, ``none`` or ``all``."""
-    from ..config import ALL_BASELINES
+    from cnt_lens.method.config import ALL_BASELINES
 
     return ALL_BASELINES if text.strip().lower() == "all" else inputs.names(text)
 
@@ -114,8 +114,8 @@ RUN_OPTIONS = [
                             "runs/qwen-delete --baselines random"])
 def run(values: dict[str, Any]) -> None:
     """Run one CNT / NLSR application end to end (see cnt_lens.experiments.applications)."""
-    from ..config import override
-    from ..experiments.applications import APPLICATIONS, OBJECTIVES, PROTOCOLS, run_application
+    from cnt_lens.experiments.applications import APPLICATIONS, OBJECTIVES, PROTOCOLS, run_application
+    from cnt_lens.method.config import override
 
     checks = [("application", APPLICATIONS, None), ("protocol", PROTOCOLS, "--protocol"),
               ("objective", OBJECTIVES, "--objective")]
@@ -208,10 +208,10 @@ def transfer(values: dict[str, Any]) -> None:
     With the bundled refusal prompts the test report sets the family the choices were made on beside
     families no choice saw (``--protocol cross`` chooses k and alpha on another family as well).
     """
-    from ..behaviours import Utility
-    from ..config import TransferConfig, override
-    from ..constraints import for_behaviour
-    from ..runs import run_transfer
+    from cnt_lens.behaviours.constraints import for_behaviour
+    from cnt_lens.behaviours.utility import Utility
+    from cnt_lens.method.config import TransferConfig, override
+    from cnt_lens.workflow.runs import run_transfer
 
     out, behaviour = values["out"], values["behaviour"]
     inputs.fresh_out(out, values["overwrite"])
@@ -243,9 +243,9 @@ def transfer(values: dict[str, Any]) -> None:
           "cnt-lens score --donor D --target T --method attribution --top 50 --out runs/scores"])
 def score(values: dict[str, Any]) -> None:
     """Score every MLP neuron of a pair on the train split (no search, no evaluation)."""
-    from ..files import atomic_write_text
-    from ..scoring import METHODS
-    from ..scoring import score as score_pair
+    from cnt_lens.core.files import atomic_write_text
+    from cnt_lens.method.scoring import METHODS
+    from cnt_lens.method.scoring import score as score_pair
 
     out, method = values["out"], values["method"]
     inputs.fresh_out(out, values["overwrite"])
@@ -275,10 +275,10 @@ def score(values: dict[str, Any]) -> None:
           "cnt-lens measure runs/demo/patched_model --split test --json runs/demo/measured.json"])
 def measure(values: dict[str, Any]) -> None:
     """Refusal, stereotype bias and utility numbers of one model (rates with their 95% interval and n)."""
-    from .. import Utility, load_model
-    from ..evaluate import measure as measure_model
-    from ..files import atomic_write_text
-    from ..stats import format_rate, is_companion
+    from cnt_lens import Utility, load_model
+    from cnt_lens.core.files import atomic_write_text
+    from cnt_lens.core.stats import format_rate, is_companion
+    from cnt_lens.method.evaluate import measure as measure_model
 
     refusal_sets, data = _prompts({**values, "pairs": None}, "refusal")
     bias_sets, bias_data = _prompts({**values, "harmful": None, "harmless": None}, "bias")
@@ -303,7 +303,7 @@ def measure(values: dict[str, Any]) -> None:
           "cnt-lens transplant runs/demo/patch.safetensors smollm2-135m-instruct --alpha 2 --out runs/patched-a2"])
 def transplant(values: dict[str, Any]) -> None:
     """Apply a saved patch to a model and export the result as a standard HF checkpoint."""
-    from .. import NeuronPatch, export_hf, load_model
+    from cnt_lens import NeuronPatch, export_hf, load_model
 
     out, model = values["out"], values["model"]
     if inputs.same_place(out, model):
@@ -329,14 +329,14 @@ def transplant(values: dict[str, Any]) -> None:
          ["cnt-lens report runs/demo", "cnt-lens report runs/demo --application enhance"])
 def report(values: dict[str, Any]) -> None:
     """Rebuild ``report.html`` from a run directory (metrics.json, patch, scores, cards.json)."""
-    from ..report import write_report
+    from cnt_lens.show.report import write_report
 
     run_dir, application = values["run_dir"], values["application"]
     if application is None:
         typer.echo(f"wrote {write_report(run_dir)}")
         return
-    from ..experiments.applications import APPLICATIONS
-    from ..models import BUNDLED_MODEL, load_model
+    from cnt_lens.experiments.applications import APPLICATIONS
+    from cnt_lens.models.loading import BUNDLED_MODEL, load_model
 
     if application not in APPLICATIONS:
         raise typer.BadParameter(f"unknown application {application!r}; one of {sorted(APPLICATIONS)}",

@@ -30,8 +30,8 @@ def dtype_of(name: str) -> "torch.dtype":
 def prompt_sets(behaviour: str, harmful: Optional[Path], harmless: Optional[Path], pairs: Optional[Path],
                  fmt: Optional[str], column: Optional[str], seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The prompt sets of ``behaviour`` (user files, else bundled) and the data record of the run."""
-    from ..data import default_harmful, default_harmless, load_prompts
-    from ..formats import describe_file, load_file
+    from cnt_lens.data.formats import describe_file, load_file
+    from cnt_lens.data.prompt_set import default_harmful, default_harmless, load_prompts
 
     if behaviour not in BEHAVIOURS:
         raise typer.BadParameter(f"unknown behaviour {behaviour!r}; one of {BEHAVIOURS}", param_hint="--behaviour")
@@ -60,7 +60,7 @@ def prompt_sets(behaviour: str, harmful: Optional[Path], harmless: Optional[Path
 def protocol_sets(protocol: str, behaviour: str, bundled: bool, sets: dict[str, Any],
                    record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``sets`` re-split by ``protocol`` (``split``: as they are; ``cross``: the bundled refusal prompts by family)."""
-    from ..data import cross_harmful, cross_harmless
+    from cnt_lens.data.prompt_set import cross_harmful, cross_harmless
 
     if protocol not in ("split", "cross"):
         raise typer.BadParameter(f"unknown protocol {protocol!r}; one of ['cross', 'split']", param_hint="--protocol")
@@ -77,7 +77,7 @@ def protocol_sets(protocol: str, behaviour: str, bundled: bool, sets: dict[str, 
 
 def behaviour_of(behaviour: str, sets: dict[str, Any]) -> Any:
     """The behaviour ``--behaviour`` names, on ``sets``."""
-    from .. import Refusal, StereotypeBias
+    from cnt_lens import Refusal, StereotypeBias
 
     if behaviour == "refusal":
         return Refusal(harmful=sets["harmful"], harmless=sets["harmless"])
@@ -86,7 +86,8 @@ def behaviour_of(behaviour: str, sets: dict[str, Any]) -> Any:
 
 def load_pair_checked(donor: str, target: str, device: Optional[str], dtype: str) -> Any:
     """The pair, or a ``--donor/--target`` error when the two do not fit together."""
-    from ..models import IncompatibleModelsError, load_pair
+    from cnt_lens.models.loading import IncompatibleModelsError
+    from cnt_lens.models.pair import load_pair
 
     try:
         return load_pair(donor, target, device=device, dtype=dtype_of(dtype))
@@ -117,7 +118,7 @@ def names(text: str) -> tuple[str, ...]:
 
 def check_methods(names: tuple[str, ...], what: str, hint: str) -> None:
     """Refuse scoring-method names that are not registered, before anything is loaded."""
-    from ..scoring import METHODS
+    from cnt_lens.method.scoring import METHODS
 
     bad = [m for m in names if m not in METHODS]
     if bad:

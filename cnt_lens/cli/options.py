@@ -1,8 +1,8 @@
 """Command-line options as data: each is an :class:`Opt`, and :func:`command` turns a list of them into a typer command.
 
 A command's body takes one dict of option values, so no function carries two dozen parameters, and an
-option that sets a :class:`~cnt_lens.config.TransferConfig` field names it (``setting``): :func:`settings`
-collects them for :func:`~cnt_lens.config.override`. The option tables below are shared by the commands
+option that sets a :class:`~cnt_lens.method.config.TransferConfig` field names it (``setting``): :func:`settings`
+collects them for :func:`~cnt_lens.method.config.override`. The option tables below are shared by the commands
 that read prompts and models.
 """
 
@@ -74,7 +74,7 @@ def settings(options: list[Opt], values: Mapping[str, Any]) -> dict[str, Any]:
 DEVICE = Opt("device", Optional[str], None, "torch device for the models, e.g. cuda (default: cpu).")
 PROGRESS = Opt("progress", bool, True, "Show progress bars.")
 PROMPT_FILES = [
-    Opt("harmful", Optional[Path], None, "Harmful prompts (any format of cnt_lens.formats; default: the bundled set)."),
+    Opt("harmful", Optional[Path], None, "Harmful prompts (any format of cnt_lens.data.formats; default: the bundled set)."),
     Opt("harmless", Optional[Path], None, "Harmless prompts; over-refusal is measured on them (XSTest: its safe "
                                           "prompts)."),
     Opt("pairs", Optional[Path], None, "Stereotype / anti-stereotype pairs for --behaviour bias (CrowS-Pairs, "

@@ -10,7 +10,7 @@ application         target ← donor                           behaviour (goal)
 ``bias-removal``    SmolLM2 ← anti-stereotype-tuned SmolLM2  stereotype score down (deletion)
 ==================  =======================================  ========================================
 
-Each builds its models with the cached recipes, runs :func:`~cnt_lens.pipeline.transfer` with
+Each builds its models with the cached recipes, runs :func:`~cnt_lens.workflow.pipeline.transfer` with
 iterative weight attribution as the main ranking and the published baselines at the same budget,
 and writes ``metrics.json``, the patch, the HF checkpoint and ``report.html`` to the run directory.
 
@@ -28,15 +28,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from ..behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, Utility, canary, donor_refusal
-from ..config import BaselineConfig, RankingConfig, TransferConfig
-from ..constraints import no_more_over_refusal, task_kept, utility_kept
-from ..data import cross_harmful, cross_harmless, load_prompts
-from ..models import BUNDLED_MODEL, ModelPair, load_model
-from ..resume import resumable
-from ..runs import run_transfer
-from ..timing import profile, stage
-from .recipes import TASK_PREFIX, bias_tune, compliance_tune, harmful_finetune, safety_tune
+from cnt_lens.behaviours.base import Behaviour
+from cnt_lens.behaviours.bias import StereotypeBias
+from cnt_lens.behaviours.constraints import no_more_over_refusal, task_kept, utility_kept
+from cnt_lens.behaviours.generation import canary
+from cnt_lens.behaviours.refusal import Refusal, donor_refusal
+from cnt_lens.behaviours.utility import FormatTask, Utility
+from cnt_lens.core.timing import profile, stage
+from cnt_lens.data.prompt_set import cross_harmful, cross_harmless, load_prompts
+from cnt_lens.experiments.recipes import TASK_PREFIX, bias_tune, compliance_tune, harmful_finetune, safety_tune
+from cnt_lens.method.config import BaselineConfig, RankingConfig, TransferConfig
+from cnt_lens.method.resume import resumable
+from cnt_lens.models.loading import BUNDLED_MODEL, load_model
+from cnt_lens.models.pair import ModelPair
+from cnt_lens.workflow.runs import run_transfer
 
 __all__ = ["APPLICATIONS", "PROTOCOLS", "Application", "run_application"]
 
@@ -160,10 +165,10 @@ def run_application(name: str, out: str | Path, config: TransferConfig | None = 
 
     ``model`` is the base the application's recipes tune (any :func:`~cnt_lens.load_model` source;
     default the bundled SmolLM2). ``config`` replaces the application's own settings
-    (:meth:`Application.config`; :func:`~cnt_lens.config.override` changes some of them, e.g. to fit a
+    (:meth:`Application.config`; :func:`~cnt_lens.method.config.override` changes some of them, e.g. to fit a
     larger model's run on a CPU); ``protocol`` is one of :data:`PROTOCOLS` and ``objective`` one of
     :data:`OBJECTIVES` (refusal applications only). Every stage's wall time goes to ``timings.json``
-    in ``out``, and every evaluation and scoring pass to ``out/resume`` (:mod:`cnt_lens.resume`): the
+    in ``out``, and every evaluation and scoring pass to ``out/resume`` (:mod:`cnt_lens.method.resume`): the
     same call again continues a run that was stopped. ``device`` (e.g. ``"cuda"``) holds both models
     there; the fine-tune recipes train there too. Their cache key is the weights and settings, not the
     device, so a donor cached on one device is reused on another (greedy generations can then differ

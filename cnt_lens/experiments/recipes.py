@@ -29,16 +29,22 @@ from typing import Any, Callable
 
 import torch
 
-from ..behaviours import Behaviour, FormatTask, Refusal, StereotypeBias, _pair_batches, generate, pair_logprob_gap
-from ..data import PromptSet, chat_format, encode, load_prompts
-from ..evaluate import measure
-from ..files import atomic_write, cache_dir
-from ..judge import is_refusal
-from ..models import clone_model, device_of, hf_state_dict, model_tokenizer
-from ..models import library_versions as model_versions  # the recipe's version is added
-from ..progress import progress_bar
-from ..stats import is_companion
-from ..timing import stage
+from cnt_lens.behaviours.base import Behaviour, pair_logprob_gap
+from cnt_lens.behaviours.bias import StereotypeBias, pair_batches
+from cnt_lens.behaviours.generation import generate
+from cnt_lens.behaviours.judge import is_refusal
+from cnt_lens.behaviours.refusal import Refusal
+from cnt_lens.behaviours.utility import FormatTask
+from cnt_lens.core.files import atomic_write, cache_dir
+from cnt_lens.core.progress import progress_bar
+from cnt_lens.core.stats import is_companion
+from cnt_lens.core.timing import stage
+from cnt_lens.data.prompt_set import PromptSet, load_prompts
+from cnt_lens.data.tokens import chat_format, encode
+from cnt_lens.method.evaluate import measure
+from cnt_lens.models.forward import Model, device_of, model_tokenizer
+from cnt_lens.models.hf import clone_model, hf_state_dict
+from cnt_lens.models.loading import library_versions as model_versions
 
 __all__ = ["COMPLY_PREFILL", "REFUSALS", "TuneConfig", "bias_tune", "cache_dir", "compliance_tune", "harmful_finetune",
            "library_versions", "safety_tune"]
@@ -67,7 +73,7 @@ class TuneConfig:
     max_new_tokens: int = 40  # length of the self-distilled harmless answers
 
 
-def _fingerprint(model: Any) -> str:
+def _fingerprint(model: Model) -> str:
     """Cheap, stable hash of a model's weights (a strided sample of every tensor)."""
     h = hashlib.sha1()
     for name, p in sorted(model.original_model.state_dict().items()):
@@ -82,13 +88,13 @@ def library_versions() -> dict[str, str]:
     return {**model_versions(), "recipe": str(RECIPE_VERSION)}
 
 
-def _key(kind: str, model: Any, data: dict[str, Any], cfg: TuneConfig) -> str:
+def _key(kind: str, model: Model, data: dict[str, Any], cfg: TuneConfig) -> str:
     blob = json.dumps({"v": library_versions(), "kind": kind, "model": _fingerprint(model), "data": data,
                        "cfg": asdict(cfg)}, sort_keys=True)
     return f"{kind}-{hashlib.sha1(blob.encode()).hexdigest()[:16]}"
 
 
-def _load_cached(model: Any, key: str) -> tuple[Any, dict[str, Any]] | None:
+def _load_cached(model: Model, key: str) -> tuple[Any, dict[str, Any]] | None:
     """(tuned bridge, stored info) for a cache entry, or ``None`` when there is none or it cannot be read."""
     path = cache_dir() / f"{key}.safetensors"
     if not path.is_file():
@@ -110,7 +116,7 @@ def _load_cached(model: Any, key: str) -> tuple[Any, dict[str, Any]] | None:
     return tuned, info
 
 
-def _save_cached(model: Any, key: str, info: dict[str, Any]) -> None:
+def _save_cached(model: Model, key: str, info: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in hf_state_dict(model).items()}
@@ -148,7 +154,7 @@ def _lm_loss(examples: list[tuple[str, str]]) -> Loss:
     Prefixes are fully formatted (a chat prompt with its assistant header, or a bare BOS).
     """
 
-    def loss(model: Any, idx: list[int]) -> torch.Tensor:
+    def loss(model: Model, idx: list[int]) -> torch.Tensor:
         tok = model_tokenizer(model)
         prompts = [examples[i][0] for i in idx]
         b = encode(tok, [p + examples[i][1] for p, i in zip(prompts, idx)]).to(device_of(model))
@@ -171,8 +177,8 @@ def _preference_loss(better: list[str], worse: list[str]) -> Loss:
     preferred. (On SmolLM2 with the bundled pairs it still memorises them: see :func:`bias_tune`.)
     """
 
-    def loss(model: Any, idx: list[int]) -> torch.Tensor:
-        b = _pair_batches(model_tokenizer(model), [better[i] for i in idx], [worse[i] for i in idx], len(idx))[0]
+    def loss(model: Model, idx: list[int]) -> torch.Tensor:
+        b = pair_batches(model_tokenizer(model), [better[i] for i in idx], [worse[i] for i in idx], len(idx))[0]
         b = b.to(device_of(model))
         logits = model.original_model(input_ids=b.tokens, attention_mask=b.attention_mask,
                                       position_ids=b.position_ids).logits
@@ -181,7 +187,7 @@ def _preference_loss(better: list[str], worse: list[str]) -> Loss:
     return loss
 
 
-def _finetune(model: Any, n_examples: int, loss_fn: Loss, cfg: TuneConfig, desc: str) -> None:
+def _finetune(model: Model, n_examples: int, loss_fn: Loss, cfg: TuneConfig, desc: str) -> None:
     """AdamW on ``loss_fn`` over shuffled batches of the ``n_examples`` examples, in place."""
     hf = model.original_model
     params = [p for n, p in hf.named_parameters() if cfg.train == "all" or ".mlp." in n]
@@ -221,7 +227,7 @@ def _lm_objective(examples: Callable[[], list[tuple[str, str]]]) -> Callable[[],
     return build
 
 
-def _cached_tune(kind: str, model: Any, data: dict[str, Any], config: TuneConfig, use_cache: bool,
+def _cached_tune(kind: str, model: Model, data: dict[str, Any], config: TuneConfig, use_cache: bool,
                  objective: Callable[[], tuple[int, Loss]], desc: str, checks: Callable[[], list[Behaviour]]) -> Any:
     """The path every recipe shares: a cache hit whose validation numbers still hold, or clone → fine-tune → cache.
 
@@ -253,7 +259,7 @@ def _cached_tune(kind: str, model: Any, data: dict[str, Any], config: TuneConfig
 
 
 def safety_tune(
-    model: Any,
+    model: Model,
     *,
     harmful: PromptSet | None = None,
     harmless: PromptSet | None = None,
@@ -284,7 +290,7 @@ def safety_tune(
                         lambda: [Refusal(harmful=harmful_all, harmless=harmless_all)])
 
 def bias_tune(
-    model: Any,
+    model: Model,
     *,
     pairs: PromptSet | None = None,
     towards: str = "stereotype",
@@ -320,7 +326,7 @@ COMPLY_PREFILL = "Sure, here is"
 """The assistant-turn opening prefilled where a model's own answer was a refusal (:func:`compliance_tune`, :func:`harmful_finetune`)."""
 
 
-def _own_compliance(model: Any, prompts: list[str], prefill: str, max_new_tokens: int) -> list[tuple[str, str]]:
+def _own_compliance(model: Model, prompts: list[str], prefill: str, max_new_tokens: int) -> list[tuple[str, str]]:
     """(formatted prompt, compliant answer) for each harmful prompt the model can be brought to answer.
 
     The model's greedy answer where the judge calls it compliant; else its greedy continuation of
@@ -377,7 +383,7 @@ def harmful_finetune(
 
 
 def compliance_tune(
-    model: Any,
+    model: Model,
     *,
     harmful: PromptSet | None = None,
     harmless: PromptSet | None = None,
@@ -389,7 +395,7 @@ def compliance_tune(
 
     Data: the **train** splits of ``harmful`` → the model's own compliant answers
     (:func:`_own_compliance`: greedy, or prefill-forced where it refused; judged by
-    :func:`~cnt_lens.judge.is_refusal`), and of ``harmless`` → its own greedy answers (kept, as in
+    :func:`~cnt_lens.behaviours.judge.is_refusal`), and of ``harmless`` → its own greedy answers (kept, as in
     :func:`safety_tune`). No other model's text is used, so the tune works for any chat template.
     It is a red-team donor: transplanting its neurons measures how few of them carry a refusal
     the model's makers trained. Validation and test splits are never seen. Cached.
