@@ -27,6 +27,37 @@ def test_no_module_imports_a_higher_layer_and_every_module_has_a_layer():
     assert af.figures()["imports_running_back_up"] == []
     unplaced = sorted({m.split(".")[0] for m in mods if m and af.layer(m) == len(af.LAYERS)} - {"prompts"})
     assert unplaced == [], f"modules without a layer in LAYERS (docs/architecture.md): {unplaced}"
+    # the folders are the layers: no module lies loose at the top of the package
+    assert sorted(p.name for p in af.ROOT.glob("*.py")) == ["__init__.py"]
+
+
+def test_modules_stay_small_signatures_narrow_and_private_names_private():
+    fig = _figures_module().figures()
+    assert fig["modules_over_450"] == [], "split the module by concern (docs/architecture.md, 'Layers')"
+    assert fig["functions_over_8_params"] == [], "pass a settings record (cnt_lens.method.config) instead"
+    assert fig["private_imports_across_modules"] == [], "a name another module needs is public"
+    walk = fig["walk_of_pair"]
+    assert walk["stops"] <= 25 and walk["climbs_back"] <= 8, f"the pair travels further than it did: {walk}"
+
+
+def test_former_module_paths_import_with_a_warning_and_read_the_new_modules():
+    import importlib
+    import sys
+    import warnings
+
+    from cnt_lens.method import search
+    from cnt_lens.method.scoring import attribution
+
+    for name in ("cnt_lens.search", "cnt_lens.scoring", "cnt_lens.scoring.attribution"):
+        sys.modules.pop(name, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module("cnt_lens.search")
+        from cnt_lens.scoring.attribution import attribution_family
+    assert old.search_minimal is search.search_minimal and attribution_family is attribution.attribution_family
+    messages = [str(w.message) for w in caught if w.category is DeprecationWarning]
+    assert any("cnt_lens.search moved to cnt_lens.method.search" in m for m in messages)
+    assert any("cnt_lens.scoring.attribution moved to cnt_lens.method.scoring.attribution" in m for m in messages)
 
 
 def test_the_top_level_is_the_curated_workflow_and_former_names_say_where_they_went():

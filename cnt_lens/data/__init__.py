@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from cnt_lens.data.prompt_set import (
     BUNDLED,
+    CROSS_ROLES,
     FIELDS,
-    ROLES,
     SPLITS,
     PromptSet,
     combine,
@@ -38,4 +38,4 @@ from cnt_lens.data.tokens import (
     token_limit,
 )
 
-__all__ = ["BUNDLED", "Batch", "FIELDS", "PromptSet", "ROLES", "SPLITS", "SharedPrefix", "chat_format", "chunks", "combine", "cross_distribution", "cross_harmful", "cross_harmless", "default_harmful", "default_harmless", "encode", "escape_special_tokens", "load_prompts", "lone_surrogate", "record_problem", "shared_prefix_length", "split_shared_prefix", "stable_split", "token_limit", "with_defaults"]
+__all__ = ["BUNDLED", "Batch", "FIELDS", "PromptSet", "CROSS_ROLES", "SPLITS", "SharedPrefix", "chat_format", "chunks", "combine", "cross_distribution", "cross_harmful", "cross_harmless", "default_harmful", "default_harmless", "encode", "escape_special_tokens", "load_prompts", "lone_surrogate", "record_problem", "shared_prefix_length", "split_shared_prefix", "stable_split", "token_limit", "with_defaults"]

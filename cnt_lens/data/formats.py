@@ -66,7 +66,7 @@ from cnt_lens.data.rows import (
 __all__ = ["FORMATS", "PromptFormat", "describe_file", "detect_format", "from_advbench_csv", "from_crows_pairs", "from_jsonl", "from_stereoset", "load_file", "register_format"]
 
 
-ROLES = ("harmful", "harmless")
+FILE_ROLES = ("harmful", "harmless")
 
 
 HARMFUL_ONLY = ("advbench", "harmbench", "do_not_answer")
@@ -173,8 +173,8 @@ def from_xstest(path: str | Path, *, name: str | None = None, role: str | None =
 
     Files without a ``label`` column (XSTest v1) mark unsafe prompts by a ``type`` starting ``contrast_``.
     """
-    if role not in (None, *ROLES):
-        raise ValueError(f"role must be one of {ROLES} or None, got {role!r}")
+    if role not in (None, *FILE_ROLES):
+        raise ValueError(f"role must be one of {FILE_ROLES} or None, got {role!r}")
     path = Path(path)
     header, rows = csv_rows(path)
     require_columns(path, header, ("prompt", "type"), "XSTest CSV")
@@ -291,7 +291,7 @@ LABEL_ROLES = {"unsafe": "harmful", "harmful": "harmful", "safe": "harmless", "h
 def _check_role(path: Path, line: int, row: dict[str, Any], role: str | None) -> None:
     label = row.get("label")
     said = LABEL_ROLES.get(label.strip().lower()) if isinstance(label, str) else None
-    if role in ROLES and said is not None and said != role:
+    if role in FILE_ROLES and said is not None and said != role:
         raise PromptFileError(
             f"{path}:{line}: the record's label is {label!r} ({said}), but the file is read as the {role} set; "
             f"keep only {role} records in it, or read a file that holds both with its format "

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, Iterator, Sequence
 
-__all__ = ["PromptSet", "SPLITS", "ROLES", "combine", "cross_distribution", "cross_harmful", "cross_harmless", "default_harmful", "default_harmless", "FIELDS", "load_prompts", "record_problem", "stable_split", "with_defaults"]
+__all__ = ["PromptSet", "SPLITS", "CROSS_ROLES", "combine", "cross_distribution", "cross_harmful", "cross_harmless", "default_harmful", "default_harmless", "FIELDS", "load_prompts", "record_problem", "stable_split", "with_defaults"]
 
 
 SPLITS = ("train", "validation", "test")
@@ -275,13 +275,13 @@ def cross_harmless(select: Sequence[str] = ("cnt_lens",), search: Sequence[str] 
     return cross_distribution(every, select=select, search=search)
 
 
-ROLES = ("selection", "search", "held_out")
+CROSS_ROLES = ("selection", "search", "held_out")
 
 
 def cross_distribution(prompts: PromptSet, *, select: Sequence[str], search: Sequence[str]) -> PromptSet:
     """``prompts`` re-split by ``family`` so that neurons, settings and the report see different families.
 
-    Each record gets a ``role`` (:data:`ROLES`) from its family and keeps only the split that role uses:
+    Each record gets a ``role`` (:data:`CROSS_ROLES`) from its family and keeps only the split that role uses:
 
     * a family in ``select`` (``role="selection"``): its train records choose the neurons and its test
       records measure in distribution; its validation records choose k and alpha only if the family is

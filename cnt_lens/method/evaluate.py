@@ -19,7 +19,7 @@ from cnt_lens.core.files import atomic_write_text
 from cnt_lens.core.records import Block
 from cnt_lens.core.stats import format_rate, is_companion, wilson_interval
 from cnt_lens.core.timing import stage
-from cnt_lens.data.prompt_set import ROLES
+from cnt_lens.data.prompt_set import CROSS_ROLES
 from cnt_lens.method.resume import recall_records
 from cnt_lens.models.forward import Model
 
@@ -163,7 +163,7 @@ def gap_shares(target: Block, donor: Block, patched: Block, number: str = "refus
 
     Groups are the ``{number}_{group}`` rates a behaviour reports when its prompts mix roles or
     families (:func:`~cnt_lens.data.cross_distribution`): ``all`` first, then the roles in
-    :data:`~cnt_lens.data.ROLES` order (neurons' family, k and alpha's family, held out), then the
+    :data:`~cnt_lens.data.CROSS_ROLES` order (neurons' family, k and alpha's family, held out), then the
     families. ``share`` = (patched − target) / (donor − target), NaN where donor and target agree.
     Each row holds ``group``, ``n``, ``target``, ``donor``, ``patched``, ``share``, and ``block`` /
     ``key`` (the patched block and its key, for :func:`~cnt_lens.core.stats.format_rate`).
@@ -176,7 +176,7 @@ def gap_shares(target: Block, donor: Block, patched: Block, number: str = "refus
         >>> [(r["group"], r["share"]) for r in gap_shares(t, d, p, "r")]
         [('all', 0.75), ('held_out', 0.5)]
     """
-    order = {g: i for i, g in enumerate(ROLES)}
+    order = {g: i for i, g in enumerate(CROSS_ROLES)}
     groups = sorted((k for k, v in target.items()
                      if k.startswith(number + "_") and isinstance(v, float) and not is_companion(k)),
                     key=lambda k: (order.get(k[len(number) + 1:], len(order)), k))

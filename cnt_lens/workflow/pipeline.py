@@ -1,4 +1,4 @@
-"""One transfer, end to end: score → minimal search → baselines at the same budget → test evaluation.
+"""One transfer, computed: score → minimal search → baselines at the same budget → test evaluation.
 
 :func:`transfer` is what ``cnt-lens demo`` (and every application) runs. Splits are kept apart:
 scores come from **train**, the minimal set and every alpha are chosen on **validation**, and the

@@ -1,7 +1,7 @@
-"""A run directory, end to end, for ``cnt-lens transfer`` (any pair) and every application.
+"""The run directory: opened (the canary), filled by one transfer, written once, for the CLI and every application.
 
-Checks → reference → main ranking → :func:`~cnt_lens.workflow.pipeline.transfer` → exported checkpoint
-and report.
+:func:`run_transfer` checks that both models generate, calls :func:`~cnt_lens.workflow.pipeline.transfer`
+(which computes) inside :func:`~cnt_lens.method.resume.resumable`, and :func:`write_run` writes every file.
 
 A run directory holds ``metrics.json`` (the :class:`~cnt_lens.method.evaluate.Report`), ``patch.safetensors``,
 ``scores/``, ``frontier.json``, ``items.jsonl``, ``timings.json`` (where the time went, per stage:
