@@ -111,6 +111,14 @@ class Behaviour(abc.ABC):
         """Control prompts (e.g. harmless requests) for contrast scores; behaviours without any raise."""
         raise NotImplementedError(f"{self.name} has no control prompts")
 
+    def kl_batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
+        """Inputs an edit should leave alone, ending where the answer starts; ``[]`` (the default): none.
+
+        The first-token KL of an edited model from the unedited one is read at their last position
+        (:mod:`cnt_lens.method.divergence`); a behaviour without such inputs reports no KL.
+        """
+        return []
+
     @abc.abstractmethod
     def evaluate_items(self, model: Model, split: str | None, *, batch_size: int = 16,
                        progress: bool = True) -> list[dict[str, Any]]:

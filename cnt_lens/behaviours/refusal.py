@@ -168,6 +168,12 @@ class Refusal(Behaviour):
         return self._encode(tokenizer, self.harmless, split, batch_size)
 
     @override
+    def kl_batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
+        """The harmless prompts as generation sees them (chat format and ``response_prefix``, no teacher-forced tail)."""
+        texts = [chat_format(tokenizer, p) + self.response_prefix for p in self.harmless.split(split).column("prompt")]
+        return [encode(tokenizer, list(c)) for c in chunks(texts, batch_size)]
+
+    @override
     def logits_to_keep(self, batch: Batch) -> int:
         # the teacher-forced tail and the position before it
         return len(batch.meta["continuation_ids" if "continuation_ids" in batch.meta else "lead_ids"]) + 1

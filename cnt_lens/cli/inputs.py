@@ -96,8 +96,11 @@ def load_pair_checked(donor: str, target: str, device: Optional[str], dtype: str
 
 
 def echo_report(report: Any) -> None:
-    """The report's table, then (when its prompts mix families) each role's and family's share of the gap."""
+    """The report's table, the field's units (refusals per 100, first-token KL), then each family's share of the gap."""
     typer.echo(report.table())
+    units = report.units_table()
+    if units:
+        typer.echo("\nIn the field's units (test split; KL from the unedited target on harmless prompts):\n" + units)
     shares = report.shares_table()
     if shares:
         typer.echo("\n" + shares)

@@ -2,14 +2,17 @@
 
 A block of evaluation numbers carries, for each rate ``name``, three keys: ``name`` (the share, a
 float), ``name_n`` (how many items it was counted over) and ``name_ci95`` (``[low, high]``, the
-Wilson score interval). Constraints and searches read the float; tables and reports show all three.
+Wilson score interval). A mean over items (e.g. a KL divergence per prompt, :func:`mean`) carries the
+same three keys, its interval a percentile bootstrap. Constraints and searches read the float; tables
+and reports show all three.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import random
+from typing import Any, Iterable, Sequence
 
-__all__ = ["format_rate", "is_companion", "rate", "wilson_interval"]
+__all__ = ["bootstrap_interval", "format_rate", "is_companion", "mean", "rate", "wilson_interval"]
 
 
 
@@ -44,6 +47,39 @@ def rate(name: str, flags: Iterable[Any], *, scale: float = 1.0) -> dict[str, An
     return {name: scale * k / n if n else float("nan"), f"{name}_n": n, f"{name}_ci95": [scale * lo, scale * hi]}
 
 
+def bootstrap_interval(values: Sequence[float], *, resamples: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values``; ``(nan, nan)`` when there are none.
+
+    ``resamples`` means of ``len(values)`` draws with replacement, seeded, so the same values always
+    give the same interval.
+
+    Example:
+        >>> bootstrap_interval([0.5, 0.5, 0.5])
+        (0.5, 0.5)
+    """
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(resamples))
+    tail = (1 - level) / 2
+    return means[int(tail * (resamples - 1))], means[int(round((1 - tail) * (resamples - 1)))]
+
+
+def mean(name: str, values: Iterable[float]) -> dict[str, Any]:
+    """``{name: mean, name_n: n, name_ci95: [lo, hi]}`` of ``values`` (:func:`bootstrap_interval`).
+
+    Example:
+        >>> mean("kl_first_token", [0.0, 0.0])
+        {'kl_first_token': 0.0, 'kl_first_token_n': 2, 'kl_first_token_ci95': [0.0, 0.0]}
+    """
+    values = [float(v) for v in values]
+    lo, hi = bootstrap_interval(values)
+    return {name: sum(values) / len(values) if values else float("nan"), f"{name}_n": len(values),
+            f"{name}_ci95": [lo, hi]}
+
+
 def is_companion(key: str) -> bool:
     """Whether ``key`` is the ``_n`` or ``_ci95`` companion of a rate (not a number to tabulate on its own)."""
     return key.endswith("_n") or key.endswith("_ci95")
@@ -51,6 +87,8 @@ def is_companion(key: str) -> bool:
 
 def format_rate(block: dict[str, Any], name: str, digits: int = 3) -> str:
     """``name``'s value in ``block`` as text: ``"0.417 [0.24, 0.61] n=24"`` for a rate, ``"3.686"`` for a number.
+
+    An interval is shown to 2 places (1 for a percentage), to 3 when it lies below 0.1 (a small KL).
 
     Example:
         >>> format_rate(rate("r", [1, 0, 0, 0]), "r")
@@ -62,6 +100,6 @@ def format_rate(block: dict[str, Any], name: str, digits: int = 3) -> str:
     ci, n = block.get(f"{name}_ci95"), block.get(f"{name}_n")
     text = f"{v:.{digits}f}"
     if ci and n is not None:
-        d = 2 if abs(v) <= 1 else 1  # a share to 2 places, a percentage to 1
+        d = 3 if 0 <= ci[0] <= ci[1] < 0.1 and v > 0 else 2 if abs(v) <= 1 else 1
         text += f" [{ci[0]:.{d}f}, {ci[1]:.{d}f}] n={n}"
     return text

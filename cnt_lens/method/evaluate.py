@@ -20,6 +20,7 @@ from cnt_lens.core.records import Block
 from cnt_lens.core.stats import format_rate, is_companion, wilson_interval
 from cnt_lens.core.timing import stage
 from cnt_lens.data.prompt_set import CROSS_ROLES
+from cnt_lens.method.divergence import KL_NAME
 from cnt_lens.method.resume import recall_records
 from cnt_lens.models.forward import Model
 
@@ -107,6 +108,30 @@ class Report:
         cols = self.columns(columns)
         lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         lines += ["| " + r["model"] + " | " + " | ".join(format_rate(r, c) for c in cols) + " |" for r in rows]
+        return "\n".join(lines)
+
+    def units_table(self) -> str:
+        """The field's units, one row per model: refusals per 100 harmful prompts and first-token KL from the target.
+
+        The headline rate times 100 (interval and n), and ``kl_first_token`` (the unedited target's
+        next-token distribution against each model's on the behaviour's harmless inputs); ``""`` when
+        the run has neither a refusal headline nor a KL.
+        """
+        headline = self.headline()
+        per_100 = headline if headline and headline.startswith("refusal") else None
+        if per_100 is None and KL_NAME not in self.target:
+            return ""
+        cols = ([f"{per_100} per 100"] if per_100 else []) + ([f"{KL_NAME} (nats)"] if KL_NAME in self.target else [])
+        lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for r in self.rows():
+            cells = []
+            if per_100:
+                ci, n = r.get(f"{per_100}_ci95") or [float("nan")] * 2, r.get(f"{per_100}_n")
+                cells.append(f"{100 * r[per_100]:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}] n={n}"
+                             if isinstance(r.get(per_100), float) else "")
+            if KL_NAME in self.target:
+                cells.append(format_rate(r, KL_NAME, digits=4))
+            lines.append("| " + r["model"] + " | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
     def shares(self, number: str = "refusal_harmful") -> list[dict[str, Any]]:

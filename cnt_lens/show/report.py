@@ -22,10 +22,10 @@ from cnt_lens.show.plots import behaviour_shift, frontier, layer_profile, transf
 __all__ = ["write_report"]
 
 
-KEY_COLUMNS = ("n_neurons", "alpha", "refusal_harmful", "refusal_harmless", "stereotype_score", "task_rate",
-               "utility_nll", "mc_accuracy")
+KEY_COLUMNS = ("n_neurons", "alpha", "refusal_harmful", "refusal_harmless", "kl_first_token", "stereotype_score",
+               "task_rate", "utility_nll", "mc_accuracy")
 """The metrics table's first columns, where a run has them: the patch's size and strength, each behaviour's
-headline, over-refusal and utility; the rest follow in a second table."""
+headline, over-refusal, first-token KL from the target and utility; the rest follow in a second table."""
 
 
 def _table_html(report: Report, cols: list[str]) -> str:

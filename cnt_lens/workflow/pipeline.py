@@ -13,12 +13,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from torch import Tensor
+
 from cnt_lens.behaviours.base import Behaviour
 from cnt_lens.behaviours.constraints import Constraint
 from cnt_lens.core.records import Block, Point, Reference
 from cnt_lens.core.stats import is_companion
 from cnt_lens.core.timing import stage
+from cnt_lens.data.tokens import Batch
 from cnt_lens.method.config import TransferConfig
+from cnt_lens.method.divergence import first_token_kl, next_token_logprobs
 from cnt_lens.method.evaluate import Report, measure
 from cnt_lens.method.scoring import SCORERS, score
 from cnt_lens.method.search import SearchResult, iterative_scores, measure_point, measure_reference, search_minimal
@@ -125,6 +129,7 @@ class _Run:
     cfg: TransferConfig
     reference: Reference  # donor and target on validation; ``.estimate``: their cheap estimates, once measured
     progress: bool
+    kl: tuple[list[Batch], Tensor] | None = None  # test inputs of the first-token KL and the unedited target's log-probs
 
     @property
     def estimated(self) -> Reference | None:
@@ -132,9 +137,10 @@ class _Run:
         return self.reference.estimate
 
     def evaluate(self, model: Model, items: list[dict[str, Any]] | None = None) -> Block:
-        """``model``'s test numbers on the behaviour and the side effects."""
-        return measure(model, [self.behaviour, *self.side_effects], "test", batch_size=self.cfg.evaluation.batch_size,
-                       items=items)
+        """``model``'s test numbers on the behaviour and the side effects, and its first-token KL from the target."""
+        block = measure(model, [self.behaviour, *self.side_effects], "test", batch_size=self.cfg.evaluation.batch_size,
+                        items=items)
+        return block if self.kl is None else {**block, **first_token_kl(model, self.kl[1], self.kl[0])}
 
     def search(self, scores: NeuronScores) -> SearchResult:
         """:func:`~cnt_lens.method.search.search_minimal` of ``scores`` with this run's settings (it keeps the estimates)."""
@@ -251,6 +257,8 @@ def _evaluate_test(run: _Run, main: str, all_scores: dict[str, NeuronScores], k:
                    acceptable: dict[str, bool]) -> tuple[dict[str, Block], NeuronPatch, dict[str, list]]:
     """Stage 4, test (read once): target, donor, the patched target and every baseline at its chosen alpha."""
     _log("test-split evaluation")
+    kl_inputs = run.behaviour.kl_batches(run.pair.tokenizer, "test", run.cfg.evaluation.batch_size)
+    run.kl = (kl_inputs, next_token_logprobs(run.pair.target, kl_inputs)) if kl_inputs else None  # target unedited
     items: dict[str, list[dict[str, Any]]] = {"target": [], "donor": [], "patched": []}
     blocks: dict[str, Block] = {"target": run.evaluate(run.pair.target, items["target"]),
                                 "donor": run.evaluate(run.pair.donor, items["donor"])}

@@ -155,6 +155,10 @@ class MarkerBehaviour(Behaviour):
         return self._batches(tokenizer, self.controls, split, batch_size)
 
     @override
+    def kl_batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
+        return self.control_batches(tokenizer, split, batch_size)
+
+    @override
     def logits_to_keep(self, batch: Batch) -> int:
         return 1
 

@@ -1,0 +1,60 @@
+"""First-token KL divergence from the unedited model: what the field reads as an edit's cost on harmless prompts.
+
+Refusal edits are compared by refusals per 100 harmful prompts and by the KL divergence, at the first
+generated token, of the edited model from the unedited one on harmless prompts (heretic; Arditi et
+al.). :func:`next_token_logprobs` reads a model's distribution at the last position of each input
+once; :func:`first_token_kl` compares an edited model with it, prompt by prompt, and reports the mean
+with a bootstrap interval (:func:`~cnt_lens.core.stats.mean`). The inputs are the behaviour's own
+(:meth:`~cnt_lens.behaviours.base.Behaviour.kl_batches`: the harmless prompts, chat-formatted, for
+refusal).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from cnt_lens.core.stats import mean
+from cnt_lens.data.tokens import Batch
+from cnt_lens.models.forward import Model, device_of, logits_of
+
+__all__ = ["KL_NAME", "first_token_kl", "kl_divergence", "next_token_logprobs"]
+
+#: the block key of the mean first-token KL (with its ``_n`` and ``_ci95``)
+KL_NAME = "kl_first_token"
+
+
+def next_token_logprobs(model: Model, batches: list[Batch]) -> Float[Tensor, "n vocab"]:
+    """``model``'s log-probabilities of the next token after each input of ``batches`` (fp32, on the CPU).
+
+    Inputs are left-padded, so the last position is each row's own last token.
+    """
+    out = []
+    with torch.no_grad():
+        for b in batches:
+            b = b.to(device_of(model))
+            logits = logits_of(model, b.tokens, b.model_kwargs(), keep=1)[:, -1]
+            out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def kl_divergence(reference: Float[Tensor, "n vocab"], edited: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
+    """KL(reference ‖ edited) per row, in nats, from two rows of log-probabilities.
+
+    Example:
+        >>> p = torch.log_softmax(torch.tensor([[1.0, 2.0, 3.0]]), -1)
+        >>> float(kl_divergence(p, p))
+        0.0
+    """
+    return (reference.exp() * (reference - edited)).sum(-1).clamp(min=0.0)
+
+
+def first_token_kl(model: Model, reference: Float[Tensor, "n vocab"], batches: list[Batch]) -> dict[str, Any]:
+    """``{kl_first_token, _n, _ci95}``: the mean over inputs of KL(unedited ‖ ``model``) at the next token.
+
+    ``reference`` is :func:`next_token_logprobs` of the unedited model on the same ``batches``.
+    """
+    return mean(KL_NAME, kl_divergence(reference, next_token_logprobs(model, batches)).tolist())
