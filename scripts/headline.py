@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from cnt_lens.core.stats import format_rate
+from cnt_lens.method.divergence import KL_NAME
 from cnt_lens.method.evaluate import Report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,22 +48,27 @@ def summary(run: Path, name: str, command: str) -> dict:
                          for m in ("target", "patched", "donor") if side["refusal_harmless"][m] is not None},
         "nll_change": (side["utility_nll"]["patched"] / side["utility_nll"]["target"] - 1
                        if side["utility_nll"]["target"] else None),
+        "kl": {m: format_rate(getattr(report, m), KL_NAME, digits=3) for m in ("patched", "donor")
+               if getattr(report, m).get(KL_NAME) is not None},
     }
 
 
 def table(rows: list[dict]) -> str:
     """The markdown table (and the commands and dates under it)."""
     lines = ["| run | neurons | α | headline: target → **patched** → donor | share of gap (held out) | random, same k and α "
-             "| over-refusal: target → patched | NLL change |", "|---|---|---|---|---|---|---|---|"]
+             "| over-refusal: target → patched | NLL change | first-token KL from target: patched (donor) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         held = f" ({r['held_out_share']:.2f}, n={r['held_out_n']})" if r["held_out_share"] is not None else ""
         over = r["over_refusal"]
         nll = "–" if r["nll_change"] is None else f"{r['nll_change']:+.1%}"
+        kl = r.get("kl") or {}
+        kl_cell = f"{kl['patched']} ({kl.get('donor', '–')})" if "patched" in kl else "–"
         lines.append(
             f"| {r['name']} | {r['n_neurons']} ({r['n_neurons'] / r['n_total']:.2%}) | {r['alpha']:g} | `{r['headline']}` "
             f"{r['rates']['target']} → **{r['rates']['patched']}** → {r['rates']['donor']} | "
             f"{r['share']:.2f}{held} | {r['random'] or '–'} | "
-            f"{over.get('target', '–')} → {over.get('patched', '–')} | {nll} |")
+            f"{over.get('target', '–')} → {over.get('patched', '–')} | {nll} | {kl_cell} |")
     lines += [""] + [f"{r['name']}: `{r['command']}` ({r['date']})." for r in rows]
     return "\n".join(lines)
 
