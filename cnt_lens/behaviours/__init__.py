@@ -9,10 +9,10 @@ The behaviours and generation are re-exported here.
 
 from __future__ import annotations
 
-from cnt_lens.behaviours.base import Behaviour, first_tokens, item_record, pair_logprob_gap, sequence_logprobs
-from cnt_lens.behaviours.bias import StereotypeBias, pair_batches
-from cnt_lens.behaviours.generation import GenerationError, canary, generate, maybe_progress, verify_greedy
+from cnt_lens.behaviours.base import Behaviour, pair_logprob_gap, sequence_logprobs
+from cnt_lens.behaviours.bias import StereotypeBias
+from cnt_lens.behaviours.generation import GenerationError, canary, generate, verify_greedy
 from cnt_lens.behaviours.refusal import OpeningTree, Refusal, donor_refusal
 from cnt_lens.behaviours.utility import FormatTask, Utility
 
-__all__ = ["Behaviour", "FormatTask", "GenerationError", "OpeningTree", "Refusal", "StereotypeBias", "Utility", "canary", "donor_refusal", "first_tokens", "generate", "item_record", "maybe_progress", "pair_batches", "pair_logprob_gap", "sequence_logprobs", "verify_greedy"]
+__all__ = ["Behaviour", "FormatTask", "GenerationError", "OpeningTree", "Refusal", "StereotypeBias", "Utility", "canary", "donor_refusal", "generate", "pair_logprob_gap", "sequence_logprobs", "verify_greedy"]

@@ -35,7 +35,6 @@ from cnt_lens.data.tokens import (
     escape_special_tokens,
     shared_prefix_length,
     split_shared_prefix,
-    token_limit,
 )
 
-__all__ = ["BUNDLED", "Batch", "FIELDS", "PromptSet", "CROSS_ROLES", "SPLITS", "SharedPrefix", "chat_format", "chunks", "combine", "cross_distribution", "cross_harmful", "cross_harmless", "default_harmful", "default_harmless", "encode", "escape_special_tokens", "load_prompts", "lone_surrogate", "record_problem", "shared_prefix_length", "split_shared_prefix", "stable_split", "token_limit", "with_defaults"]
+__all__ = ["BUNDLED", "Batch", "FIELDS", "PromptSet", "CROSS_ROLES", "SPLITS", "SharedPrefix", "chat_format", "chunks", "combine", "cross_distribution", "cross_harmful", "cross_harmless", "default_harmful", "default_harmless", "encode", "escape_special_tokens", "load_prompts", "lone_surrogate", "record_problem", "shared_prefix_length", "split_shared_prefix", "stable_split", "with_defaults"]

@@ -36,17 +36,9 @@ from cnt_lens.models.neurons import (
     NeuronParam,
     OffloadedWeightsError,
     UnsupportedModelError,
-    activation_of,
-    check_dense_mlp,
-    clean_key,
-    is_streamed,
     mlp_hidden,
-    mlp_of,
     neuron_params,
-    plain_keys,
-    projection_of,
     read_neurons,
-    resident,
     w_out,
     write_neurons,
 )
@@ -61,4 +53,4 @@ from cnt_lens.models.pair import (
     require_finite_weights,
 )
 
-__all__ = ["BUNDLED_MODEL", "DonorWeights", "IncompatibleModelsError", "Model", "ModelFileError", "ModelPair", "NeuronParam", "OffloadedWeightsError", "TESTED_FAMILIES", "TOKENIZER_PROBE", "UnsupportedModelError", "activation_of", "architecture", "bundled_gguf_path", "check_compatible", "check_dense_mlp", "check_same_tokenization", "clean_key", "clone_model", "context_length", "device_of", "first_non_finite", "fresh_hf_model", "hf_state_dict", "is_streamed", "iter_layers", "library_versions", "load_model", "load_pair", "logits_and_cache", "logits_of", "mlp_hidden", "mlp_of", "model_tokenizer", "neuron_params", "package_version", "plain_hf_model", "plain_keys", "projection_of", "read_neurons", "require_finite_weights", "resident", "takes_logits_to_keep", "w_out", "write_neurons"]
+__all__ = ["BUNDLED_MODEL", "DonorWeights", "IncompatibleModelsError", "Model", "ModelFileError", "ModelPair", "NeuronParam", "OffloadedWeightsError", "TESTED_FAMILIES", "TOKENIZER_PROBE", "UnsupportedModelError", "architecture", "bundled_gguf_path", "check_compatible", "check_same_tokenization", "clone_model", "context_length", "device_of", "first_non_finite", "fresh_hf_model", "hf_state_dict", "iter_layers", "library_versions", "load_model", "load_pair", "logits_and_cache", "logits_of", "mlp_hidden", "model_tokenizer", "neuron_params", "package_version", "plain_hf_model", "read_neurons", "require_finite_weights", "takes_logits_to_keep", "w_out", "write_neurons"]
