@@ -54,6 +54,51 @@ def test_iterative_scores_rank_round_picks_first_and_restore_the_target(arch):
     assert s.top_k(4) == NeuronSelection(first.mask)
 
 
+def test_next_overlap_counts_shared_next_picks_outside_the_chosen():
+    from cnt_lens import NeuronScores, NeuronSelection
+    from cnt_lens.method.search import next_overlap
+
+    a = NeuronScores(torch.tensor([[9.0, 8.0, 7.0, 6.0], [5.0, 4.0, 3.0, 2.0]]), "weight_attribution", "b", 1)
+    b = NeuronScores(torch.tensor([[9.0, 1.0, 7.0, 8.0], [5.0, 4.0, 3.0, 2.0]]), "weight_attribution", "b", 1)
+    none = NeuronSelection.empty(2, 4)
+    assert next_overlap(a, a, none, 3) == 1.0
+    assert next_overlap(a, b, none, 2) == 0.5  # a: (0,0) (0,1); b: (0,0) (0,3)
+    chosen = NeuronSelection(torch.tensor([[True, False, False, False], [False] * 4]))
+    assert next_overlap(a, b, chosen, 2) == 0.5  # a: (0,1) (0,2); b: (0,3) (0,2)
+    assert next_overlap(a, b, chosen, 0) == 1.0
+
+
+@pytest.mark.parametrize("stop", [0.0, 1.5])
+def test_stop_overlap_out_of_range_is_refused(stop):
+    from cnt_lens.method.search import iterative_scores
+
+    pair, behaviour, _ = planted_pair("llama", n_planted=4, seed=0)
+    with pytest.raises(ValueError, match="stop_overlap"):
+        iterative_scores(pair, behaviour, budget=4 / pair.n_neurons, rounds=2, stop_overlap=stop, progress=False)
+
+
+def test_iterative_scores_stop_once_rounds_agree_and_take_the_rest_from_the_last_round():
+    from cnt_lens import NeuronPatch, NeuronSelection
+    from cnt_lens.method.search import iterative_scores
+
+    pair, behaviour, _ = planted_pair("llama", n_planted=8, seed=0)
+    kw: dict[str, Any] = dict(budget=8 / pair.n_neurons, rounds=4, alpha=1.0, progress=False)
+    full = iterative_scores(pair, behaviour, **kw)
+    overlaps = [h["overlap"] for h in full.meta["history"]]
+    assert overlaps[0] is None and all(0 <= o <= 1 for o in overlaps[1:]) and full.meta["rounds_run"] == 4
+    assert overlaps[1] > 0  # rounds 1 and 2 would both pick planted neurons next
+    stopped = iterative_scores(pair, behaviour, stop_overlap=overlaps[1], **kw)  # round 2 reaches it
+    assert stopped.meta["rounds_run"] == 2 and [h.get("picked") for h in stopped.meta["history"]] == [2, None]
+    first = stopped.top_k(2)
+    assert first == full.top_k(2)
+    # the rest is round 2's ranking: the target as patched by round 1, scored on its own
+    with NeuronPatch.from_pair(pair, first, 1.0).applied(pair.target):
+        again = score(pair, behaviour, progress=False)
+    rest = again.ranked().flatten().masked_fill(first.mask.flatten(), float("-inf")).topk(6).indices
+    expected = first.mask.flatten().clone().index_fill(0, rest, True).view_as(first.mask)
+    assert stopped.top_k(8) == NeuronSelection(expected)
+
+
 def test_per_layer_search_returns_a_per_layer_selection():
     pair, behaviour, planted = planted_pair("llama", n_planted=8, seed=0)
     s = score(pair, behaviour, progress=False)

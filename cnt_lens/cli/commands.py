@@ -88,6 +88,9 @@ RUN_OPTIONS = [
         "qwen2.5-coder-0.5b-instruct), hub name, directory or .gguf."),
     Opt("rounds", Optional[int], None, "Re-scoring rounds of the main ranking (0 = one pass; default: the "
         "application's).", setting=("ranking.rounds",)),
+    Opt("stop_overlap", Optional[float], None, "Stop re-scoring once a round would pick at least this share of the "
+        "remaining budget as the round before (e.g. 0.9; default: the application's).",
+        setting=("ranking.stop_overlap",)),
     Opt("baselines", Optional[str], None, "Comma-separated baselines, none, or all (default: all seven).",
         setting=("baselines.methods",), parse=_methods),
     Opt("alphas", Optional[str], None, "Transplant strengths searched on validation, e.g. 1,2,4 (default: the "
@@ -172,6 +175,8 @@ TRANSFER_OPTIONS = [
     Opt("method", str, "weight_attribution", "Main neuron ranking (cnt_lens.METHODS).", setting=("ranking.method",)),
     Opt("rounds", int, 8, "Re-scoring rounds of the main ranking, as the demo (0 = one pass: faster, usually a larger "
         "set).", setting=("ranking.rounds",)),
+    Opt("stop_overlap", Optional[float], None, "Stop re-scoring once a round would pick at least this share of the "
+        "remaining budget as the round before (e.g. 0.9; default: every round).", setting=("ranking.stop_overlap",)),
     Opt("baselines", str, "random", "Comma-separated baselines at the same budget, none, or all (attribution, "
         "activation_contrast, wanda, snip, weight_diff, nlsr_drift, random).", setting=("baselines.methods",),
         parse=_methods),

@@ -60,6 +60,7 @@ class Application:
     # realign (4 behaviours) and disalign use 4 rounds to keep the CPU run near 30 min.
     rounds: int = 8
     round_alpha: float = 6.0
+    stop_overlap: float | None = None  # stop re-scoring once rounds agree on this share of the next picks
     alphas: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0)  # searched on validation
     goal: float = 0.95
     max_fraction: float = 0.05
@@ -72,8 +73,8 @@ class Application:
     def config(self, model: str = BUNDLED_MODEL) -> TransferConfig:
         """The application's own settings (what ``cnt-lens run`` overrides option by option)."""
         return TransferConfig(
-            ranking=RankingConfig(rounds=self.rounds, round_alpha=self.round_alpha, contrast=self.contrast,
-                                  preserve_weights=self.preserve_weights),
+            ranking=RankingConfig(rounds=self.rounds, round_alpha=self.round_alpha, stop_overlap=self.stop_overlap,
+                                  contrast=self.contrast, preserve_weights=self.preserve_weights),
             search=replace(TransferConfig().search, goal=self.goal, alphas=self.alphas, max_fraction=self.max_fraction),
             baselines=BaselineConfig(methods=self.baselines), about={"application": self.name, "model": model})
 

@@ -58,11 +58,14 @@ class RankingConfig:
     the search's ``max_fraction``, each round's picks applied at ``round_alpha``; ``0``: one pass.
     ``contrast`` subtracts the behaviour's control prompts; side effects with a nonzero
     ``preserve_weights`` entry (default 10 each) are preserved. ``batch_size``: prompts per scoring batch.
+    ``stop_overlap``: stop re-scoring once a round would pick at least this share of the remaining budget as
+    the round before it would (``None``: run every round).
     """
 
     method: str = "weight_attribution"
     rounds: int = 0
     round_alpha: float = 6.0
+    stop_overlap: float | None = None
     contrast: float = 0.0
     preserve_weights: tuple[float, ...] | None = None
     positions: Any = "all"
@@ -78,6 +81,8 @@ class RankingConfig:
                       (self.rounds >= 0, f"rounds {self.rounds!r} must be ≥ 0"),
                       (math.isfinite(self.round_alpha) and self.round_alpha > 0,
                        f"round_alpha {self.round_alpha!r} must be a finite number > 0"),
+                      (self.stop_overlap is None or 0 < self.stop_overlap <= 1,
+                       f"stop_overlap {self.stop_overlap!r} must be a share in (0, 1], or None to run every round"),
                       (self.batch_size >= 1, f"batch_size {self.batch_size!r} must be ≥ 1")])
 
 

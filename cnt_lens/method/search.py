@@ -30,7 +30,7 @@ from cnt_lens.method.selection import NeuronScores, NeuronSelection
 from cnt_lens.method.transplant import NeuronPatch
 from cnt_lens.models.pair import ModelPair
 
-__all__ = ["NoGapError", "SearchResult", "iterative_scores", "measure_point", "measure_reference", "search_minimal"]
+__all__ = ["NoGapError", "SearchResult", "iterative_scores", "measure_point", "next_overlap", "measure_reference", "search_minimal"]
 
 
 
@@ -378,6 +378,7 @@ def iterative_scores(
     rounds: int = 2,
     alpha: float = 4.0,
     method: str = "weight_attribution",
+    stop_overlap: float | None = None,
     progress: bool = True,
     **score_kwargs: Any,
 ) -> NeuronScores:
@@ -392,19 +393,32 @@ def iterative_scores(
     (e.g. ``contrast=1.0, preserve=[Utility()], preserve_weight=30``; the split is train unless they say). The donor's metrics are read
     in the first round only (``donor_metrics``: weight attribution needs the donor's weights, not its
     forward pass, and the donor does not change).
+
+    From the second round on, each round's ``overlap`` (in ``meta["history"]``) is the share of the
+    budget still to pick that it and the round before would both pick next (:func:`next_overlap`).
+    ``stop_overlap``: once a round's overlap reaches it, re-scoring has stopped changing the ranking and
+    the rest of the budget is taken from that round's scores (``meta["rounds_run"]`` says how many ran).
     """
     if rounds < 1 or not 0 < budget <= 1:
         raise ValueError("rounds must be ≥ 1 and budget in (0, 1]")
+    if stop_overlap is not None and not 0 < stop_overlap <= 1:
+        raise ValueError(f"stop_overlap is a share of the next picks in (0, 1] (or None: every round), "
+                         f"got {stop_overlap!r}")
+    total = max(1, round(budget * pair.n_neurons))
     per_round = max(1, round(budget * pair.n_neurons / rounds))
     if "donor_metrics" in SCORERS[method].options:  # the donor never changes between rounds: run it once
         score_kwargs.setdefault("donor_metrics", {})
     chosen = NeuronSelection.empty(pair.n_layers, pair.d_mlp)
     order: list[torch.Tensor] = []
     last: NeuronScores | None = None
-    history = []
+    history: list[dict[str, Any]] = []
     with contextlib.ExitStack() as applied:  # every round's patch comes off the target on the way out
         for r in range(rounds):
-            last = score(pair, behaviour, method, progress=progress, **{"split": "train", **score_kwargs})
+            previous, last = last, score(pair, behaviour, method, progress=progress, **{"split": "train", **score_kwargs})
+            overlap = None if previous is None else next_overlap(previous, last, chosen, total - chosen.n)
+            history.append({"round": r, "metric_target": last.meta.get("metric_target"), "overlap": overlap})
+            if stop_overlap is not None and overlap is not None and overlap >= stop_overlap:
+                break
             vals = last.ranked().flatten().masked_fill(chosen.mask.flatten(), float("-inf"))
             idx = vals.topk(per_round).indices  # best first
             order.append(idx)
@@ -412,7 +426,7 @@ def iterative_scores(
                                    .view(pair.n_layers, pair.d_mlp), source=f"{method} round {r}")
             applied.enter_context(NeuronPatch.from_pair(pair, pick, alpha).applied(pair.target))
             chosen = chosen | pick
-            history.append({"round": r, "picked": pick.n, "metric_target": last.meta.get("metric_target")})
+            history[-1]["picked"] = pick.n
     assert last is not None
     n = pair.n_neurons
     rest = last.ranked().flatten().masked_fill(chosen.mask.flatten(), float("-inf"))
@@ -420,6 +434,19 @@ def iterative_scores(
     values = torch.empty(n)
     values[ranking] = torch.arange(n, 0, -1, dtype=torch.float32)  # rank-valued: n for the first pick
     meta = {**{k: v for k, v in last.meta.items() if k not in ("metric_donor", "metric_target")},
-            "rounds": rounds, "budget": budget, "round_alpha": alpha, "base_method": method, "history": history}
+            "rounds": rounds, "rounds_run": len(history), "stop_overlap": stop_overlap, "budget": budget,
+            "round_alpha": alpha, "base_method": method, "history": history}
     return NeuronScores(values.view(pair.n_layers, pair.d_mlp), f"iterative_{method}", behaviour.name,
                         last.n_prompts, meta)
+
+
+def next_overlap(before: NeuronScores, after: NeuronScores, chosen: NeuronSelection, count: int) -> float:
+    """Share of the next ``count`` picks (neurons outside ``chosen``) that ``before`` and ``after`` agree on.
+
+    1.0 when re-scoring would pick the same neurons next (in any order); ``count < 1`` reads as 1.0.
+    """
+    if count < 1:
+        return 1.0
+    picks = [s.ranked().flatten().masked_fill(chosen.mask.flatten(), float("-inf")).topk(count).indices
+             for s in (before, after)]
+    return len(set(picks[0].tolist()) & set(picks[1].tolist())) / count

@@ -169,8 +169,8 @@ def _main_ranking(run: _Run) -> NeuronScores | None:
     if ranking.rounds > 0:
         with stage(f"score {ranking.method}, {ranking.rounds} rounds"):
             return iterative_scores(run.pair, run.behaviour, budget=run.cfg.search.max_fraction, rounds=ranking.rounds,
-                                    alpha=ranking.round_alpha, method=ranking.method, batch_size=ranking.batch_size,
-                                    progress=run.progress, **penalties)
+                                    alpha=ranking.round_alpha, method=ranking.method, stop_overlap=ranking.stop_overlap,
+                                    batch_size=ranking.batch_size, progress=run.progress, **penalties)
     if (ranking.contrast or kept) and set(penalties) <= set(SCORERS[ranking.method].options):
         with stage(f"score {ranking.method}"):
             return score(run.pair, run.behaviour, ranking.method, split="train", batch_size=ranking.batch_size,
