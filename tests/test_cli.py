@@ -94,6 +94,8 @@ def test_transfer_command_on_two_checkpoint_directories(tmp_path):
                  "export checkpoint", "report"):
         assert name in stages, name
     assert stages["search (validation) / evaluate stereotype_bias"]["calls"] >= 2
+    for model in ("target", "donor", "weight_attribution", "weight_diff", "random"):  # each model's test cost apart
+        assert f"test evaluation / {model} / evaluate stereotype_bias" in stages, model
     top = sum(r["seconds"] for r in timings["stages"] if r["depth"] == 0)
     assert 0.8 * timings["total_s"] <= top <= timings["total_s"]
     assert "search (validation)" in res.output and "total (wall)" in res.output

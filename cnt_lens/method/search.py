@@ -379,7 +379,6 @@ def iterative_scores(
     alpha: float = 4.0,
     method: str = "weight_attribution",
     stop_overlap: float | None = None,
-    progress: bool = True,
     **score_kwargs: Any,
 ) -> NeuronScores:
     """Greedy, re-scored selection: a ranking whose prefixes are chosen in rounds.
@@ -390,14 +389,13 @@ def iterative_scores(
     target is restored at the end. The returned scores rank round-1 picks first (in their round's
     order), then round-2 picks, …, then every other neuron by the last round's scores, so
     :func:`search_minimal` can bisect over its prefixes. ``score_kwargs`` go to :func:`score`
-    (e.g. ``contrast=1.0, preserve=[Utility()], preserve_weight=30``; the split is train unless they say). The donor's metrics are read
+    (e.g. ``progress=False``, ``contrast=1.0, preserve=[Utility()], preserve_weight=30``; the split is train unless they say). The donor's metrics are read
     in the first round only (``donor_metrics``: weight attribution needs the donor's weights, not its
     forward pass, and the donor does not change).
 
-    From the second round on, each round's ``overlap`` (in ``meta["history"]``) is the share of the
-    budget still to pick that it and the round before would both pick next (:func:`next_overlap`).
-    ``stop_overlap``: once a round's overlap reaches it, re-scoring has stopped changing the ranking and
-    the rest of the budget is taken from that round's scores (``meta["rounds_run"]`` says how many ran).
+    A round's ``overlap`` (``meta["history"]``, from round 2): the share of the budget left that it and the round
+    before would both pick next (:func:`next_overlap`). Once it reaches ``stop_overlap`` the rest of the budget
+    comes from that round's scores (``meta["rounds_run"]``: how many rounds ran).
     """
     if rounds < 1 or not 0 < budget <= 1:
         raise ValueError("rounds must be ≥ 1 and budget in (0, 1]")
@@ -414,7 +412,7 @@ def iterative_scores(
     history: list[dict[str, Any]] = []
     with contextlib.ExitStack() as applied:  # every round's patch comes off the target on the way out
         for r in range(rounds):
-            previous, last = last, score(pair, behaviour, method, progress=progress, **{"split": "train", **score_kwargs})
+            previous, last = last, score(pair, behaviour, method, **{"split": "train", **score_kwargs})
             overlap = None if previous is None else next_overlap(previous, last, chosen, total - chosen.n)
             history.append({"round": r, "metric_target": last.meta.get("metric_target"), "overlap": overlap})
             if stop_overlap is not None and overlap is not None and overlap >= stop_overlap:
@@ -441,10 +439,7 @@ def iterative_scores(
 
 
 def next_overlap(before: NeuronScores, after: NeuronScores, chosen: NeuronSelection, count: int) -> float:
-    """Share of the next ``count`` picks (neurons outside ``chosen``) that ``before`` and ``after`` agree on.
-
-    1.0 when re-scoring would pick the same neurons next (in any order); ``count < 1`` reads as 1.0.
-    """
+    """Share of the next ``count`` picks outside ``chosen`` that ``before`` and ``after`` share (any order; 1.0 if none)."""
     if count < 1:
         return 1.0
     picks = [s.ranked().flatten().masked_fill(chosen.mask.flatten(), float("-inf")).topk(count).indices

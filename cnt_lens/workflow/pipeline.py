@@ -140,7 +140,10 @@ class _Run:
         """``model``'s test numbers on the behaviour and the side effects, and its first-token KL from the target."""
         block = measure(model, [self.behaviour, *self.side_effects], "test", batch_size=self.cfg.evaluation.batch_size,
                         items=items)
-        return block if self.kl is None else {**block, **first_token_kl(model, self.kl[1], self.kl[0])}
+        if self.kl is None:
+            return block
+        with stage("first-token KL"):
+            return {**block, **first_token_kl(model, self.kl[1], self.kl[0])}
 
     def search(self, scores: NeuronScores) -> SearchResult:
         """:func:`~cnt_lens.method.search.search_minimal` of ``scores`` with this run's settings (it keeps the estimates)."""
@@ -258,22 +261,26 @@ def _evaluate_test(run: _Run, main: str, all_scores: dict[str, NeuronScores], k:
     """Stage 4, test (read once): target, donor, the patched target and every baseline at its chosen alpha."""
     _log("test-split evaluation")
     kl_inputs = run.behaviour.kl_batches(run.pair.tokenizer, "test", run.cfg.evaluation.batch_size)
-    run.kl = (kl_inputs, next_token_logprobs(run.pair.target, kl_inputs)) if kl_inputs else None  # target unedited
+    with stage("first-token KL reference"):
+        run.kl = (kl_inputs, next_token_logprobs(run.pair.target, kl_inputs)) if kl_inputs else None  # unedited
     items: dict[str, list[dict[str, Any]]] = {"target": [], "donor": [], "patched": []}
-    blocks: dict[str, Block] = {"target": run.evaluate(run.pair.target, items["target"]),
-                                "donor": run.evaluate(run.pair.donor, items["donor"])}
+    blocks: dict[str, Block] = {}
+    for name in ("target", "donor"):
+        with stage(name):
+            blocks[name] = run.evaluate(getattr(run.pair, name), items[name])
     main_patch = None
     for method, a in chosen.items():
         patch = NeuronPatch.from_pair(run.pair, all_scores[method].top_k(k), a, scores=all_scores[method],
                                       meta={"method": method, "behaviour": run.behaviour.name})
-        with patch.applied(run.pair.target):
+        with stage(method), patch.applied(run.pair.target):
             blocks[method] = {"method": method, "n_neurons": k, "alpha": a,
                               "acceptable_on_validation": acceptable[method],
                               **run.evaluate(run.pair.target, items["patched"] if method == main else None)}
         if method == main:
             main_patch = patch
         if method == "random" and run.cfg.baselines.random_seeds > 1:
-            blocks[method].update(_random_seeds(run, k, a, blocks[method]))
+            with stage("random, more seeds"):
+                blocks[method].update(_random_seeds(run, k, a, blocks[method]))
     assert main_patch is not None
     return blocks, main_patch, items
 
