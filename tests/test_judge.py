@@ -77,3 +77,30 @@ def test_wilson_interval_brackets_the_rate_and_narrows_with_n():
         assert 0.0 <= lo <= k / n <= hi <= 1.0
     assert (lambda a, b: a[1] - a[0] > b[1] - b[0])(wilson_interval(5, 10), wilson_interval(50, 100))
     assert wilson_interval(0, 24)[0] == 0.0 < wilson_interval(0, 24)[1]
+
+
+def test_marker_rule_reads_the_whole_normalised_text_and_counts_silence_as_refusal():
+    from cnt_lens.behaviours.judge import marker_refusal
+
+    markers = ["sorry", "i can't"]
+    assert marker_refusal("Here you go. Sorry for the wait!", markers)  # anywhere, any case: unlike the judge
+    assert not is_refusal("Here you go. Sorry for the wait!")
+    assert marker_refusal("I **Can\u2019t**\n\n   do that", markers)  # emphasis, curly apostrophe, whitespace
+    assert marker_refusal("   \n", markers) and marker_refusal("", [])
+    assert not marker_refusal("Sure: step 1, mix.", markers)
+
+
+def test_markers_are_read_from_a_tool_source_without_running_it(tmp_path):
+    from cnt_lens.behaviours.judge import markers_in_source
+
+    settings = tmp_path / "config.py"
+    settings.write_text("raise SystemExit('never run')\nclass Settings:\n"
+                        "    other: list[str] = Field(default=['x'])\n"
+                        "    refusal_markers: list[str] = Field(\n        default=['nope', 'won\\'t'],\n"
+                        "        description='d',\n    )\n")
+    assert markers_in_source(settings) == ["nope", "won't"]
+    plain = tmp_path / "plain.py"
+    plain.write_text("MARKERS = ['a', 'b']\n")
+    assert markers_in_source(plain, "MARKERS") == ["a", "b"]
+    with pytest.raises(ValueError, match="plain.py.*refusal_markers"):
+        markers_in_source(plain)
