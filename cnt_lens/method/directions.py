@@ -1,0 +1,99 @@
+"""Directional ablation: the refusal edit practitioners use, as a baseline beside neuron transfer.
+
+Arditi et al. (2024) find one residual-stream direction per layer, the difference of the mean residual at a
+prompt's last token over harmful and over harmless prompts, and remove refusal by orthogonalising every
+weight that writes to the residual stream against it ("abliteration"; heretic searches per-layer weights of the
+same edit). :func:`mean_difference` computes the direction; :func:`ablated` is the edit, temporary like
+:meth:`~cnt_lens.method.transplant.NeuronPatch.applied`: each attention output and MLP down projection ``W``
+becomes ``W − α r rᵀ W`` (``α = 1``: nothing is written along ``r`` any more), and every edited tensor is
+restored exactly on exit. The embedding is left alone: in models that tie it to the unembedding, editing it
+would also change what the output reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from cnt_lens.data.tokens import chat_format, chunks, encode
+from cnt_lens.models.forward import Model, device_of, model_tokenizer
+from cnt_lens.models.hf import hf_state_dict, plain_hf_model
+
+__all__ = ["WRITERS", "ablated", "mean_difference", "residual_writers"]
+
+#: the weights (HF names, by their ending) that write to the residual stream inside each block
+WRITERS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+
+
+def _last_residuals(model: Model, prompts: Sequence[str], layer: int, batch_size: int) -> Float[Tensor, "n d_model"]:
+    """The residual entering block ``layer`` (``hook_resid_pre``) at each chat-formatted prompt's last token."""
+    tok, plain = model_tokenizer(model), plain_hf_model(model)
+    out = []
+    for chunk in chunks([chat_format(tok, p) for p in prompts], batch_size):
+        b = encode(tok, list(chunk)).to(device_of(model))
+        with torch.no_grad():
+            states = plain(input_ids=b.tokens, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                           output_hidden_states=True).hidden_states
+        out.append(states[layer][:, -1].float().cpu())  # left-padded: the last column is each prompt's own
+    return torch.cat(out)
+
+
+def mean_difference(model: Model, first: Sequence[str], second: Sequence[str], layer: int, *,
+                    batch_size: int = 32) -> Float[Tensor, " d_model"]:
+    """The unit direction from the mean residual of ``second`` to that of ``first`` (prompts, chat-formatted here).
+
+    Read at block ``layer``'s input (``hook_resid_pre``; ``layer = n_layers`` is the final residual) at each
+    prompt's last token, where the answer's first token is decided. Raises :class:`ValueError` on an
+    empty prompt list or a layer outside ``[0, n_layers]``.
+    """
+    n_layers = model.cfg.n_layers
+    if not first or not second:
+        raise ValueError(f"mean_difference needs prompts on both sides (got {len(first)} and {len(second)})")
+    if not 0 <= layer <= n_layers:
+        raise ValueError(f"layer {layer} outside [0, {n_layers}] (the residual entering a block, or the final one)")
+    diff = (_last_residuals(model, first, layer, batch_size).mean(0)
+            - _last_residuals(model, second, layer, batch_size).mean(0))
+    return diff / diff.norm().clamp(min=1e-12)
+
+
+def residual_writers(model: Model) -> dict[str, Tensor]:
+    """``model``'s weights that write to the residual stream (:data:`WRITERS`), by HF name: the live tensors.
+
+    Raises :class:`ValueError` for a family whose blocks name them otherwise (e.g. GPT-2's ``c_proj``).
+    """
+    found = {k: v for k, v in hf_state_dict(model).items() if k.endswith(WRITERS)}
+    if len(found) != len(WRITERS) * model.cfg.n_layers:
+        raise ValueError(f"directional ablation reads the weights named *{' and *'.join(WRITERS)} (Llama, Qwen, "
+                         f"Mistral, Gemma); {type(model.original_model).__name__} has {len(found)} of the "
+                         f"{len(WRITERS) * model.cfg.n_layers} expected")
+    return found
+
+
+@contextlib.contextmanager
+def ablated(model: Model, direction: Float[Tensor, " d_model"], alpha: float = 1.0,
+            layers: Sequence[int] | None = None) -> Iterator[Any]:
+    """Temporary directional ablation: inside the block, each writer ``W`` of ``layers`` (default all) is ``W − α r rᵀ W``.
+
+    ``direction`` is normalised here. Every edited tensor is saved first and written back on exit (errors and
+    interrupts too), bit for bit; edits made inside the block to the same tensors (a neuron patch) are
+    undone with it, so nest other edits inside, never across.
+    """
+    r = direction.detach().float()
+    r = r / r.norm().clamp(min=1e-12)
+    keep = None if layers is None else {f"layers.{i}." for i in layers}
+    writers = {k: w for k, w in residual_writers(model).items() if keep is None or any(s in k for s in keep)}
+    saved = {k: w.detach().clone() for k, w in writers.items()}
+    try:
+        with torch.no_grad():
+            for w in writers.values():
+                rr = r.to(w.device)
+                w.sub_((alpha * torch.outer(rr, rr @ w.float())).to(w.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for k, w in writers.items():
+                w.copy_(saved[k])
