@@ -20,7 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from cnt_lens.data.tokens import chat_format, chunks, encode
-from cnt_lens.models.forward import Model, device_of, model_tokenizer
+from cnt_lens.models.forward import Model, device_of, model_tokenizer, takes_logits_to_keep
 from cnt_lens.models.hf import hf_state_dict, plain_hf_model
 
 __all__ = ["WRITERS", "ablated", "mean_difference", "residual_writers"]
@@ -29,15 +29,20 @@ __all__ = ["WRITERS", "ablated", "mean_difference", "residual_writers"]
 WRITERS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 
 
-def _last_residuals(model: Model, prompts: Sequence[str], layer: int, batch_size: int) -> Float[Tensor, "n d_model"]:
-    """The residual entering block ``layer`` (``hook_resid_pre``) at each chat-formatted prompt's last token."""
-    tok, plain = model_tokenizer(model), plain_hf_model(model)
+def _last_residuals(model: Model, plain: torch.nn.Module, prompts: Sequence[str], layer: int,
+                    batch_size: int) -> Float[Tensor, "n d_model"]:
+    """The residual entering block ``layer`` (``hook_resid_pre``) at each chat-formatted prompt's last token.
+
+    ``plain`` is ``model``'s :func:`~cnt_lens.models.hf.plain_hf_model`; one position is unembedded, none is read.
+    """
+    tok = model_tokenizer(model)
+    last = {"logits_to_keep": 1} if takes_logits_to_keep(plain) else {}
     out = []
     for chunk in chunks([chat_format(tok, p) for p in prompts], batch_size):
         b = encode(tok, list(chunk)).to(device_of(model))
         with torch.no_grad():
             states = plain(input_ids=b.tokens, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                           output_hidden_states=True).hidden_states
+                           output_hidden_states=True, **last).hidden_states
         out.append(states[layer][:, -1].float().cpu())  # left-padded: the last column is each prompt's own
     return torch.cat(out)
 
@@ -55,8 +60,9 @@ def mean_difference(model: Model, first: Sequence[str], second: Sequence[str], l
         raise ValueError(f"mean_difference needs prompts on both sides (got {len(first)} and {len(second)})")
     if not 0 <= layer <= n_layers:
         raise ValueError(f"layer {layer} outside [0, {n_layers}] (the residual entering a block, or the final one)")
-    diff = (_last_residuals(model, first, layer, batch_size).mean(0)
-            - _last_residuals(model, second, layer, batch_size).mean(0))
+    plain = plain_hf_model(model)
+    diff = (_last_residuals(model, plain, first, layer, batch_size).mean(0)
+            - _last_residuals(model, plain, second, layer, batch_size).mean(0))
     return diff / diff.norm().clamp(min=1e-12)
 
 
