@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from cnt_lens import BUNDLED_MODEL, Refusal, Utility, load_model, measure
@@ -50,10 +51,11 @@ def main() -> None:
     target, behaviour, bs = pair.target, Refusal(), args.batch_size
     refs = {s: next_token_logprobs(target, behaviour.kl_batches(target.tokenizer, s, bs)) for s in ("validation", "test")}
     train = {k: getattr(behaviour, k).split("train").column("prompt") for k in ("harmful", "harmless")}
-    app, points = APPLICATIONS["disalign"], []
+    app, points, directions = APPLICATIONS["disalign"], [], {}
+    markers = markers_in_source(args.markers_from) if args.markers_from is not None else None
     reference = {"target": measure(target, [Utility()], "validation", batch_size=bs)}
     for layer in (int(x) for x in args.layers.split(",")):
-        r = mean_difference(target, train["harmful"], train["harmless"], layer)
+        r = directions[layer] = mean_difference(target, train["harmful"], train["harmless"], layer)
         for alpha in (float(a) for a in args.alphas.split(",")):
             with ablated(target, r, alpha):
                 est = measure(target, [behaviour, Utility()], "validation", batch_size=bs, estimate=True)
@@ -69,17 +71,16 @@ def main() -> None:
     chosen = min((p for p in pool if p["refusal_per_100"] <= low + 2.0), key=lambda p: p["kl_first_token"])
     print(f"chosen on validation: layer {chosen['layer']}, alpha {chosen['alpha']:g}"
           f"{'' if chosen['acceptable'] else ' (no point kept utility: the lowest refusal of all)'}", flush=True)
-    direction = mean_difference(target, train["harmful"], train["harmless"], chosen["layer"])
     items: list = []
     blocks = {}
     for name in ("target", "ablated"):
         recs: list = []
-        with ablated(target, direction, chosen["alpha"] if name == "ablated" else 0.0):
+        edit = ablated(target, directions[chosen["layer"]], chosen["alpha"]) if name == "ablated" else nullcontext()
+        with edit:
             block = measure(target, [behaviour, Utility()], "test", batch_size=bs, items=recs)
             block.update(_kl(target, behaviour, "test", refs["test"], bs))
         harmful = [i for i in recs if i.get("set") == "harmful"]
-        if args.markers_from is not None:
-            markers = markers_in_source(args.markers_from)
+        if markers is not None:
             block.update(rate("refusal_harmful_markers", [marker_refusal(i["response"], markers) for i in harmful]))
         items += [{"model": name, **i} for i in recs]
         blocks[name] = block
