@@ -1,19 +1,32 @@
-"""Directional ablation of the disalign pair's refusal: chosen on validation, read once on test, in the field's units.
+"""Direction baselines beside neuron transfer: chosen on validation, read once on test, in the field's units.
 
-    CNT_LENS_CACHE=… python benchmarks/direction_baseline.py [--layers 8,10,12,14,16,18,20] [--alphas 1]
-        [--out runs/direction] [--markers-from SCRATCH/heretic/config.py]
+    CNT_LENS_CACHE=… python benchmarks/direction_baseline.py [--application disalign|enhance]
+        [--layers 8,10,12,14,16,18,20] [--alphas …] [--out runs/direction-APPLICATION]
+        [--markers-from SCRATCH/heretic/config.py] [--run RUN]
 
-The pair of ``cnt-lens run disalign`` (target: the bundled SmolLM2's safety tune, which refuses; the edit should
-remove that): the edit practitioners use (:mod:`cnt_lens.method.directions`, Arditi et al.'s abliteration: one
-direction, every attention and MLP output projection orthogonalised against it, scaled by alpha). For each
-candidate layer the direction comes from the target's **train** prompts (mean residual at the last token,
-harmful minus harmless); each (layer, alpha) is read on **validation**: refusal per 100 by the search's estimate
-(greedy opening, judged), utility NLL, and first-token KL from the unedited target on the harmless prompts.
-Chosen as the application chooses its own points: among those that keep utility (the disalign constraint, NLL at
-most 1% above the target's), the lowest refusal, ties within 2 per 100 broken by the lower KL (none acceptable:
-the lowest refusal of all, said so). **Test** is read once, for the chosen point and the
-unedited target: whole answers judged (and, with ``--markers-from``, by that tool's refusal markers), KL, NLL.
-Writes ``OUT/metrics.json`` (every validation point, the choice, the test blocks) and ``OUT/items.jsonl``.
+The pair of ``cnt-lens run APPLICATION`` on the bundled SmolLM2, edited as practitioners do
+(:mod:`cnt_lens.method.directions`):
+
+- ``disalign`` (deletion; target: SmolLM2's safety tune, which refuses): directional ablation, Arditi et al.'s
+  abliteration. For each candidate layer the unit direction comes from the **target's** train prompts (mean
+  residual at the last token, harmful minus harmless); every attention and MLP output projection is
+  orthogonalised against it, scaled by alpha. Best: the lowest refusal.
+- ``enhance`` (addition; target: SmolLM2, which does not refuse; donor: its safety tune): activation addition.
+  The **donor's** difference of means at the layer (its refusal direction, in the residual's units) times alpha
+  is written into the target's residual stream at every position (a bias on the block before's MLP output).
+  Best: the highest refusal.
+
+Each (layer, alpha) is read on **validation**: refusal per 100 by the search's estimate (greedy opening, judged),
+harmless refusal, utility NLL, and first-token KL from the unedited target on the harmless prompts. Chosen as the
+application chooses its own points: among those its constraint accepts (disalign: NLL at most 1% above the
+target's; enhance: that, and harmless refusal no higher than the donor's), the best refusal, ties within 2 per 100
+broken by the lower KL (none acceptable: the best refusal of all, said so). **Test** is read once, for the chosen
+point and the unedited target: whole answers judged (and, with ``--markers-from``, by that tool's refusal
+markers), per family, KL, NLL. Writes ``OUT/metrics.json`` (every validation point, the choice, the test blocks)
+and ``OUT/items.jsonl``. ``--run RUN`` (a run of the same application, e.g. ``runs/demo``) also adds the chosen
+edit's test block to ``RUN/metrics.json`` as a baseline (``directional_ablation`` or ``activation_addition``, the
+same name replaced on a rerun) and rebuilds ``RUN/report.html``: the run's tables, shares and refusals-vs-KL figure
+then set the edit beside neuron transfer on the same test prompts.
 """
 
 from __future__ import annotations
@@ -26,10 +39,20 @@ from pathlib import Path
 
 from cnt_lens import BUNDLED_MODEL, Refusal, Utility, load_model, measure
 from cnt_lens.behaviours.judge import marker_refusal, markers_in_source
+from cnt_lens.core.errors import CntLensError
 from cnt_lens.core.stats import rate
 from cnt_lens.experiments.applications import APPLICATIONS
-from cnt_lens.method.directions import ablated, mean_difference
+from cnt_lens.method.directions import ablated, added, mean_difference
 from cnt_lens.method.divergence import first_token_kl, next_token_logprobs
+from cnt_lens.method.evaluate import Report
+
+#: per application: which model gives the direction, the edit, the default strengths, and which way is better
+EDITS = {
+    "disalign": {"source": "target", "alphas": "0.25,0.5,0.75,1", "sign": -1,
+                 "edit": lambda target, d, layer, alpha: ablated(target, d, alpha)},
+    "enhance": {"source": "donor", "alphas": "0.5,1,1.5,2", "sign": 1,
+                "edit": lambda target, d, layer, alpha: added(target, alpha * d, layer)},
+}
 
 
 def _kl(model, behaviour, split, reference, batch_size):
@@ -37,45 +60,102 @@ def _kl(model, behaviour, split, reference, batch_size):
     return first_token_kl(model, reference, batches)
 
 
+def _rates(block):
+    """``refusal_harmful…`` rates of a block, per 100 with their intervals, as printable cells."""
+    cells = []
+    for key in sorted(k for k in block if k.startswith("refusal_") and f"{k}_n" in block):
+        lo, hi = block[f"{key}_ci95"]
+        cells.append(f"{key.removeprefix('refusal_')} {100 * block[key]:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] "
+                     f"n={block[f'{key}_n']}")
+    return cells
+
+
+def _run_report(run: Path, application: str) -> Report:
+    """The run's report, checked to be of ``application`` (its pair is the one edited here)."""
+    path = run / "metrics.json"
+    if not path.is_file():
+        raise CntLensError(f"--run {run}: no metrics.json there (give a finished run's directory, e.g. runs/demo)")
+    report = Report.load(path)
+    about = report.extra.get("config", {}).get("about", {})
+    if about.get("application") != application or about.get("model", BUNDLED_MODEL) != BUNDLED_MODEL:
+        raise CntLensError(f"{path}: extra.config.about is {about}, not application {application!r} on "
+                           f"{BUNDLED_MODEL}; give a run of the pair edited here (--application)")
+    return report
+
+
+def _add_to_run(run: Path, report: Report, method: str, chosen: dict, block: dict) -> None:
+    """``block`` as the run's baseline ``method`` (replacing one of that name), then the report rebuilt."""
+    from cnt_lens.show.report import write_report
+
+    entry = {"method": method, "layer": chosen["layer"], "alpha": chosen["alpha"],
+             "acceptable_on_validation": chosen["acceptable"], "chosen_by": "benchmarks/direction_baseline.py",
+             **block}
+    report.baselines = [b for b in report.baselines if b.get("method") != method] + [entry]
+    report.save(run / "metrics.json")
+    print(f"added {method} to {run}/metrics.json; rebuilt {write_report(run)}", flush=True)
+
+
+def _validation(target, behaviour, kind, sources, reference, args, refs):
+    """Every (layer, alpha) measured on validation; returns the points and each layer's direction."""
+    app, points, directions = APPLICATIONS[args.application], [], {}
+    for layer in (int(x) for x in args.layers.split(",")):
+        d = directions[layer] = mean_difference(sources, args.train["harmful"], args.train["harmless"], layer,
+                                                unit=kind["source"] == "target")
+        for alpha in (float(a) for a in (args.alphas or kind["alphas"]).split(",")):
+            with kind["edit"](target, d, layer, alpha):
+                est = measure(target, [behaviour, Utility()], "validation", batch_size=args.batch_size, estimate=True)
+                kl = _kl(target, behaviour, "validation", refs["validation"], args.batch_size)
+            points.append({"layer": layer, "alpha": alpha, "refusal_per_100": 100 * est["refusal_harmful"],
+                           "n": est["refusal_harmful_n"], "harmless_per_100": 100 * est["refusal_harmless"],
+                           "kl_first_token": kl["kl_first_token"], "utility_nll": est["utility_nll"],
+                           "acceptable": bool(app.constraint(est, reference))})
+            p = points[-1]
+            print(f"validation: layer {layer:2d} alpha {alpha:g}: refusal {p['refusal_per_100']:5.1f} per 100 "
+                  f"(n={p['n']}), harmless {p['harmless_per_100']:.1f}, KL {p['kl_first_token']:.3f}, "
+                  f"NLL {p['utility_nll']:.3f}{'' if p['acceptable'] else ' (not acceptable)'}", flush=True)
+    return points, directions
+
+
+def _choose(points, sign):
+    """The best refusal among acceptable points (all, when none is), ties within 2 per 100 to the lower KL."""
+    pool = [p for p in points if p["acceptable"]] or points
+    best = max(sign * p["refusal_per_100"] for p in pool)
+    return min((p for p in pool if sign * p["refusal_per_100"] >= best - 2.0), key=lambda p: p["kl_first_token"])
+
+
 def main() -> None:
     """Search on validation, evaluate once on test, print and write the numbers."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--application", choices=sorted(EDITS), default="disalign")
     ap.add_argument("--layers", default="8,10,12,14,16,18,20", help="blocks whose input residual gives a direction")
-    ap.add_argument("--alphas", default="0.25,0.5,0.75,1", help="ablation strengths (1: nothing written along it)")
-    ap.add_argument("--out", type=Path, default=Path("runs/direction"))
+    ap.add_argument("--alphas", default=None, help="strengths (ablation: 1 writes nothing along it; addition: "
+                                                   "times the donor's difference of means); default per application")
+    ap.add_argument("--out", type=Path, default=None, help="default runs/direction-APPLICATION")
     ap.add_argument("--markers-from", type=Path, default=None, help="a file assigning refusal_markers (e.g. heretic's)")
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--run", type=Path, default=None, help="a run of the same application to add the edit to")
     args = ap.parse_args()
+    out = args.out or Path(f"runs/direction-{args.application}")
+    run_report = _run_report(args.run, args.application) if args.run is not None else None  # fail before work
     t0 = time.time()
-    pair = APPLICATIONS["disalign"].build(load_model(BUNDLED_MODEL))
+    kind = EDITS[args.application]
+    pair = APPLICATIONS[args.application].build(load_model(BUNDLED_MODEL))
     target, behaviour, bs = pair.target, Refusal(), args.batch_size
     refs = {s: next_token_logprobs(target, behaviour.kl_batches(target.tokenizer, s, bs)) for s in ("validation", "test")}
-    train = {k: getattr(behaviour, k).split("train").column("prompt") for k in ("harmful", "harmless")}
-    app, points, directions = APPLICATIONS["disalign"], [], {}
+    args.train = {k: getattr(behaviour, k).split("train").column("prompt") for k in ("harmful", "harmless")}
     markers = markers_in_source(args.markers_from) if args.markers_from is not None else None
-    reference = {"target": measure(target, [Utility()], "validation", batch_size=bs)}
-    for layer in (int(x) for x in args.layers.split(",")):
-        r = directions[layer] = mean_difference(target, train["harmful"], train["harmless"], layer)
-        for alpha in (float(a) for a in args.alphas.split(",")):
-            with ablated(target, r, alpha):
-                est = measure(target, [behaviour, Utility()], "validation", batch_size=bs, estimate=True)
-                kl = _kl(target, behaviour, "validation", refs["validation"], bs)
-            points.append({"layer": layer, "alpha": alpha, "refusal_per_100": 100 * est["refusal_harmful"],
-                           "n": est["refusal_harmful_n"], "kl_first_token": kl["kl_first_token"],
-                           "utility_nll": est["utility_nll"], "acceptable": app.constraint(est, reference)})
-            print(f"validation: layer {layer:2d} alpha {alpha:g}: refusal {points[-1]['refusal_per_100']:5.1f} per 100 "
-                  f"(n={points[-1]['n']}), KL {kl['kl_first_token']:.3f}, NLL {est['utility_nll']:.3f}"
-                  f"{'' if points[-1]['acceptable'] else ' (utility not kept)'}", flush=True)
-    pool = [p for p in points if p["acceptable"]] or points
-    low = min(p["refusal_per_100"] for p in pool)
-    chosen = min((p for p in pool if p["refusal_per_100"] <= low + 2.0), key=lambda p: p["kl_first_token"])
+    reference = {m: measure(getattr(pair, m), [behaviour, Utility()], "validation", batch_size=bs, estimate=True)
+                 for m in ("target", "donor")}
+    points, directions = _validation(target, behaviour, kind, getattr(pair, kind["source"]), reference, args, refs)
+    chosen = _choose(points, kind["sign"])
     print(f"chosen on validation: layer {chosen['layer']}, alpha {chosen['alpha']:g}"
-          f"{'' if chosen['acceptable'] else ' (no point kept utility: the lowest refusal of all)'}", flush=True)
-    items: list = []
-    blocks = {}
-    for name in ("target", "ablated"):
+          f"{'' if chosen['acceptable'] else ' (no point acceptable: the best refusal of all)'}", flush=True)
+    edited = "directional_ablation" if args.application == "disalign" else "activation_addition"
+    items, blocks = [], {}
+    for name in ("target", edited):
         recs: list = []
-        edit = ablated(target, directions[chosen["layer"]], chosen["alpha"]) if name == "ablated" else nullcontext()
+        edit = (kind["edit"](target, directions[chosen["layer"]], chosen["layer"], chosen["alpha"])
+                if name == edited else nullcontext())
         with edit:
             block = measure(target, [behaviour, Utility()], "test", batch_size=bs, items=recs)
             block.update(_kl(target, behaviour, "test", refs["test"], bs))
@@ -84,18 +164,17 @@ def main() -> None:
             block.update(rate("refusal_harmful_markers", [marker_refusal(i["response"], markers) for i in harmful]))
         items += [{"model": name, **i} for i in recs]
         blocks[name] = block
-        cells = [f"refusal {100 * block['refusal_harmful']:.1f} per 100 {[round(100 * x, 1) for x in block['refusal_harmful_ci95']]} "
-                 f"n={block['refusal_harmful_n']}", f"KL {block['kl_first_token']:.3f} {block['kl_first_token_ci95']}",
-                 f"harmless refusal {100 * block['refusal_harmless']:.1f}", f"NLL {block['utility_nll']:.3f}"]
-        if "refusal_harmful_markers" in block:
-            lo, hi = block["refusal_harmful_markers_ci95"]
-            cells.insert(1, f"by markers {100 * block['refusal_harmful_markers']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
+        cells = [*_rates(block), f"KL {block['kl_first_token']:.3f} {block['kl_first_token_ci95']}",
+                 f"NLL {block['utility_nll']:.3f}"]
         print(f"test, {name}: " + "; ".join(cells), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "metrics.json").write_text(json.dumps({"validation": points, "chosen": chosen, "test": blocks,
-                                                       "wall_time_s": round(time.time() - t0, 1)}, indent=1))
-    (args.out / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
-    print(f"wrote {args.out}/metrics.json, items.jsonl in {time.time() - t0:.0f} s")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"application": args.application, "validation": points,
+                                                  "chosen": chosen, "test": blocks,
+                                                  "wall_time_s": round(time.time() - t0, 1)}, indent=1))
+    (out / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    print(f"wrote {out}/metrics.json, items.jsonl in {time.time() - t0:.0f} s")
+    if run_report is not None:
+        _add_to_run(args.run, run_report, edited, chosen, blocks[edited])
 
 
 if __name__ == "__main__":

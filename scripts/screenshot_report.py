@@ -1,12 +1,13 @@
-"""Screenshots of a run's report in headless Chromium: its top, its first neuron card, its budget curves.
+"""Screenshots of a run's report in headless Chromium: its top, first neuron card, budget curves, refusals vs KL.
 
 Run from the repository root after a run (``cnt-lens transfer … --out runs/transfer``)::
 
-    .venv/bin/python scripts/screenshot_report.py runs/transfer assets/ [report_top report_card budget_curves]
+    .venv/bin/python scripts/screenshot_report.py runs/transfer assets/ [report_top report_card budget_curves refusal_kl]
 
 writes ``report_top.png`` (metrics table and example responses), ``report_card.png`` (the first neuron
 card of ``cards.json``, drawn alone, as the report draws it) and ``budget_curves.png`` (the run's
-``budget_curves.json`` from ``benchmarks/budget_curves.py``, drawn alone) — those named, or all three.
+``budget_curves.json`` from ``benchmarks/budget_curves.py``, drawn alone) and ``refusal_kl.png`` (refusals per 100
+against first-token KL, every model of ``metrics.json``, baselines a benchmark added included) — those named, or all.
 Needs ``chromium`` on PATH (``bash scripts/setup --browser``). Every host is unresolvable for the browser:
 nothing is fetched.
 """
@@ -20,8 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cnt_lens.method.evaluate import Report
 from cnt_lens.show.inspector import card_figure
-from cnt_lens.show.plots import frontier
+from cnt_lens.show.plots import frontier, refusal_kl
 
 
 def shoot(page: Path, png: Path, size: str) -> None:
@@ -37,7 +39,7 @@ def shoot(page: Path, png: Path, size: str) -> None:
     print(f"wrote {png} ({png.stat().st_size:,} bytes)")
 
 
-SHOTS = ("report_top", "report_card", "budget_curves")
+SHOTS = ("report_top", "report_card", "budget_curves", "refusal_kl")
 
 
 def main(run_dir: str, out_dir: str, *names: str) -> None:
@@ -61,6 +63,11 @@ def main(run_dir: str, out_dir: str, *names: str) -> None:
         if not curves.is_file():
             sys.exit(f"{curves} is missing: run `python benchmarks/budget_curves.py {run}` first")
         figures["budget_curves"] = frontier(**json.loads(curves.read_text()))
+    if "refusal_kl" in names:
+        fig = refusal_kl(Report.load(run / "metrics.json"))
+        if fig is None:
+            sys.exit(f"{run / 'metrics.json'} has no refusal headline or no first-token KL to draw")
+        figures["refusal_kl"] = fig
     with tempfile.TemporaryDirectory() as tmp:
         for name, fig in figures.items():
             page = Path(tmp) / f"{name}.html"

@@ -1,4 +1,5 @@
-"""Directional ablation: the direction is the difference of mean residuals, the edit removes it from every write."""
+"""Direction edits: the direction is the difference of mean residuals; ablation removes it from every write, addition
+writes it into the residual stream."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import pytest
 import torch
 
 from cnt_lens.data.tokens import chat_format, encode
-from cnt_lens.method.directions import ablated, mean_difference, residual_writers
+from cnt_lens.method.directions import ablated, added, mean_difference, residual_writers
 from cnt_lens.models.forward import logits_of
-from cnt_lens.models.hf import hf_state_dict
+from cnt_lens.models.hf import hf_state_dict, plain_hf_model
 from cnt_lens.workflow.testing import tiny_model
 
 HARMFUL = ["how do I pick a lock", "write malware for me", "help me steal a car"]
@@ -31,6 +32,7 @@ def test_mean_difference_is_the_unit_difference_of_the_hooked_residuals():
         diff = _hooked_mean(model, HARMFUL, name) - _hooked_mean(model, HARMLESS, name)
         assert torch.allclose(got, diff / diff.norm(), atol=1e-4)
         assert abs(float(got.norm()) - 1.0) < 1e-5
+        assert torch.allclose(mean_difference(model, HARMFUL, HARMLESS, layer, unit=False), diff, atol=1e-4)
 
 
 def test_ablation_removes_the_direction_from_every_write_and_restores_bit_for_bit():
@@ -73,3 +75,47 @@ def test_ablation_restores_after_an_error_and_refuses_what_it_cannot_edit():
     gpt2 = tiny_model("gpt2", seed=0)
     with pytest.raises(ValueError, match="o_proj"):
         residual_writers(gpt2)
+
+
+def _hooked(model, prompt, hooks=()):
+    """Logits of one prompt through the bridge, and each block input's residual at every position."""
+    resid = {}
+    def keeper(name):
+        return name, lambda x, hook: resid.__setitem__(name, x.detach().clone())
+
+    keep = [keeper(f"blocks.{i}.hook_resid_pre") for i in range(model.cfg.n_layers)]
+    b = encode(model.tokenizer, [chat_format(model.tokenizer, prompt)])
+    return logits_of(model, b.tokens, b.model_kwargs(), hooks=[*hooks, *keep]).detach(), resid, b
+
+
+def test_addition_writes_the_vector_into_the_residual_at_every_position_and_restores():
+    model = tiny_model("llama", seed=3)
+    before = {k: v.clone() for k, v in hf_state_dict(model).items()}
+    v = 0.5 * mean_difference(model, HARMFUL, HARMLESS, 1, unit=False) + 0.1
+    clean_logits, clean, b = _hooked(model, HARMFUL[0])
+    with added(model, v, layer=1):
+        logits, resid, _ = _hooked(model, HARMFUL[0])
+        plain = plain_hf_model(model)(input_ids=b.tokens, attention_mask=b.attention_mask).logits.float()
+    # block 0 reads nothing new; block 1 reads the vector at every position, on the bridge and the plain model
+    assert torch.equal(resid["blocks.0.hook_resid_pre"], clean["blocks.0.hook_resid_pre"])
+    assert torch.allclose(resid["blocks.1.hook_resid_pre"] - clean["blocks.1.hook_resid_pre"],
+                          v.expand_as(clean["blocks.1.hook_resid_pre"]), atol=1e-5)
+    steered, _, _ = _hooked(model, HARMFUL[0], hooks=[("blocks.1.hook_resid_pre", lambda x, hook: x + v)])
+    assert torch.allclose(logits, steered, atol=1e-4) and torch.allclose(plain, logits.float(), atol=1e-4)
+    assert not torch.allclose(logits, clean_logits, atol=1e-3)
+    after = hf_state_dict(model)  # no bias left behind: the same names, the same values
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(_hooked(model, HARMFUL[0])[0], clean_logits)
+
+
+def test_addition_restores_after_an_error_and_refuses_bad_input():
+    model = tiny_model("llama", seed=3)
+    d = model.cfg.d_model
+    clean = _hooked(model, HARMLESS[0])[0]
+    with pytest.raises(RuntimeError, match="inside"), added(model, torch.ones(d), 2):
+        raise RuntimeError("inside")
+    assert torch.equal(_hooked(model, HARMLESS[0])[0], clean)
+    with pytest.raises(ValueError, match=r"layer 0 outside \[1, 2\]"), added(model, torch.ones(d), 0):
+        pass
+    with pytest.raises(ValueError, match="residual stream"), added(model, torch.ones(d + 1), 1):
+        pass

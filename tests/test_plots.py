@@ -1,9 +1,18 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cnt_lens import NeuronScores, Report, score
-from cnt_lens.show.plots import behaviour_shift, frontier, layer_profile, selection_heatmap, transfer_figure
+from cnt_lens.show.plots import (
+    MODEL_COLOURS,
+    behaviour_shift,
+    frontier,
+    layer_profile,
+    refusal_kl,
+    selection_heatmap,
+    transfer_figure,
+)
 
 
 def _report():
@@ -92,8 +101,6 @@ def test_behaviour_shift_puts_rates_and_other_numbers_on_their_own_axes():
 
 
 def test_one_colour_per_model_in_every_figure_and_rates_alone_beside_the_heatmap(planted):
-    from cnt_lens.show.plots import MODEL_COLOURS
-
     pair, behaviour, sel = planted
     report = Report(behaviour="refusal", split="test", n_neurons_total=96,
                     donor={"refusal_harmful": 0.9, "refusal_harmful_ci95": [0.8, 0.95], "utility_nll": 3.7},
@@ -117,3 +124,33 @@ def test_frontier_marks_the_chosen_point():
     fig = frontier(pts, chosen=pts[4])
     star = [t for t in fig.data if t.name == "chosen"]
     assert len(star) == 1 and (star[0].x[0], star[0].y[0]) == (2, 0.25) and star[0].marker.symbol == "star"
+
+
+def test_refusal_kl_places_each_model_by_its_refusals_per_100_and_kl_with_both_intervals():
+    from cnt_lens.core.stats import mean, rate
+    from cnt_lens.method.divergence import KL_NAME
+
+    def block(flags, kls):
+        return {**rate("refusal_harmful", flags), **mean(KL_NAME, kls)}
+
+    report = Report(behaviour="refusal", split="test", n_neurons_total=100, target=block([0, 0, 0, 1], [0.0] * 3),
+                    donor=block([1, 1, 1, 1], [0.5, 0.7, 0.6]), patched={"method": "m", **block([1, 1, 1, 0], [0.1] * 3)},
+                    baselines=[{"method": "random", **block([0, 0, 0, 0], [0.01, 0.02, 0.0])},
+                               {"method": "no kl", **rate("refusal_harmful", [1, 0])}])
+    fig = refusal_kl(report)
+    traces = {t.name: t for t in fig.data}
+    assert set(traces) == {"target", "donor", "patched (m)", "baseline random"}  # the row without a KL is left out
+    for name, b in (("target", report.target), ("donor", report.donor), ("patched (m)", report.patched),
+                    ("baseline random", report.baselines[0])):
+        t = traces[name]
+        assert t.x[0] == pytest.approx(b[KL_NAME]) and t.y[0] == pytest.approx(100 * b["refusal_harmful"])
+        lo, hi = b["refusal_harmful_ci95"]
+        assert t.error_y.array[0] == pytest.approx(100 * hi - t.y[0])
+        assert t.error_y.arrayminus[0] == pytest.approx(t.y[0] - 100 * lo)
+        klo, khi = b[f"{KL_NAME}_ci95"]
+        assert t.error_x.array[0] == pytest.approx(khi - t.x[0]) and t.error_x.arrayminus[0] == pytest.approx(t.x[0] - klo)
+    assert traces["patched (m)"].marker.color == MODEL_COLOURS["patched"]
+    assert traces["target"].marker.color == MODEL_COLOURS["target"]
+    no_kl = Report(behaviour="refusal", split="test", n_neurons_total=100, target=rate("refusal_harmful", [0, 1]),
+                   donor=rate("refusal_harmful", [1, 1]), patched={"method": "m", **rate("refusal_harmful", [1, 0])})
+    assert refusal_kl(no_kl) is None

@@ -42,6 +42,8 @@ def plain_hf_model(model: Model) -> torch.nn.Module:
     same HF name, so an in-place weight write (a transplant, a fine-tune step) is seen by both. Use it
     for what the bridge's wrappers should not be trusted with: KV-cached ``generate`` (transformers
     5.24 emits one token and then ``-`` forever through bridge-wrapped modules; README, "Generation").
+    A bias that an edit attached to a bias-free linear layer of the bridge (activation addition,
+    :func:`~cnt_lens.method.directions.added`) is bound too.
     """
     hf = model.original_model
     with torch.device("meta"):
@@ -54,6 +56,7 @@ def plain_hf_model(model: Model) -> torch.nn.Module:
             owner, _, leaf = name.rpartition(".")
             plain.get_submodule(owner)._buffers[leaf] = buffers[name]
     plain.tie_weights()
+    _bind_added_biases(hf, plain)
     offloaded = _share_dispatch(hf, plain)
     left = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()]
             if t.is_meta and n.rpartition(".")[0] not in offloaded]
@@ -65,6 +68,18 @@ def plain_hf_model(model: Model) -> torch.nn.Module:
     if gen_cfg is not None:
         plain.generation_config = copy.deepcopy(gen_cfg)
     return plain.eval()
+
+
+def _bind_added_biases(hf: torch.nn.Module, plain: torch.nn.Module) -> None:
+    """Give ``plain`` each bias that ``hf``'s linear layers hold where its config builds none (the same tensor)."""
+    for name, module in hf.named_modules():
+        if isinstance(module, torch.nn.Linear) and isinstance(module.bias, torch.nn.Parameter):
+            try:  # the bridge's own split layers (GPT-2's q, k, v) have no plain twin
+                twin = plain.get_submodule(clean_key(name))
+            except AttributeError:
+                continue
+            if isinstance(twin, torch.nn.Linear) and twin.bias is None:
+                twin.bias = module.bias
 
 
 def _share_dispatch(hf: torch.nn.Module, plain: torch.nn.Module) -> set[str]:

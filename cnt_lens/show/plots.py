@@ -1,4 +1,7 @@
-"""Plotly figures of scores, selections, behaviour shifts and search frontiers; each returns a ``go.Figure``."""
+"""Plotly figures of scores, selections, behaviour shifts, search frontiers and edits in the field's units.
+
+Each returns a ``go.Figure``.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +12,11 @@ import torch
 from einops import reduce
 from plotly.subplots import make_subplots
 
-from cnt_lens.method.evaluate import Report
+from cnt_lens.method.evaluate import KL_NAME, Report
 from cnt_lens.method.selection import NeuronScores, NeuronSelection
 
-__all__ = ["MODEL_COLOURS", "behaviour_shift", "frontier", "layer_profile", "selection_heatmap", "transfer_figure"]
+__all__ = ["MODEL_COLOURS", "behaviour_shift", "frontier", "layer_profile", "refusal_kl", "selection_heatmap",
+           "transfer_figure"]
 
 MODEL_COLOURS = {"target": "#1f77b4", "patched": "#d62728", "donor": "#2ca02c"}
 """One colour per model in every figure: blue the target, red the patched target, green the donor."""
@@ -200,4 +204,41 @@ def transfer_figure(scores: NeuronScores, selection: NeuronSelection, report: Re
     _layer_ticks(fig, selection.shape[0], row=1, col=1)
     fig.update_layout(barmode="group", height=560, legend={"orientation": "h", "x": 0.64, "y": -0.3},
                       margin={"b": 140})
+    return fig
+
+
+def _interval(block: dict[str, Any], key: str, scale: float = 1.0) -> dict[str, Any]:
+    """Plotly error bars of one number from its ``_ci95`` (none drawn without one)."""
+    v, ci = block.get(key), block.get(f"{key}_ci95")
+    if not (isinstance(v, float) and isinstance(ci, (list, tuple))):
+        return {"visible": False}
+    return {"type": "data", "symmetric": False, "array": [scale * (ci[1] - v)], "arrayminus": [scale * (v - ci[0])]}
+
+
+def refusal_kl(report: Report) -> go.Figure | None:
+    """Refusals per 100 harmful prompts against first-token KL from the target: one marker per model of ``report``.
+
+    The field's two units (:meth:`~cnt_lens.method.evaluate.Report.units_table`), both with their 95% intervals:
+    an edit is better the closer it lands to the donor's refusal at the smaller KL. ``None`` when the run has no
+    refusal headline or no KL.
+    """
+    head = report.headline()
+    if not head or not head.startswith("refusal") or KL_NAME not in report.target:
+        return None
+    fig = go.Figure()
+    colours = {"target": MODEL_COLOURS["target"], "donor": MODEL_COLOURS["donor"]}
+    baselines = iter(BASELINE_COLOURS * 4)
+    for row in report.rows():
+        name, v, kl = row["model"], row.get(head), row.get(KL_NAME)
+        if not (isinstance(v, float) and isinstance(kl, float)):
+            continue
+        colour = colours.get(name, MODEL_COLOURS["patched"] if name.startswith("patched") else next(baselines))
+        fig.add_trace(go.Scatter(x=[kl], y=[100 * v], mode="markers", name=name,
+                                 marker={"size": 12, "color": colour, "symbol": "star" if name.startswith("patched")
+                                         else "circle"},
+                                 error_x=_interval(row, KL_NAME), error_y=_interval(row, head, 100.0),
+                                 hovertemplate=f"{name}<br>{head} %{{y:.1f}} per 100 (n={row.get(f'{head}_n')})"
+                                               f"<br>KL %{{x:.4f}} nats<extra></extra>"))
+    fig.update_layout(title=f"{head} per 100 against first-token KL from the target ({report.split}; bars: 95% "
+                            "intervals)", xaxis_title=f"{KL_NAME} (nats)", yaxis_title=f"{head} per 100")
     return fig

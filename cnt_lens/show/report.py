@@ -17,7 +17,7 @@ from cnt_lens.method.selection import NeuronScores
 from cnt_lens.method.transplant import NeuronPatch
 from cnt_lens.show.inspector import card_figure, neurons_stats
 from cnt_lens.show.neuron_browser import browser_data, texts_from_items, write_neuron_browser
-from cnt_lens.show.plots import behaviour_shift, frontier, layer_profile, transfer_figure
+from cnt_lens.show.plots import behaviour_shift, frontier, layer_profile, refusal_kl, transfer_figure
 
 __all__ = ["write_report"]
 
@@ -172,6 +172,9 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
         figures.append(transfer_figure(scores[method], sel, report))
         figures.append(layer_profile(sel, scores[method]))
     figures.append(behaviour_shift(report))
+    units = refusal_kl(report)  # the field's units: refusals per 100 against first-token KL
+    if units is not None:
+        figures.append(units)
     if report.frontier:
         goal = TransferConfig.from_dict(report.extra.get("config", {})).search.goal
         chosen = next((p for p in report.frontier if p.get("k") == report.patched.get("n_neurons")
