@@ -13,8 +13,8 @@ The pair of ``cnt-lens run APPLICATION`` on the bundled SmolLM2, edited as pract
   orthogonalised against it, scaled by alpha. Best: the lowest refusal.
 - ``enhance`` (addition; target: SmolLM2, which does not refuse; donor: its safety tune): activation addition.
   The **donor's** difference of means at the layer (its refusal direction, in the residual's units) times alpha
-  is written into the target's residual stream at every position (a bias on the block before's MLP output).
-  Best: the highest refusal.
+  is written into the target's residual stream at every position (a bias on the block before's MLP output),
+  alpha up to 8: the range of the transfer's own alpha search. Best: the highest refusal.
 
 Each (layer, alpha) is read on **validation**: refusal per 100 by the search's estimate (greedy opening, judged),
 harmless refusal, utility NLL, and first-token KL from the unedited target on the harmless prompts. Chosen as the
@@ -50,7 +50,7 @@ from cnt_lens.method.evaluate import Report
 EDITS = {
     "disalign": {"source": "target", "alphas": "0.25,0.5,0.75,1", "sign": -1,
                  "edit": lambda target, d, layer, alpha: ablated(target, d, alpha)},
-    "enhance": {"source": "donor", "alphas": "0.5,1,1.5,2", "sign": 1,
+    "enhance": {"source": "donor", "alphas": "0.5,1,2,4,8", "sign": 1,
                 "edit": lambda target, d, layer, alpha: added(target, alpha * d, layer)},
 }
 

@@ -149,8 +149,10 @@ def test_refusal_kl_places_each_model_by_its_refusals_per_100_and_kl_with_both_i
         assert t.error_y.arrayminus[0] == pytest.approx(t.y[0] - 100 * lo)
         klo, khi = b[f"{KL_NAME}_ci95"]
         assert t.error_x.array[0] == pytest.approx(khi - t.x[0]) and t.error_x.arrayminus[0] == pytest.approx(t.x[0] - klo)
+    bars = {t.name: t.marker.color for t in behaviour_shift(report).data}  # each model's colour of every figure
     assert traces["patched (m)"].marker.color == MODEL_COLOURS["patched"]
-    assert traces["target"].marker.color == MODEL_COLOURS["target"]
+    assert traces["target"].marker.color == MODEL_COLOURS["target"] and traces["donor"].marker.color == bars["donor"]
+    assert traces["baseline random"].marker.color == bars["random"]
     no_kl = Report(behaviour="refusal", split="test", n_neurons_total=100, target=rate("refusal_harmful", [0, 1]),
                    donor=rate("refusal_harmful", [1, 1]), patched={"method": "m", **rate("refusal_harmful", [1, 0])})
     assert refusal_kl(no_kl) is None

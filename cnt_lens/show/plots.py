@@ -226,13 +226,13 @@ def refusal_kl(report: Report) -> go.Figure | None:
     if not head or not head.startswith("refusal") or KL_NAME not in report.target:
         return None
     fig = go.Figure()
-    colours = {"target": MODEL_COLOURS["target"], "donor": MODEL_COLOURS["donor"]}
-    baselines = iter(BASELINE_COLOURS * 4)
-    for row in report.rows():
+    # rows() is target, donor, patched, then the baselines: each in its colour of every other figure
+    colours = [MODEL_COLOURS["target"], MODEL_COLOURS["donor"], MODEL_COLOURS["patched"],
+               *(BASELINE_COLOURS[i % len(BASELINE_COLOURS)] for i in range(len(report.baselines)))]
+    for row, colour in zip(report.rows(), colours):
         name, v, kl = row["model"], row.get(head), row.get(KL_NAME)
         if not (isinstance(v, float) and isinstance(kl, float)):
             continue
-        colour = colours.get(name, MODEL_COLOURS["patched"] if name.startswith("patched") else next(baselines))
         fig.add_trace(go.Scatter(x=[kl], y=[100 * v], mode="markers", name=name,
                                  marker={"size": 12, "color": colour, "symbol": "star" if name.startswith("patched")
                                          else "circle"},
