@@ -95,11 +95,14 @@ def _add_to_run(run: Path, report: Report, method: str, chosen: dict, block: dic
     print(f"added {method} to {run}/metrics.json; rebuilt {write_report(run)}", flush=True)
 
 
-def _validation(target, behaviour, kind, sources, reference, args, refs):
-    """Every (layer, alpha) measured on validation; returns the points and each layer's direction."""
+def _validation(target, behaviour, kind, source, train, reference, args, refs):
+    """Every (layer, alpha) measured on validation; returns the points and each layer's direction.
+
+    The direction of each layer comes from ``source`` (the model named by ``kind``) on the ``train`` prompts.
+    """
     app, points, directions = APPLICATIONS[args.application], [], {}
     for layer in (int(x) for x in args.layers.split(",")):
-        d = directions[layer] = mean_difference(sources, args.train["harmful"], args.train["harmless"], layer,
+        d = directions[layer] = mean_difference(source, train["harmful"], train["harmless"], layer,
                                                 unit=kind["source"] == "target")
         for alpha in (float(a) for a in (args.alphas or kind["alphas"]).split(",")):
             with kind["edit"](target, d, layer, alpha):
@@ -142,11 +145,12 @@ def main() -> None:
     pair = APPLICATIONS[args.application].build(load_model(BUNDLED_MODEL))
     target, behaviour, bs = pair.target, Refusal(), args.batch_size
     refs = {s: next_token_logprobs(target, behaviour.kl_batches(target.tokenizer, s, bs)) for s in ("validation", "test")}
-    args.train = {k: getattr(behaviour, k).split("train").column("prompt") for k in ("harmful", "harmless")}
+    train = {k: getattr(behaviour, k).split("train").column("prompt") for k in ("harmful", "harmless")}
     markers = markers_in_source(args.markers_from) if args.markers_from is not None else None
     reference = {m: measure(getattr(pair, m), [behaviour, Utility()], "validation", batch_size=bs, estimate=True)
                  for m in ("target", "donor")}
-    points, directions = _validation(target, behaviour, kind, getattr(pair, kind["source"]), reference, args, refs)
+    points, directions = _validation(target, behaviour, kind, getattr(pair, kind["source"]), train, reference, args,
+                                     refs)
     chosen = _choose(points, kind["sign"])
     print(f"chosen on validation: layer {chosen['layer']}, alpha {chosen['alpha']:g}"
           f"{'' if chosen['acceptable'] else ' (no point acceptable: the best refusal of all)'}", flush=True)

@@ -99,14 +99,14 @@ def layer_profile(selection: NeuronSelection, scores: NeuronScores | None = None
     return fig
 
 
-def _interval_bars(block: dict[str, Any], metrics: Sequence[str]) -> dict[str, Any]:
-    """Plotly ``error_y`` from the rates' ``_ci95`` (zero-length for numbers without one)."""
+def _interval_bars(block: dict[str, Any], metrics: Sequence[str], scale: float = 1.0) -> dict[str, Any]:
+    """Plotly error bars from the numbers' ``_ci95``, times ``scale`` (zero-length for numbers without one)."""
     up, down = [], []
     for m in metrics:
         v, ci = block.get(m), block.get(f"{m}_ci95")
         ok = isinstance(v, float) and isinstance(ci, (list, tuple))
-        up.append(ci[1] - v if ok else 0.0)
-        down.append(v - ci[0] if ok else 0.0)
+        up.append(scale * (ci[1] - v) if ok else 0.0)
+        down.append(scale * (v - ci[0]) if ok else 0.0)
     return {"type": "data", "symmetric": False, "array": up, "arrayminus": down}
 
 
@@ -207,14 +207,6 @@ def transfer_figure(scores: NeuronScores, selection: NeuronSelection, report: Re
     return fig
 
 
-def _interval(block: dict[str, Any], key: str, scale: float = 1.0) -> dict[str, Any]:
-    """Plotly error bars of one number from its ``_ci95`` (none drawn without one)."""
-    v, ci = block.get(key), block.get(f"{key}_ci95")
-    if not (isinstance(v, float) and isinstance(ci, (list, tuple))):
-        return {"visible": False}
-    return {"type": "data", "symmetric": False, "array": [scale * (ci[1] - v)], "arrayminus": [scale * (v - ci[0])]}
-
-
 def refusal_kl(report: Report) -> go.Figure | None:
     """Refusals per 100 harmful prompts against first-token KL from the target: one marker per model of ``report``.
 
@@ -236,7 +228,7 @@ def refusal_kl(report: Report) -> go.Figure | None:
         fig.add_trace(go.Scatter(x=[kl], y=[100 * v], mode="markers", name=name,
                                  marker={"size": 12, "color": colour, "symbol": "star" if name.startswith("patched")
                                          else "circle"},
-                                 error_x=_interval(row, KL_NAME), error_y=_interval(row, head, 100.0),
+                                 error_x=_interval_bars(row, [KL_NAME]), error_y=_interval_bars(row, [head], 100.0),
                                  hovertemplate=f"{name}<br>{head} %{{y:.1f}} per 100 (n={row.get(f'{head}_n')})"
                                                f"<br>KL %{{x:.4f}} nats<extra></extra>"))
     fig.update_layout(title=f"{head} per 100 against first-token KL from the target ({report.split}; bars: 95% "
