@@ -46,11 +46,12 @@ from cnt_lens.method.directions import ablated, added, mean_difference
 from cnt_lens.method.divergence import first_token_kl, next_token_logprobs
 from cnt_lens.method.evaluate import Report
 
-#: per application: which model gives the direction, the edit, the default strengths, and which way is better
+#: per application: which model gives the direction, whether it is normalised, the edit, the default strengths, and
+#: which way is better
 EDITS = {
-    "disalign": {"source": "target", "alphas": "0.25,0.5,0.75,1", "sign": -1,
+    "disalign": {"source": "target", "unit": True, "alphas": "0.25,0.5,0.75,1", "sign": -1,
                  "edit": lambda target, d, layer, alpha: ablated(target, d, alpha)},
-    "enhance": {"source": "donor", "alphas": "0.5,1,2,4,8", "sign": 1,
+    "enhance": {"source": "donor", "unit": False, "alphas": "0.5,1,2,4,8", "sign": 1,
                 "edit": lambda target, d, layer, alpha: added(target, alpha * d, layer)},
 }
 
@@ -103,7 +104,7 @@ def _validation(target, behaviour, kind, source, train, reference, args, refs):
     app, points, directions = APPLICATIONS[args.application], [], {}
     for layer in (int(x) for x in args.layers.split(",")):
         d = directions[layer] = mean_difference(source, train["harmful"], train["harmless"], layer,
-                                                unit=kind["source"] == "target")
+                                                unit=kind["unit"])
         for alpha in (float(a) for a in (args.alphas or kind["alphas"]).split(",")):
             with kind["edit"](target, d, layer, alpha):
                 est = measure(target, [behaviour, Utility()], "validation", batch_size=args.batch_size, estimate=True)
