@@ -153,6 +153,11 @@ def test_refusal_kl_places_each_model_by_its_refusals_per_100_and_kl_with_both_i
     assert traces["patched (m)"].marker.color == MODEL_COLOURS["patched"]
     assert traces["target"].marker.color == MODEL_COLOURS["target"] and traces["donor"].marker.color == bars["donor"]
     assert traces["baseline random"].marker.color == bars["random"]
+    report.extra["peer_trials"] = {"tool": {"unit": "its markers", "points": [{"per_100": 12.5, "kl": 0.3},
+                                                                              {"per_100": 80.0, "kl": 0.02}]}}
+    peer = [t for t in refusal_kl(report).data if t.name.startswith("tool trials")]
+    assert len(peer) == 1 and "its markers" in peer[0].name and "2;" in peer[0].name
+    assert list(peer[0].x) == [0.3, 0.02] and list(peer[0].y) == [12.5, 80.0]
     no_kl = Report(behaviour="refusal", split="test", n_neurons_total=100, target=rate("refusal_harmful", [0, 1]),
                    donor=rate("refusal_harmful", [1, 1]), patched={"method": "m", **rate("refusal_harmful", [1, 0])})
     assert refusal_kl(no_kl) is None

@@ -211,8 +211,10 @@ def refusal_kl(report: Report) -> go.Figure | None:
     """Refusals per 100 harmful prompts against first-token KL from the target: one marker per model of ``report``.
 
     The field's two units (:meth:`~cnt_lens.method.evaluate.Report.units_table`), both with their 95% intervals:
-    an edit is better the closer it lands to the donor's refusal at the smaller KL. ``None`` when the run has no
-    refusal headline or no KL.
+    an edit is better the closer it lands to the donor's refusal at the smaller KL. A peer tool's trials that a
+    benchmark stored in ``report.extra["peer_trials"][tool]`` (``{"unit": …, "points": [{"per_100", "kl"}, …]}``,
+    e.g. ``benchmarks/vs_heretic.py``) are drawn as one grey series named with their unit. ``None`` when the run has
+    no refusal headline or no KL.
     """
     head = report.headline()
     if not head or not head.startswith("refusal") or KL_NAME not in report.target:
@@ -231,6 +233,17 @@ def refusal_kl(report: Report) -> go.Figure | None:
                                  error_x=_interval_bars(row, [KL_NAME]), error_y=_interval_bars(row, [head], 100.0),
                                  hovertemplate=f"{name}<br>{head} %{{y:.1f}} per 100 (n={row.get(f'{head}_n')})"
                                                f"<br>KL %{{x:.4f}} nats<extra></extra>"))
+    for tool, peer in report.extra.get("peer_trials", {}).items():
+        _add_peer_trials(fig, tool, peer)
     fig.update_layout(title=f"{head} per 100 against first-token KL from the target ({report.split}; bars: 95% "
                             "intervals)", xaxis_title=f"{KL_NAME} (nats)", yaxis_title=f"{head} per 100")
     return fig
+
+
+def _add_peer_trials(fig: go.Figure, tool: str, peer: dict[str, Any]) -> None:
+    """One grey series of a peer tool's trials: refusals per 100 (by ``peer["unit"]``) against first-token KL."""
+    points = peer["points"]
+    fig.add_trace(go.Scatter(x=[p["kl"] for p in points], y=[p["per_100"] for p in points], mode="markers",
+                             name=f"{tool} trials ({len(points)}; refusals by {peer['unit']})",
+                             marker={"size": 7, "color": "#b0b0b0", "symbol": "diamond"},
+                             hovertemplate=f"{tool}<br>%{{y:.1f}} per 100<br>KL %{{x:.4f}} nats<extra></extra>"))
