@@ -48,6 +48,7 @@ from cnt_lens.data.tokens import chat_format
 from cnt_lens.experiments.applications import APPLICATIONS
 from cnt_lens.method.evaluate import KL_NAME, Report
 from cnt_lens.method.transplant import export_hf
+from cnt_lens.show.plots import BASELINE_COLOURS, MODEL_COLOURS
 
 #: reads heretic's study with the scratch venv's optuna; prints one JSON list of its finished trials
 _READ_STUDY = """
@@ -186,7 +187,8 @@ def run_rows(run: Path, markers: list[str], prompts: list[str] | None = None) ->
         raise CntLensError(f"{run / 'metrics.json'}: extra.config.about is {about}; give a `cnt-lens run disalign` run")
     items = [json.loads(x) for x in (run / "items.jsonl").read_text(encoding="utf-8").splitlines()]
     rows = []
-    for row in report.rows():
+    colours = [MODEL_COLOURS["target"], MODEL_COLOURS["donor"], MODEL_COLOURS["patched"]]
+    for index, row in enumerate(report.rows()):  # target, donor, patched, baselines: each in its report colour
         name = row["model"]
         # items.jsonl names a model as the run's result does: "patched", a baseline by its method
         names = {name, name.split(" (")[0], name.removeprefix("baseline ")}
@@ -207,7 +209,8 @@ def run_rows(run: Path, markers: list[str], prompts: list[str] | None = None) ->
         rows.append({"model": name, "neurons": row.get("n_neurons"), "n": marks["markers_n"],
                      "judge_per_100": judge["judge"], "judge_ci95": judge["judge_ci95"],
                      "markers_per_100": marks["markers"], "markers_ci95": marks["markers_ci95"],
-                     "kl": row[KL_NAME], "kl_ci95": row.get(f"{KL_NAME}_ci95")})
+                     "kl": row[KL_NAME], "kl_ci95": row.get(f"{KL_NAME}_ci95"),
+                     "colour": colours[index] if index < 3 else BASELINE_COLOURS[(index - 3) % len(BASELINE_COLOURS)]})
     return rows
 
 
@@ -227,8 +230,9 @@ def figure(trials: list[dict], front: list[dict], rows: list[dict], n: int):
         lo, hi = r["markers_ci95"]
         err_x = ({"type": "data", "symmetric": False, "array": [r["kl_ci95"][1] - r["kl"]],
                   "arrayminus": [r["kl"] - r["kl_ci95"][0]]} if r.get("kl_ci95") else None)
-        fig.add_trace(go.Scatter(x=[r["kl"]], y=[r["markers_per_100"]], mode="markers", name=r["model"],
-                                 marker={"size": 12, "symbol": "star" if r["model"].startswith("patched") else "circle"},
+        name = r["model"] + (" (KL 0: off the log axis)" if r["kl"] <= 0 else "")
+        fig.add_trace(go.Scatter(x=[r["kl"]], y=[r["markers_per_100"]], mode="markers", name=name,
+                                 marker={"size": 12, "color": r["colour"], "symbol": "star" if r["model"].startswith("patched") else "circle"},
                                  error_y={"type": "data", "symmetric": False, "array": [hi - r["markers_per_100"]],
                                           "arrayminus": [r["markers_per_100"] - lo]}, error_x=err_x))
     fig.update_layout(title=f"refusals per 100 (heretic's markers, n={n} test prompts) against first-token KL "
