@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from kl_front import front as pareto_front  # this directory's sibling benchmark
+
 from cnt_lens import BUNDLED_MODEL, Refusal, load_model
 from cnt_lens.behaviours.judge import marker_refusal, markers_in_source
 from cnt_lens.core.errors import CntLensError
@@ -156,16 +158,6 @@ def read_trials(heretic: Path, out: Path) -> list[dict]:
     return json.loads(done.stdout)
 
 
-def pareto(trials: list[dict]) -> list[dict]:
-    """The trials no other trial beats on both refusals and KL (ties kept once), by increasing refusals."""
-    front, best_kl = [], float("inf")
-    for t in sorted(trials, key=lambda t: (t["refusals"], t["kl"])):
-        if t["kl"] < best_kl:
-            front.append(t)
-            best_kl = t["kl"]
-    return front
-
-
 def _block_reading(row: dict, suffix: str, key: str) -> dict:
     """A block's ``refusal_harmful{suffix}`` rate as ``{key, key_n, key_ci95}``, per 100."""
     base = f"refusal_harmful{suffix}"
@@ -268,9 +260,9 @@ def main() -> None:
     prepared_s = time.time() - t0
     heretic_s = None if args.reuse else run_heretic(args.heretic, args.out)
     trials = read_trials(args.heretic, args.out)
-    front = pareto(trials)
     for t in trials:
         t.update(rate("per_100", [True] * t["refusals"] + [False] * (n - t["refusals"]), scale=100.0))
+    front = sorted(pareto_front(trials, -1), key=lambda t: t["per_100"])  # fewer refusals is better here
     print(f"heretic: {len(trials)} trials, {heretic_s or 0:.0f} s (export and prompts {prepared_s:.0f} s); "
           f"{len(markers)} markers; n={n} harmful test prompts")
     print("| method | neurons | refusals per 100, heretic's markers | judge | first-token KL |")
