@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from cnt_lens import NeuronPatch, NeuronScores, Utility, load_model, measure
+from cnt_lens.core.files import atomic_write_text
 from cnt_lens.experiments.applications import APPLICATIONS
 from cnt_lens.method.divergence import KL_NAME, first_token_kl, next_token_logprobs
 
@@ -43,6 +44,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if not (args.run / "metrics.json").is_file():
+        raise SystemExit(f"{args.run}: no metrics.json there (give a finished `cnt-lens run` directory)")
     metrics = json.loads((args.run / "metrics.json").read_text())
     about = metrics["extra"]["config"]["about"]
     if about.get("application") not in APPLICATIONS:
@@ -83,9 +86,9 @@ def main() -> None:
         print(f"  k {p['k']} alpha {p['alpha']:g}: {p['per_100']:.1f} per 100 at KL {p['kl']:.3f}"
               f"{'' if p['acceptable'] else ' (constraint fails)'}")
     out = args.out or args.run / "kl_front.json"
-    out.write_text(json.dumps({"run": str(args.run), "split": "validation", "estimates": estimates,
+    atomic_write_text(out, json.dumps({"run": str(args.run), "split": "validation", "estimates": estimates,
                                "points": points, "front": best, "wall_time_s": round(time.time() - t0, 1)},
-                              indent=1), encoding="utf-8")
+                              indent=1))
     print(f"wrote {out} in {time.time() - t0:.0f} s")
 
 

@@ -1,7 +1,7 @@
 """heretic's own search beside neuron transfer: refusals per 100 against first-token KL, on the same test prompts.
 
     CNT_LENS_CACHE=… python benchmarks/vs_heretic.py --heretic SCRATCH/bin/heretic --run runs/disalign
-        [--trials 50] [--startup-trials 15] [--seed 0] [--batch-size 64] [--out runs/vs-heretic-disalign]
+        [--trials 30] [--startup-trials 10] [--seed 0] [--batch-size 64] [--out runs/vs-heretic-disalign]
         [--reuse] [--into-run]
 
 ``heretic`` is heretic-llm, installed pinned in a scratch venv (never in the project's): this script only runs its
@@ -45,6 +45,7 @@ from kl_front import front as pareto_front  # this directory's sibling benchmark
 from cnt_lens import BUNDLED_MODEL, Refusal, load_model
 from cnt_lens.behaviours.judge import marker_refusal, markers_in_source
 from cnt_lens.core.errors import CntLensError
+from cnt_lens.core.files import atomic_write_text
 from cnt_lens.core.stats import rate
 from cnt_lens.data.tokens import chat_format
 from cnt_lens.experiments.applications import APPLICATIONS
@@ -238,8 +239,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--heretic", type=Path, required=True, help="the `heretic` command of a scratch venv")
     ap.add_argument("--run", type=Path, required=True, help="a finished `cnt-lens run disalign` directory")
-    ap.add_argument("--trials", type=int, default=50)
-    ap.add_argument("--startup-trials", type=int, default=15, help="random trials before TPE (heretic: 60 of 200)")
+    ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--startup-trials", type=int, default=10, help="random trials before TPE (heretic: 60 of 200)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=48, help="answer length (the run's, to compare the same)")
@@ -250,7 +251,11 @@ def main() -> None:
     args = ap.parse_args()
     if not args.heretic.is_file():
         sys.exit(f"--heretic {args.heretic}: no such file (install heretic-llm in a scratch venv; give its bin/heretic)")
-    markers = markers_in_source(next(args.heretic.parent.parent.glob("lib/python*/site-packages/heretic/config.py")))
+    config_py = sorted(args.heretic.parent.parent.glob("lib/python*/site-packages/heretic/config.py"))
+    if not config_py:
+        sys.exit(f"--heretic {args.heretic}: no heretic/config.py in that venv's site-packages (is heretic-llm "
+                 "installed there?)")
+    markers = markers_in_source(config_py[0])
     rows = run_rows(args.run, markers)  # fail on a wrong run before any work
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -278,12 +283,12 @@ def main() -> None:
                  f"{r['markers_per_100']:.1f} [{r['markers_ci95'][0]:.1f}, {r['markers_ci95'][1]:.1f}]")
         print(f"| {r['model']} (n={r['n']}) | {r['neurons'] or '—'} | {marks} | "
               f"{r['judge_per_100']:.1f} [{jlo:.1f}, {jhi:.1f}] | {r['kl']:.4f}{kl_ci} |")
-    (args.out / "metrics.json").write_text(json.dumps(
+    atomic_write_text(args.out / "metrics.json", json.dumps(
         {"run": str(args.run), "n_harmful_test": n, "heretic_wall_s": heretic_s, "trials": trials,
          "front": [t["number"] for t in front], "run_rows": rows,
          "settings": {k: getattr(args, k) for k in ("trials", "startup_trials", "seed", "max_new_tokens",
                                                     "harmful_n")}},
-        indent=1), encoding="utf-8")
+        indent=1))
     figure(trials, front, rows, n).write_html(args.out / "vs_heretic.html", include_plotlyjs=True)
     print(f"wrote {args.out}/metrics.json, vs_heretic.html")
     if args.into_run:
