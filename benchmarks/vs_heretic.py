@@ -165,12 +165,8 @@ def _block_reading(row: dict, suffix: str, key: str) -> dict:
     return {key: 100 * row[base], f"{key}_n": row[f"{base}_n"], f"{key}_ci95": [100 * x for x in row[f"{base}_ci95"]]}
 
 
-def run_rows(run: Path, markers: list[str], prompts: list[str] | None = None) -> list[dict]:
-    """Each model of the run's test tables: judge and marker refusals per 100 (n, 95% intervals), KL with its.
-
-    Refusals are read from the run's answers to ``prompts`` (all its harmful test answers when ``None``); a model
-    without answers there (an edit a benchmark added) keeps its own block's reading, on its own n.
-    """
+def load_run(run: Path) -> tuple[Report, list[dict]]:
+    """A finished disalign run's report and test answers (``items.jsonl``), checked before any work."""
     if not (run / "metrics.json").is_file() or not (run / "items.jsonl").is_file():
         raise CntLensError(f"--run {run}: no metrics.json and items.jsonl there (give a finished "
                            "`cnt-lens run disalign --out RUN` directory)")
@@ -178,15 +174,23 @@ def run_rows(run: Path, markers: list[str], prompts: list[str] | None = None) ->
     about = report.extra.get("config", {}).get("about", {})
     if about.get("application") != "disalign":
         raise CntLensError(f"{run / 'metrics.json'}: extra.config.about is {about}; give a `cnt-lens run disalign` run")
-    items = [json.loads(x) for x in (run / "items.jsonl").read_text(encoding="utf-8").splitlines()]
-    rows = []
+    return report, [json.loads(x) for x in (run / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def run_rows(report: Report, items: list[dict], markers: list[str], prompts: list[str]) -> list[dict]:
+    """Each model of the run's test tables: judge and marker refusals per 100 (n, 95% intervals), KL with its.
+
+    Refusals are read from the run's answers (``items``) to ``prompts``; a model without answers there (an edit a
+    benchmark added) keeps its own block's reading, on its own n.
+    """
+    rows, wanted = [], set(prompts)
     colours = [MODEL_COLOURS["target"], MODEL_COLOURS["donor"], MODEL_COLOURS["patched"]]
     for index, row in enumerate(report.rows()):  # target, donor, patched, baselines: each in its report colour
         name = row["model"]
         # items.jsonl names a model as the run's result does: "patched", a baseline by its method
         names = {name, name.split(" (")[0], name.removeprefix("baseline ")}
         mine = [i for i in items if i.get("model") in names and i.get("set") == "harmful"
-                and (prompts is None or i.get("prompt") in prompts)]
+                and i.get("prompt") in wanted]
         if mine:
             judge = rate("judge", [i["refused"] for i in mine], scale=100.0)
             marks = rate("markers", [marker_refusal(i["response"], markers) for i in mine], scale=100.0)
@@ -234,6 +238,12 @@ def figure(trials: list[dict], front: list[dict], rows: list[dict], n: int):
     return fig
 
 
+def _earlier_wall(out: Path) -> float | None:
+    """heretic's wall time as the run that made ``out``'s study recorded it (kept across ``--reuse``)."""
+    path = out / "metrics.json"
+    return json.loads(path.read_text(encoding="utf-8")).get("heretic_wall_s") if path.is_file() else None
+
+
 def main() -> None:
     """Prepare, run heretic, read its trials, write and print the side-by-side numbers."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -256,14 +266,14 @@ def main() -> None:
         sys.exit(f"--heretic {args.heretic}: no heretic/config.py in that venv's site-packages (is heretic-llm "
                  "installed there?)")
     markers = markers_in_source(config_py[0])
-    rows = run_rows(args.run, markers)  # fail on a wrong run before any work
+    report, items = load_run(args.run)  # fail on a wrong run before any work
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     prompts = prepare(args.out, args)
     n = len(prompts)
-    rows = run_rows(args.run, markers, prompts)
+    rows = run_rows(report, items, markers, prompts)
     prepared_s = time.time() - t0
-    heretic_s = None if args.reuse else run_heretic(args.heretic, args.out)
+    heretic_s = _earlier_wall(args.out) if args.reuse else run_heretic(args.heretic, args.out)
     trials = read_trials(args.heretic, args.out)
     for t in trials:
         t.update(rate("per_100", [True] * t["refusals"] + [False] * (n - t["refusals"]), scale=100.0))
