@@ -17,8 +17,8 @@ import torch
 
 from cnt_lens import ModelPair, NeuronPatch, NeuronScores, Refusal, Utility, load_model, measure
 from cnt_lens.experiments.recipes import safety_tune
+from cnt_lens.method.rounds import iterative_scores
 from cnt_lens.method.scoring.attribution import attribution_scores
-from cnt_lens.method.search import iterative_scores
 
 
 def main() -> None:

@@ -36,8 +36,9 @@ from cnt_lens.data.formats import load_file
 from cnt_lens.data.prompt_set import PromptSet, load_prompts
 from cnt_lens.method.config import SearchConfig, TransferConfig
 from cnt_lens.method.evaluate import Report, measure
+from cnt_lens.method.rounds import iterative_scores
 from cnt_lens.method.scoring import METHODS, score
-from cnt_lens.method.search import iterative_scores, measure_reference, search_minimal
+from cnt_lens.method.search import measure_reference, search_minimal
 from cnt_lens.method.selection import NeuronScores, NeuronSelection
 from cnt_lens.method.transplant import NeuronPatch, applied_patches, export_hf
 from cnt_lens.models.loading import BUNDLED_MODEL, load_model

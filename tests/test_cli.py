@@ -234,12 +234,12 @@ def test_run_passes_its_overrides_to_the_application_and_prints_the_timings(tmp_
     res = runner.invoke(app, ["run", "delete-refusal", "--out", str(out), "--model", "qwen2.5-coder-0.5b-instruct",
                               "--rounds", "0", "--alphas", "1,2", "--max-fraction", "0.02", "--baselines", "random",
                               "--no-screen", "--protocol", "cross", "--objective", "continuation",
-                              "--random-seeds", "2", "--no-search-baselines"])
+                              "--random-seeds", "2", "--no-search-baselines", "--max-kl", "0.5"])
     assert res.exit_code == 0, res.output
     config = override(APPLICATIONS["delete-refusal"].config("qwen2.5-coder-0.5b-instruct"),
                       {"ranking.rounds": 0, "search.alphas": (1.0, 2.0), "search.max_fraction": 0.02,
                        "baselines.methods": ("random",), "search.screen": False, "baselines.random_seeds": 2,
-                       "baselines.search": False})
+                       "baselines.search": False, "search.max_kl": 0.5})
     assert seen == {"name": "delete-refusal", "model": "qwen2.5-coder-0.5b-instruct", "device": None,
                     "protocol": "cross", "objective": "continuation", "progress": True, "config": config}
     assert "search (validation)" in res.output and "total (wall)" in res.output

@@ -34,7 +34,9 @@ def run_dir(tmp_path_factory):
 def test_report_is_self_contained(run_dir):
     page = (run_dir / "report.html").read_text()
     assert not re.search(r'<(script|link)[^>]+(src|href)="https?://', page)
-    assert page.count('class="plotly-graph-div"') == 6  # transfer, layers, behaviour, frontier, 2 neuron cards
+    # transfer, layers, behaviour, frontier, the frontier against first-token KL, 2 neuron cards
+    assert page.count('class="plotly-graph-div"') == 7
+    assert "search points: marker_rate against first-token KL from the target (validation)" in page
     assert (run_dir / "cards.json").is_file()
 
 
@@ -45,7 +47,7 @@ def test_report_draws_budget_curves_when_the_run_has_them(run_dir, tmp_path):
     curves = {"points": measured, "y": "gap_closed", "references": {"donor": 1.0}, "title": "curves of this run"}
     (run / "budget_curves.json").write_text(json.dumps(curves))
     page = write_report(run).read_text()
-    assert page.count('class="plotly-graph-div"') == 7  # one more than the run alone
+    assert page.count('class="plotly-graph-div"') == 8  # one more than the run alone
     assert "curves of this run" in page
 
 

@@ -39,7 +39,7 @@ def test_iterative_scores_rank_round_picks_first_and_restore_the_target(arch):
     import torch
 
     from cnt_lens import NeuronSelection
-    from cnt_lens.method.search import iterative_scores
+    from cnt_lens.method.rounds import iterative_scores
     from cnt_lens.models import hf_state_dict
 
     pair, behaviour, planted = planted_pair(arch, n_planted=8, seed=0)
@@ -56,7 +56,7 @@ def test_iterative_scores_rank_round_picks_first_and_restore_the_target(arch):
 
 def test_next_overlap_counts_shared_next_picks_outside_the_chosen():
     from cnt_lens import NeuronScores, NeuronSelection
-    from cnt_lens.method.search import next_overlap
+    from cnt_lens.method.rounds import next_overlap
 
     a = NeuronScores(torch.tensor([[9.0, 8.0, 7.0, 6.0], [5.0, 4.0, 3.0, 2.0]]), "weight_attribution", "b", 1)
     b = NeuronScores(torch.tensor([[9.0, 1.0, 7.0, 8.0], [5.0, 4.0, 3.0, 2.0]]), "weight_attribution", "b", 1)
@@ -70,7 +70,7 @@ def test_next_overlap_counts_shared_next_picks_outside_the_chosen():
 
 @pytest.mark.parametrize("stop", [0.0, 1.5])
 def test_stop_overlap_out_of_range_is_refused(stop):
-    from cnt_lens.method.search import iterative_scores
+    from cnt_lens.method.rounds import iterative_scores
 
     pair, behaviour, _ = planted_pair("llama", n_planted=4, seed=0)
     with pytest.raises(ValueError, match="stop_overlap"):
@@ -79,7 +79,7 @@ def test_stop_overlap_out_of_range_is_refused(stop):
 
 def test_iterative_scores_stop_once_rounds_agree_and_take_the_rest_from_the_last_round():
     from cnt_lens import NeuronPatch, NeuronSelection
-    from cnt_lens.method.search import iterative_scores
+    from cnt_lens.method.rounds import iterative_scores
 
     pair, behaviour, _ = planted_pair("llama", n_planted=8, seed=0)
     kw: dict[str, Any] = dict(budget=8 / pair.n_neurons, rounds=4, alpha=1.0, progress=False)
@@ -278,8 +278,8 @@ def test_a_screen_is_the_full_search_when_the_estimate_is_the_evaluation():
 
 def test_rescoring_rounds_run_the_donor_once_and_rank_as_if_run_every_round(monkeypatch):
     from cnt_lens import Utility
+    from cnt_lens.method.rounds import iterative_scores
     from cnt_lens.method.scoring import attribution
-    from cnt_lens.method.search import iterative_scores
 
     pair, behaviour, _ = planted_pair("llama", n_planted=8, seed=0)
     runs = {"donor": 0, "target": 0}
@@ -356,3 +356,60 @@ def test_alpha_sweep_answers_each_alpha_from_the_one_before():
     answers, calls = sweep({2.0: (3000, 800), 4.0: (400, 600), 6.0: (300, 250)})
     assert [(c.alpha, c.found) for c in answers] == [(2.0, False), (4.0, True)]
     assert 400 <= answers[-1].k <= 440 and max(calls[6.0]) < answers[-1].k
+
+
+def test_every_search_point_reads_its_first_token_kl_as_measured_with_its_patch_applied():
+    from cnt_lens import NeuronPatch
+    from cnt_lens.method.divergence import KL_NAME, first_token_kl, next_token_logprobs
+
+    pair, behaviour, _ = planted_pair("llama", n_planted=8, seed=0)
+    s = score(pair, behaviour, progress=False)
+    res = search_minimal(pair, behaviour, s, SearchConfig(goal=0.9, alphas=(1.0, 2.0), max_fraction=0.5), progress=False)
+    batches = behaviour.kl_batches(pair.tokenizer, "validation", 16)
+    unedited = next_token_logprobs(pair.target, batches)
+    assert res.reference["target"][KL_NAME] == 0.0
+    assert res.reference["donor"][KL_NAME] == pytest.approx(first_token_kl(pair.donor, unedited, batches)[KL_NAME])
+    assert len(res.frontier) >= 3
+    for p in res.frontier:
+        with NeuronPatch.from_pair(pair, s.top_k(p["k"]), p["alpha"]).applied(pair.target):
+            direct = first_token_kl(pair.target, unedited, batches)
+        assert p[KL_NAME] == pytest.approx(direct[KL_NAME], rel=1e-5, abs=1e-9)
+        assert p[f"{KL_NAME}_n"] == len(behaviour.controls.split("validation"))
+    assert len({round(p[KL_NAME], 12) for p in res.frontier}) > 1  # it moves with k and alpha
+
+
+def test_max_kl_accepts_exactly_the_points_within_it_and_the_answer_respects_it():
+    from cnt_lens.method.divergence import KL_NAME
+
+    pair, behaviour, _ = planted_pair("llama", n_planted=8, seed=0)
+    s = score(pair, behaviour, progress=False)
+    config = SearchConfig(goal=0.9, alphas=(1.0, 2.0), max_fraction=0.5)
+    free = search_minimal(pair, behaviour, s, config, progress=False)
+    kls = sorted(p[KL_NAME] for p in free.frontier)
+    bound = kls[len(kls) // 2]  # between the points the free search measured
+    bounded = search_minimal(pair, behaviour, s, replace(config, max_kl=bound), progress=False)
+    assert all(p["acceptable"] == (p[KL_NAME] <= bound) for p in bounded.frontier)
+    assert any(not p["acceptable"] for p in bounded.frontier)
+    if bounded.found:
+        assert bounded.metrics[KL_NAME] <= bound
+    none = search_minimal(pair, behaviour, s, replace(config, max_kl=0.0), progress=False)
+    assert not none.found and not any(p["acceptable"] for p in none.frontier)
+
+
+def test_max_kl_without_kl_inputs_or_out_of_range_is_refused():
+    from cnt_lens.core.errors import CntLensError
+    from cnt_lens.workflow.testing import MarkerBehaviour
+
+    with pytest.raises(ValueError, match="max_kl"):
+        SearchConfig(max_kl=-0.1)
+
+    @dataclass(repr=False)
+    class NoKL(MarkerBehaviour):
+        def kl_batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list:
+            return []
+
+    pair, planted_behaviour, _ = planted_pair("llama", n_planted=8, seed=0)
+    behaviour = NoKL(prompts=planted_behaviour.prompts, controls=planted_behaviour.controls, marker=planted_behaviour.marker)
+    s = score(pair, behaviour, progress=False)
+    with pytest.raises(CntLensError, match="max_kl=0.5 bounds the first-token KL"):
+        search_minimal(pair, behaviour, s, SearchConfig(alphas=(1.0,), max_fraction=0.5, max_kl=0.5), progress=False)

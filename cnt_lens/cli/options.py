@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import typer
 
-__all__ = ["COMMON_MODEL", "DEVICE", "Opt", "PROGRESS", "PROMPT_FILES", "command", "settings"]
+__all__ = ["COMMON_MODEL", "DEVICE", "MAX_KL", "Opt", "PROGRESS", "PROMPT_FILES", "command", "settings"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,9 @@ def settings(options: list[Opt], values: Mapping[str, Any]) -> dict[str, Any]:
 
 DEVICE = Opt("device", Optional[str], None, "torch device for the models, e.g. cuda (default: cpu).")
 PROGRESS = Opt("progress", bool, True, "Show progress bars.")
+MAX_KL = Opt("max_kl", Optional[float], None, "Accept only search points whose first-token KL from the target, on the "
+             "harmless validation prompts, is at most this many nats (default: no bound; every point reads it).",
+             setting=("search.max_kl",))
 PROMPT_FILES = [
     Opt("harmful", Optional[Path], None, "Harmful prompts (any format of cnt_lens.data.formats; default: the bundled set)."),
     Opt("harmless", Optional[Path], None, "Harmless prompts; over-refusal is measured on them (XSTest: its safe "

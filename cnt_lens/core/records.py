@@ -16,11 +16,20 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Protocol, runtime_checkable
 
-__all__ = ["Block", "Point", "Reference"]
+__all__ = ["Block", "KLSource", "Point", "Reference"]
 
 Block = dict[str, Any]  # one model's evaluation numbers on one split: floats, and each rate's ``_n`` and ``_ci95``
+
+
+@runtime_checkable
+class KLSource(Protocol):
+    """What reads a model's first-token KL from an unedited one (:class:`~cnt_lens.method.divergence.KLReference`)."""
+
+    def of(self, model: Any) -> Block:
+        """``{kl_first_token, _n, _ci95}`` of ``model``."""
+        ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,7 +38,10 @@ class Reference(Mapping[str, Block]):
 
     A search point is compared with the reference measured the same way: a point measured against an
     estimated reference is itself estimated. ``estimate`` carries the cheap estimates beside a full
-    evaluation, when a screened search has measured them (so the next search reuses them).
+    evaluation, when a screened search has measured them (so the next search reuses them). ``kl``: the
+    unedited target's next-token log-probabilities on the split's KL inputs (a
+    :class:`~cnt_lens.method.divergence.KLReference`), so that every point measured
+    against this reference also reads its first-token KL (not serialised; ``None``: no KL).
     """
 
     donor: Block
@@ -37,6 +49,7 @@ class Reference(Mapping[str, Block]):
     split: str = "validation"
     measured: str = "evaluation"
     estimate: "Reference | None" = None
+    kl: KLSource | None = None
 
     def __getitem__(self, role: str) -> Block:
         if role not in ("donor", "target"):

@@ -54,7 +54,7 @@ def _methods_unknown(names: tuple[str, ...]) -> list[str]:
 class RankingConfig:
     """How the main ranking is scored (train split).
 
-    ``rounds > 0``: :func:`~cnt_lens.method.search.iterative_scores` of ``method`` re-scored ``rounds`` times up to
+    ``rounds > 0``: :func:`~cnt_lens.method.rounds.iterative_scores` of ``method`` re-scored ``rounds`` times up to
     the search's ``max_fraction``, each round's picks applied at ``round_alpha``; ``0``: one pass.
     ``contrast`` subtracts the behaviour's control prompts; side effects with a nonzero
     ``preserve_weights`` entry (default 10 each) are preserved. ``batch_size``: prompts per scoring batch.
@@ -95,6 +95,9 @@ class SearchConfig:
     stops within ``tolerance`` (relative) and steps by ×``step``; ``per_layer`` ranks within each layer.
     ``screen``: decide points by cheap estimates and evaluate in full only around their answers, an
     estimate counting as reaching the goal within ``slack``. ``batch_size``: prompts per generation batch.
+    ``max_kl``: a point is acceptable only when its first-token KL from the target (nats, on the
+    behaviour's harmless inputs of ``split``) is at most this, on top of the run's constraint
+    (``None``: no bound; every point reads its KL anyway when the behaviour has such inputs).
     """
 
     goal: float = 0.9
@@ -108,6 +111,7 @@ class SearchConfig:
     slack: float = 0.1
     split: str = "validation"
     batch_size: int = 16
+    max_kl: float | None = None
 
     def __post_init__(self) -> None:
         """Check every field, naming the first that is out of range."""
@@ -123,7 +127,9 @@ class SearchConfig:
             (self.tolerance > 0 and self.step > 1, f"tolerance {self.tolerance!r} must be > 0 and step "
                                                    f"{self.step!r} > 1"),
             (self.slack >= 0, f"slack {self.slack!r} must be ≥ 0"),
-            (self.batch_size >= 1, f"batch_size {self.batch_size!r} must be ≥ 1")])
+            (self.batch_size >= 1, f"batch_size {self.batch_size!r} must be ≥ 1"),
+            (self.max_kl is None or (isinstance(self.max_kl, (int, float)) and self.max_kl >= 0),
+             f"max_kl {self.max_kl!r} must be a first-token KL in nats ≥ 0, or None (no bound)")])
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ refusal).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -21,7 +21,7 @@ from cnt_lens.core.stats import mean
 from cnt_lens.data.tokens import Batch
 from cnt_lens.models.forward import Model, device_of, logits_of
 
-__all__ = ["KL_NAME", "first_token_kl", "kl_divergence", "next_token_logprobs"]
+__all__ = ["KL_NAME", "KLReference", "first_token_kl", "kl_divergence", "next_token_logprobs"]
 
 #: the block key of the mean first-token KL (with its ``_n`` and ``_ci95``)
 KL_NAME = "kl_first_token"
@@ -58,3 +58,31 @@ def first_token_kl(model: Model, reference: Float[Tensor, "n vocab"], batches: l
     ``reference`` is :func:`next_token_logprobs` of the unedited model on the same ``batches``.
     """
     return mean(KL_NAME, kl_divergence(reference, next_token_logprobs(model, batches)).tolist())
+
+
+class KLReference(NamedTuple):
+    """The inputs of a first-token KL and the unedited model's log-probabilities on them, read once.
+
+    ``of(model)`` is the block ``{kl_first_token, _n, _ci95}`` of ``model`` (the edited one) against them.
+
+    Example:
+        >>> from cnt_lens.workflow.testing import tiny_model
+        >>> from cnt_lens.data.tokens import Batch
+        >>> model = tiny_model()
+        >>> tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+        >>> batches = [Batch(tokens, torch.ones_like(tokens), torch.arange(3).expand(2, 3))]
+        >>> KLReference.of_model(model, batches).of(model)["kl_first_token"]
+        0.0
+    """
+
+    batches: list[Batch]
+    logprobs: Float[Tensor, "n vocab"]
+
+    @classmethod
+    def of_model(cls, model: Model, batches: list[Batch]) -> "KLReference":
+        """``model``'s next-token log-probabilities on ``batches`` (run it on the unedited model)."""
+        return cls(batches, next_token_logprobs(model, batches))
+
+    def of(self, model: Model) -> dict[str, Any]:
+        """:func:`first_token_kl` of ``model`` from the unedited model on the same inputs."""
+        return first_token_kl(model, self.logprobs, self.batches)

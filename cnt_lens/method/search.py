@@ -11,26 +11,24 @@ which reads the same for function addition (gap > 0) and deletion (gap < 0).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, NamedTuple, Sequence
-
-import torch
 
 from cnt_lens.behaviours.base import Behaviour
 from cnt_lens.behaviours.constraints import Constraint
 from cnt_lens.core.errors import CntLensError
 from cnt_lens.core.progress import progress_bar
 from cnt_lens.core.records import Point, Reference
+from cnt_lens.core.timing import stage
 from cnt_lens.method.config import SearchConfig
+from cnt_lens.method.divergence import KL_NAME, KLReference
 from cnt_lens.method.evaluate import measure
-from cnt_lens.method.scoring import SCORERS, score
 from cnt_lens.method.selection import NeuronScores, NeuronSelection
 from cnt_lens.method.transplant import NeuronPatch
 from cnt_lens.models.pair import ModelPair
 
-__all__ = ["NoGapError", "SearchResult", "iterative_scores", "measure_point", "next_overlap", "measure_reference", "search_minimal"]
+__all__ = ["NoGapError", "SearchResult", "measure_point", "measure_reference", "search_minimal"]
 
 
 
@@ -45,6 +43,9 @@ def measure_reference(pair: ModelPair, behaviour: Behaviour, side_effects: Seque
     Raises :class:`NoGapError` when they agree on ``behaviour.headline``: no transplant can close a gap
     that is not there. Run it before any long stage; it costs one evaluation of each model
     (``estimate``: each behaviour's cheap estimate, see :func:`~cnt_lens.method.evaluate.measure`).
+    When the behaviour has KL inputs on ``split`` (:meth:`~cnt_lens.Behaviour.kl_batches`) and this is an
+    evaluation, the reference also holds the target's next-token log-probabilities on them (``kl``), and
+    both blocks their first-token KL from the target: every point measured against it reads its own.
     """
     kw = dict(batch_size=batch_size, estimate=estimate)
     target = measure(pair.target, [behaviour, *side_effects], split, **kw)
@@ -59,7 +60,13 @@ def measure_reference(pair: ModelPair, behaviour: Behaviour, side_effects: Seque
             "fine-tune that did not take, a checkpoint of the target itself), the prompt set does not elicit the "
             "behaviour, or generation is broken (install the pinned set: bash scripts/setup)."
         )
-    return reference
+    batches = [] if estimate else behaviour.kl_batches(pair.tokenizer, split, batch_size)
+    if not batches:
+        return reference
+    with stage("first-token KL reference"):
+        kl = KLReference.of_model(pair.target, batches)
+        return replace(reference, kl=kl, donor={**reference.donor, **kl.of(pair.donor)},
+                       target={**reference.target, **kl.of(pair.target)})
 
 
 def measure_point(pair: ModelPair, behaviours: Sequence[Behaviour], scores: NeuronScores, selection: NeuronSelection,
@@ -69,18 +76,33 @@ def measure_point(pair: ModelPair, behaviours: Sequence[Behaviour], scores: Neur
 
     ``behaviours[0]`` is the transplanted behaviour (its headline defines ``gap_closed`` against
     ``reference``), the rest side effects. The point is measured as ``reference`` was: on its split,
-    estimated when it holds estimates. ``config`` gives the goal and the batch size; ``acceptable``
-    says whether ``constraint`` holds.
+    estimated when it holds estimates, with its first-token KL when ``reference.kl`` holds the inputs
+    (exact either way: one forward pass). ``config`` gives the goal, the batch size and ``max_kl``;
+    ``acceptable`` says whether ``constraint`` holds and the KL is within ``max_kl``.
     """
     head = behaviours[0].headline
     estimate = reference.measured == "estimate"
     with NeuronPatch.from_pair(pair, selection, alpha).applied(pair.target):
         m = measure(pair.target, behaviours, reference.split, batch_size=config.batch_size, estimate=estimate)
+        if reference.kl is not None:
+            m.update(reference.kl.of(pair.target))
     closed = (m[head] - reference.target[head]) / (reference.donor[head] - reference.target[head])
+    ok = (constraint is None or bool(constraint(m, reference))) and _kl_within(m, config.max_kl)
     return Point(scores.method, k=selection.n, fraction=selection.n / pair.n_neurons, alpha=alpha,
-                 gap_closed=closed, goal_reached=bool(closed >= config.goal),
-                 acceptable=constraint is None or bool(constraint(m, reference)), measured=reference.measured,
-                 numbers=m)
+                 gap_closed=closed, goal_reached=bool(closed >= config.goal), acceptable=ok,
+                 measured=reference.measured, numbers=m)
+
+
+def _kl_within(numbers: dict[str, Any], max_kl: float | None) -> bool:
+    """Whether the point's first-token KL is at most ``max_kl`` (always, without a bound)."""
+    if max_kl is None:
+        return True
+    if KL_NAME not in numbers:
+        raise CntLensError(f"search.max_kl={max_kl} bounds the first-token KL, but this search measures none: the "
+                           "behaviour has no KL inputs on the search's split (Behaviour.kl_batches) or the reference "
+                           "was built without them (measure_reference builds them); drop max_kl or give the "
+                           "behaviour harmless prompts")
+    return bool(numbers[KL_NAME] <= max_kl)
 
 
 @dataclass
@@ -167,6 +189,7 @@ def search_minimal(
         reference = measure_reference(pair, behaviour, side_effects, split=c.split, batch_size=c.batch_size)
     screen = c.screen and not all(b.estimate_is_evaluation for b in behaviours)  # else the estimate *is* it
     estimated = (reference.estimate or _estimated_reference(pair, behaviour, side_effects, c)) if screen else None
+    estimated = _with_kl(estimated, reference)
     reference = replace(reference, estimate=estimated)
     estimate_config = replace(c, goal=c.goal - c.slack) if estimated else c
     frontier: list[Point] = []
@@ -211,6 +234,15 @@ def search_minimal(
                  if p["k"] == sel.n and p["alpha"] == best.alpha and p["measured"] == "evaluation")
     return SearchResult(sel, best.alpha, {key: v for key, v in point.items() if isinstance(v, float)}, frontier,
                         reference)
+
+
+def _with_kl(estimated: Reference | None, reference: Reference) -> Reference | None:
+    """``estimated`` reading ``reference``'s first-token KL: the KL is exact, so estimated points read the same one."""
+    if estimated is None or reference.kl is None:
+        return estimated
+    kl = {role: {key: v for key, v in reference[role].items() if key.startswith(KL_NAME)} for role in reference}
+    return replace(estimated, kl=reference.kl, donor={**estimated.donor, **kl["donor"]},
+                   target={**estimated.target, **kl["target"]})
 
 
 def _estimated_reference(pair: ModelPair, behaviour: Behaviour, side_effects: Sequence[Behaviour],
@@ -368,80 +400,3 @@ def _refine_k(probe: Probe, start: int, k_max: int, min_k: int, tolerance: float
             return _bisect(probe, lo, hi, goal_ok and ok, min_k, tolerance)
         lo = hi
     return _Answer(lo, False)
-
-
-def iterative_scores(
-    pair: ModelPair,
-    behaviour: Behaviour,
-    *,
-    budget: float = 0.05,
-    rounds: int = 2,
-    alpha: float = 4.0,
-    method: str = "weight_attribution",
-    stop_overlap: float | None = None,
-    **score_kwargs: Any,
-) -> NeuronScores:
-    """Greedy, re-scored selection: a ranking whose prefixes are chosen in rounds.
-
-    Round ``r`` scores all neurons *on the target as patched by the earlier rounds* (gradients at
-    the new point, so neurons that only matter once others are in place can rise), takes the best
-    ``budget / rounds`` not yet chosen, and applies them at ``alpha`` before the next round. The
-    target is restored at the end. The returned scores rank round-1 picks first (in their round's
-    order), then round-2 picks, …, then every other neuron by the last round's scores, so
-    :func:`search_minimal` can bisect over its prefixes. ``score_kwargs`` go to :func:`score`
-    (e.g. ``progress=False``, ``contrast=1.0, preserve=[Utility()], preserve_weight=30``; the split is train unless they say). The donor's metrics are read
-    in the first round only (``donor_metrics``: weight attribution needs the donor's weights, not its
-    forward pass, and the donor does not change).
-
-    A round's ``overlap`` (``meta["history"]``, from round 2): the share of the budget left that it and the round
-    before would both pick next (:func:`next_overlap`). Once it reaches ``stop_overlap`` the rest of the budget
-    comes from that round's scores (``meta["rounds_run"]``: how many rounds ran).
-    """
-    if rounds < 1 or not 0 < budget <= 1:
-        raise ValueError("rounds must be ≥ 1 and budget in (0, 1]")
-    if stop_overlap is not None and not 0 < stop_overlap <= 1:
-        raise ValueError(f"stop_overlap is a share of the next picks in (0, 1] (or None: every round), "
-                         f"got {stop_overlap!r}")
-    total = max(1, round(budget * pair.n_neurons))
-    per_round = max(1, round(budget * pair.n_neurons / rounds))
-    if "donor_metrics" in SCORERS[method].options:  # the donor never changes between rounds: run it once
-        score_kwargs.setdefault("donor_metrics", {})
-    chosen = NeuronSelection.empty(pair.n_layers, pair.d_mlp)
-    order: list[torch.Tensor] = []
-    last: NeuronScores | None = None
-    history: list[dict[str, Any]] = []
-    with contextlib.ExitStack() as applied:  # every round's patch comes off the target on the way out
-        for r in range(rounds):
-            previous, last = last, score(pair, behaviour, method, **{"split": "train", **score_kwargs})
-            overlap = None if previous is None else next_overlap(previous, last, chosen, total - chosen.n)
-            history.append({"round": r, "metric_target": last.meta.get("metric_target"), "overlap": overlap})
-            if stop_overlap is not None and overlap is not None and overlap >= stop_overlap:
-                break
-            vals = last.ranked().flatten().masked_fill(chosen.mask.flatten(), float("-inf"))
-            idx = vals.topk(per_round).indices  # best first
-            order.append(idx)
-            pick = NeuronSelection(torch.zeros(pair.n_neurons, dtype=torch.bool).index_fill(0, idx, True)
-                                   .view(pair.n_layers, pair.d_mlp), source=f"{method} round {r}")
-            applied.enter_context(NeuronPatch.from_pair(pair, pick, alpha).applied(pair.target))
-            chosen = chosen | pick
-            history[-1]["picked"] = pick.n
-    assert last is not None
-    n = pair.n_neurons
-    rest = last.ranked().flatten().masked_fill(chosen.mask.flatten(), float("-inf"))
-    ranking = torch.cat([*order, rest.argsort(descending=True)[: n - chosen.n]])
-    values = torch.empty(n)
-    values[ranking] = torch.arange(n, 0, -1, dtype=torch.float32)  # rank-valued: n for the first pick
-    meta = {**{k: v for k, v in last.meta.items() if k not in ("metric_donor", "metric_target")},
-            "rounds": rounds, "rounds_run": len(history), "stop_overlap": stop_overlap, "budget": budget,
-            "round_alpha": alpha, "base_method": method, "history": history}
-    return NeuronScores(values.view(pair.n_layers, pair.d_mlp), f"iterative_{method}", behaviour.name,
-                        last.n_prompts, meta)
-
-
-def next_overlap(before: NeuronScores, after: NeuronScores, chosen: NeuronSelection, count: int) -> float:
-    """Share of the next ``count`` picks outside ``chosen`` that ``before`` and ``after`` share (any order; 1.0 if none)."""
-    if count < 1:
-        return 1.0
-    picks = [s.ranked().flatten().masked_fill(chosen.mask.flatten(), float("-inf")).topk(count).indices
-             for s in (before, after)]
-    return len(set(picks[0].tolist()) & set(picks[1].tolist())) / count

@@ -85,7 +85,7 @@ def selection_heatmap(scores: NeuronScores, selection: NeuronSelection | None = 
 def layer_profile(selection: NeuronSelection, scores: NeuronScores | None = None) -> go.Figure:
     """Selected neurons per layer (bars) and, with scores, the positive score mass per layer (line).
 
-    Rank-valued scores (:func:`~cnt_lens.method.search.iterative_scores`, whose ``meta`` has ``rounds``)
+    Rank-valued scores (:func:`~cnt_lens.method.rounds.iterative_scores`, whose ``meta`` has ``rounds``)
     get no line: a sum of ranks measures nothing.
     """
     fig = make_subplots(specs=[[{"secondary_y": True}]])

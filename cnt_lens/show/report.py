@@ -12,6 +12,7 @@ from cnt_lens.core.files import atomic_write_text
 from cnt_lens.core.stats import format_rate
 from cnt_lens.core.timing import Profile, stage
 from cnt_lens.method.config import TransferConfig
+from cnt_lens.method.divergence import KL_NAME
 from cnt_lens.method.evaluate import Report
 from cnt_lens.method.selection import NeuronScores
 from cnt_lens.method.transplant import NeuronPatch
@@ -150,6 +151,16 @@ def _neuron_browser(run: Path, pair: Any, behaviour: Any, scores: NeuronScores |
             f'histograms, the logit lens of the change).</p>')
 
 
+def _frontier_in_kl(report: Report, chosen: dict[str, Any] | None) -> list[Any]:
+    """The search points' headline against their first-token KL (validation), when the points read one."""
+    head = report.headline()
+    points = [p for p in report.frontier if KL_NAME in p and head in p]
+    if not points or head is None:
+        return []
+    return [frontier(points, x=KL_NAME, y=head, chosen=chosen,
+                     title=f"search points: {head} against first-token KL from the target (validation)")]
+
+
 def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, NeuronScores] | None = None,
                  behaviour: Any = None, n_cards: int = 4, timings: Profile | None = None) -> Path:
     """Write ``run_dir/report.html`` from ``metrics.json``, ``patch.safetensors``, ``scores/`` and ``cards.json``.
@@ -181,6 +192,7 @@ def write_report(run_dir: str | Path, *, pair: Any = None, scores: dict[str, Neu
                        and p.get("alpha") == report.patched.get("alpha") and p.get("measured") != "estimate"), None)
         figures.append(frontier(report.frontier, references={"donor": 1.0, **({"goal": goal} if goal else {})},
                                 chosen=chosen))
+        figures += _frontier_in_kl(report, chosen)
     curves_path = run / "budget_curves.json"
     if curves_path.is_file():  # written by benchmarks/budget_curves.py: each ranking's test rates over budgets
         figures.append(frontier(**json.loads(curves_path.read_text())))

@@ -13,19 +13,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from torch import Tensor
-
 from cnt_lens.behaviours.base import Behaviour
 from cnt_lens.behaviours.constraints import Constraint
 from cnt_lens.core.records import Block, Point, Reference
 from cnt_lens.core.stats import is_companion
 from cnt_lens.core.timing import stage
-from cnt_lens.data.tokens import Batch
 from cnt_lens.method.config import TransferConfig
-from cnt_lens.method.divergence import first_token_kl, next_token_logprobs
+from cnt_lens.method.divergence import KLReference
 from cnt_lens.method.evaluate import Report, measure
+from cnt_lens.method.rounds import iterative_scores
 from cnt_lens.method.scoring import SCORERS, score
-from cnt_lens.method.search import SearchResult, iterative_scores, measure_point, measure_reference, search_minimal
+from cnt_lens.method.search import SearchResult, measure_point, measure_reference, search_minimal
 from cnt_lens.method.selection import NeuronScores
 from cnt_lens.method.transplant import NeuronPatch
 from cnt_lens.models.forward import Model
@@ -129,7 +127,7 @@ class _Run:
     cfg: TransferConfig
     reference: Reference  # donor and target on validation; ``.estimate``: their cheap estimates, once measured
     progress: bool
-    kl: tuple[list[Batch], Tensor] | None = None  # test inputs of the first-token KL and the unedited target's log-probs
+    kl: KLReference | None = None  # test inputs of the first-token KL and the unedited target's log-probs
 
     @property
     def estimated(self) -> Reference | None:
@@ -143,7 +141,7 @@ class _Run:
         if self.kl is None:
             return block
         with stage("first-token KL"):
-            return {**block, **first_token_kl(model, self.kl[1], self.kl[0])}
+            return {**block, **self.kl.of(model)}
 
     def search(self, scores: NeuronScores) -> SearchResult:
         """:func:`~cnt_lens.method.search.search_minimal` of ``scores`` with this run's settings (it keeps the estimates)."""
@@ -157,7 +155,7 @@ class _Run:
 def _main_ranking(run: _Run) -> NeuronScores | None:
     """Stage 1a, train: the main ranking when ``cfg.ranking`` asks for more than one plain pass, else ``None``.
 
-    ``rounds > 0``: :func:`~cnt_lens.method.search.iterative_scores` up to the search's budget; otherwise one
+    ``rounds > 0``: :func:`~cnt_lens.method.rounds.iterative_scores` up to the search's budget; otherwise one
     pass with the contrast and preserved side effects when the method takes them (a method without
     them, e.g. a baseline as main method, is scored plainly by :func:`_score_all`).
     """
@@ -262,7 +260,7 @@ def _evaluate_test(run: _Run, main: str, all_scores: dict[str, NeuronScores], k:
     _log("test-split evaluation")
     kl_inputs = run.behaviour.kl_batches(run.pair.tokenizer, "test", run.cfg.evaluation.batch_size)
     with stage("first-token KL reference"):
-        run.kl = (kl_inputs, next_token_logprobs(run.pair.target, kl_inputs)) if kl_inputs else None  # unedited
+        run.kl = KLReference.of_model(run.pair.target, kl_inputs) if kl_inputs else None  # unedited
     items: dict[str, list[dict[str, Any]]] = {"target": [], "donor": [], "patched": []}
     blocks: dict[str, Block] = {}
     for name in ("target", "donor"):
@@ -343,7 +341,7 @@ def transfer(
     method's whole search for their own minimal set. With ``config.search.screen``, search points are
     decided by cheap estimates and only the points that matter are evaluated in full
     (:func:`~cnt_lens.method.search.search_minimal`); every number reported is a full evaluation. ``scores``
-    (e.g. from :func:`~cnt_lens.method.search.iterative_scores`) replaces ``config.ranking`` for the main
+    (e.g. from :func:`~cnt_lens.method.rounds.iterative_scores`) replaces ``config.ranking`` for the main
     ranking; ``reference`` (donor and target on validation, from
     :func:`~cnt_lens.method.search.measure_reference`) is measured here when not given, and a pair without a
     gap stops there. Computes only: :func:`~cnt_lens.workflow.runs.run_transfer` writes the run directory, and
