@@ -10,6 +10,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "architecture_figures.py"
 
 
@@ -58,6 +60,16 @@ def test_former_module_paths_import_with_a_warning_and_read_the_new_modules():
     messages = [str(w.message) for w in caught if w.category is DeprecationWarning]
     assert any("cnt_lens.search moved to cnt_lens.method.search" in m for m in messages)
     assert any("cnt_lens.scoring.attribution moved to cnt_lens.method.scoring.attribution" in m for m in messages)
+    with warnings.catch_warnings(record=True) as caught:  # a name that moved to another module
+        warnings.simplefilter("always")
+        from cnt_lens.method.search import iterative_scores
+    from cnt_lens.method import rounds
+
+    assert iterative_scores is rounds.iterative_scores
+    assert [str(w.message) for w in caught] == ["cnt_lens.method.search.iterative_scores moved to "
+                                                "cnt_lens.method.rounds.iterative_scores; import it from there"]
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        search.nothing  # noqa: B018
 
 
 def test_the_top_level_is_the_curated_workflow_and_former_names_say_where_they_went():

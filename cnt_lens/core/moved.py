@@ -1,4 +1,4 @@
-"""Former module paths, before the package's folders were its layers: each still imports, with a warning.
+"""Former module paths, before the package's folders were its layers, and names that moved: each still imports, with a warning.
 
 ``import cnt_lens.search`` gives a stand-in module whose attributes are those of
 ``cnt_lens.method.search``, and a ``DeprecationWarning`` naming the new path. The stand-in forwards
@@ -26,6 +26,23 @@ _LAYER = {"core": ("errors", "files", "journal", "progress", "timing", "stats", 
           "workflow": ("pipeline", "runs", "testing")}
 #: former module path → where it lives now
 MOVED_MODULES = {f"cnt_lens.{old}": f"cnt_lens.{layer}.{old}" for layer, olds in _LAYER.items() for old in olds}
+
+
+#: module → {name that moved out of it: the module that now holds it}
+MOVED_NAMES = {"cnt_lens.method.search": {"iterative_scores": "cnt_lens.method.rounds",
+                                          "next_overlap": "cnt_lens.method.rounds"}}
+
+
+def moved_name(module: str, name: str) -> object:
+    """``name`` read from ``module`` after it moved (see :data:`MOVED_NAMES`), with a warning; else AttributeError.
+
+    A module whose names moved defines ``def __getattr__(name): return moved_name(__name__, name)``.
+    """
+    new = MOVED_NAMES.get(module, {}).get(name)
+    if new is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    warnings.warn(f"{module}.{name} moved to {new}.{name}; import it from there", DeprecationWarning, stacklevel=3)
+    return getattr(importlib.import_module(new), name)
 
 
 class _FormerPaths(importlib.abc.MetaPathFinder, importlib.abc.Loader):

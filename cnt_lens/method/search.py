@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 from cnt_lens.behaviours.base import Behaviour
 from cnt_lens.behaviours.constraints import Constraint
 from cnt_lens.core.errors import CntLensError
+from cnt_lens.core.moved import moved_name
 from cnt_lens.core.progress import progress_bar
 from cnt_lens.core.records import Point, Reference
 from cnt_lens.core.timing import stage
@@ -30,6 +31,11 @@ from cnt_lens.models.pair import ModelPair
 
 __all__ = ["NoGapError", "SearchResult", "measure_point", "measure_reference", "search_minimal"]
 
+
+
+def __getattr__(name: str) -> object:
+    """Names that moved to another module (``iterative_scores``, ``next_overlap``: :mod:`cnt_lens.method.rounds`)."""
+    return moved_name(__name__, name)
 
 
 class NoGapError(CntLensError, ValueError):
