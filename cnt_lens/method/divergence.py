@@ -71,8 +71,9 @@ class KLReference(NamedTuple):
         >>> model = tiny_model()
         >>> tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
         >>> batches = [Batch(tokens, torch.ones_like(tokens), torch.arange(3).expand(2, 3))]
-        >>> KLReference.of_model(model, batches).of(model)["kl_first_token"]
-        0.0
+        >>> ref = KLReference.of_model(model, batches)
+        >>> ref.of(model)["kl_first_token"], ref.unedited() == ref.of(model)
+        (0.0, True)
     """
 
     batches: list[Batch]
@@ -86,3 +87,7 @@ class KLReference(NamedTuple):
     def of(self, model: Model) -> dict[str, Any]:
         """:func:`first_token_kl` of ``model`` from the unedited model on the same inputs."""
         return first_token_kl(model, self.logprobs, self.batches)
+
+    def unedited(self) -> dict[str, Any]:
+        """The unedited model's own block (KL 0 on every input), without running it again."""
+        return mean(KL_NAME, kl_divergence(self.logprobs, self.logprobs).tolist())

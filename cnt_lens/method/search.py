@@ -72,7 +72,7 @@ def measure_reference(pair: ModelPair, behaviour: Behaviour, side_effects: Seque
     with stage("first-token KL reference"):
         kl = KLReference.of_model(pair.target, batches)
         return replace(reference, kl=kl, donor={**reference.donor, **kl.of(pair.donor)},
-                       target={**reference.target, **kl.of(pair.target)})
+                       target={**reference.target, **kl.unedited()})
 
 
 def measure_point(pair: ModelPair, behaviours: Sequence[Behaviour], scores: NeuronScores, selection: NeuronSelection,
@@ -91,7 +91,8 @@ def measure_point(pair: ModelPair, behaviours: Sequence[Behaviour], scores: Neur
     with NeuronPatch.from_pair(pair, selection, alpha).applied(pair.target):
         m = measure(pair.target, behaviours, reference.split, batch_size=config.batch_size, estimate=estimate)
         if reference.kl is not None:
-            m.update(reference.kl.of(pair.target))
+            with stage("first-token KL"):
+                m.update(reference.kl.of(pair.target))
     closed = (m[head] - reference.target[head]) / (reference.donor[head] - reference.target[head])
     ok = (constraint is None or bool(constraint(m, reference))) and _kl_within(m, config.max_kl)
     return Point(scores.method, k=selection.n, fraction=selection.n / pair.n_neurons, alpha=alpha,
