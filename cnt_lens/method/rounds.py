@@ -40,7 +40,8 @@ def iterative_scores(
     ``budget / rounds`` not yet chosen, and applies them at ``alpha`` before the next round. The
     target is restored at the end. The returned scores rank round-1 picks first (in their round's
     order), then round-2 picks, …, then every other neuron by the last round's scores, so
-    :func:`search_minimal` can bisect over its prefixes. ``score_kwargs`` go to :func:`score`
+    :func:`~cnt_lens.method.search.search_minimal` can bisect over its prefixes. ``score_kwargs`` go to
+    :func:`~cnt_lens.method.scoring.score`
     (e.g. ``progress=False``, ``contrast=1.0, preserve=[Utility()], preserve_weight=30``; the split is train unless they say). The donor's metrics are read
     in the first round only (``donor_metrics``: weight attribution needs the donor's weights, not its
     forward pass, and the donor does not change).

@@ -29,7 +29,7 @@ from cnt_lens.method.selection import NeuronScores, NeuronSelection
 from cnt_lens.method.transplant import NeuronPatch
 from cnt_lens.models.pair import ModelPair
 
-__all__ = ["NoGapError", "SearchResult", "measure_point", "measure_reference", "search_minimal"]
+__all__ = ["NoGapError", "SearchResult", "check_kl_bound", "measure_point", "measure_reference", "search_minimal"]
 
 
 
@@ -86,6 +86,7 @@ def measure_point(pair: ModelPair, behaviours: Sequence[Behaviour], scores: Neur
     (exact either way: one forward pass). ``config`` gives the goal, the batch size and ``max_kl``;
     ``acceptable`` says whether ``constraint`` holds and the KL is within ``max_kl``.
     """
+    check_kl_bound(config, reference)
     head = behaviours[0].headline
     estimate = reference.measured == "estimate"
     with NeuronPatch.from_pair(pair, selection, alpha).applied(pair.target):
@@ -94,22 +95,20 @@ def measure_point(pair: ModelPair, behaviours: Sequence[Behaviour], scores: Neur
             with stage("first-token KL"):
                 m.update(reference.kl.of(pair.target))
     closed = (m[head] - reference.target[head]) / (reference.donor[head] - reference.target[head])
-    ok = (constraint is None or bool(constraint(m, reference))) and _kl_within(m, config.max_kl)
+    within = config.max_kl is None or bool(m[KL_NAME] <= config.max_kl)
+    ok = (constraint is None or bool(constraint(m, reference))) and within
     return Point(scores.method, k=selection.n, fraction=selection.n / pair.n_neurons, alpha=alpha,
                  gap_closed=closed, goal_reached=bool(closed >= config.goal), acceptable=ok,
                  measured=reference.measured, numbers=m)
 
 
-def _kl_within(numbers: dict[str, Any], max_kl: float | None) -> bool:
-    """Whether the point's first-token KL is at most ``max_kl`` (always, without a bound)."""
-    if max_kl is None:
-        return True
-    if KL_NAME not in numbers:
-        raise CntLensError(f"search.max_kl={max_kl} bounds the first-token KL, but this search measures none: the "
-                           "behaviour has no KL inputs on the search's split (Behaviour.kl_batches) or the reference "
-                           "was built without them (measure_reference builds them); drop max_kl or give the "
-                           "behaviour harmless prompts")
-    return bool(numbers[KL_NAME] <= max_kl)
+def check_kl_bound(config: SearchConfig, reference: Reference) -> None:
+    """Raise, before any point is measured, when ``config.max_kl`` bounds a KL that ``reference`` cannot read."""
+    if config.max_kl is not None and reference.kl is None:
+        raise CntLensError(f"search.max_kl={config.max_kl} bounds the first-token KL, but this search measures none: "
+                           "the behaviour has no KL inputs on the search's split (Behaviour.kl_batches) or the "
+                           "reference was built without them (measure_reference builds them); drop max_kl or give "
+                           "the behaviour harmless prompts")
 
 
 @dataclass

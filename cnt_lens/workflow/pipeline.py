@@ -23,7 +23,7 @@ from cnt_lens.method.divergence import KLReference
 from cnt_lens.method.evaluate import Report, measure
 from cnt_lens.method.rounds import iterative_scores
 from cnt_lens.method.scoring import SCORERS, score
-from cnt_lens.method.search import SearchResult, measure_point, measure_reference, search_minimal
+from cnt_lens.method.search import SearchResult, check_kl_bound, measure_point, measure_reference, search_minimal
 from cnt_lens.method.selection import NeuronScores
 from cnt_lens.method.transplant import NeuronPatch
 from cnt_lens.models.forward import Model
@@ -134,14 +134,17 @@ class _Run:
         """Donor's and target's estimates on validation (``None`` until a screened search measured them)."""
         return self.reference.estimate
 
-    def evaluate(self, model: Model, items: list[dict[str, Any]] | None = None) -> Block:
-        """``model``'s test numbers on the behaviour and the side effects, and its first-token KL from the target."""
+    def evaluate(self, model: Model, items: list[dict[str, Any]] | None = None, *, unedited: bool = False) -> Block:
+        """``model``'s test numbers on the behaviour and the side effects, and its first-token KL from the target.
+
+        ``unedited``: ``model`` is the target as the KL reference read it (its KL is 0, not run again).
+        """
         block = measure(model, [self.behaviour, *self.side_effects], "test", batch_size=self.cfg.evaluation.batch_size,
                         items=items)
         if self.kl is None:
             return block
         with stage("first-token KL"):
-            return {**block, **self.kl.of(model)}
+            return {**block, **(self.kl.unedited() if unedited else self.kl.of(model))}
 
     def search(self, scores: NeuronScores) -> SearchResult:
         """:func:`~cnt_lens.method.search.search_minimal` of ``scores`` with this run's settings (it keeps the estimates)."""
@@ -265,7 +268,7 @@ def _evaluate_test(run: _Run, main: str, all_scores: dict[str, NeuronScores], k:
     blocks: dict[str, Block] = {}
     for name in ("target", "donor"):
         with stage(name):
-            blocks[name] = run.evaluate(getattr(run.pair, name), items[name])
+            blocks[name] = run.evaluate(getattr(run.pair, name), items[name], unedited=name == "target")
     main_patch = None
     for method, a in chosen.items():
         patch = NeuronPatch.from_pair(run.pair, all_scores[method].top_k(k), a, scores=all_scores[method],
@@ -356,6 +359,7 @@ def transfer(
         with stage("donor and target (validation)"):
             reference = measure_reference(pair, behaviour, side_effects, split=config.search.split,
                                           batch_size=config.search.batch_size)
+    check_kl_bound(config.search, reference)  # before the ranking's long passes
     run = _Run(pair, behaviour, side_effects, constraint, config, reference, progress)
     main, all_scores = _score_all(run, scores)
     result, k, alpha, main_ok = _choose_point(run, all_scores[main])
