@@ -98,3 +98,30 @@ def test_the_field_units_table_shows_refusals_per_100_and_the_kl_of_every_model(
     patched = next(x for x in lines if x.startswith("| patched"))
     lo, hi = rate("refusal_harmful", [1, 1, 1, 0])["refusal_harmful_ci95"]
     assert f"75.0 [{100 * lo:.1f}, {100 * hi:.1f}] n=4" in patched and "0.1000" in patched
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_an_evaluation_that_generates_from_the_kl_inputs_gives_the_kl_without_a_pass_of_its_own(arch, monkeypatch):
+    from cnt_lens.method import divergence
+    from cnt_lens.method.divergence import KLReference, watching
+    from cnt_lens.method.evaluate import measure
+
+    target, edited = tiny_model(arch, seed=3), tiny_model(arch, seed=4)
+    behaviour = Refusal(max_new_tokens=2)
+    reference = KLReference.of_model(target, behaviour.kl_batches(target.cnt_tokenizer, "validation", 8))
+    direct = reference.of(edited)
+    with watching(reference) as seen:
+        measure(edited, [behaviour], "validation", batch_size=8)
+    assert len(seen) == direct[f"{KL_NAME}_n"] and all(v is not None for v in seen.values())
+    runs = []
+    monkeypatch.setattr(divergence, "logits_of", lambda *a, **k: runs.append(a) or pytest.fail("a pass was run"))
+    shared = reference.of(edited, seen)
+    assert runs == []
+    assert direct[KL_NAME] > 0.01  # two different models: a KL the comparison can tell from zero
+    assert shared[KL_NAME] == pytest.approx(direct[KL_NAME], rel=1e-4)
+    assert shared[f"{KL_NAME}_n"] == direct[f"{KL_NAME}_n"]
+    # an input no generation saw is run: everything read again except one, the same numbers
+    partial = dict(seen)
+    partial[next(iter(partial))] = None
+    monkeypatch.undo()
+    assert reference.of(edited, partial)[KL_NAME] == pytest.approx(direct[KL_NAME], rel=1e-4)

@@ -6,10 +6,13 @@ hooked model's own forward, and stopped for a row as soon as the judge's verdict
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from contextvars import ContextVar
+from functools import partial
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from cnt_lens.core.errors import CntLensError
@@ -19,7 +22,7 @@ from cnt_lens.data.tokens import Batch, chat_format, chunks, encode, split_share
 from cnt_lens.models.forward import Model, context_length, device_of, logits_of, model_tokenizer, takes_logits_to_keep
 from cnt_lens.models.hf import plain_hf_model
 
-__all__ = ["GenerationError", "canary", "generate", "verify_greedy"]
+__all__ = ["GenerationError", "canary", "first_token_logprobs", "generate", "verify_greedy"]
 
 
 def maybe_progress(iterable: Any, total: int, desc: str, progress: bool) -> Any:
@@ -99,6 +102,34 @@ def _rows_to_verify(prompt_mask: Int[Tensor, "batch pos"], real: Bool[Tensor, "b
     return torch.tensor(sorted(list(dict.fromkeys(order))[:rows]), device=prompt_mask.device)
 
 
+#: inputs (token ids) whose next-token log-probabilities a :func:`first_token_logprobs` block waits for
+_WATCHED: ContextVar[dict[tuple[int, ...], Tensor | None] | None] = ContextVar("first_token_logprobs", default=None)
+
+
+@contextlib.contextmanager
+def first_token_logprobs(inputs: Iterable[tuple[int, ...]]) -> Iterator[dict[tuple[int, ...], Tensor | None]]:
+    """Within the block, :func:`generate` keeps the next-token log-probabilities of ``inputs`` from its prompt pass.
+
+    ``inputs``: token ids without padding (:meth:`~cnt_lens.data.Batch.row_ids`). Yields a dict from each
+    of them to its ``[vocab]`` log-probabilities (fp32, CPU) once a generation has run that prompt, else
+    ``None``. A first-token KL on prompts that an evaluation generates from then needs no pass of its own
+    (:meth:`~cnt_lens.method.divergence.KLReference.of`); a prompt encoded otherwise (truncated) stays ``None``.
+    """
+    seen: dict[tuple[int, ...], Tensor | None] = dict.fromkeys(inputs)
+    token = _WATCHED.set(seen)
+    try:
+        yield seen
+    finally:
+        _WATCHED.reset(token)
+
+
+def _keep_first(seen: dict[tuple[int, ...], Tensor | None], b: Batch, logits: Float[Tensor, "batch vocab"]) -> None:
+    """Store the next-token log-probabilities of the rows of ``b`` that ``seen`` waits for."""
+    for row, ids in enumerate(b.row_ids()):
+        if ids in seen:
+            seen[ids] = torch.log_softmax(logits[row].float(), dim=-1).cpu()
+
+
 def _stop_ids(tokenizer: Any, hf_model: Any) -> set[int]:
     """Token ids that end a generation: the tokenizer's EOS and the generation config's (int or list)."""
     ids = {tokenizer.eos_token_id}
@@ -150,11 +181,13 @@ def generate(
     out: list[str] = [""] * len(prompts)
     batches = list(chunks(order, batch_size))
     done = None if until is None else (lambda ids: until(tok.decode(ids, skip_special_tokens=True)))
+    seen = _WATCHED.get()
     with stage("generate"):
         for i, rows in enumerate(maybe_progress(batches, len(batches), "generate", progress)):
             b = encode(tok, [prompts[j] for j in rows], max_len=room).to(device_of(model))
+            first = partial(_keep_first, seen, b) if seen else None
             with torch.no_grad():
-                gen, lengths = _greedy_until(plain, b, max_new_tokens, sorted(stop_ids), done)
+                gen, lengths = _greedy_until(plain, b, max_new_tokens, sorted(stop_ids), done, first)
             if verify and i == 0:
                 with stage("verify"):
                     verify_greedy(model, b, gen, stop_ids=stop_ids, lengths=lengths)
@@ -165,11 +198,13 @@ def generate(
 
 def _greedy_until(plain: torch.nn.Module, b: Batch, max_new_tokens: int, stop_ids: list[int],
                   done: Callable[[list[int]], bool] | None = None,
+                  first: Callable[[Tensor], None] | None = None,
                   ) -> tuple[Int[Tensor, "batch new"], Int[Tensor, " batch"]]:
     """Greedy decoding of a left-padded batch, each row leaving the batch once it stops or ``done(its ids)``.
 
     Returns the new tokens, each row filled with ``stop_ids[0]`` after its last one (decoding ends it
-    there), and each row's number of generated tokens (for :func:`verify_greedy`). Rows leave the KV
+    there), and each row's number of generated tokens (for :func:`verify_greedy`). ``first`` gets the prompt
+    pass's last logits ``[batch, vocab]`` (the first token's distribution). Rows leave the KV
     cache as they finish (``Cache.batch_select_indices``); a row's logits depend only on its own tokens,
     so the answers are those of the whole batch, up to float rounding.
     """
@@ -179,6 +214,8 @@ def _greedy_until(plain: torch.nn.Module, b: Batch, max_new_tokens: int, stop_id
     lengths = torch.full((n,), max_new_tokens, dtype=torch.long)
     rows = torch.arange(n, device=b.tokens.device)  # the batch rows still decoding
     step, mask = _prefill(plain, b)
+    if first is not None:
+        first(step.logits[:, -1])
     cache, pos = step.past_key_values, b.position_ids[:, -1:]
     for t in range(max_new_tokens):
         nxt = step.logits[:, -1].argmax(-1)

@@ -75,6 +75,11 @@ class Batch:
         """Keyword arguments for the model's forward (``attention_mask``) besides the tokens."""
         return {"attention_mask": self.attention_mask, "position_ids": self.position_ids}
 
+    def row_ids(self) -> list[tuple[int, ...]]:
+        """Each row's own token ids, padding left out: the key that says two batches hold the same input."""
+        mask = self.attention_mask.bool().cpu()
+        return [tuple(row[keep].tolist()) for row, keep in zip(self.tokens.cpu(), mask)]
+
 
 @dataclass
 class SharedPrefix:

@@ -23,7 +23,7 @@ from cnt_lens.core.progress import progress_bar
 from cnt_lens.core.records import Point, Reference
 from cnt_lens.core.timing import stage
 from cnt_lens.method.config import SearchConfig
-from cnt_lens.method.divergence import KL_NAME, KLReference
+from cnt_lens.method.divergence import KL_NAME, KLReference, watching
 from cnt_lens.method.evaluate import measure
 from cnt_lens.method.selection import NeuronScores, NeuronSelection
 from cnt_lens.method.transplant import NeuronPatch
@@ -54,9 +54,12 @@ def measure_reference(pair: ModelPair, behaviour: Behaviour, side_effects: Seque
     both blocks their first-token KL from the target: every point measured against it reads its own.
     """
     kw = dict(batch_size=batch_size, estimate=estimate)
-    target = measure(pair.target, [behaviour, *side_effects], split, **kw)
-    reference = Reference(donor=measure(pair.donor, [behaviour, *side_effects], split, **kw), target=target,
-                          split=split, measured="estimate" if estimate else "evaluation")
+    batches = [] if estimate else behaviour.kl_batches(pair.tokenizer, split, batch_size)
+    with watching(batches) as seen_target:
+        target = measure(pair.target, [behaviour, *side_effects], split, **kw)
+    with watching(batches) as seen_donor:
+        donor = measure(pair.donor, [behaviour, *side_effects], split, **kw)
+    reference = Reference(donor=donor, target=target, split=split, measured="estimate" if estimate else "evaluation")
     head = behaviour.headline
     d, t = reference["donor"][head], reference["target"][head]
     if d == t or math.isnan(d - t):
@@ -66,12 +69,11 @@ def measure_reference(pair: ModelPair, behaviour: Behaviour, side_effects: Seque
             "fine-tune that did not take, a checkpoint of the target itself), the prompt set does not elicit the "
             "behaviour, or generation is broken (install the pinned set: bash scripts/setup)."
         )
-    batches = [] if estimate else behaviour.kl_batches(pair.tokenizer, split, batch_size)
     if not batches:
         return reference
     with stage("first-token KL reference"):
-        kl = KLReference.of_model(pair.target, batches)
-        return replace(reference, kl=kl, donor={**reference.donor, **kl.of(pair.donor)},
+        kl = KLReference.of_model(pair.target, batches, seen_target)
+        return replace(reference, kl=kl, donor={**reference.donor, **kl.of(pair.donor, seen_donor)},
                        target={**reference.target, **kl.unedited()})
 
 
@@ -83,17 +85,19 @@ def measure_point(pair: ModelPair, behaviours: Sequence[Behaviour], scores: Neur
     ``behaviours[0]`` is the transplanted behaviour (its headline defines ``gap_closed`` against
     ``reference``), the rest side effects. The point is measured as ``reference`` was: on its split,
     estimated when it holds estimates, with its first-token KL when ``reference.kl`` holds the inputs
-    (exact either way: one forward pass). ``config`` gives the goal, the batch size and ``max_kl``;
+    (exact either way: one forward pass, or none where the evaluation generated from those inputs,
+    :func:`~cnt_lens.method.divergence.watching`). ``config`` gives the goal, the batch size and ``max_kl``;
     ``acceptable`` says whether ``constraint`` holds and the KL is within ``max_kl``.
     """
     check_kl_bound(config, reference)
     head = behaviours[0].headline
     estimate = reference.measured == "estimate"
     with NeuronPatch.from_pair(pair, selection, alpha).applied(pair.target):
-        m = measure(pair.target, behaviours, reference.split, batch_size=config.batch_size, estimate=estimate)
+        with watching(reference.kl) as seen:  # a generation from the KL's inputs gives their distributions
+            m = measure(pair.target, behaviours, reference.split, batch_size=config.batch_size, estimate=estimate)
         if reference.kl is not None:
             with stage("first-token KL"):
-                m.update(reference.kl.of(pair.target))
+                m.update(reference.kl.of(pair.target, seen))
     closed = (m[head] - reference.target[head]) / (reference.donor[head] - reference.target[head])
     within = config.max_kl is None or bool(m[KL_NAME] <= config.max_kl)
     ok = (constraint is None or bool(constraint(m, reference))) and within

@@ -18,12 +18,12 @@ from plotly.subplots import make_subplots
 
 from cnt_lens.behaviours.base import Behaviour
 from cnt_lens.method.selection import NeuronScores, NeuronSelection, hook_name
-from cnt_lens.models.forward import Model, device_of, model_tokenizer
+from cnt_lens.models.forward import Model, device_of, logits_of, model_tokenizer
 from cnt_lens.models.neurons import neuron_params
 from cnt_lens.models.pair import ModelPair
 from cnt_lens.show.plots import selection_heatmap
 
-__all__ = ["card_figure", "inspect", "logit_lens", "neuron_card", "neuron_stats", "neurons_stats", "sequence_activations"]
+__all__ = ["card_figure", "inspect", "logit_lens", "logit_lens_rows", "neuron_card", "neuron_stats", "neurons_stats", "sequence_activations"]
 
 
 def _in_context(tok: Any, ids: list[int], peak: int, before: int = 24, after: int = 6) -> str:
@@ -57,7 +57,9 @@ def sequence_activations(model: Model, batches: list, neurons: list[tuple[int, i
     """Some neurons' ``hook_post`` activations over left-padded batches, one forward per batch that stops early.
 
     Returns each text's real token ids and its ``[pos, n]`` activations (``n`` in the order of
-    ``neurons``, (layer, index) pairs); the pass stops after the deepest of their layers.
+    ``neurons``, (layer, index) pairs); the pass stops after the deepest of their layers, and when that
+    is the last layer only one position is unembedded (the unembedding of every position is a large
+    share of a small model's forward pass).
     """
     layers = sorted({layer for layer, _ in neurons})
     stop = layers[-1] + 1 if layers[-1] + 1 < model.cfg.n_layers else None  # no later block, no unembedding
@@ -73,9 +75,9 @@ def sequence_activations(model: Model, batches: list, neurons: list[tuple[int, i
         def keep(x: torch.Tensor, hook: Any, layer: int) -> None:
             store[layer] = x[..., cols[layer]].detach().float().cpu()  # [batch, pos, neurons of this layer]
 
-        with torch.no_grad():
-            model.run_with_hooks(b.tokens, fwd_hooks=[(hook_name(layer, "hook_post"), partial(keep, layer=layer))
-                                                      for layer in layers], stop_at_layer=stop, **b.model_kwargs())
+        with torch.no_grad():  # the logits are not read: one position unembedded, no block after the deepest
+            logits_of(model, b.tokens, {**b.model_kwargs(), "stop_at_layer": stop},
+                      [(hook_name(layer, "hook_post"), partial(keep, layer=layer)) for layer in layers], keep=1)
         a = torch.cat([store[layer] for layer in layers], dim=-1)[..., pick]  # [batch, pos, n] in neurons' order
         mask = b.attention_mask.bool().cpu()
         for row in range(mask.shape[0]):
@@ -115,17 +117,33 @@ def _on_user_words(seqs: list[list[int]], acts: list[torch.Tensor], span: tuple[
 
 def logit_lens(model: Model, row: Float[torch.Tensor, " d_model"], k: int) -> dict[str, list[tuple[str, float]]]:
     """Tokens a residual-stream write ``row`` promotes / suppresses, read through final norm scale and unembedding."""
+    return logit_lens_rows(model, row[None], k)[0]
+
+
+def logit_lens_rows(model: Model, rows: Float[torch.Tensor, "n d_model"], k: int, *,
+                    chunk: int = 256) -> list[dict[str, list[tuple[str, float]]]]:
+    """:func:`logit_lens` of each of ``rows``, unembedded ``chunk`` rows per matrix product.
+
+    One product for many rows instead of one per row: the unembedding (``[vocab, d_model]``) is read
+    once per chunk; ``chunk`` bounds the ``[chunk, vocab]`` logits held at once.
+    """
     tok = model_tokenizer(model)
-    row = row.detach().float()
     hf = model.original_model
     norm = getattr(getattr(hf, "model", None), "norm", None) or getattr(getattr(hf, "transformer", None), "ln_f", None)
     weight = getattr(norm, "weight", None)
+    unembed = hf.get_output_embeddings().weight.detach().float()  # [vocab, d_model]
+    rows = rows.detach().float().to(unembed.device)
     if weight is not None:
-        row = row * weight.detach().float().to(row.device)
-    logits = hf.get_output_embeddings().weight.detach().float() @ row.to(device_of(model))
-    top, bottom = logits.topk(k), (-logits).topk(k)
-    return {"promoted": [(tok.decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices)],
-            "suppressed": [(tok.decode([int(i)]), -float(v)) for v, i in zip(bottom.values, bottom.indices)]}
+        rows = rows * weight.detach().float().to(unembed.device)
+    out = []
+    for part in rows.split(chunk):
+        logits = part @ unembed.T  # [chunk, vocab]
+        top, bottom = logits.topk(k, dim=-1), (-logits).topk(k, dim=-1)
+        out += [{"promoted": [(tok.decode([i]), v) for v, i in zip(tv, ti)],
+                 "suppressed": [(tok.decode([i]), -v) for v, i in zip(bv, bi)]}
+                for tv, ti, bv, bi in zip(top.values.tolist(), top.indices.tolist(),
+                                          bottom.values.tolist(), bottom.indices.tolist())]
+    return out
 
 
 def _logit_lens(model: Model, layer: int, neuron: int, k: int) -> dict[str, list[tuple[str, float]]]:

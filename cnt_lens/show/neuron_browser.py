@@ -35,7 +35,7 @@ from cnt_lens.method.selection import NeuronScores, hook_name
 from cnt_lens.method.transplant import NeuronPatch
 from cnt_lens.models.forward import Model, device_of
 from cnt_lens.models.pair import ModelPair
-from cnt_lens.show.inspector import logit_lens, sequence_activations
+from cnt_lens.show.inspector import logit_lens_rows, sequence_activations
 
 __all__ = ["ablation_effects", "browser_data", "texts_from_items", "write_neuron_browser"]
 
@@ -103,14 +103,13 @@ def _weight_change(patch: NeuronPatch) -> Float[Tensor, " n"]:
     return torch.cat(out)
 
 
-def _change_lens(model: Model, patch: NeuronPatch, k: int) -> list[dict[str, list[tuple[str, float]]]]:
+def _change_lens(model: Model, patch: NeuronPatch, k: int) -> list[dict[str, Any]]:
     """Per selected neuron: the tokens the transplanted change of its output row (donor − target) promotes / lowers."""
-    out = []
-    for layer in sorted(patch.donor):
-        rows = patch.donor[layer]["W_out"].float() - patch.target[layer]["W_out"].float()  # [neurons, d_model]
-        out += [logit_lens(model, row, k) if row.abs().max() > 0 else {"promoted": [], "suppressed": [],
-                                                                       "unchanged": True} for row in rows]
-    return out
+    rows = torch.cat([patch.donor[layer]["W_out"].float() - patch.target[layer]["W_out"].float()
+                      for layer in sorted(patch.donor)])  # [neurons, d_model], layer-major
+    changed = (rows.abs().amax(dim=-1) > 0).nonzero().squeeze(-1).tolist()
+    lens = dict(zip(changed, logit_lens_rows(model, rows[changed], k))) if changed else {}
+    return [lens.get(j, {"promoted": [], "suppressed": [], "unchanged": True}) for j in range(len(rows))]
 
 
 def _histograms(maxima: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:

@@ -19,7 +19,7 @@ from cnt_lens.core.records import Block, Point, Reference
 from cnt_lens.core.stats import is_companion
 from cnt_lens.core.timing import stage
 from cnt_lens.method.config import TransferConfig
-from cnt_lens.method.divergence import KLReference
+from cnt_lens.method.divergence import KLReference, watching
 from cnt_lens.method.evaluate import Report, measure
 from cnt_lens.method.rounds import iterative_scores
 from cnt_lens.method.scoring import SCORERS, score
@@ -139,12 +139,13 @@ class _Run:
 
         ``unedited``: ``model`` is the target as the KL reference read it (its KL is 0, not run again).
         """
-        block = measure(model, [self.behaviour, *self.side_effects], "test", batch_size=self.cfg.evaluation.batch_size,
-                        items=items)
+        with watching(self.kl) as seen:  # the KL reads what the evaluation's generations already computed
+            block = measure(model, [self.behaviour, *self.side_effects], "test",
+                            batch_size=self.cfg.evaluation.batch_size, items=items)
         if self.kl is None:
             return block
         with stage("first-token KL"):
-            return {**block, **(self.kl.unedited() if unedited else self.kl.of(model))}
+            return {**block, **(self.kl.unedited() if unedited else self.kl.of(model, seen))}
 
     def search(self, scores: NeuronScores) -> SearchResult:
         """:func:`~cnt_lens.method.search.search_minimal` of ``scores`` with this run's settings (it keeps the estimates)."""
