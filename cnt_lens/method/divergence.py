@@ -32,7 +32,7 @@ KL_NAME = "kl_first_token"
 
 
 #: next-token log-probabilities ``[vocab]`` already computed, by input (:meth:`~cnt_lens.data.Batch.row_ids`)
-Seen = Mapping[tuple[int, ...], "Tensor | None"]
+Seen = Mapping[tuple[int, ...], Tensor | None]
 
 
 def next_token_logprobs(model: Model, batches: list[Batch], seen: Seen | None = None) -> Float[Tensor, "n vocab"]:
@@ -66,12 +66,14 @@ def kl_divergence(reference: Float[Tensor, "n vocab"], edited: Float[Tensor, "n 
     return (reference.exp() * (reference - edited)).sum(-1).clamp(min=0.0)
 
 
-def first_token_kl(model: Model, reference: Float[Tensor, "n vocab"], batches: list[Batch]) -> dict[str, Any]:
+def first_token_kl(model: Model, reference: Float[Tensor, "n vocab"], batches: list[Batch],
+                   seen: Seen | None = None) -> dict[str, Any]:
     """``{kl_first_token, _n, _ci95}``: the mean over inputs of KL(unedited ‖ ``model``) at the next token.
 
-    ``reference`` is :func:`next_token_logprobs` of the unedited model on the same ``batches``.
+    ``reference`` is :func:`next_token_logprobs` of the unedited model on the same ``batches``;
+    ``seen``: ``model``'s log-probabilities already read (:func:`next_token_logprobs`).
     """
-    return mean(KL_NAME, kl_divergence(reference, next_token_logprobs(model, batches)).tolist())
+    return mean(KL_NAME, kl_divergence(reference, next_token_logprobs(model, batches, seen)).tolist())
 
 
 class KLReference(NamedTuple):
@@ -106,7 +108,7 @@ class KLReference(NamedTuple):
 
         ``seen``: the inputs already read, e.g. by :func:`watching` an evaluation of ``model``.
         """
-        return mean(KL_NAME, kl_divergence(self.logprobs, next_token_logprobs(model, self.batches, seen)).tolist())
+        return first_token_kl(model, self.logprobs, self.batches, seen)
 
     def unedited(self) -> dict[str, Any]:
         """The unedited model's own block (KL 0 on every input), without running it again."""
