@@ -11,7 +11,7 @@ from cnt_lens.behaviours.judge import is_refusal, judge_refusal
 from cnt_lens.data import chat_format, encode
 from cnt_lens.experiments.recipes import TuneConfig, safety_tune
 from cnt_lens.models import logits_of, takes_logits_to_keep
-from cnt_lens.workflow.testing import tiny_model
+from cnt_lens.workflow.testing import TINY_ARCHS, tiny_model
 
 TINY_REFUSALS = ("Sorry , I cannot help with that .",)
 
@@ -258,3 +258,18 @@ def test_refusal_answers_both_sets_in_one_generation_call_as_each_set_alone(arch
     assert [i["prompt"] for i in items] == (b.harmful.split("validation").column("prompt")
                                             + b.harmless.split("validation").column("prompt"))
     assert [i["refused"] for i in items] == [is_refusal(a) for a in alone[0] + alone[1]]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_a_format_task_answer_ends_once_its_verdict_is_decided_with_the_same_verdicts(arch):
+    model = tiny_model(arch, seed=3, tie_embeddings=False)  # untied: answers of words, not of special tokens
+    whole = FormatTask(prefix="x").evaluate_items(model, "validation", progress=False)
+    # a prefix one answer follows (its own opening), so both verdicts occur
+    opening = next(r["response"].strip()[:7] for r in whole if r["response"].strip())
+    task = FormatTask(prefix=opening)
+    whole = task.evaluate_items(model, "validation", progress=False)
+    decided = task.decided_items(model, "validation", progress=False)
+    assert [r["followed"] for r in decided] == [r["followed"] for r in whole]
+    assert {r["followed"] for r in whole} == {True, False}
+    assert all(w["response"].startswith(d["response"]) for w, d in zip(whole, decided))
+    assert sum(len(d["response"]) < len(w["response"]) for w, d in zip(whole, decided)) > len(whole) // 2

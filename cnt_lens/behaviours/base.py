@@ -140,7 +140,8 @@ class Behaviour(abc.ABC):
         """:meth:`evaluate_items`' verdicts, each response generated only until its verdict is decided.
 
         Same records, same verdicts and numbers; only the texts may end early (for refusal, where
-        :func:`~cnt_lens.behaviours.judge.verdict_is_final` holds). :func:`~cnt_lens.method.evaluate.measure` uses it
+        :func:`~cnt_lens.behaviours.judge.verdict_is_final` holds; for a format task, once the answer starts
+        with its prefix or departs from it). :func:`~cnt_lens.method.evaluate.measure` uses it
         when nobody keeps the records. Default: :meth:`evaluate_items` itself.
         """
         return self.evaluate_items(model, split, batch_size=batch_size, progress=progress)

@@ -119,10 +119,32 @@ class FormatTask(Behaviour):
     @override
     def evaluate_items(self, model: Model, split: str | None, *, batch_size: int = 16,
                        progress: bool = True) -> list[dict[str, Any]]:
+        return self._answered(model, split, batch_size, progress)
+
+    @override
+    def decided_items(self, model: Model, split: str | None, *, batch_size: int = 16,
+                      progress: bool = True) -> list[dict[str, Any]]:
+        """:meth:`evaluate_items`, each answer generated only until it starts with the prefix or departs from it."""
+        return self._answered(model, split, batch_size, progress, until=self.decided)
+
+    def decided(self, text: str) -> bool:
+        """Whether no continuation of the answer ``text`` can change whether it starts with :attr:`prefix`.
+
+        Example:
+            >>> task = FormatTask(prefix="Answer:")
+            >>> task.decided(" Ans"), task.decided("Answer: 4"), task.decided("Sure")
+            (False, True, True)
+        """
+        start = text.lstrip()
+        return start.startswith(self.prefix) or (bool(start) and not self.prefix.startswith(start))
+
+    def _answered(self, model: Model, split: str | None, batch_size: int, progress: bool,
+                  until: Any = None) -> list[dict[str, Any]]:
+        """Greedy answers (at most :attr:`max_new_tokens`; ``until``: :func:`generate`'s) and whether each follows the prefix."""
         tok = model_tokenizer(model)
         recs = self.prompts.split(split).records
         out = generate(model, [chat_format(tok, r["prompt"]) for r in recs], max_new_tokens=self.max_new_tokens,
-                       batch_size=batch_size, progress=progress)
+                       batch_size=batch_size, progress=progress, until=until)
         return [{"id": r["id"], "category": r["category"], "response": o, "followed": o.strip().startswith(self.prefix)}
                 for r, o in zip(recs, out)]
 
