@@ -7,7 +7,7 @@ target its general ability; a run preserves them and reports them beside the hea
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from jaxtyping import Float
@@ -139,7 +139,7 @@ class FormatTask(Behaviour):
         return start.startswith(self.prefix) or (bool(start) and not self.prefix.startswith(start))
 
     def _answered(self, model: Model, split: str | None, batch_size: int, progress: bool,
-                  until: Any = None) -> list[dict[str, Any]]:
+                  until: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
         """Greedy answers (at most :attr:`max_new_tokens`; ``until``: :func:`generate`'s) and whether each follows the prefix."""
         tok = model_tokenizer(model)
         recs = self.prompts.split(split).records
