@@ -12,7 +12,7 @@ from typing import Any, Optional
 import typer
 
 from cnt_lens.cli import inputs
-from cnt_lens.cli.options import COMMON_MODEL, DEVICE, MAX_KL, PROGRESS, PROMPT_FILES, Opt, command, settings
+from cnt_lens.cli.options import COMMON_MODEL, DEVICE, MAX_KL, PROGRESS, PROMPT_FILES, SEARCH, Opt, command, settings
 from cnt_lens.core.errors import CntLensError
 from cnt_lens.core.timing import profile, stage, timings_table
 
@@ -97,7 +97,7 @@ RUN_OPTIONS = [
         "application's).", setting=("search.alphas",), parse=lambda t: inputs.floats(t, "--alphas")),
     Opt("max_fraction", Optional[float], None, "Largest budget searched, as a fraction of all MLP neurons (default: "
         "the application's).", setting=("search.max_fraction",)),
-    MAX_KL,
+    MAX_KL, *SEARCH,
     Opt("screen", bool, True, "Decide search points by cheap estimates and evaluate in full only the points that "
         "matter (--no-screen: every point in full).", setting=("search.screen",)),
     Opt("protocol", str, "split", "split: neurons, k and alpha on the bundled prompts' own splits, AdvBench and three "
@@ -170,7 +170,7 @@ TRANSFER_OPTIONS = [
     *PAIR, Opt("out", Path, ..., "Run directory to write (metrics, patch, patched_model/, report.html)."), *PROMPTS,
     Opt("budget", float, 0.05, "Largest share of all MLP neurons the search may use.", setting=("search.max_fraction",)),
     Opt("goal", float, 0.9, "Share of the donor–target gap to close on validation.", setting=("search.goal",)),
-    MAX_KL,
+    MAX_KL, *SEARCH,
     Opt("alphas", str, "2,4,6,8", "Transplant strengths searched on validation (alpha: how many times the donor's "
         "own change is added; 1 = the donor's weights).", setting=("search.alphas",),
         parse=lambda t: inputs.floats(t, "--alphas")),

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import typer
 
-__all__ = ["COMMON_MODEL", "DEVICE", "MAX_KL", "Opt", "PROGRESS", "PROMPT_FILES", "command", "settings"]
+__all__ = ["COMMON_MODEL", "DEVICE", "MAX_KL", "Opt", "PROGRESS", "PROMPT_FILES", "SEARCH", "command", "settings"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,13 @@ PROGRESS = Opt("progress", bool, True, "Show progress bars.")
 MAX_KL = Opt("max_kl", Optional[float], None, "Accept only search points whose first-token KL from the target, on the "
              "harmless validation prompts, is at most this many nats (default: no bound; every point reads it).",
              setting=("search.max_kl",))
+SEARCH = [
+    Opt("search", Optional[str], None, "How the search on validation proposes points: bisection (k bisected at each "
+        "alpha; the default) or pareto (Optuna's Gaussian-process sampler over k and a continuous alpha against gap closed, first-token KL and "
+        "neurons; needs the search extra).", setting=("search.strategy",)),
+    Opt("trials", Optional[int], None, "Points the pareto search measures (default: 24).", setting=("search.trials",),
+        min=1),
+]
 PROMPT_FILES = [
     Opt("harmful", Optional[Path], None, "Harmful prompts (any format of cnt_lens.data.formats; default: the bundled set)."),
     Opt("harmless", Optional[Path], None, "Harmless prompts; over-refusal is measured on them (XSTest: its safe "

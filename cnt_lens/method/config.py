@@ -28,8 +28,11 @@ from typing import Any, Mapping
 from cnt_lens.core.errors import CntLensError
 from cnt_lens.method.scoring import SCORERS
 
-__all__ = ["ALL_BASELINES", "BaselineConfig", "ConfigError", "EvaluationConfig", "RankingConfig", "SearchConfig",
-           "TransferConfig", "override"]
+__all__ = ["ALL_BASELINES", "SEARCH_STRATEGIES", "BaselineConfig", "ConfigError", "EvaluationConfig", "RankingConfig",
+           "SearchConfig", "TransferConfig", "override"]
+
+#: how the search on validation proposes its points (:attr:`SearchConfig.strategy`)
+SEARCH_STRATEGIES = ("bisection", "pareto")
 
 #: every baseline method, in the order reports list them
 ALL_BASELINES = ("attribution", "activation_contrast", "wanda", "snip", "weight_diff", "nlsr_drift", "random")
@@ -98,6 +101,10 @@ class SearchConfig:
     ``max_kl``: a point is acceptable only when its first-token KL from the target (nats, on the
     behaviour's harmless inputs of ``split``) is at most this, on top of the run's constraint
     (``None``: no bound; every point reads its KL anyway when the behaviour has such inputs).
+    ``strategy``: ``"bisection"`` (:func:`~cnt_lens.method.search.search_minimal`, k bisected at each alpha of
+    ``alphas``) or ``"pareto"`` (:func:`~cnt_lens.method.pareto.search_pareto`: ``trials`` points of k and a
+    continuous alpha in ``alphas``' range proposed by Optuna against gap closed, first-token KL and neurons,
+    sampler seeded with ``seed``; at most ``confirm`` of its front evaluated in full when it screens).
     """
 
     goal: float = 0.9
@@ -112,6 +119,10 @@ class SearchConfig:
     split: str = "validation"
     batch_size: int = 16
     max_kl: float | None = None
+    strategy: str = "bisection"
+    trials: int = 24
+    confirm: int = 4
+    seed: int = 0
 
     def __post_init__(self) -> None:
         """Check every field, naming the first that is out of range."""
@@ -129,7 +140,10 @@ class SearchConfig:
             (self.slack >= 0, f"slack {self.slack!r} must be ≥ 0"),
             (self.batch_size >= 1, f"batch_size {self.batch_size!r} must be ≥ 1"),
             (self.max_kl is None or (isinstance(self.max_kl, (int, float)) and self.max_kl >= 0),
-             f"max_kl {self.max_kl!r} must be a first-token KL in nats ≥ 0, or None (no bound)")])
+             f"max_kl {self.max_kl!r} must be a first-token KL in nats ≥ 0, or None (no bound)"),
+            (self.strategy in SEARCH_STRATEGIES, f"strategy {self.strategy!r} must be one of {SEARCH_STRATEGIES}"),
+            (self.trials >= 1 and self.confirm >= 1, f"trials {self.trials!r} and confirm {self.confirm!r} must be "
+                                                     "≥ 1")])
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ from cnt_lens.method.selection import NeuronScores, NeuronSelection
 from cnt_lens.method.transplant import NeuronPatch
 from cnt_lens.models.pair import ModelPair
 
-__all__ = ["NoGapError", "SearchResult", "check_kl_bound", "measure_point", "measure_reference", "search_minimal"]
+__all__ = ["NoGapError", "SearchResult", "check_kl_bound", "largest_k", "measure_point", "measure_reference",
+           "screened_reference", "search_minimal", "top_set"]
 
 
 
@@ -193,20 +194,16 @@ def search_minimal(
     """
     c = config
     alphas, min_k, tolerance, step = c.alphas, c.min_k, c.tolerance, c.step
-    k_max = _check_search(c.goal, c.max_fraction, min_k, pair.n_neurons, c.slack)
+    k_max = largest_k(c, pair.n_neurons)
     behaviours = [behaviour, *side_effects]
-    if reference is None:
-        reference = measure_reference(pair, behaviour, side_effects, split=c.split, batch_size=c.batch_size)
-    screen = c.screen and not all(b.estimate_is_evaluation for b in behaviours)  # else the estimate *is* it
-    estimated = (reference.estimate or _estimated_reference(pair, behaviour, side_effects, c)) if screen else None
-    estimated = _with_kl(estimated, reference)
-    reference = replace(reference, estimate=estimated)
+    reference = screened_reference(pair, behaviour, side_effects, c, reference)
+    estimated = reference.estimate
     estimate_config = replace(c, goal=c.goal - c.slack) if estimated else c
     frontier: list[Point] = []
     bar = progress_bar(desc="search_minimal", unit="point", enabled=progress)
 
     def select(k: int) -> NeuronSelection:
-        return scores.top_k(max(1, k // pair.n_layers), per_layer=True) if c.per_layer else scores.top_k(k)
+        return top_set(scores, k, c, pair.n_layers)
 
     def probe(estimate: bool, alpha: float) -> Probe:
         """(goal reached, constraint holds) at the top-k set and ``alpha``, estimated or evaluated in full."""
@@ -244,6 +241,27 @@ def search_minimal(
                  if p["k"] == sel.n and p["alpha"] == best.alpha and p["measured"] == "evaluation")
     return SearchResult(sel, best.alpha, {key: v for key, v in point.items() if isinstance(v, float)}, frontier,
                         reference)
+
+
+def top_set(scores: NeuronScores, k: int, config: SearchConfig, n_layers: int) -> NeuronSelection:
+    """The search's set of size ``k``: the top ``k`` of ``scores``, or (``config.per_layer``) ``k // n_layers`` per layer."""
+    return scores.top_k(max(1, k // n_layers), per_layer=True) if config.per_layer else scores.top_k(k)
+
+
+def screened_reference(pair: ModelPair, behaviour: Behaviour, side_effects: Sequence[Behaviour],
+                       config: SearchConfig, reference: Reference | None = None) -> Reference:
+    """The reference a search measures against: ``reference`` (measured when ``None``) with its cheap estimates.
+
+    ``estimate`` is set when ``config.screen`` and some behaviour's estimate is not its evaluation, and the
+    estimates show a gap (``None`` otherwise: the search then evaluates every point in full); estimates
+    already held are kept. The estimates read the reference's first-token KL, which is exact either way.
+    """
+    if reference is None:
+        reference = measure_reference(pair, behaviour, side_effects, split=config.split, batch_size=config.batch_size)
+    behaviours = [behaviour, *side_effects]
+    screen = config.screen and not all(b.estimate_is_evaluation for b in behaviours)  # else the estimate *is* it
+    estimated = (reference.estimate or _estimated_reference(pair, behaviour, side_effects, config)) if screen else None
+    return replace(reference, estimate=_with_kl(estimated, reference))
 
 
 def _with_kl(estimated: Reference | None, reference: Reference) -> Reference | None:
@@ -336,8 +354,9 @@ def _confirm(candidates: list[_Candidate], probe: Callable[[_Candidate], Probe],
     return None
 
 
-def _check_search(goal: float, max_fraction: float, min_k: int, total: int, slack: float) -> int:
-    """What :class:`~cnt_lens.method.config.SearchConfig` cannot check alone (it knows no model); the largest k to try."""
+def largest_k(config: SearchConfig, total: int) -> int:
+    """The largest k a search of ``total`` neurons tries; checks what :class:`SearchConfig` cannot alone (no model)."""
+    goal, max_fraction, min_k, slack = config.goal, config.max_fraction, config.min_k, config.slack
     if not 0 <= slack < goal:
         raise ValueError(f"slack is a share of the gap in [0, goal={goal}), got {slack}")
     k_max = round(max_fraction * total)

@@ -21,6 +21,7 @@ from cnt_lens.core.timing import stage
 from cnt_lens.method.config import TransferConfig
 from cnt_lens.method.divergence import KLReference, watching
 from cnt_lens.method.evaluate import Report, measure
+from cnt_lens.method.pareto import search_pareto
 from cnt_lens.method.rounds import iterative_scores
 from cnt_lens.method.scoring import SCORERS, score
 from cnt_lens.method.search import SearchResult, check_kl_bound, measure_point, measure_reference, search_minimal
@@ -148,9 +149,14 @@ class _Run:
             return {**block, **(self.kl.unedited() if unedited else self.kl.of(model, seen))}
 
     def search(self, scores: NeuronScores) -> SearchResult:
-        """:func:`~cnt_lens.method.search.search_minimal` of ``scores`` with this run's settings (it keeps the estimates)."""
-        result = search_minimal(self.pair, self.behaviour, scores, self.cfg.search, side_effects=self.side_effects,
-                                constraint=self.constraint, reference=self.reference, progress=self.progress)
+        """The search of ``scores`` with this run's settings (it keeps the estimates).
+
+        :func:`~cnt_lens.method.search.search_minimal`, or :func:`~cnt_lens.method.pareto.search_pareto` when
+        ``cfg.search.strategy`` is ``"pareto"``.
+        """
+        strategy = search_pareto if self.cfg.search.strategy == "pareto" else search_minimal
+        result = strategy(self.pair, self.behaviour, scores, self.cfg.search, side_effects=self.side_effects,
+                          constraint=self.constraint, reference=self.reference, progress=self.progress)
         if result.reference is not None and result.reference.estimate is not None:
             self.reference = result.reference
         return result
@@ -209,7 +215,8 @@ def _choose_point(run: _Run, main: NeuronScores) -> tuple[SearchResult, int, flo
     Returns the search result, k, alpha, and whether that point met the constraint on validation.
     """
     search = run.cfg.search
-    _log(f"search_minimal over alphas {list(search.alphas)} up to {search.max_fraction:.1%} of neurons")
+    _log(f"{'search_pareto, ' + str(search.trials) + ' trials,' if search.strategy == 'pareto' else 'search_minimal'} "
+         f"over alphas {list(search.alphas)} up to {search.max_fraction:.1%} of neurons")
     with stage("search (validation)"):
         result = run.search(main)
     if result.found:
