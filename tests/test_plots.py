@@ -75,6 +75,19 @@ def test_frontier_lines_per_method_and_alpha():
     assert not fig.layout.shapes
 
 
+def test_frontier_draws_a_searched_alpha_as_points_coloured_by_alpha():
+    searched = [{"method": "m", "alpha": 1 + i / 4, "k": 10 + i, "gap_closed": i / 12,
+                 "measured": "estimate" if i % 3 else "evaluation"} for i in range(12)]
+    grid = [{"method": "random", "alpha": a, "k": k, "gap_closed": 0.0} for a in (2.0, 4.0) for k in (5, 9)]
+    fig = frontier(searched + grid)
+    names = [t.name for t in fig.data]
+    assert names.count("m, α searched") == 1 and names.count("m, α searched (estimate)") == 1
+    assert sum(n.startswith("random α=") for n in names) == 2  # a grid keeps its line per alpha
+    est = next(t for t in fig.data if t.name == "m, α searched (estimate)")
+    assert list(est.marker.color) == [p["alpha"] for p in searched if p["measured"] == "estimate"]
+    assert list(est.x) == [p["k"] for p in searched if p["measured"] == "estimate"]
+
+
 def test_frontier_draws_each_reference_level_as_a_line():
     pts = [{"method": "m", "alpha": 4.0, "k": k, "refusal": k / 8} for k in (1, 2, 4)]
     fig = frontier(pts, y="refusal", references={"donor": 0.9, "target": 0.05}, title="held out")

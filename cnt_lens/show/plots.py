@@ -152,6 +152,10 @@ def behaviour_shift(report: Report, metrics: Sequence[str] | None = None) -> go.
     return fig
 
 
+#: a method measured at more alphas than this is drawn as points coloured by alpha, not one line per alpha
+_ALPHA_LINES = 8
+
+
 def frontier(points: Sequence[dict[str, Any]], *, y: str = "gap_closed", x: str = "k",
              references: dict[str, float] | None = None, title: str = "search frontier (validation)",
              chosen: dict[str, Any] | None = None) -> go.Figure:
@@ -159,10 +163,22 @@ def frontier(points: Sequence[dict[str, Any]], *, y: str = "gap_closed", x: str 
 
     ``references`` draws a dashed horizontal line per named level (e.g. ``{"donor": 0.96}``: the level a
     transplant has to reach) on the same ``y`` scale. ``chosen`` (a point's ``x``, ``y`` and ``alpha``)
-    is marked with a star.
+    is marked with a star. A method measured at more than ``_ALPHA_LINES`` alphas (a Pareto search's
+    continuous alpha) is drawn as points coloured by alpha instead, one series per way of measuring.
     """
     fig = go.Figure()
     keys = sorted({(p["method"], p["alpha"], p.get("measured", "evaluation")) for p in points}, key=str)
+    alphas = {m: {a for mm, a, _ in keys if mm == m} for m, _, _ in keys}
+    for method, measured in sorted({(m, w) for m, _, w in keys if len(alphas[m]) > _ALPHA_LINES}):
+        pts = [p for p in points if p["method"] == method and p.get("measured", "evaluation") == measured]
+        name = f"{method}, α searched" + (" (estimate)" if measured == "estimate" else "")
+        fig.add_trace(go.Scatter(x=[p[x] for p in pts], y=[p[y] for p in pts], mode="markers", name=name,
+                                 marker={"color": [p["alpha"] for p in pts], "colorscale": "Viridis", "size": 9,
+                                         "symbol": "circle-open" if measured == "estimate" else "circle",
+                                         "colorbar": {"title": "α", "x": 1.15}},
+                                 text=[f"α={p['alpha']:g}" for p in pts],
+                                 hovertemplate=f"{x} %{{x}}<br>{y} %{{y:.3f}}<br>%{{text}}<extra>{name}</extra>"))
+    keys = [key for key in keys if len(alphas[key[0]]) <= _ALPHA_LINES]
     for method, alpha, measured in keys:
         pts = sorted((p for p in points if (p["method"], p["alpha"], p.get("measured", "evaluation"))
                       == (method, alpha, measured)), key=lambda p: p[x])
