@@ -18,6 +18,7 @@ from cnt_lens.behaviours.constraints import Constraint
 from cnt_lens.core.records import Block, Point, Reference
 from cnt_lens.core.stats import is_companion
 from cnt_lens.core.timing import stage
+from cnt_lens.data.tokens import Batch
 from cnt_lens.method.config import TransferConfig
 from cnt_lens.method.divergence import KLReference, watching
 from cnt_lens.method.evaluate import Report, measure
@@ -135,18 +136,24 @@ class _Run:
         """Donor's and target's estimates on validation (``None`` until a screened search measured them)."""
         return self.reference.estimate
 
-    def evaluate(self, model: Model, items: list[dict[str, Any]] | None = None, *, unedited: bool = False) -> Block:
+    def evaluate(self, model: Model, items: list[dict[str, Any]] | None = None, *,
+                 unedited: list[Batch] | None = None) -> Block:
         """``model``'s test numbers on the behaviour and the side effects, and its first-token KL from the target.
 
-        ``unedited``: ``model`` is the target as the KL reference read it (its KL is 0, not run again).
+        ``unedited``: ``model`` is the unedited target and these are the KL's inputs: its evaluation also
+        builds the KL reference (``self.kl``) from what its generations computed, and its own KL is 0.
         """
-        with watching(self.kl) as seen:  # the KL reads what the evaluation's generations already computed
+        watched = unedited if unedited is not None else self.kl
+        with watching(watched) as seen:  # the KL reads what the evaluation's generations already computed
             block = measure(model, [self.behaviour, *self.side_effects], "test",
                             batch_size=self.cfg.evaluation.batch_size, items=items)
+        if unedited is not None:
+            with stage("first-token KL reference"):
+                self.kl = KLReference.of_model(model, unedited, seen) if unedited else None
         if self.kl is None:
             return block
         with stage("first-token KL"):
-            return {**block, **(self.kl.unedited() if unedited else self.kl.of(model, seen))}
+            return {**block, **(self.kl.unedited() if unedited is not None else self.kl.of(model, seen))}
 
     def search(self, scores: NeuronScores) -> SearchResult:
         """The search of ``scores`` with this run's settings (it keeps the estimates).
@@ -270,13 +277,12 @@ def _evaluate_test(run: _Run, main: str, all_scores: dict[str, NeuronScores], k:
     """Stage 4, test (read once): target, donor, the patched target and every baseline at its chosen alpha."""
     _log("test-split evaluation")
     kl_inputs = run.behaviour.kl_batches(run.pair.tokenizer, "test", run.cfg.evaluation.batch_size)
-    with stage("first-token KL reference"):
-        run.kl = KLReference.of_model(run.pair.target, kl_inputs) if kl_inputs else None  # unedited
     items: dict[str, list[dict[str, Any]]] = {"target": [], "donor": [], "patched": []}
     blocks: dict[str, Block] = {}
-    for name in ("target", "donor"):
+    for name in ("target", "donor"):  # the target first: its evaluation builds the KL reference
         with stage(name):
-            blocks[name] = run.evaluate(getattr(run.pair, name), items[name], unedited=name == "target")
+            blocks[name] = run.evaluate(getattr(run.pair, name), items[name],
+                                        unedited=kl_inputs if name == "target" else None)
     main_patch = None
     for method, a in chosen.items():
         patch = NeuronPatch.from_pair(run.pair, all_scores[method].top_k(k), a, scores=all_scores[method],
