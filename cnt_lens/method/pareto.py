@@ -2,11 +2,12 @@
 
 :func:`~cnt_lens.method.search.search_minimal` bisects k at each alpha of a fixed grid for the smallest set
 reaching the goal. :func:`search_pareto` instead lets a multi-objective sampler (Optuna's Gaussian-process
-sampler, reaching the goal within the run's constraint as its feasibility) propose ``trials`` points over k (log scale) and a continuous alpha, scoring each
-on three objectives: the share of the donor–target gap closed (up), the first-token KL from the target on the
-harmless validation inputs (down) and the share of neurons written (down). Every point is measured as a
-bisection's is (:func:`~cnt_lens.method.search.measure_point`: estimated when the search screens, evaluated
-otherwise), so both searches can be set side by side at the same number of points. The result is the same
+sampler, with reaching the goal within the run's constraint as its feasibility) propose ``trials`` points over k
+(log scale) and a continuous alpha, scoring each on three objectives: the share of the donor–target gap closed
+(up), the first-token KL from the target on the harmless validation inputs (down) and the share of neurons written
+(down). Every point is measured as a bisection's is (:func:`~cnt_lens.method.search.measure_point`: estimated
+when the search screens, evaluated otherwise), so both searches can be set side by side at the same number of
+points. The result is the same
 :class:`~cnt_lens.method.search.SearchResult`: ``frontier`` holds every point, :func:`pareto_front` picks its
 non-dominated ones, and the chosen point is the fewest neurons on the front that reaches the goal acceptably
 (within ``max_kl`` and the constraint), confirmed by a full evaluation.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from cnt_lens.behaviours.base import Behaviour
 from cnt_lens.behaviours.constraints import Constraint
@@ -42,8 +43,9 @@ def _optuna() -> Any:
         import optuna
         import scipy  # noqa: F401  (the Gaussian-process sampler's optimiser, imported only once it samples)
     except ImportError:
-        raise CntLensError("search strategy 'pareto' needs Optuna and SciPy: pip install 'cnt_lens[search]' (bash scripts/setup "
-                           "installs it), or use the bisection search (SearchConfig.strategy='bisection')") from None
+        raise CntLensError("search strategy 'pareto' needs Optuna and SciPy: pip install 'cnt_lens[search]' (bash "
+                           "scripts/setup installs it), or use the bisection search (SearchConfig.strategy="
+                           "'bisection')") from None
     return optuna
 
 
@@ -55,7 +57,7 @@ def objectives(point: Point) -> tuple[float, ...]:
 
 
 def violation(point: Point, goal: float) -> float:
-    """How far ``point`` is from what the search may answer with (0: acceptable and at ``goal``; the sampler's constraint).
+    """How far ``point`` is from an answer (0: acceptable and at ``goal``): the sampler's constraint.
 
     The share of the gap still short of ``goal``, plus 1 when the point breaks the constraint or the KL bound: the
     sampler looks for small, low-KL sets among those that reach the goal, and the front keeps every acceptable point.
@@ -102,7 +104,8 @@ def search_pareto(
     count as reaching the goal within ``slack`` of it, and at most ``config.confirm`` of them — the
     goal-reaching acceptable ones, fewest neurons first — are evaluated in full; the first the evaluation
     confirms is the answer. When none is confirmed or none reached it, the acceptable trial closing the most
-    of the gap is evaluated in full (``found`` is ``False``: the caller keeps the best evaluated point).
+    of the gap is evaluated in full, the answer only if that evaluation reaches the goal (else ``found`` is
+    ``False`` and the caller keeps the best evaluated point).
     Settings are ``config``'s (:class:`~cnt_lens.method.config.SearchConfig`); ``reference`` as in
     :func:`~cnt_lens.method.search.search_minimal`.
     """
@@ -145,7 +148,7 @@ def search_pareto(
 
 
 def _study(optuna: Any, config: SearchConfig, with_kl: bool, k_max: int) -> Any:
-    """A seeded multi-objective Gaussian-process study (:func:`violation` as its constraint) opening on the largest sets.
+    """A seeded multi-objective Gaussian-process study (:func:`violation` its constraint) opening on the largest sets.
 
     The first trials are the largest set at each alpha of ``config.alphas``, largest first (which alphas can reach
     the goal at all: what a bisection learns first); the sampler proposes every trial after them. A Gaussian
@@ -156,7 +159,8 @@ def _study(optuna: Any, config: SearchConfig, with_kl: bool, k_max: int) -> Any:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # its per-trial lines and a note on an optional package
     with warnings.catch_warnings():  # constraints_func is marked experimental
         warnings.simplefilter("ignore")
-        sampler = optuna.samplers.GPSampler(seed=config.seed, n_startup_trials=len(opening), deterministic_objective=True,
+        sampler = optuna.samplers.GPSampler(seed=config.seed, n_startup_trials=len(opening),
+                                            deterministic_objective=True,
                                             constraints_func=lambda t: (t.user_attrs.get("violation", 1.0),))
     study = optuna.create_study(directions=["minimize"] * (3 if with_kl else 2), sampler=sampler)
     for alpha in opening:
@@ -172,7 +176,7 @@ def _suggest(trial: Any, config: SearchConfig, k_max: int) -> tuple[int, float]:
     return k, float(f"{alpha:.3g}")
 
 
-def _confirm(points: list[Point], evaluate: Any, confirm: int) -> Point | None:
+def _confirm(points: list[Point], evaluate: Callable[[Point], Point], confirm: int) -> Point | None:
     """Evaluate in full up to ``confirm`` goal-reaching acceptable estimates, fewest neurons first; the first confirmed.
 
     A candidate no larger and no stronger than one the evaluation already refuted (k and alpha both ≤) is

@@ -244,7 +244,7 @@ def search_minimal(
 
 
 def top_set(scores: NeuronScores, k: int, config: SearchConfig, n_layers: int) -> NeuronSelection:
-    """The search's set of size ``k``: the top ``k`` of ``scores``, or (``config.per_layer``) ``k // n_layers`` per layer."""
+    """The search's set of size ``k``: the top ``k`` of ``scores`` (``config.per_layer``: ``k // n_layers`` a layer)."""
     return scores.top_k(max(1, k // n_layers), per_layer=True) if config.per_layer else scores.top_k(k)
 
 
