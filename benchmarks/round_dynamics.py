@@ -20,6 +20,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 import cnt_lens.method.rounds as rounds_module
 from cnt_lens import NeuronScores, iterative_scores, load_model, search_minimal
 from cnt_lens.experiments.applications import APPLICATIONS, OBJECTIVES, PROTOCOLS
@@ -61,8 +63,8 @@ def print_rounds(name: str, pair, scores: NeuronScores, passes: list[NeuronScore
     order = scores.ranked().flatten().argsort(descending=True)
     print(f"\n{name}: round, target metric (train), overlap with round t-1, with round t-2")
     for t, past in enumerate(passes):
-        chosen = NeuronSelection(order[: per_round * t].new_zeros(pair.n_neurons, dtype=bool)
-                                 .index_fill(0, order[: per_round * t], True).view(pair.n_layers, pair.d_mlp))
+        picked = torch.zeros(pair.n_neurons, dtype=torch.bool).index_fill(0, order[: per_round * t], True)
+        chosen = NeuronSelection(picked.view(pair.n_layers, pair.d_mlp))  # the rounds before t
         laps = [next_overlap(passes[t - back], past, chosen, total - chosen.n) if t >= back else None for back in (1, 2)]
         print(f"  {t + 1}  {history[t]['metric_target']:8.3f}  "
               + "  ".join("   -  " if o is None else f"{o:6.3f}" for o in laps))
