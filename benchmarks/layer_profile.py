@@ -42,8 +42,11 @@ def kernel(n_layers: int, p: float, d: float, m: float) -> list[float]:
     return (1 - (1 - m) * dist.clamp(max=1)).tolist()
 
 
-def measure_profiled(pair, behaviours, selection, alpha, weights, reference, constraint, goal) -> Point:  # noqa: ANN001
-    """``selection`` patched at ``alpha · weights[layer]`` per layer, measured as ``reference`` was, then reverted."""
+def measure_profiled(pair, behaviours, selection, alpha, weights, reference, constraint, search) -> Point:  # noqa: ANN001
+    """``selection`` patched at ``alpha · weights[layer]`` per layer, measured as ``reference`` was, then reverted.
+
+    ``search`` (the run's :class:`~cnt_lens.method.config.SearchConfig`) gives the goal and the batch size.
+    """
     with contextlib.ExitStack() as applied:
         for layer in range(pair.n_layers):
             rows = selection.mask & (torch.arange(pair.n_layers) == layer)[:, None]
@@ -51,12 +54,12 @@ def measure_profiled(pair, behaviours, selection, alpha, weights, reference, con
                 scale = max(alpha * (1.0 if weights is None else weights[layer]), 1e-3)
                 applied.enter_context(NeuronPatch.from_pair(pair, NeuronSelection(rows), scale).applied(pair.target))
         with watching(reference.kl) as seen:
-            m = measure(pair.target, behaviours, reference.split, batch_size=128,
+            m = measure(pair.target, behaviours, reference.split, batch_size=search.batch_size,
                         estimate=reference.measured == "estimate")
         m.update(reference.kl.of(pair.target, seen))
     head = behaviours[0].headline
     closed = (m[head] - reference.target[head]) / (reference.donor[head] - reference.target[head])
-    return Point("profiled", selection.n, selection.n / pair.n_neurons, alpha, closed, closed >= goal,
+    return Point("profiled", selection.n, selection.n / pair.n_neurons, alpha, closed, closed >= search.goal,
                  bool(constraint(m, reference)), reference.measured, m)
 
 
@@ -81,7 +84,8 @@ def search(pair, behaviours, scores, config, app, reference: Reference, trials: 
         k, a = t.suggest_int("k", 16, k_max, log=True), t.suggest_float("alpha", 2.0, 8.0)
         w = kernel(pair.n_layers, t.suggest_float("p", 0.0, 1.0), t.suggest_float("d", 0.1, 1.0),
                    t.suggest_float("m", 0.0, 1.0))
-        point = measure_profiled(pair, behaviours, scores.top_k(k), a, w, reference.estimate, app.constraint, goal)
+        point = measure_profiled(pair, behaviours, scores.top_k(k), a, w, reference.estimate, app.constraint,
+                                 config.search)
         t.set_user_attr("v", violation(point, goal - config.search.slack))
         study.tell(t, objectives(point))
         screened.append((point, w, t.params))
@@ -90,7 +94,7 @@ def search(pair, behaviours, scores, config, app, reference: Reference, trials: 
                       key=lambda s: s[0].numbers["kl_first_token"])
     for point, w, params in feasible[:confirm]:
         full = measure_profiled(pair, behaviours, scores.top_k(point.k), point.alpha, w, reference, app.constraint,
-                                goal)
+                                config.search)
         print(line(f"in full {[round(params[x], 2) for x in 'pdm']}", full) + f", goal reached {full.goal_reached}")
 
 
@@ -118,7 +122,7 @@ def main() -> None:
             weights = None if profile is None else kernel(pair.n_layers, *profile)
             for alpha in (8.0, 10.0):
                 point = measure_profiled(pair, behaviours, scores.top_k(k), alpha, weights, reference,
-                                         app.constraint, config.search.goal)
+                                         app.constraint, config.search)
                 print(line(f"grid (p, d, m) {profile or 'flat'}", point), flush=True)
         if args.trials:
             search(pair, behaviours, scores, config, app, reference, args.trials, args.confirm)

@@ -43,7 +43,7 @@ def ranked_in_rounds(pair, behaviour, config, side_effects):  # noqa: ANN001, AN
         return passes[-1]
 
     ranking = config.ranking
-    weights = ranking.preserve_weights or (10.0,) * len(side_effects)
+    weights = ranking.preserve_weights if ranking.preserve_weights is not None else (10.0,) * len(side_effects)
     preserved = [(b, w) for b, w in zip(side_effects, weights) if w]
     rounds_module.score = kept  # watch each round's pass; the ranking is computed exactly as a run does
     try:
