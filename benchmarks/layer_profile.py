@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 from pathlib import Path
 
 import optuna
 import torch
+from run_pair import rebuilt  # this directory's sibling module
 
-from cnt_lens import NeuronPatch, NeuronScores, load_model
+from cnt_lens import NeuronPatch, NeuronScores
 from cnt_lens.core.records import Point, Reference
-from cnt_lens.experiments.applications import APPLICATIONS, OBJECTIVES, PROTOCOLS
-from cnt_lens.method.config import TransferConfig
 from cnt_lens.method.divergence import watching
 from cnt_lens.method.evaluate import measure
 from cnt_lens.method.pareto import objectives, violation
@@ -106,13 +104,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=0)
     ap.add_argument("--confirm", type=int, default=5)
     args = ap.parse_args()
-    metrics = json.loads((args.run / "metrics.json").read_text())
-    config = TransferConfig.from_dict(metrics["extra"]["config"])
-    app, about = APPLICATIONS[config.about["application"]], config.about
     with resumable(args.out):
-        pair = app.build(load_model(about["model"]))
-        behaviour = OBJECTIVES[about.get("objective", "opening")](PROTOCOLS[about.get("protocol", "split")](
-            app.behaviour()), getattr(pair, app.refuser))
+        metrics, config, app, pair, behaviour = rebuilt(args.run)
         behaviours = [behaviour, *app.side_effects()]
         scores = NeuronScores.load(args.run / "scores" / f"{metrics['patched']['method']}.safetensors")
         reference = screened_reference(pair, behaviour, app.side_effects(), config.search, measure_reference(

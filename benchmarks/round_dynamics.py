@@ -16,16 +16,14 @@ read. ``--out`` holds the resume store, so a second call reuses every scoring pa
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from run_pair import rebuilt  # this directory's sibling module
 
 import cnt_lens.method.rounds as rounds_module
-from cnt_lens import NeuronScores, iterative_scores, load_model, search_minimal
-from cnt_lens.experiments.applications import APPLICATIONS, OBJECTIVES, PROTOCOLS
-from cnt_lens.method.config import TransferConfig
+from cnt_lens import NeuronScores, iterative_scores, search_minimal
 from cnt_lens.method.resume import resumable
 from cnt_lens.method.rounds import next_overlap
 from cnt_lens.method.search import measure_reference
@@ -85,13 +83,8 @@ def main() -> None:
     ap.add_argument("--fixed", action="store_true", help="also rank with the first round's direction fixed")
     ap.add_argument("--search", action="store_true", help="the validation search on each ranking")
     args = ap.parse_args()
-    config = TransferConfig.from_dict(json.loads((args.run / "metrics.json").read_text())["extra"]["config"])
-    about = config.about
-    app = APPLICATIONS[about["application"]]
     with resumable(args.out):
-        pair = app.build(load_model(about["model"]))
-        behaviour = OBJECTIVES[about.get("objective", "opening")](PROTOCOLS[about.get("protocol", "split")](
-            app.behaviour()), getattr(pair, app.refuser))
+        _, config, app, pair, behaviour = rebuilt(args.run)
         rankings = {"the metric's own direction (as runs rank)": ranked_in_rounds(pair, behaviour, config,
                                                                                  app.side_effects())}
         first = next(iter(rankings.values()))[1][0].meta
