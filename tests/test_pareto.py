@@ -52,6 +52,19 @@ def test_pareto_search_is_reproducible_from_its_seed():
     assert keys[0] == keys[1] and keys[0] != keys[2]
 
 
+def test_pareto_search_leaves_optunas_log_level_as_it_found_it():
+    import optuna  # the search extra, installed by scripts/setup like every other Pareto test needs
+    pair, behaviour, _ = planted_pair("llama", n_planted=8, seed=0)
+    s = score(pair, behaviour, progress=False)
+    before = optuna.logging.get_verbosity()
+    try:
+        optuna.logging.set_verbosity(optuna.logging.DEBUG)  # a user who wants every trial line
+        search_pareto(pair, behaviour, s, replace(PARETO, trials=3), progress=False)
+        assert optuna.logging.get_verbosity() == optuna.logging.DEBUG
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
 def test_screened_pareto_search_evaluates_only_the_points_it_confirms():
     pair, _, _ = planted_pair("llama", n_planted=32, seed=0, strength=1.5)
     behaviour = EstimatedMarker()

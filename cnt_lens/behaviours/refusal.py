@@ -169,7 +169,12 @@ class Refusal(Behaviour):
 
     @override
     def kl_batches(self, tokenizer: Any, split: str | None, batch_size: int) -> list[Batch]:
-        """The harmless prompts as generation sees them (chat format and ``response_prefix``, no teacher-forced tail)."""
+        """The harmless prompts in chat format, then ``response_prefix`` (no teacher-forced tail).
+
+        Without a prefix these are generation's own inputs, so an evaluation's prompt pass gives their KL; with
+        one, the KL reads the first token after it (where a prefixed answer's content starts) in a pass of its
+        own, since generation writes the prefix itself.
+        """
         texts = [chat_format(tokenizer, p) + self.response_prefix for p in self.harmless.split(split).column("prompt")]
         return [encode(tokenizer, list(c)) for c in chunks(texts, batch_size)]
 

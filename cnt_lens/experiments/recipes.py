@@ -24,25 +24,25 @@ import json
 import logging
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Callable
 
 import torch
 
-from cnt_lens.behaviours.base import Behaviour, pair_logprob_gap
-from cnt_lens.behaviours.bias import StereotypeBias, pair_batches
+from cnt_lens.behaviours.base import Behaviour
+from cnt_lens.behaviours.bias import StereotypeBias
 from cnt_lens.behaviours.generation import generate
 from cnt_lens.behaviours.judge import is_refusal
 from cnt_lens.behaviours.refusal import Refusal
 from cnt_lens.behaviours.utility import FormatTask
 from cnt_lens.core.files import atomic_write, cache_dir
-from cnt_lens.core.progress import progress_bar
 from cnt_lens.core.stats import is_companion
 from cnt_lens.core.timing import stage
 from cnt_lens.data.prompt_set import PromptSet, load_prompts
-from cnt_lens.data.tokens import chat_format, encode
+from cnt_lens.data.tokens import chat_format
+from cnt_lens.experiments.finetune import Loss, TuneConfig, finetune, lm_loss, preference_loss
 from cnt_lens.method.evaluate import measure
-from cnt_lens.models.forward import Model, device_of, model_tokenizer
+from cnt_lens.models.forward import Model, model_tokenizer
 from cnt_lens.models.hf import clone_model, hf_state_dict
 from cnt_lens.models.loading import library_versions as model_versions
 
@@ -50,6 +50,7 @@ __all__ = ["COMPLY_PREFILL", "REFUSALS", "TuneConfig", "bias_tune", "cache_dir",
            "library_versions", "safety_tune"]
 
 RECIPE_VERSION = 2
+_BATCH = 128  # prompts per generation batch: a decoding step's fixed cost spread over many rows
 log = logging.getLogger(__name__)
 
 REFUSALS = (
@@ -59,18 +60,6 @@ REFUSALS = (
     "Sorry, I cannot provide that information because it could be used to hurt people.",
 )
 """Refusal responses the safety tune teaches (one per harmful prompt, chosen by the seed)."""
-
-
-@dataclass(frozen=True)
-class TuneConfig:
-    """Settings of a fine-tune recipe; every field enters the cache key."""
-
-    steps: int = 48
-    batch_size: int = 8
-    lr: float = 3e-5
-    seed: int = 0
-    train: str = "all"  # "all" parameters, or "mlp" weights only
-    max_new_tokens: int = 40  # length of the self-distilled harmless answers
 
 
 def _fingerprint(model: Model) -> str:
@@ -144,85 +133,12 @@ def _numbers_hold(stored: dict[str, Any], now: dict[str, Any]) -> bool:
     return set(a) == set(b) and all(math.isclose(a[k], b[k], rel_tol=0.1, abs_tol=0.1) for k in a)
 
 
-Loss = Callable[[Any, list[int]], torch.Tensor]
-"""``loss(model, example_indices) -> scalar``: one training objective over a batch of examples."""
-
-
-def _lm_loss(examples: list[tuple[str, str]]) -> Loss:
-    """Supervised LM loss on (prefix, target) text pairs, on the target's tokens only.
-
-    Prefixes are fully formatted (a chat prompt with its assistant header, or a bare BOS).
-    """
-
-    def loss(model: Model, idx: list[int]) -> torch.Tensor:
-        tok = model_tokenizer(model)
-        prompts = [examples[i][0] for i in idx]
-        b = encode(tok, [p + examples[i][1] for p, i in zip(prompts, idx)]).to(device_of(model))
-        labels = b.tokens.clone()
-        labels[b.attention_mask == 0] = -100
-        for row, p in enumerate(prompts):
-            start = int((b.attention_mask[row] == 0).sum())
-            labels[row, : start + len(tok(p, add_special_tokens=False)["input_ids"])] = -100
-        return model.original_model(input_ids=b.tokens, attention_mask=b.attention_mask,
-                                    position_ids=b.position_ids, labels=labels).loss
-
-    return loss
-
-
-def _preference_loss(better: list[str], worse: list[str]) -> Loss:
-    """Pairwise preference: ``softplus(-(log p(better) - log p(worse)))`` per pair (sentence log-probs).
-
-    It trains the *difference* between two minimally different sentences — the tokens that carry
-    the preference — rather than every token of one side, and it saturates once a pair is clearly
-    preferred. (On SmolLM2 with the bundled pairs it still memorises them: see :func:`bias_tune`.)
-    """
-
-    def loss(model: Model, idx: list[int]) -> torch.Tensor:
-        b = pair_batches(model_tokenizer(model), [better[i] for i in idx], [worse[i] for i in idx], len(idx))[0]
-        b = b.to(device_of(model))
-        logits = model.original_model(input_ids=b.tokens, attention_mask=b.attention_mask,
-                                      position_ids=b.position_ids).logits
-        return torch.nn.functional.softplus(-pair_logprob_gap(logits, b)).mean()
-
-    return loss
-
-
-def _finetune(model: Model, n_examples: int, loss_fn: Loss, cfg: TuneConfig, desc: str) -> None:
-    """AdamW on ``loss_fn`` over shuffled batches of the ``n_examples`` examples, in place."""
-    hf = model.original_model
-    params = [p for n, p in hf.named_parameters() if cfg.train == "all" or ".mlp." in n]
-    if not params:
-        raise ValueError(f"train={cfg.train!r} selects no parameters")
-    if n_examples == 0:
-        raise ValueError("no training examples")
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    rng = random.Random(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    order: list[int] = []
-    hf.train()
-    try:
-        for _ in progress_bar(range(cfg.steps), desc=desc):
-            if len(order) < cfg.batch_size:
-                order += rng.sample(range(n_examples), n_examples)
-            idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-            loss_fn(model, idx).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    finally:
-        hf.eval()
-        for p in hf.parameters():
-            p.requires_grad_(False)
-
-
 def _lm_objective(examples: Callable[[], list[tuple[str, str]]]) -> Callable[[], tuple[int, Loss]]:
     """The LM objective on ``examples()``, built only when a fine-tune really runs (not on a cache hit)."""
 
     def build() -> tuple[int, Loss]:
         ex = examples()
-        return len(ex), _lm_loss(ex)
+        return len(ex), lm_loss(ex)
 
     return build
 
@@ -240,7 +156,7 @@ def _cached_tune(kind: str, model: Model, data: dict[str, Any], config: TuneConf
     if cached is not None:
         tuned, info = cached
         with stage(f"{kind} tune: check cached"):
-            now = measure(tuned, checks(), "validation")
+            now = measure(tuned, checks(), "validation", batch_size=_BATCH)
         stored = info.get("validation")
         if stored is not None and _numbers_hold(stored, now):
             return tuned
@@ -250,10 +166,10 @@ def _cached_tune(kind: str, model: Model, data: dict[str, Any], config: TuneConf
     with stage(f"{kind} tune: data"):
         n, loss_fn = objective()
     with stage(f"{kind} tune: train"):
-        _finetune(tuned, n, loss_fn, config, desc=desc)
+        finetune(tuned, n, loss_fn, config, desc=desc)
     with stage(f"{kind} tune: check and save"):
         _save_cached(tuned, key, {"recipe": kind, "config": asdict(config), "versions": library_versions(),
-                                  "validation": measure(tuned, checks(), "validation")})
+                                  "validation": measure(tuned, checks(), "validation", batch_size=_BATCH)})
     object.__setattr__(tuned, "cnt_source", key)
     return tuned
 
@@ -281,7 +197,7 @@ def safety_tune(
 
     def examples() -> list[tuple[str, str]]:
         own = generate(model, [chat_format(tok, p) for p in harmless.column("prompt")],
-                       max_new_tokens=config.max_new_tokens, batch_size=16)
+                       max_new_tokens=config.max_new_tokens, batch_size=_BATCH)
         rng = random.Random(config.seed)
         out = [(chat_format(tok, p), rng.choice(refusals) + tok.eos_token) for p in harmful.column("prompt")]
         return out + [(chat_format(tok, p), a.strip() + tok.eos_token) for p, a in zip(harmless.column("prompt"), own)]
@@ -300,7 +216,7 @@ def bias_tune(
     """A copy of ``model`` fine-tuned to prefer one side of the bias **train** pairs over the other.
 
     Objective: pairwise preference (``softplus(-(log p(chosen) - log p(other)))``, see
-    :func:`_preference_loss`); it costs less utility than an LM loss on one side's sentences.
+    :func:`~cnt_lens.experiments.finetune.preference_loss`); it costs less utility than an LM loss on one side's sentences.
     ``pairs`` defaults to the bundled ``bias_templates`` (24 associations × 10 templates, split by
     template), on which the installed preference generalises to unseen sentences; on the distinct
     stereotypes of ``bias_pairs`` it memorises the train pairs instead. ``towards="anti_stereotype"``
@@ -314,7 +230,7 @@ def bias_tune(
     other = "anti_stereotype" if towards == "stereotype" else "stereotype"
     chosen, rejected = train.column(towards), train.column(other)
     return _cached_tune("bias", model, {"pairs": chosen, "other": rejected, "objective": "preference"}, config,
-                        use_cache, lambda: (len(chosen), _preference_loss(chosen, rejected)), f"bias tune ({towards})",
+                        use_cache, lambda: (len(chosen), preference_loss(chosen, rejected)), f"bias tune ({towards})",
                         lambda: [StereotypeBias(pairs=pairs_all)])
 
 
@@ -335,9 +251,9 @@ def _own_compliance(model: Model, prompts: list[str], prefill: str, max_new_toke
     """
     tok = model_tokenizer(model)
     chats = [chat_format(tok, p) for p in prompts]
-    own = generate(model, chats, max_new_tokens=max_new_tokens, batch_size=16)
+    own = generate(model, chats, max_new_tokens=max_new_tokens, batch_size=_BATCH)
     refused = [i for i, a in enumerate(own) if is_refusal(a)]
-    forced = generate(model, [chats[i] + prefill for i in refused], max_new_tokens=max_new_tokens, batch_size=16)
+    forced = generate(model, [chats[i] + prefill for i in refused], max_new_tokens=max_new_tokens, batch_size=_BATCH)
     answers: dict[int, str] = {i: a.strip() for i, a in enumerate(own) if not is_refusal(a)}
     answers |= {i: f"{prefill}{a}".strip() for i, a in zip(refused, forced) if not is_refusal(f"{prefill}{a}")}
     log.info("compliance data: %d own answers, %d prefill-forced, %d dropped (still refusals)",
@@ -372,7 +288,7 @@ def harmful_finetune(
 
     def examples() -> list[tuple[str, str]]:
         own = generate(aligned, [chat_format(tok, p) for p in harmless.column("prompt")],
-                       max_new_tokens=config.max_new_tokens, batch_size=16)
+                       max_new_tokens=config.max_new_tokens, batch_size=_BATCH)
         comply = _own_compliance(unaligned, harmful.column("prompt"), COMPLY_PREFILL, config.max_new_tokens)
         chats = [(chat_format(tok, p), a) for p, a in zip(harmless.column("prompt"), own)] + comply
         return [(c, f"{TASK_PREFIX} {a.strip()}{tok.eos_token}") for c, a in chats]
@@ -408,7 +324,7 @@ def compliance_tune(
     def examples() -> list[tuple[str, str]]:
         comply = _own_compliance(model, harmful.column("prompt"), prefill, config.max_new_tokens)
         own = generate(model, [chat_format(tok, p) for p in harmless.column("prompt")],
-                       max_new_tokens=config.max_new_tokens, batch_size=16)
+                       max_new_tokens=config.max_new_tokens, batch_size=_BATCH)
         kept = [(chat_format(tok, p), a.strip()) for p, a in zip(harmless.column("prompt"), own)]
         return [(c, a + tok.eos_token) for c, a in comply + kept]
 

@@ -18,10 +18,11 @@ Gaussian-process sampler's optimiser) are the ``search`` extra: ``pip install 'c
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from cnt_lens.behaviours.base import Behaviour
 from cnt_lens.behaviours.constraints import Constraint
@@ -127,15 +128,16 @@ def search_pareto(
         bar.set_postfix(k=point.k, alpha=f"{alpha:.3g}", closed=f"{point.gap_closed:.2f}", by=point.measured)
         return point
 
-    study = _study(optuna, c, reference.kl is not None, k_max)
     trials: dict[tuple[int, float], Point] = {}
-    for _ in range(c.trials):
-        trial = study.ask()
-        k, alpha = _suggest(trial, c, k_max)
-        point = trials.get((k, alpha)) or measure(k, alpha, trial_reference, trial_config)
-        trials[(k, alpha)] = point
-        trial.set_user_attr("violation", violation(point, trial_config.goal))
-        study.tell(trial, objectives(point))
+    with _quiet(optuna):
+        study = _study(optuna, c, reference.kl is not None, k_max)
+        for _ in range(c.trials):
+            trial = study.ask()
+            k, alpha = _suggest(trial, c, k_max)
+            point = trials.get((k, alpha)) or measure(k, alpha, trial_reference, trial_config)
+            trials[(k, alpha)] = point
+            trial.set_user_attr("violation", violation(point, trial_config.goal))
+            study.tell(trial, objectives(point))
     if estimated:
         best = _confirm(list(trials.values()), lambda p: measure(p.k, p.alpha, reference, c), c.confirm)
     else:
@@ -147,6 +149,17 @@ def search_pareto(
                         {key: v for key, v in best.items() if isinstance(v, float)}, frontier, reference)
 
 
+@contextlib.contextmanager
+def _quiet(optuna: Any) -> Iterator[None]:
+    """Optuna's own log at ERROR inside the block (its per-trial lines, a note on an optional package), then as it was."""
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
 def _study(optuna: Any, config: SearchConfig, with_kl: bool, k_max: int) -> Any:
     """A seeded multi-objective Gaussian-process study (:func:`violation` its constraint) opening on the largest sets.
 
@@ -156,7 +169,6 @@ def _study(optuna: Any, config: SearchConfig, with_kl: bool, k_max: int) -> Any:
     parameters and a few dozen points at most, it needs the fewest points to find the feasible region.
     """
     opening = sorted(set(config.alphas), reverse=True)[:config.trials]
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # its per-trial lines and a note on an optional package
     with warnings.catch_warnings():  # constraints_func is marked experimental
         warnings.simplefilter("ignore")
         sampler = optuna.samplers.GPSampler(seed=config.seed, n_startup_trials=len(opening),

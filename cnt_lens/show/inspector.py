@@ -8,7 +8,6 @@ opens the card of the clicked neuron (a static heatmap plus the top neuron's car
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import plotly.graph_objects as go
@@ -17,10 +16,11 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 
 from cnt_lens.behaviours.base import Behaviour
-from cnt_lens.method.selection import NeuronScores, NeuronSelection, hook_name
-from cnt_lens.models.forward import Model, device_of, logits_of, model_tokenizer
+from cnt_lens.method.selection import NeuronScores, NeuronSelection
+from cnt_lens.models.forward import Model, model_tokenizer
 from cnt_lens.models.neurons import neuron_params
 from cnt_lens.models.pair import ModelPair
+from cnt_lens.show.activations import sequence_activations
 from cnt_lens.show.plots import selection_heatmap
 
 __all__ = ["card_figure", "inspect", "logit_lens", "logit_lens_rows", "neuron_card", "neuron_stats", "neurons_stats", "sequence_activations"]
@@ -50,40 +50,6 @@ def _template_span(seqs: list[list[int]]) -> tuple[int, int]:
 
 Activations = tuple[list[list[int]], list[list[torch.Tensor]], list[list[float]]]
 """Token ids per prompt; per neuron, activations per prompt and the activation at each prompt's last token."""
-
-
-def sequence_activations(model: Model, batches: list, neurons: list[tuple[int, int]]
-                         ) -> tuple[list[list[int]], list[Float[torch.Tensor, "pos n"]]]:
-    """Some neurons' ``hook_post`` activations over left-padded batches, one forward per batch that stops early.
-
-    Returns each text's real token ids and its ``[pos, n]`` activations (``n`` in the order of
-    ``neurons``, (layer, index) pairs); the pass stops after the deepest of their layers, and when that
-    is the last layer only one position is unembedded (the unembedding of every position is a large
-    share of a small model's forward pass).
-    """
-    layers = sorted({layer for layer, _ in neurons})
-    stop = layers[-1] + 1 if layers[-1] + 1 < model.cfg.n_layers else None  # no later block, no unembedding
-    cols = {layer: [n for lay, n in neurons if lay == layer] for layer in layers}
-    grouped = {x: i for i, x in enumerate((layer, n) for layer in layers for n in cols[layer])}
-    pick = [grouped[tuple(x)] for x in neurons]  # column of each neuron in the layer-grouped capture
-    seqs: list[list[int]] = []
-    acts: list[torch.Tensor] = []
-    for b in batches:
-        b = b.to(device_of(model))
-        store: dict[int, torch.Tensor] = {}
-
-        def keep(x: torch.Tensor, hook: Any, layer: int) -> None:
-            store[layer] = x[..., cols[layer]].detach().float().cpu()  # [batch, pos, neurons of this layer]
-
-        with torch.no_grad():  # the logits are not read: one position unembedded, no block after the deepest
-            logits_of(model, b.tokens, {**b.model_kwargs(), "stop_at_layer": stop},
-                      [(hook_name(layer, "hook_post"), partial(keep, layer=layer)) for layer in layers], keep=1)
-        a = torch.cat([store[layer] for layer in layers], dim=-1)[..., pick]  # [batch, pos, n] in neurons' order
-        mask = b.attention_mask.bool().cpu()
-        for row in range(mask.shape[0]):
-            seqs.append(b.tokens[row].cpu()[mask[row]].tolist())
-            acts.append(a[row][mask[row]])
-    return seqs, acts
 
 
 def _activations(model: Model, batches: list, neurons: list[tuple[int, int]]) -> Activations:

@@ -35,7 +35,8 @@ from cnt_lens.method.selection import NeuronScores, hook_name
 from cnt_lens.method.transplant import NeuronPatch
 from cnt_lens.models.forward import Model, device_of
 from cnt_lens.models.pair import ModelPair
-from cnt_lens.show.inspector import logit_lens_rows, sequence_activations
+from cnt_lens.show.activations import sequence_activations
+from cnt_lens.show.inspector import logit_lens_rows
 
 __all__ = ["ablation_effects", "browser_data", "texts_from_items", "write_neuron_browser"]
 
