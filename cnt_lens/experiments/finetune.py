@@ -7,7 +7,6 @@ rebuilt whenever one changes.
 
 from __future__ import annotations
 
-import logging
 import random
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,8 +20,6 @@ from cnt_lens.data.tokens import encode
 from cnt_lens.models.forward import Model, device_of, model_tokenizer
 
 __all__ = ["IGNORE", "Loss", "TuneConfig", "finetune", "lm_loss", "preference_loss"]
-
-log = logging.getLogger(__name__)
 
 IGNORE = -100
 """The label HF's loss skips."""
