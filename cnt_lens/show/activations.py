@@ -46,9 +46,12 @@ def sequence_activations(model: Model, batches: list[Batch], neurons: Neurons
     for b in batches:
         b = b.to(device_of(model))
         split = split_shared_prefix(b) if deep else None
-        if split is not None and not _split_agrees(model, b, split, neurons):
-            split = None
-        tokens, mask, a = _plain(model, b, neurons) if split is None else _shared(model, b, split, neurons)
+        if split is None or _SPLIT_CHECKED.get(model) is False:
+            tokens, mask, a = _plain(model, b, neurons)
+        elif model in _SPLIT_CHECKED:
+            tokens, mask, a = _shared(model, b, split, neurons)
+        else:  # a model's first shared batch: both passes, compared; the plain one is kept
+            tokens, mask, a = _checked(model, b, split, neurons)
         a = a[..., pick]
         for row in range(len(b)):
             seqs.append(tokens[row][mask[row]].tolist())
@@ -102,15 +105,14 @@ def _shared(model: Model, b: Batch, split: SharedPrefix, neurons: Neurons
 _SPLIT_CHECKED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 
 
-def _split_agrees(model: Model, b: Batch, split: SharedPrefix, neurons: Neurons) -> bool:
-    """Whether the shared-prefix pass gives the plain pass's activations on ``b`` (first batch per model; warns if not).
+def _checked(model: Model, b: Batch, split: SharedPrefix, neurons: Neurons
+             ) -> tuple[Int[torch.Tensor, "batch pos"], torch.Tensor, Float[torch.Tensor, "batch pos n"]]:
+    """:func:`_plain`'s answer for ``b``, after recording whether :func:`_shared` agrees with it (warns if not).
 
     A KV-cache path can break with a library release (transformers 5.24 did, through the bridge); the texts
     are then read with the plain pass, which costs the prefix's share of the time again.
     """
-    if model in _SPLIT_CHECKED:
-        return _SPLIT_CHECKED[model]
-    _, mask, plain = _plain(model, b, neurons)
+    tokens, mask, plain = _plain(model, b, neurons)
     _, mask2, two = _shared(model, b, split, neurons)
     scale = max(1.0, float(plain.abs().max()))
     ok = bool(torch.equal(mask.sum(-1), mask2.sum(-1)))
@@ -119,4 +121,4 @@ def _split_agrees(model: Model, b: Batch, split: SharedPrefix, neurons: Neurons)
     if not ok:
         log.warning("neuron activations: running the shared prompt prefix once disagrees with the plain pass (the "
                     "model's KV-cache path); reading every text in full")
-    return ok
+    return tokens, mask, plain
