@@ -15,7 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-from cnt_lens import NeuronPatch, load_model
+from run_pair import rebuilt  # a sibling benchmark module
+
+from cnt_lens import NeuronPatch
 from cnt_lens.experiments.applications import APPLICATIONS
 from cnt_lens.method.divergence import KL_NAME, first_token_kl, next_token_logprobs
 
@@ -30,9 +32,8 @@ def main() -> None:
     if about.get("application") not in APPLICATIONS:
         raise SystemExit(f"{args.run_dir}/metrics.json: about.application is {about.get('application')!r}; "
                          f"this reads runs of `cnt-lens run` ({', '.join(APPLICATIONS)})")
-    app = APPLICATIONS[about["application"]]
-    pair = app.build(load_model(about["model"]))
-    batches = app.behaviour().kl_batches(pair.tokenizer, "test", 64)
+    _, _, _, pair, behaviour = rebuilt(args.run_dir)  # the run's pair and prompts
+    batches = behaviour.kl_batches(pair.tokenizer, "test", 64)
     reference = next_token_logprobs(getattr(pair, args.reference), batches)
     patch = NeuronPatch.load(args.run_dir / "patch.safetensors", pair.target)
     print(f"KL({args.reference} ‖ model) at the first answer token, {about['application']}, {about['model']}:")

@@ -19,20 +19,18 @@ import json
 import time
 from pathlib import Path
 
-from cnt_lens import NeuronPatch, NeuronScores, Utility, load_model, measure
+from run_pair import rebuilt  # a sibling benchmark module
+
+from cnt_lens import NeuronPatch, NeuronScores, Utility, measure
 from cnt_lens.core.files import atomic_write_text
 from cnt_lens.experiments.applications import APPLICATIONS
 from cnt_lens.method.divergence import KL_NAME, first_token_kl, next_token_logprobs
+from cnt_lens.method.pareto import nondominated
 
 
 def front(points: list[dict], sign: int) -> list[dict]:
     """Points no other point beats on both refusal (``sign`` 1: more is better, -1: less) and KL, by KL."""
-    best, out = float("-inf"), []
-    for p in sorted(points, key=lambda p: (p["kl"], -sign * p["per_100"])):
-        if sign * p["per_100"] > best:
-            out.append(p)
-            best = sign * p["per_100"]
-    return out
+    return sorted(nondominated(points, lambda p: (p["kl"], -sign * p["per_100"])), key=lambda p: p["kl"])
 
 
 def main() -> None:
@@ -52,8 +50,7 @@ def main() -> None:
         raise SystemExit(f"{args.run}/metrics.json: about.application is {about.get('application')!r}; "
                          f"this reads runs of `cnt-lens run` ({', '.join(APPLICATIONS)})")
     t0 = time.time()
-    app = APPLICATIONS[about["application"]]
-    pair, behaviour = app.build(load_model(about["model"])), app.behaviour()
+    _, _, app, pair, behaviour = rebuilt(args.run)  # the run's pair and prompts
     scores = NeuronScores.load(args.run / "scores" / f"{metrics['patched']['method']}.safetensors")
     batches = behaviour.kl_batches(pair.tokenizer, "validation", args.batch_size)
     unedited = next_token_logprobs(pair.target, batches)

@@ -1,12 +1,13 @@
 """heretic's own search beside neuron transfer: refusals per 100 against first-token KL, on the same test prompts.
 
     CNT_LENS_CACHE=… python benchmarks/vs_heretic.py --heretic SCRATCH/bin/heretic --run runs/disalign
-        [--trials 30] [--startup-trials 10] [--seed 0] [--batch-size 64] [--out runs/vs-heretic-disalign]
+        [--trials 30] [--startup-trials 10] [--seed 0] [--batch-size 64] [--out runs/vs-heretic-NAME]
         [--reuse] [--into-run]
 
 ``heretic`` is heretic-llm, installed pinned in a scratch venv (never in the project's): this script only runs its
-command and reads its study. On the pair of ``cnt-lens run disalign`` (target: SmolLM2's safety tune, which refuses),
-it
+command and reads its study. On the pair of a finished run of an application that removes its target's refusal
+(``cnt-lens run disalign``: SmolLM2's safety tune; ``cnt-lens run delete-refusal --model M``: a model that refuses
+as released), rebuilt from the run's ``metrics.json``, it
 
 1. exports the target as a Hugging Face directory (:func:`~cnt_lens.method.transplant.export_hf`) and writes the
    application's prompts as local datasets: heretic's direction prompts are the **train** split (harmful, harmless),
@@ -40,9 +41,9 @@ import sys
 import time
 from pathlib import Path
 
-from kl_front import front as pareto_front  # this directory's sibling benchmark
+from kl_front import front as pareto_front  # this directory's sibling benchmarks
+from run_pair import rebuilt
 
-from cnt_lens import BUNDLED_MODEL, Refusal, load_model
 from cnt_lens.behaviours.judge import marker_refusal, markers_in_source
 from cnt_lens.core.errors import CntLensError
 from cnt_lens.core.files import atomic_write_text
@@ -96,9 +97,11 @@ def _toml(value) -> str:
 
 
 def prepare(out: Path, args) -> list[str]:
-    """Export the target, write the prompt sets and heretic's ``config.toml`` in ``out``; returns the harmful ones."""
-    pair = APPLICATIONS["disalign"].build(load_model(BUNDLED_MODEL))
-    behaviour = Refusal()
+    """Export the run's target, write the prompt sets and heretic's ``config.toml`` in ``out``; the harmful ones.
+
+    The pair and the prompts are the run's own, rebuilt from its ``metrics.json`` (:func:`run_pair.rebuilt`).
+    """
+    _, _, _, pair, behaviour = rebuilt(args.run)
     export_hf(pair.target, out / "target", overwrite=True)
     sets = {f"{kind}_{split}": getattr(behaviour, kind).split(split).column("prompt")
             for kind in ("harmful", "harmless") for split in ("train", "test")}
@@ -165,16 +168,22 @@ def _block_reading(row: dict, suffix: str, key: str) -> dict:
     return {key: 100 * row[base], f"{key}_n": row[f"{base}_n"], f"{key}_ci95": [100 * x for x in row[f"{base}_ci95"]]}
 
 
-def load_run(run: Path) -> tuple[Report, list[dict]]:
-    """A finished disalign run's report and test answers (``items.jsonl``), checked before any work."""
+#: the applications whose target refuses and whose transfer removes it: what heretic's ablation does too
+DELETIONS = tuple(name for name, app in APPLICATIONS.items() if app.refuser == "target")
+
+
+def load_run(run: Path) -> tuple[Report, list[dict], dict]:
+    """A finished deletion run's report, test answers (``items.jsonl``) and ``about``, checked before any work."""
     if not (run / "metrics.json").is_file() or not (run / "items.jsonl").is_file():
         raise CntLensError(f"--run {run}: no metrics.json and items.jsonl there (give a finished "
-                           "`cnt-lens run disalign --out RUN` directory)")
+                           f"`cnt-lens run {'|'.join(DELETIONS)} --out RUN` directory)")
     report = Report.load(run / "metrics.json")
     about = report.extra.get("config", {}).get("about", {})
-    if about.get("application") != "disalign":
-        raise CntLensError(f"{run / 'metrics.json'}: extra.config.about is {about}; give a `cnt-lens run disalign` run")
-    return report, [json.loads(x) for x in (run / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+    if about.get("application") not in DELETIONS:
+        raise CntLensError(f"{run / 'metrics.json'}: extra.config.about is {about}; give a run of an application "
+                           f"that removes the target's refusal ({', '.join(DELETIONS)})")
+    items = [json.loads(x) for x in (run / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+    return report, items, about
 
 
 def run_rows(report: Report, items: list[dict], markers: list[str], prompts: list[str]) -> list[dict]:
@@ -233,7 +242,7 @@ def figure(trials: list[dict], front: list[dict], rows: list[dict], n: int):
                                  error_y={"type": "data", "symmetric": False, "array": [hi - r["markers_per_100"]],
                                           "arrayminus": [r["markers_per_100"] - lo]}, error_x=err_x))
     fig.update_layout(title=f"refusals per 100 (heretic's markers, n={n} test prompts) against first-token KL "
-                            "from the safety tune", xaxis_title="first-token KL (nats), log scale",
+                            "from the target", xaxis_title="first-token KL (nats), log scale",
                       yaxis_title="refusals per 100", xaxis_type="log", width=1000, height=560)
     return fig
 
@@ -248,14 +257,15 @@ def main() -> None:
     """Prepare, run heretic, read its trials, write and print the side-by-side numbers."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--heretic", type=Path, required=True, help="the `heretic` command of a scratch venv")
-    ap.add_argument("--run", type=Path, required=True, help="a finished `cnt-lens run disalign` directory")
+    ap.add_argument("--run", type=Path, required=True,
+                    help=f"a finished `cnt-lens run {'|'.join(DELETIONS)}` directory")
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--startup-trials", type=int, default=10, help="random trials before TPE (heretic: 60 of 200)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=48, help="answer length (the run's, to compare the same)")
     ap.add_argument("--harmful-n", type=int, default=100, help="the first N harmful test prompts (heretic: 100)")
-    ap.add_argument("--out", type=Path, default=Path("runs/vs-heretic-disalign"))
+    ap.add_argument("--out", type=Path, default=None, help="default: runs/vs-heretic-NAME for --run …/NAME")
     ap.add_argument("--reuse", action="store_true", help="read the study already in OUT instead of running heretic")
     ap.add_argument("--into-run", action="store_true", help="add heretic's trials to RUN's metrics.json and report")
     args = ap.parse_args()
@@ -266,7 +276,8 @@ def main() -> None:
         sys.exit(f"--heretic {args.heretic}: no heretic/config.py in that venv's site-packages (is heretic-llm "
                  "installed there?)")
     markers = markers_in_source(config_py[0])
-    report, items = load_run(args.run)  # fail on a wrong run before any work
+    report, items, about = load_run(args.run)  # fail on a wrong run before any work
+    args.out = args.out or Path("runs") / f"vs-heretic-{args.run.resolve().name}"
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     prompts = prepare(args.out, args)
@@ -294,7 +305,7 @@ def main() -> None:
         print(f"| {r['model']} (n={r['n']}) | {r['neurons'] or '—'} | {marks} | "
               f"{r['judge_per_100']:.1f} [{jlo:.1f}, {jhi:.1f}] | {r['kl']:.4f}{kl_ci} |")
     atomic_write_text(args.out / "metrics.json", json.dumps(
-        {"run": str(args.run), "n_harmful_test": n, "heretic_wall_s": heretic_s, "trials": trials,
+        {"run": str(args.run), "about": about, "n_harmful_test": n, "heretic_wall_s": heretic_s, "trials": trials,
          "front": [t["number"] for t in front], "run_rows": rows,
          "settings": {k: getattr(args, k) for k in ("trials", "startup_trials", "seed", "max_new_tokens",
                                                     "harmful_n")}},

@@ -8,7 +8,7 @@ import pytest
 from cnt_lens import NeuronPatch, score
 from cnt_lens.method.config import ConfigError, SearchConfig, TransferConfig, override
 from cnt_lens.method.divergence import KL_NAME
-from cnt_lens.method.pareto import objectives, pareto_front, search_pareto
+from cnt_lens.method.pareto import nondominated, objectives, pareto_front, search_pareto
 from cnt_lens.workflow.testing import EstimatedMarker, planted_pair
 
 PARETO = SearchConfig(goal=0.9, alphas=(0.5, 4.0), max_fraction=0.5, strategy="pareto", trials=12)
@@ -41,6 +41,20 @@ def test_pareto_search_answers_with_the_fewest_neurons_on_its_front_that_reach_t
         beaten = any(all(a <= b for a, b in zip(objectives(q), objectives(p))) and objectives(q) != objectives(p)
                      for q in points if q.acceptable)
         assert (p in front) == (p.acceptable and not beaten)
+
+
+def test_nondominated_keeps_exactly_the_points_nothing_beats_on_every_objective():
+    import random
+    rng = random.Random(0)
+    points = [(rng.randint(0, 6), rng.randint(0, 6), rng.randint(0, 6)) for _ in range(60)]
+    kept = nondominated(points, key=lambda p: p)
+    assert kept == [p for p in points if p in kept]  # input order, duplicates of a kept point kept
+    for p in points:
+        beaten = [q for q in points if all(a <= b for a, b in zip(q, p)) and q != p]
+        assert (p in kept) == (not beaten), (p, beaten[:1])
+    # a key turns "more is better" into minimisation: refusals kept only where KL buys fewer of them
+    rows = [{"kl": 0.1, "n": 9}, {"kl": 0.2, "n": 9}, {"kl": 0.3, "n": 4}, {"kl": 0.05, "n": 12}]
+    assert [r["kl"] for r in nondominated(rows, key=lambda r: (r["kl"], r["n"]))] == [0.1, 0.3, 0.05]
 
 
 def test_pareto_search_is_reproducible_from_its_seed():

@@ -22,7 +22,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from cnt_lens.behaviours.base import Behaviour
 from cnt_lens.behaviours.constraints import Constraint
@@ -35,7 +35,9 @@ from cnt_lens.method.search import SearchResult, largest_k, measure_point, scree
 from cnt_lens.method.selection import NeuronScores
 from cnt_lens.models.pair import ModelPair
 
-__all__ = ["objectives", "pareto_front", "search_pareto", "violation"]
+__all__ = ["nondominated", "objectives", "pareto_front", "search_pareto", "violation"]
+
+T = TypeVar("T")
 
 
 def _optuna() -> Any:
@@ -67,6 +69,23 @@ def violation(point: Point, goal: float) -> float:
     return short + (0.0 if point.acceptable else 1.0)
 
 
+def nondominated(items: Sequence[T], key: Callable[[T], tuple[float, ...]]) -> list[T]:
+    """The ``items`` no other item dominates (as good on every objective of ``key``, each minimised, and better on one).
+
+    In their input order; items with equal objectives are all kept.
+
+    Example:
+        >>> nondominated([(1, 5), (2, 2), (3, 3), (1, 5)], key=lambda p: p)
+        [(1, 5), (2, 2), (1, 5)]
+    """
+    keys = [key(x) for x in items]
+
+    def dominated(o: tuple[float, ...]) -> bool:
+        return any(all(a <= b for a, b in zip(q, o)) and q != o for q in keys)
+
+    return [x for x, o in zip(items, keys) if not dominated(o)]
+
+
 def pareto_front(points: Sequence[Point]) -> list[Point]:
     """The acceptable ``points`` no other acceptable point beats on every objective (:func:`objectives`), by k.
 
@@ -75,12 +94,7 @@ def pareto_front(points: Sequence[Point]) -> list[Point]:
         >>> [q.k for q in pareto_front([p(5, 0.5), p(10, 0.4), p(20, 0.95)])]
         [5, 20]
     """
-    ok = [(p, objectives(p)) for p in points if p.acceptable]
-
-    def dominated(o: tuple[float, ...]) -> bool:
-        return any(all(a <= b for a, b in zip(q, o)) and q != o for _, q in ok)
-
-    front = {(p.k, p.alpha, p.measured): p for p, o in ok if not dominated(o)}
+    front = {(p.k, p.alpha, p.measured): p for p in nondominated([p for p in points if p.acceptable], objectives)}
     return sorted(front.values(), key=lambda p: (p.k, objectives(p)))
 
 
