@@ -12,13 +12,11 @@ interval and n (the harmless test prompts for refusal, as the run reads them).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from run_pair import rebuilt  # a sibling benchmark module
 
 from cnt_lens import NeuronPatch
-from cnt_lens.experiments.applications import APPLICATIONS
 from cnt_lens.method.divergence import KL_NAME, first_token_kl, next_token_logprobs
 
 
@@ -28,11 +26,8 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--reference", choices=("donor", "target"), default="donor")
     args = ap.parse_args()
-    about = json.loads((args.run_dir / "metrics.json").read_text())["extra"]["config"]["about"]
-    if about.get("application") not in APPLICATIONS:
-        raise SystemExit(f"{args.run_dir}/metrics.json: about.application is {about.get('application')!r}; "
-                         f"this reads runs of `cnt-lens run` ({', '.join(APPLICATIONS)})")
-    _, _, _, pair, behaviour = rebuilt(args.run_dir)  # the run's pair and prompts
+    _, config, _, pair, behaviour = rebuilt(args.run_dir)  # the run's pair and prompts
+    about = config.about
     batches = behaviour.kl_batches(pair.tokenizer, "test", 64)
     reference = next_token_logprobs(getattr(pair, args.reference), batches)
     patch = NeuronPatch.load(args.run_dir / "patch.safetensors", pair.target)

@@ -23,7 +23,6 @@ from run_pair import rebuilt  # a sibling benchmark module
 
 from cnt_lens import NeuronPatch, NeuronScores, Utility, measure
 from cnt_lens.core.files import atomic_write_text
-from cnt_lens.experiments.applications import APPLICATIONS
 from cnt_lens.method.divergence import KL_NAME, first_token_kl, next_token_logprobs
 from cnt_lens.method.pareto import nondominated
 
@@ -42,15 +41,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    if not (args.run / "metrics.json").is_file():
-        raise SystemExit(f"{args.run}: no metrics.json there (give a finished `cnt-lens run` directory)")
-    metrics = json.loads((args.run / "metrics.json").read_text())
-    about = metrics["extra"]["config"]["about"]
-    if about.get("application") not in APPLICATIONS:
-        raise SystemExit(f"{args.run}/metrics.json: about.application is {about.get('application')!r}; "
-                         f"this reads runs of `cnt-lens run` ({', '.join(APPLICATIONS)})")
     t0 = time.time()
-    _, _, app, pair, behaviour = rebuilt(args.run)  # the run's pair and prompts
+    metrics, _, app, pair, behaviour = rebuilt(args.run)  # the run's pair and prompts
     scores = NeuronScores.load(args.run / "scores" / f"{metrics['patched']['method']}.safetensors")
     batches = behaviour.kl_batches(pair.tokenizer, "validation", args.batch_size)
     unedited = next_token_logprobs(pair.target, batches)
