@@ -1,31 +1,33 @@
 """Direction baselines beside neuron transfer: chosen on validation, read once on test, in the field's units.
 
-    CNT_LENS_CACHE=… python benchmarks/direction_baseline.py [--application disalign|enhance]
-        [--layers 8,10,12,14,16,18,20] [--alphas …] [--out runs/direction-APPLICATION]
-        [--markers-from SCRATCH/heretic/config.py] [--run RUN]
+    CNT_LENS_CACHE=… python benchmarks/direction_baseline.py [--application disalign|enhance] [--run RUN]
+        [--layers 8,10,12,14,16,18,20] [--alphas …] [--out runs/direction-NAME]
+        [--markers-from SCRATCH/heretic/config.py]
 
-The pair of ``cnt-lens run APPLICATION`` on the bundled SmolLM2, edited as practitioners do
-(:mod:`cnt_lens.method.directions`):
+The pair of ``cnt-lens run APPLICATION`` — on the bundled SmolLM2, or with ``--run RUN`` the pair of that finished
+run, rebuilt from its ``metrics.json`` on its own model, prompts and protocol (``benchmarks/run_pair.py``; e.g.
+``runs/qwen-delete`` of ``cnt-lens run delete-refusal --model qwen2.5-coder-0.5b-instruct``) — edited as
+practitioners do (:mod:`cnt_lens.method.directions`):
 
-- ``disalign`` (deletion; target: SmolLM2's safety tune, which refuses): directional ablation, Arditi et al.'s
-  abliteration. For each candidate layer the unit direction comes from the **target's** train prompts (mean
-  residual at the last token, harmful minus harmless); every attention and MLP output projection is
-  orthogonalised against it, scaled by alpha. Best: the lowest refusal.
-- ``enhance`` (addition; target: SmolLM2, which does not refuse; donor: its safety tune): activation addition.
+- deletion (``disalign``: SmolLM2's safety tune; ``delete-refusal``: a model that refuses as released; the target
+  refuses): directional ablation, Arditi et al.'s abliteration. For each candidate layer the unit direction comes
+  from the **target's** train prompts (mean residual at the last token, harmful minus harmless); every attention
+  and MLP output projection is orthogonalised against it, scaled by alpha. Best: the lowest refusal.
+- addition (``enhance``; target: SmolLM2, which does not refuse; donor: its safety tune): activation addition.
   The **donor's** difference of means at the layer (its refusal direction, in the residual's units) times alpha
   is written into the target's residual stream at every position (a bias on the block before's MLP output),
   alpha up to 8: the range of the transfer's own alpha search. Best: the highest refusal.
 
 Each (layer, alpha) is read on **validation**: refusal per 100 by the search's estimate (greedy opening, judged),
 harmless refusal, utility NLL, and first-token KL from the unedited target on the harmless prompts. Chosen as the
-application chooses its own points: among those its constraint accepts (disalign: NLL at most 1% above the
+application chooses its own points: among those its constraint accepts (deletion: NLL at most 1% above the
 target's; enhance: that, and harmless refusal no higher than the donor's), the best refusal, ties within 2 per 100
 broken by the lower KL (none acceptable: the best refusal of all, said so). **Test** is read once, for the chosen
 point and the unedited target: whole answers judged (and, with ``--markers-from``, by that tool's refusal
 markers), per family, KL, NLL. Writes ``OUT/metrics.json`` (every validation point, the choice, the test blocks)
-and ``OUT/items.jsonl``. ``--run RUN`` (a run of the same application, e.g. ``runs/demo``) also adds the chosen
-edit's test block to ``RUN/metrics.json`` as a baseline (``directional_ablation`` or ``activation_addition``, the
-same name replaced on a rerun) and rebuilds ``RUN/report.html``: the run's tables, shares and refusals-vs-KL figure
+and ``OUT/items.jsonl``. With ``--run`` the chosen edit's test block is also added to ``RUN/metrics.json`` as a
+baseline (``directional_ablation`` or ``activation_addition``, the same name replaced on a rerun) and
+``RUN/report.html`` is rebuilt: the run's tables, shares and refusals-vs-KL figure (and ``benchmarks/vs_heretic.py``)
 then set the edit beside neuron transfer on the same test prompts.
 """
 
@@ -37,23 +39,24 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from run_pair import rebuilt  # this directory's sibling module
+
 from cnt_lens import BUNDLED_MODEL, Refusal, Utility, load_model, measure
 from cnt_lens.behaviours.judge import marker_refusal, markers_in_source
-from cnt_lens.core.errors import CntLensError
 from cnt_lens.core.stats import rate
 from cnt_lens.experiments.applications import APPLICATIONS
 from cnt_lens.method.directions import ablated, added, mean_difference
 from cnt_lens.method.divergence import first_token_kl, next_token_logprobs
 from cnt_lens.method.evaluate import Report
 
-#: per application: which model gives the direction, whether it is normalised, the edit, the default strengths, and
-#: which way is better
-EDITS = {
-    "disalign": {"source": "target", "unit": True, "alphas": "0.25,0.5,0.75,1", "sign": -1,
-                 "edit": lambda target, d, layer, alpha: ablated(target, d, alpha)},
-    "enhance": {"source": "donor", "unit": False, "alphas": "0.5,1,2,4,8", "sign": 1,
-                "edit": lambda target, d, layer, alpha: added(target, alpha * d, layer)},
-}
+#: per kind of edit: which model gives the direction, whether it is normalised, the edit, the default strengths,
+#: which way is better, and its baseline's name
+_ABLATION = {"source": "target", "unit": True, "alphas": "0.25,0.5,0.75,1", "sign": -1,
+             "edit": lambda target, d, layer, alpha: ablated(target, d, alpha), "name": "directional_ablation"}
+_ADDITION = {"source": "donor", "unit": False, "alphas": "0.5,1,2,4,8", "sign": 1,
+             "edit": lambda target, d, layer, alpha: added(target, alpha * d, layer), "name": "activation_addition"}
+#: per application: its edit
+EDITS = {"disalign": _ABLATION, "delete-refusal": _ABLATION, "enhance": _ADDITION}
 
 
 def _kl(model, behaviour, split, reference, batch_size):
@@ -71,26 +74,28 @@ def _rates(block):
     return cells
 
 
-def _run_report(run: Path, application: str) -> Report:
-    """The run's report, checked to be of ``application`` (its pair is the one edited here)."""
-    path = run / "metrics.json"
-    if not path.is_file():
-        raise CntLensError(f"--run {run}: no metrics.json there (give a finished run's directory, e.g. runs/demo)")
-    report = Report.load(path)
-    about = report.extra.get("config", {}).get("about", {})
-    if about.get("application") != application or about.get("model", BUNDLED_MODEL) != BUNDLED_MODEL:
-        raise CntLensError(f"{path}: extra.config.about is {about}, not application {application!r} on "
-                           f"{BUNDLED_MODEL}; give a run of the pair edited here (--application)")
-    return report
+def _pair_and_behaviour(args):
+    """(application, pair, behaviour, report or None): ``--run``'s rebuilt, or ``--application`` on the bundled model."""
+    if args.run is None:
+        return args.application, APPLICATIONS[args.application].build(load_model(BUNDLED_MODEL)), Refusal(), None
+    _, _, app, pair, behaviour = rebuilt(args.run)
+    if app.name not in EDITS:
+        raise SystemExit(f"{args.run}/metrics.json: application {app.name!r} has no direction edit here; "
+                         f"give a run of {', '.join(sorted(EDITS))}")
+    return app.name, pair, behaviour, Report.load(args.run / "metrics.json")
 
 
-def _add_to_run(run: Path, report: Report, method: str, chosen: dict, block: dict) -> None:
-    """``block`` as the run's baseline ``method`` (replacing one of that name), then the report rebuilt."""
+def _add_to_run(run: Path, report: Report, method: str, chosen: dict, block: dict, answers: Path) -> None:
+    """``block`` as the run's baseline ``method`` (replacing one of that name), then the report rebuilt.
+
+    ``answers``: the ``items.jsonl`` holding the edit's test answers (``model`` = ``method``), kept in the entry so
+    that a reader can re-judge them prompt by prompt (``benchmarks/vs_heretic.py`` does, on heretic's prompts).
+    """
     from cnt_lens.show.report import write_report
 
     entry = {"method": method, "layer": chosen["layer"], "alpha": chosen["alpha"],
              "acceptable_on_validation": chosen["acceptable"], "chosen_by": "benchmarks/direction_baseline.py",
-             **block}
+             "answers": str(answers), **block}
     report.baselines = [b for b in report.baselines if b.get("method") != method] + [entry]
     report.save(run / "metrics.json")
     print(f"added {method} to {run}/metrics.json; rebuilt {write_report(run)}", flush=True)
@@ -101,7 +106,7 @@ def _validation(target, behaviour, kind, source, train, reference, args, refs):
 
     The direction of each layer comes from ``source`` (the model named by ``kind``) on the ``train`` prompts.
     """
-    app, points, directions = APPLICATIONS[args.application], [], {}
+    app, points, directions = APPLICATIONS[args.application], [], {}  # args.application: the run's
     for layer in (int(x) for x in args.layers.split(",")):
         d = directions[layer] = mean_difference(source, train["harmful"], train["harmless"], layer,
                                                 unit=kind["unit"])
@@ -130,21 +135,23 @@ def _choose(points, sign):
 def main() -> None:
     """Search on validation, evaluate once on test, print and write the numbers."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--application", choices=sorted(EDITS), default="disalign")
+    ap.add_argument("--application", choices=sorted(EDITS), default="disalign",
+                    help="the application on the bundled model (ignored with --run: the run's)")
     ap.add_argument("--layers", default="8,10,12,14,16,18,20", help="blocks whose input residual gives a direction")
     ap.add_argument("--alphas", default=None, help="strengths (ablation: 1 writes nothing along it; addition: "
                                                    "times the donor's difference of means); default per application")
-    ap.add_argument("--out", type=Path, default=None, help="default runs/direction-APPLICATION")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default runs/direction-APPLICATION, or runs/direction-RUNNAME with --run")
     ap.add_argument("--markers-from", type=Path, default=None, help="a file assigning refusal_markers (e.g. heretic's)")
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--run", type=Path, default=None, help="a run of the same application to add the edit to")
+    ap.add_argument("--run", type=Path, default=None,
+                    help="a finished run whose pair is edited, and which gets the edit as a baseline")
     args = ap.parse_args()
-    out = args.out or Path(f"runs/direction-{args.application}")
-    run_report = _run_report(args.run, args.application) if args.run is not None else None  # fail before work
     t0 = time.time()
+    args.application, pair, behaviour, run_report = _pair_and_behaviour(args)  # a bad --run fails before work
+    out = args.out or Path(f"runs/direction-{args.run.name if args.run is not None else args.application}")
     kind = EDITS[args.application]
-    pair = APPLICATIONS[args.application].build(load_model(BUNDLED_MODEL))
-    target, behaviour, bs = pair.target, Refusal(), args.batch_size
+    target, bs = pair.target, args.batch_size
     refs = {s: next_token_logprobs(target, behaviour.kl_batches(target.tokenizer, s, bs)) for s in ("validation", "test")}
     train = {k: getattr(behaviour, k).split("train").column("prompt") for k in ("harmful", "harmless")}
     markers = markers_in_source(args.markers_from) if args.markers_from is not None else None
@@ -155,7 +162,7 @@ def main() -> None:
     chosen = _choose(points, kind["sign"])
     print(f"chosen on validation: layer {chosen['layer']}, alpha {chosen['alpha']:g}"
           f"{'' if chosen['acceptable'] else ' (no point acceptable: the best refusal of all)'}", flush=True)
-    edited = "directional_ablation" if args.application == "disalign" else "activation_addition"
+    edited = kind["name"]
     items, blocks = [], {}
     for name in ("target", edited):
         recs: list = []
@@ -173,13 +180,14 @@ def main() -> None:
                  f"NLL {block['utility_nll']:.3f}"]
         print(f"test, {name}: " + "; ".join(cells), flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({"application": args.application, "validation": points,
+    (out / "metrics.json").write_text(json.dumps({"application": args.application, "run": str(args.run or ""),
+                                                  "validation": points,
                                                   "chosen": chosen, "test": blocks,
                                                   "wall_time_s": round(time.time() - t0, 1)}, indent=1))
     (out / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
     print(f"wrote {out}/metrics.json, items.jsonl in {time.time() - t0:.0f} s")
     if run_report is not None:
-        _add_to_run(args.run, run_report, edited, chosen, blocks[edited])
+        _add_to_run(args.run, run_report, edited, chosen, blocks[edited], out / "items.jsonl")
 
 
 if __name__ == "__main__":

@@ -186,11 +186,20 @@ def load_run(run: Path) -> tuple[Report, list[dict], dict]:
     return report, items, about
 
 
+def _answers(row: dict, items: list[dict]) -> list[dict]:
+    """The answers that hold ``row``'s model: the run's ``items``, or the file a benchmark's entry names."""
+    path = Path(row["answers"]) if row.get("answers") else None
+    if path is None or not path.is_file():
+        return items
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+
+
 def run_rows(report: Report, items: list[dict], markers: list[str], prompts: list[str]) -> list[dict]:
     """Each model of the run's test tables: judge and marker refusals per 100 (n, 95% intervals), KL with its.
 
-    Refusals are read from the run's answers (``items``) to ``prompts``; a model without answers there (an edit a
-    benchmark added) keeps its own block's reading, on its own n.
+    Refusals are read from the run's answers (``items``) to ``prompts``; an edit a benchmark added, from the answers
+    file its entry names (``answers``, e.g. ``benchmarks/direction_baseline.py``'s ``items.jsonl``) when it is
+    there, else from its own block's reading, on its own n.
     """
     rows, wanted = [], set(prompts)
     colours = [MODEL_COLOURS["target"], MODEL_COLOURS["donor"], MODEL_COLOURS["patched"]]
@@ -198,7 +207,7 @@ def run_rows(report: Report, items: list[dict], markers: list[str], prompts: lis
         name = row["model"]
         # items.jsonl names a model as the run's result does: "patched", a baseline by its method
         names = {name, name.split(" (")[0], name.removeprefix("baseline ")}
-        mine = [i for i in items if i.get("model") in names and i.get("set") == "harmful"
+        mine = [i for i in _answers(row, items) if i.get("model") in names and i.get("set") == "harmful"
                 and i.get("prompt") in wanted]
         if mine:
             judge = rate("judge", [i["refused"] for i in mine], scale=100.0)
