@@ -106,7 +106,7 @@ def _validation(target, behaviour, kind, source, train, reference, args, refs):
 
     The direction of each layer comes from ``source`` (the model named by ``kind``) on the ``train`` prompts.
     """
-    app, points, directions = APPLICATIONS[args.application], [], {}  # args.application: the run's
+    app, points, directions = APPLICATIONS[args.application], [], {}  # with --run, main set the run's
     for layer in (int(x) for x in args.layers.split(",")):
         d = directions[layer] = mean_difference(source, train["harmful"], train["harmless"], layer,
                                                 unit=kind["unit"])
