@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from cnt_lens.method.config import TransferConfig, override
 from cnt_lens.method.resume import active_directory, resumable, weights_digest
 from cnt_lens.models import read_neurons, write_neurons
 from cnt_lens.workflow.pipeline import transfer
-from cnt_lens.workflow.testing import EstimatedMarker, planted_pair
+from cnt_lens.workflow.testing import EstimatedMarker, MarkerBehaviour, planted_pair
 
 
 def _transfer(pair, behaviour, config, out):
@@ -146,20 +147,56 @@ def test_results_are_keyed_by_the_models_weights_and_patches(tmp_path, monkeypat
         assert calls["evaluate_items"] == 2
         measure(pair.target, [behaviour], "validation", batch_size=3)  # another batch size is another result
         assert calls["evaluate_items"] == 3
-        kept: list = []  # records kept whole (``items``) are never answered with ones cut at their verdicts
+        kept: list = []  # a behaviour whose decided records are whole ones answers ``items`` with them
+        assert behaviour.decided_is_evaluation
         assert measure(pair.target, [behaviour], "validation", items=kept) == plain and kept
-        assert calls["evaluate_items"] == 4
-        assert measure(pair.target, [behaviour], "validation", items=[]) == plain
-        assert calls["evaluate_items"] == 4
+        assert calls["evaluate_items"] == 3
+        cut = CutAtVerdict()
+        assert not cut.decided_is_evaluation
+        measure(pair.target, [cut], "validation")
+        kept = []  # records kept whole (``items``) are never answered with ones cut at their verdicts
+        measure(pair.target, [cut], "validation", items=kept)
+        assert calls["evaluate_items"] == 5 and kept and all(r["response"] for r in kept)
+        measure(pair.target, [cut], "validation", items=[])
+        assert calls["evaluate_items"] == 5
     assert active_directory() is None
     measure(pair.target, [behaviour], "validation")  # outside the block: computed
-    assert calls["evaluate_items"] == 5
+    assert calls["evaluate_items"] == 6
     # a model first seen with a patch applied is never remembered: its unpatched weights are unknown
     other, behaviour2, planted2 = planted_pair("llama", n_planted=8, seed=3)
     with resumable(tmp_path), NeuronPatch.from_pair(other, planted2, 1.0).applied(other.target):
         measure(other.target, [behaviour2], "validation")
         measure(other.target, [behaviour2], "validation")
-    assert calls["evaluate_items"] == 7
+    assert calls["evaluate_items"] == 8
+
+
+@dataclass(repr=False)
+class CutAtVerdict(MarkerBehaviour):
+    """A marker whose decided records end early (emptied responses), as refusal's end at their verdicts."""
+
+    def decided_items(self, model, split, *, batch_size=16, progress=True):
+        recs = self.evaluate_items(model, split, batch_size=batch_size, progress=progress)
+        return [{**r, "response": ""} for r in recs]
+
+
+def test_an_estimate_that_is_the_evaluation_is_measured_once(tmp_path, monkeypatch):
+    pair, behaviour, _ = planted_pair("llama", n_planted=8, seed=2)
+    calls: collections.Counter = collections.Counter()
+    for cls, name in ((MarkerBehaviour, "evaluate_items"), (EstimatedMarker, "estimate_items")):
+        def wrapped(self, *args, _original=getattr(cls, name), _name=name, **kwargs):
+            calls[f"{type(self).__name__}.{_name}"] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(cls, name, wrapped)
+    estimated = EstimatedMarker(margin=8.0)
+    assert behaviour.estimate_is_evaluation and not estimated.estimate_is_evaluation
+    with resumable(tmp_path):
+        first = measure(pair.target, [behaviour], "validation", estimate=True)
+        assert measure(pair.target, [behaviour], "validation") == first
+        assert calls["MarkerBehaviour.evaluate_items"] == 1  # the estimate was the evaluation, remembered as one
+        guess = measure(pair.target, [estimated], "validation", estimate=True)
+        full = measure(pair.target, [estimated], "validation")
+        assert calls["EstimatedMarker.estimate_items"] == calls["EstimatedMarker.evaluate_items"] == 1
+        assert guess != full  # a real estimate is never taken for the evaluation
 
 
 def test_one_changed_weight_changes_the_digest_and_the_scores_are_recomputed(tmp_path, monkeypatch):

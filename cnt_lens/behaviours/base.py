@@ -151,6 +151,11 @@ class Behaviour(abc.ABC):
         """Whether :meth:`estimate_items` is the evaluation itself (nothing for a screened search to save)."""
         return type(self).estimate_items is Behaviour.estimate_items
 
+    @property
+    def decided_is_evaluation(self) -> bool:
+        """Whether :meth:`decided_items` is the evaluation itself (its records' texts are whole ones)."""
+        return type(self).decided_items is Behaviour.decided_items
+
     def metric_items(self, model: Model, batches: list[Batch]) -> list[float]:
         """:meth:`metric` of every item of ``batches`` on ``model``, one forward pass per batch (no gradients)."""
         out: list[float] = []

@@ -39,14 +39,18 @@ def measure(model: Model, behaviours: Sequence[Behaviour], split: str | None, *,
     the same numbers). With ``estimate``,
     the numbers are each behaviour's cheap estimate (:meth:`~cnt_lens.Behaviour.estimate_items`: same keys;
     for refusal a short greedy opening, judged), for deciding between candidates, not for reporting.
-    Inside :func:`~cnt_lens.method.resume.resumable` each behaviour's records are remembered and reused.
+    Inside :func:`~cnt_lens.method.resume.resumable` each behaviour's records are remembered and reused; a
+    behaviour whose estimate is its evaluation (:attr:`~cnt_lens.Behaviour.estimate_is_evaluation`, e.g.
+    :class:`~cnt_lens.Utility`) is remembered as evaluated, so a point estimated first and evaluated later
+    measures it once.
     """
     out: Block = {}
     for b in behaviours:
+        cheap = estimate and not b.estimate_is_evaluation
         with stage(f"{'estimate' if estimate else 'evaluate'} {b.name}"):
-            run = b.estimate_items if estimate else b.evaluate_items if items is not None else b.decided_items
-            recs = recall_records(model, b, split, estimate=estimate, batch_size=batch_size,
-                                  texts=estimate or items is not None,
+            run = b.estimate_items if cheap else b.evaluate_items if items is not None else b.decided_items
+            recs = recall_records(model, b, split, estimate=cheap, batch_size=batch_size,
+                                  texts=cheap or items is not None or b.decided_is_evaluation,
                                   compute=lambda: run(model, split, batch_size=batch_size, progress=progress))
         out.update(b.aggregate(recs))
         if items is not None:
